@@ -1,0 +1,166 @@
+"""Input checks shared by every public entry point (method.md section 5).
+
+Each check raises TypeError (wrong type or dtype) or ValueError (wrong shape or
+value) with a message that names the argument and what was seen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MODES = ("kl", "op", "mv")
+READOUTS = ("integrated", "velocity")
+
+
+def tensor(name: str, x: object, rank: int, *, allow_neg_inf: bool = False) -> Tensor:
+    """A floating tensor of the given rank, finite, without autograd."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has unsupported dtype {x.dtype}; expected one of float16, bfloat16, float32, float64"
+        )
+    if x.dim() != rank:
+        raise ValueError(f"{name} should be a {rank}D tensor, got {x.dim()}D with shape {tuple(x.shape)}")
+    if x.requires_grad:
+        raise ValueError(
+            f"{name} requires grad; ovss_fast is autograd-free: pass {name}.detach() or run under torch.no_grad()"
+        )
+    if x.numel() > 0:
+        if allow_neg_inf:
+            bad = torch.isnan(x).any() | (x == float("inf")).any()
+            what = "NaN or +Inf"
+        else:
+            bad = ~torch.isfinite(x).all()
+            what = "NaN or Inf"
+        if bool(bad):
+            raise ValueError(f"{name} contains {what} values (shape {tuple(x.shape)})")
+    return x
+
+
+def same_device(**tensors: Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        seen = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all inputs must be on one device, got {seen}")
+    return next(iter(devices.values()))
+
+
+def positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return float(value)
+
+
+def count(name: str, value: int, *, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def choice(name: str, value: str, options: Sequence[str]) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    return value
+
+
+def nms_ratio(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"nms must be a number, got {type(value).__name__}")
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"nms must lie in [0, 1], got {value}")
+    return float(value)
+
+
+def features_and_text(feats: object, text: object) -> tuple[Tensor, Tensor]:
+    feats = tensor("feats", feats, 3)
+    text = tensor("text", text, 2)
+    same_device(feats=feats, text=text)
+    if text.shape[0] == 0:
+        raise ValueError("text has C = 0 classes (shape (0, D)); give at least one class")
+    if feats.shape[2] != text.shape[1]:
+        raise ValueError(
+            f"feats and text disagree on the feature width D: feats {tuple(feats.shape)} has D = "
+            f"{feats.shape[2]}, text {tuple(text.shape)} has D = {text.shape[1]}"
+        )
+    if feats.shape[1] == 0:
+        raise ValueError(f"feats has N = 0 patches (shape {tuple(feats.shape)})")
+    return feats, text
+
+
+def affinity(affinity: object, n: int | None = None, batch: int | None = None) -> Tensor:
+    a = tensor("affinity", affinity, 3)
+    if a.shape[1] != a.shape[2]:
+        raise ValueError(f"affinity must be square [B, N, N], got shape {tuple(a.shape)}")
+    if a.shape[1] == 0:
+        raise ValueError(f"affinity has N = 0 patches (shape {tuple(a.shape)})")
+    if n is not None and a.shape[1] != n:
+        raise ValueError(f"affinity has N = {a.shape[1]} (shape {tuple(a.shape)}) but the patches number N = {n}")
+    if batch is not None and a.shape[0] != batch:
+        raise ValueError(f"affinity has B = {a.shape[0]} (shape {tuple(a.shape)}) but the batch is B = {batch}")
+    if a.numel() > 0 and bool((a < 0).any()):
+        raise ValueError(f"affinity must be non-negative, got a minimum of {float(a.min())}")
+    return a
+
+
+def class_scores(q: object) -> Tensor:
+    q = tensor("q", q, 3)
+    if q.shape[2] == 0:
+        raise ValueError(f"q has C = 0 classes (shape {tuple(q.shape)})")
+    if q.shape[1] == 0:
+        raise ValueError(f"q has N = 0 patches (shape {tuple(q.shape)})")
+    if q.numel() > 0 and bool((q < 0).any()):
+        raise ValueError(f"q must be non-negative (distributions over patches), got a minimum of {float(q.min())}")
+    return q
+
+
+def grid(n: int, grid: object) -> tuple[int, int]:
+    """(h, w) with h * w == n; a square grid is inferred when grid is None."""
+    if grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"grid=None needs a square patch count, got N = {n}; pass grid=(h, w) with h * w = {n}")
+        return side, side
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in grid)
+    ):
+        raise TypeError(f"grid must be a pair of ints (h, w), got {grid!r}")
+    h, w = grid
+    if h <= 0 or w <= 0 or h * w != n:
+        raise ValueError(f"grid {tuple(grid)} does not match N = {n} patches (h * w must equal N)")
+    return h, w
+
+
+def scores_and_guide(scores: object, guide: object) -> tuple[Tensor, Tensor]:
+    scores = tensor("scores", scores, 4, allow_neg_inf=True)
+    guide = tensor("guide", guide, 4)
+    same_device(scores=scores, guide=guide)
+    B, C, h, w = scores.shape
+    if C == 0:
+        raise ValueError(f"scores has C = 0 classes (shape {tuple(scores.shape)})")
+    if h == 0 or w == 0:
+        raise ValueError(f"scores has an empty grid (shape {tuple(scores.shape)})")
+    if guide.shape[0] != B:
+        raise ValueError(f"guide has B = {guide.shape[0]} (shape {tuple(guide.shape)}) but scores has B = {B}")
+    if guide.shape[1] != 3:
+        raise ValueError(f"guide must be an RGB image [B, 3, H, W], got shape {tuple(guide.shape)}")
+    if guide.shape[2] == 0 or guide.shape[3] == 0:
+        raise ValueError(f"guide has an empty image (shape {tuple(guide.shape)})")
+    lo, hi = float(guide.min()), float(guide.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"guide values must lie in [0, 1], got min {lo:g} and max {hi:g} "
+            "(an 8-bit image wants guide / 255)"
+        )
+    return scores, guide

@@ -1,0 +1,215 @@
+"""The public ops: validate once, choose a backend, run (no autograd anywhere).
+
+Shapes: B images, N = h * w patches, C classes, D feature width, guide [B, 3, H, W].
+Outputs are computed in float32 for float16 / bfloat16 / float32 inputs and in
+float64 for float64 inputs; labels are int64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _validate as check
+from ._backends import select
+
+
+def class_distributions(feats: Tensor, text: Tensor, *, scale: float = 100.0, nms: float = 0.0,
+                        backend: str = "auto") -> Tensor:
+    """Each class's distribution over patches (method.md section 1).
+
+    feats: [B, N, D] patch features; text: [C, D] class embeddings -> Q: [B, N, C],
+    softmax over classes of ``scale * cos``, optional NMS (ratio ``nms``), then each
+    column normalised to sum 1 over patches (a column NMS emptied stays 0).
+    """
+    feats, text = check.features_and_text(feats, text)
+    params = {"scale": check.positive("scale", scale), "nms": check.nms_ratio(nms)}
+    impl = select("class_distributions", backend, (feats, text), params)
+    with torch.no_grad():
+        return impl.class_distributions(feats, text, **params)
+
+
+def gibbs_kernel(affinity: Tensor, *, eps: float = 0.1, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Cost and Gibbs kernel from a patch affinity (method.md section 2).
+
+    affinity: [B, N, N], non-negative -> (cost [B, N, N] in [0, 1], kernel = exp(-cost / eps)).
+    """
+    affinity = check.affinity(affinity)
+    params = {"eps": check.positive("eps", eps)}
+    impl = select("gibbs_kernel", backend, (affinity,), params)
+    with torch.no_grad():
+        return impl.gibbs_kernel(affinity, **params)
+
+
+def discrepancy(
+    q: Tensor,
+    affinity: Tensor | None,
+    *,
+    mode: str = "mv",
+    eps: float = 0.1,
+    iters: int = 50,
+    sk_iters: int = 15,
+    steps: int = 50,
+    readout: str = "integrated",
+    tau: float = 0.3,
+    backend: str = "auto",
+) -> Tensor:
+    """Per-patch distribution-discrepancy scores (method.md section 3).
+
+    q: [B, N, C] class distributions over patches (from :func:`class_distributions`);
+    affinity: [B, N, N] (ignored, may be None, for ``mode="kl"``) -> scores [B, N, C],
+    larger meaning "patch i belongs to class c"; a class whose q column is all zero
+    scores -inf everywhere.
+
+    mode "kl": per-patch KL term to the uniform distribution; "op": optimal path,
+    entropic OT from 1/N to each class (``iters`` Sinkhorn iterations, ``eps``),
+    read off the source potential; "mv": maximum velocity, a Markov chain on the
+    doubly stochastic kernel (``sk_iters``, ``steps``; ``readout`` "integrated" or
+    "velocity" with threshold ``tau``).
+    """
+    q = check.class_scores(q)
+    check.choice("mode", mode, check.MODES)
+    B, N, _ = q.shape
+    if mode == "kl":
+        impl = select("kl_scores", backend, (q,), {})
+        with torch.no_grad():
+            return impl.kl_scores(q)
+    if affinity is None:
+        raise ValueError(f"mode={mode!r} needs an affinity [B, N, N]; got None")
+    affinity = check.affinity(affinity, n=N, batch=B)
+    check.same_device(q=q, affinity=affinity)
+    eps = check.positive("eps", eps)
+    if mode == "op":
+        params: dict[str, Any] = {"eps": eps, "iters": check.count("iters", iters, minimum=1)}
+        impl = select("sinkhorn_scores", backend, (q, affinity), params)
+        with torch.no_grad():
+            _, kernel = impl.gibbs_kernel(affinity, eps=eps)
+            return impl.sinkhorn_scores(q, kernel, **params)
+    params = {
+        "sk_iters": check.count("sk_iters", sk_iters, minimum=0),
+        "steps": check.count("steps", steps, minimum=1),
+        "readout": check.choice("readout", readout, check.READOUTS),
+        "tau": check.positive("tau", tau),
+    }
+    impl = select("markov_scores", backend, (q, affinity), params)
+    with torch.no_grad():
+        _, kernel = impl.gibbs_kernel(affinity, eps=eps)
+        return impl.markov_scores(q, kernel, **params)
+
+
+def _jbu_params(sigma_spatial: float, sigma_range: float, radius: int) -> dict[str, Any]:
+    return {
+        "sigma_spatial": check.positive("sigma_spatial", sigma_spatial),
+        "sigma_range": check.positive("sigma_range", sigma_range),
+        "radius": check.count("radius", radius, minimum=0),
+    }
+
+
+def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, sigma_range: float = 0.1,
+                 radius: int = 2, backend: str = "auto") -> Tensor:
+    """Joint bilateral upsampling of scores to the guide's size (method.md section 4).
+
+    scores: [B, C, h, w]; guide: [B, 3, H, W] with values in [0, 1] -> [B, C, H, W].
+    """
+    scores, guide = check.scores_and_guide(scores, guide)
+    params = _jbu_params(sigma_spatial, sigma_range, radius)
+    impl = select("jbu_upsample", backend, (scores, guide), params)
+    with torch.no_grad():
+        return impl.jbu_upsample(scores, guide, **params)
+
+
+def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, sigma_range: float = 0.1,
+               radius: int = 2, backend: str = "auto") -> Tensor:
+    """Labels of the joint-bilaterally upsampled scores, ties to the lowest class.
+
+    scores: [B, C, h, w]; guide: [B, 3, H, W] -> labels [B, H, W] int64. Fused
+    backends never hold [B, C, H, W]; they keep the running best class per pixel.
+    """
+    scores, guide = check.scores_and_guide(scores, guide)
+    params = _jbu_params(sigma_spatial, sigma_range, radius)
+    impl = select("jbu_argmax", backend, (scores, guide), params)
+    with torch.no_grad():
+        return impl.jbu_argmax(scores, guide, **params)
+
+
+def segment_features(
+    feats: Tensor,
+    text: Tensor,
+    affinity: Tensor | None,
+    *,
+    grid: tuple[int, int] | None = None,
+    guide: Tensor | None = None,
+    mode: str = "mv",
+    scale: float = 100.0,
+    nms: float = 0.0,
+    eps: float = 0.1,
+    iters: int = 50,
+    sk_iters: int = 15,
+    steps: int = 50,
+    readout: str = "integrated",
+    tau: float = 0.3,
+    sigma_spatial: float = 1.0,
+    sigma_range: float = 0.1,
+    radius: int = 2,
+    return_scores: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Features to a segmentation map in one call: sections 1 -> 2 -> 3 -> 4 of method.md.
+
+    feats: [B, N, D]; text: [C, D]; affinity: [B, N, N] (None only for mode "kl");
+    grid: (h, w) with h * w = N (None: square). Returns labels [B, h, w] int64 when
+    guide is None, else labels [B, H, W] for guide [B, 3, H, W]. With
+    ``return_scores=True`` returns (labels, scores [B, C, h, w]).
+    """
+    feats, text = check.features_and_text(feats, text)
+    B, N, _ = feats.shape
+    h, w = check.grid(N, grid)
+    if guide is not None:
+        check.tensor("guide", guide, 4)
+        check.same_device(feats=feats, guide=guide)
+    if affinity is not None:
+        check.same_device(feats=feats, affinity=affinity)
+    q = class_distributions(feats, text, scale=scale, nms=nms, backend=backend)
+    s = discrepancy(q, affinity, mode=mode, eps=eps, iters=iters, sk_iters=sk_iters, steps=steps,
+                    readout=readout, tau=tau, backend=backend)
+    scores = s.transpose(1, 2).reshape(B, -1, h, w)  # [B, C, h, w]
+    if guide is None:
+        labels = scores.argmax(dim=1)
+    else:
+        labels = jbu_argmax(scores, guide, sigma_spatial=sigma_spatial, sigma_range=sigma_range,
+                            radius=radius, backend=backend)
+    return (labels, scores) if return_scores else labels
+
+
+class DSLOHead(torch.nn.Module):
+    """Post-processing head: ``segment_features`` as a module, for codebases that compose modules.
+
+    ``DSLOHead(mode="mv", **params)(feats, text, affinity, grid=None, guide=None)``
+    returns labels like :func:`segment_features`. It runs without autograd and detaches
+    its inputs, so it can sit after a network whose outputs still carry grad.
+    """
+
+    def __init__(self, mode: str = "mv", **params: Any) -> None:
+        super().__init__()
+        check.choice("mode", mode, check.MODES)
+        allowed = set(segment_features.__kwdefaults__) - {"grid", "guide", "mode"}
+        unknown = set(params) - allowed
+        if unknown:
+            raise TypeError(f"DSLOHead got unknown parameters {sorted(unknown)}; allowed: {sorted(allowed)}")
+        self.mode = mode
+        self.params = params
+
+    def extra_repr(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in sorted(self.params.items()))
+        return f"mode={self.mode!r}{extra}"
+
+    @torch.no_grad()
+    def forward(self, feats: Tensor, text: Tensor, affinity: Tensor | None = None, *,
+                grid: tuple[int, int] | None = None, guide: Tensor | None = None) -> Tensor:
+        def plain(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach()
+
+        return segment_features(plain(feats), plain(text), plain(affinity), grid=grid, guide=plain(guide),
+                                mode=self.mode, **self.params)

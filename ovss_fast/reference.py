@@ -1,0 +1,273 @@
+"""The method of ``shared/method.md`` in plain PyTorch: the specification, executable.
+
+Every backend (C++ CPU, CUDA, Triton) is tested against these functions run in
+float64. They take already-validated tensors (see :mod:`ovss_fast._validate`);
+the public API in :mod:`ovss_fast.ops` validates and then dispatches here when
+``backend="reference"``.
+
+Computation happens in ``compute_dtype(x)``: float64 stays float64, everything else
+(float16, bfloat16, float32) is computed in float32 (method.md: "all reductions
+accumulate in float32 at least").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: Divisions floor their denominators here (method.md section 3; a normal float32).
+DENOM_FLOOR = 1e-30
+#: Added to the symmetrised affinity before the log (method.md section 2).
+LOG_FLOOR = 1e-12
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+# --------------------------------------------------------------------------- section 1
+def class_distributions(feats: Tensor, text: Tensor, *, scale: float = 100.0, nms: float = 0.0) -> Tensor:
+    """Q[b,:,c]: each class's distribution over patches (method.md section 1).
+
+    feats: [B, N, D]; text: [C, D] -> Q: [B, N, C].
+    """
+    dt = compute_dtype(feats, text)
+    x = feats.to(dt)
+    t = text.to(dt)
+    # cosine: normalise both sides; a zero vector gets cosine 0 rather than NaN
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(DENOM_FLOOR)
+    t = t / t.norm(dim=-1, keepdim=True).clamp_min(DENOM_FLOOR)
+    logits = scale * torch.einsum("bnd,cd->bnc", x, t)
+    p = torch.softmax(logits, dim=-1)
+    if nms > 0:
+        pmax = p.amax(dim=-1, keepdim=True)
+        p = torch.where(p < nms * pmax, torch.zeros_like(p), p)
+    colsum = p.sum(dim=1, keepdim=True)  # [B, 1, C]
+    q = torch.where(colsum > 0, p / colsum.clamp_min(DENOM_FLOOR), torch.zeros_like(p))
+    return q
+
+
+def dead_classes(q: Tensor) -> Tensor:
+    """[B, C] bool: classes whose distribution is all zero (possible only with NMS)."""
+    return q.sum(dim=1) <= 0
+
+
+# --------------------------------------------------------------------------- section 2
+def gibbs_kernel(affinity: Tensor, *, eps: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Cost C in [0, 1] and Gibbs kernel K = exp(-C / eps) (method.md section 2).
+
+    affinity: [B, N, N] (non-negative) -> (cost [B, N, N], kernel [B, N, N]).
+    """
+    dt = compute_dtype(affinity)
+    a = affinity.to(dt)
+    sym = 0.5 * (a + a.transpose(1, 2))
+    craw = -torch.log(sym + LOG_FLOOR)
+    lo = craw.amin(dim=(1, 2), keepdim=True)
+    hi = craw.amax(dim=(1, 2), keepdim=True)
+    span = hi - lo
+    cost = torch.where(span > 0, (craw - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+                       torch.zeros_like(craw))
+    kernel = torch.exp(-cost / eps)
+    return cost, kernel
+
+
+# --------------------------------------------------------------------------- section 3
+def _mask_dead(scores: Tensor, q: Tensor) -> Tensor:
+    dead = dead_classes(q)  # [B, C]
+    if bool(dead.any()):
+        scores = scores.masked_fill(dead[:, None, :], float("-inf"))
+    return scores
+
+
+def kl_scores(q: Tensor) -> Tensor:
+    """Per-patch term of KL(Q || 1/N): Q log(N Q), 0 where Q = 0.  q: [B, N, C] -> [B, N, C]."""
+    dt = compute_dtype(q)
+    q = q.to(dt)
+    n = q.shape[1]
+    safe = torch.where(q > 0, q, torch.ones_like(q))
+    s = torch.where(q > 0, q * torch.log(n * safe), torch.zeros_like(q))
+    return _mask_dead(s, q)
+
+
+def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.1, iters: int = 50) -> Tensor:
+    """Optimal-path scores: entropic OT from 1/N to each class (method.md section 3, op).
+
+    q: [B, N, C] (targets b = Q[:, c]); kernel: [B, N, N] -> S: [B, N, C] with
+    S[i, c] = mean_i(f) - f[i], f = eps * log(a / (K v)) the source potential.
+    """
+    dt = compute_dtype(q, kernel)
+    q = q.to(dt)
+    k = kernel.to(dt)
+    n = q.shape[1]
+    a = 1.0 / n
+    v = torch.ones_like(q)
+    kt = k.transpose(1, 2)
+    for _ in range(iters):
+        u = a / torch.bmm(k, v).clamp_min(DENOM_FLOOR)
+        v = q / torch.bmm(kt, u).clamp_min(DENOM_FLOOR)
+    kv = torch.bmm(k, v).clamp_min(DENOM_FLOOR)
+    f = eps * torch.log(a / kv)
+    s = f.mean(dim=1, keepdim=True) - f
+    return _mask_dead(s, q)
+
+
+def sinkhorn_plan(q: Tensor, kernel: Tensor, *, iters: int = 50) -> Tensor:
+    """The analytic solution pi = diag(u) K diag(v) for every class (tests only).
+
+    q: [B, N, C]; kernel: [B, N, N] -> plan: [B, C, N, N]. Uses the same iteration
+    as :func:`sinkhorn_scores` and ends with a u-update, so rows sum to 1/N exactly.
+    """
+    dt = compute_dtype(q, kernel)
+    q = q.to(dt)
+    k = kernel.to(dt)
+    n = q.shape[1]
+    a = 1.0 / n
+    v = torch.ones_like(q)
+    kt = k.transpose(1, 2)
+    for _ in range(iters):
+        u = a / torch.bmm(k, v).clamp_min(DENOM_FLOOR)
+        v = q / torch.bmm(kt, u).clamp_min(DENOM_FLOOR)
+    u = a / torch.bmm(k, v).clamp_min(DENOM_FLOOR)
+    # [B, C, N, N]
+    return u.transpose(1, 2)[:, :, :, None] * k[:, None] * v.transpose(1, 2)[:, :, None, :]
+
+
+def doubly_stochastic(kernel: Tensor, *, sk_iters: int = 15) -> Tensor:
+    """Sinkhorn-Knopp / IPF: normalise rows then columns, sk_iters times.  [B, N, N] -> [B, N, N]."""
+    t = kernel.to(compute_dtype(kernel))
+    for _ in range(sk_iters):
+        t = t / t.sum(dim=2, keepdim=True).clamp_min(DENOM_FLOOR)
+        t = t / t.sum(dim=1, keepdim=True).clamp_min(DENOM_FLOOR)
+    return t
+
+
+def markov_scores(
+    q: Tensor,
+    kernel: Tensor,
+    *,
+    sk_iters: int = 15,
+    steps: int = 50,
+    readout: str = "integrated",
+    tau: float = 0.3,
+) -> Tensor:
+    """Maximum-velocity scores from the chain f(l) = f(l-1) T (method.md section 3, mv).
+
+    q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C].
+    readout "integrated": S = sum_{l=1..steps} (f(l) - 1).
+    readout "velocity":   S = -lstar + 1e-3 f(0), lstar the first l with |f(l) - f(l-1)| <= tau.
+    """
+    dt = compute_dtype(q, kernel)
+    q = q.to(dt)
+    n = q.shape[1]
+    tt = doubly_stochastic(kernel, sk_iters=sk_iters).transpose(1, 2)  # f(l) = T^T f(l-1)
+    f0 = n * q
+    f = f0
+    if readout == "integrated":
+        acc = torch.zeros_like(q)
+        for _ in range(steps):
+            f = torch.bmm(tt, f)
+            acc = acc + (f - 1.0)
+        s = acc
+    elif readout == "velocity":
+        lstar = torch.full_like(q, float(steps + 1))
+        for step in range(1, steps + 1):
+            nxt = torch.bmm(tt, f)
+            settled = ((nxt - f).abs() <= tau) & (lstar > steps)
+            lstar = torch.where(settled, torch.full_like(lstar, float(step)), lstar)
+            f = nxt
+        s = -lstar + 1e-3 * f0
+    else:
+        raise ValueError(f"readout must be 'integrated' or 'velocity', got {readout!r}")
+    return _mask_dead(s, q)
+
+
+# --------------------------------------------------------------------------- section 4
+def _tap_geometry(h: int, w: int, H: int, W: int, radius: int, device: torch.device, dt: torch.dtype):
+    """Low-res positions p' and their nearest grid cell for every output row / column."""
+    py = (torch.arange(H, device=device, dtype=dt) + 0.5) * (h / H) - 0.5  # [H]
+    px = (torch.arange(W, device=device, dtype=dt) + 0.5) * (w / W) - 0.5  # [W]
+    # round half up, the same in every backend: floor(x + 0.5)
+    cy = torch.floor(py + 0.5).long()
+    cx = torch.floor(px + 0.5).long()
+    return py, px, cy, cx
+
+
+def _jbu_taps(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_range: float, radius: int):
+    """Per tap: exponent [B, H, W] (-inf off the grid), valid [H, W], clamped rows qy [H], cols qx [W]."""
+    B, C, h, w = scores.shape
+    H, W = guide.shape[-2:]
+    dt = compute_dtype(scores, guide)
+    g = guide.to(dt)
+    gd = torch.nn.functional.adaptive_avg_pool2d(g, (h, w))  # [B, 3, h, w]
+    py, px, cy, cx = _tap_geometry(h, w, H, W, radius, g.device, dt)
+    inv_s = 1.0 / (2.0 * sigma_spatial**2)
+    inv_r = 1.0 / (2.0 * sigma_range**2)
+    for dy in range(-radius, radius + 1):
+        qy = cy + dy  # [H]
+        vy = (qy >= 0) & (qy < h)
+        qyc = qy.clamp(0, h - 1)
+        for dx in range(-radius, radius + 1):
+            qx = cx + dx  # [W]
+            vx = (qx >= 0) & (qx < w)
+            qxc = qx.clamp(0, w - 1)
+            valid = vy[:, None] & vx[None, :]  # [H, W]
+            ds = (qy.to(dt) - py)[:, None] ** 2 + (qx.to(dt) - px)[None, :] ** 2  # [H, W]
+            gq = gd[:, :, qyc][:, :, :, qxc]  # [B, 3, H, W]
+            dr = ((g - gq) ** 2).sum(dim=1)  # [B, H, W]
+            expo = -ds * inv_s - dr * inv_r
+            expo = torch.where(valid, expo, torch.full_like(expo, float("-inf")))
+            yield expo, valid, qyc, qxc
+
+
+def jbu_upsample(
+    scores: Tensor,
+    guide: Tensor,
+    *,
+    sigma_spatial: float = 1.0,
+    sigma_range: float = 0.1,
+    radius: int = 2,
+) -> Tensor:
+    """Joint bilateral upsampling (Kopf et al. 2007; method.md section 4).
+
+    scores: [B, C, h, w]; guide: [B, 3, H, W] in [0, 1] -> [B, C, H, W].
+    """
+    dt = compute_dtype(scores, guide)
+    s = scores.to(dt)
+    B, C, h, w = s.shape
+    H, W = guide.shape[-2:]
+    # the exponent's max over taps first (stabilises exp), then the weighted sums
+    emax = torch.full((B, H, W), float("-inf"), dtype=dt, device=s.device)
+    for expo, _, _, _ in _jbu_taps(s, guide, sigma_spatial, sigma_range, radius):
+        emax = torch.maximum(emax, expo)
+    num = torch.zeros((B, C, H, W), dtype=dt, device=s.device)
+    den = torch.zeros((B, H, W), dtype=dt, device=s.device)
+    neg_inf = torch.tensor(float("-inf"), dtype=dt, device=s.device)
+    for expo, valid, qyc, qxc in _jbu_taps(s, guide, sigma_spatial, sigma_range, radius):
+        wgt = torch.exp(expo - emax)  # [B, H, W]; taps off the grid: exp(-inf) = 0
+        sq = s[:, :, qyc][:, :, :, qxc]  # [B, C, H, W]
+        # a -inf score (a dead class) at any tap on the grid makes the pixel -inf, even
+        # where its weight underflowed to 0; taps off the grid contribute nothing
+        term = torch.where(valid, wgt[:, None] * sq, torch.zeros_like(sq))
+        term = torch.where(valid & (sq == float("-inf")), neg_inf, term)
+        num = num + term
+        den = den + wgt
+    return num / den[:, None]
+
+
+def jbu_argmax(
+    scores: Tensor,
+    guide: Tensor,
+    *,
+    sigma_spatial: float = 1.0,
+    sigma_range: float = 0.1,
+    radius: int = 2,
+) -> Tensor:
+    """Labels of the upsampled scores: argmax over classes, ties to the lowest index.
+
+    scores: [B, C, h, w]; guide: [B, 3, H, W] -> labels [B, H, W] int64.
+    """
+    up = jbu_upsample(scores, guide, sigma_spatial=sigma_spatial, sigma_range=sigma_range, radius=radius)
+    return up.argmax(dim=1)

@@ -1,0 +1,55 @@
+"""Command line: ``ovss-fast COMMAND`` (also ``python -m ovss_fast COMMAND``).
+
+Each command lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: command -> (module, one-line help)
+COMMANDS = {
+    "demo": ("ovss_fast.demo", "run a synthetic scene through every mode (no weights, no network)"),
+    "segment": ("ovss_fast.segment_cli", "segment images with open_clip and a list of class names"),
+    "backends": ("ovss_fast.cli", "list the backends and whether each can load"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``backends`` command takes no arguments."""
+
+
+def run(args: argparse.Namespace) -> int:
+    """``backends``: print each backend and why it cannot load, if it cannot."""
+    from ._backends import available_backends
+
+    for name, state in available_backends().items():
+        print(f"{name:10s} {state}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ovss-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module, help_text) in COMMANDS.items():
+        try:
+            modules[name] = importlib.import_module(module)
+        except ImportError as exc:  # a command whose optional dependencies are missing
+            p = sub.add_parser(name, help=f"{help_text} (unavailable: {exc})")
+            modules[name] = exc
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        modules[name].add_arguments(p)
+    args = parser.parse_args(argv)
+    mod = modules[args.command]
+    if isinstance(mod, ImportError):
+        print(f"ovss-fast {args.command}: unavailable: {mod}", file=sys.stderr)
+        return 2
+    return int(mod.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,11 @@ MODES = ("kl", "op", "mv")
 READOUTS = ("integrated", "velocity")
 
 
+def has_values(x: Tensor) -> bool:
+    """False for empty and meta tensors, whose values cannot (or need not) be checked."""
+    return x.numel() > 0 and x.device.type != "meta"
+
+
 def tensor(name: str, x: object, rank: int, *, allow_neg_inf: bool = False) -> Tensor:
     """A floating tensor of the given rank, finite, without autograd."""
     if not isinstance(x, Tensor):
@@ -31,7 +36,7 @@ def tensor(name: str, x: object, rank: int, *, allow_neg_inf: bool = False) -> T
         raise ValueError(
             f"{name} requires grad; ovss_fast is autograd-free: pass {name}.detach() or run under torch.no_grad()"
         )
-    if x.numel() > 0:
+    if has_values(x):
         if allow_neg_inf:
             bad = torch.isnan(x).any() | (x == float("inf")).any()
             what = "NaN or +Inf"
@@ -107,7 +112,7 @@ def affinity(affinity: object, n: int | None = None, batch: int | None = None) -
         raise ValueError(f"affinity has N = {a.shape[1]} (shape {tuple(a.shape)}) but the patches number N = {n}")
     if batch is not None and a.shape[0] != batch:
         raise ValueError(f"affinity has B = {a.shape[0]} (shape {tuple(a.shape)}) but the batch is B = {batch}")
-    if a.numel() > 0 and bool((a < 0).any()):
+    if has_values(a) and bool((a < 0).any()):
         raise ValueError(f"affinity must be non-negative, got a minimum of {float(a.min())}")
     return a
 
@@ -118,7 +123,7 @@ def class_scores(q: object) -> Tensor:
         raise ValueError(f"q has C = 0 classes (shape {tuple(q.shape)})")
     if q.shape[1] == 0:
         raise ValueError(f"q has N = 0 patches (shape {tuple(q.shape)})")
-    if q.numel() > 0 and bool((q < 0).any()):
+    if has_values(q) and bool((q < 0).any()):
         raise ValueError(f"q must be non-negative (distributions over patches), got a minimum of {float(q.min())}")
     return q
 
@@ -157,7 +162,7 @@ def scores_and_guide(scores: object, guide: object) -> tuple[Tensor, Tensor]:
         raise ValueError(f"guide must be an RGB image [B, 3, H, W], got shape {tuple(guide.shape)}")
     if guide.shape[2] == 0 or guide.shape[3] == 0:
         raise ValueError(f"guide has an empty image (shape {tuple(guide.shape)})")
-    lo, hi = float(guide.min()), float(guide.max())
+    lo, hi = (float(guide.min()), float(guide.max())) if has_values(guide) else (0.0, 1.0)
     if lo < 0.0 or hi > 1.0:
         raise ValueError(
             f"guide values must lie in [0, 1], got min {lo:g} and max {hi:g} "

@@ -1,0 +1,46 @@
+"""The main command: ``python -m ovss_fast demo`` prints a table and writes a panel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from ovss_fast.cli import main
+from ovss_fast.demo import run_demo
+
+
+def test_demo_command_writes_panel_and_table(tmp_path, capsys):
+    out = tmp_path / "panel.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert main(["demo", "--out", str(out), "--grid", "16", "--size", "64"]) == 0
+    text = capsys.readouterr().out
+    for name in ("raw argmax", "kl", "op", "mv"):
+        assert f"\n{name} " in text
+    from PIL import Image
+
+    img = Image.open(out)
+    assert img.size[0] > 6 * 64 and img.size[1] >= 64  # six panels side by side
+
+
+def test_demo_maps_beat_raw():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rows, panels = run_demo(seed=1, grid=24, size=96)
+    score = {name: s for name, s, _ in rows}
+    assert score["mv"] > score["raw argmax"] + 0.3
+    assert score["op"] > score["raw argmax"] + 0.3
+    assert len(panels) == 6 and panels[0].shape == (96, 96, 3)
+
+
+@pytest.mark.slow
+def test_python_dash_m_entry_point(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "ovss_fast", "demo", "--out", str(tmp_path / "d.png"), "--grid", "8",
+                          "--size", "32"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "wrote" in res.stdout and (tmp_path / "d.png").exists()
+    res = subprocess.run([sys.executable, "-m", "ovss_fast", "backends"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "reference  ok" in res.stdout

@@ -1,0 +1,40 @@
+// Every ovss_fast op schema, declared once (shared/style.md). Kernels register
+// themselves per dispatch key in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cpp.
+//
+// Importing ovss_fast._C loads this shared library; its static initialisers run
+// TORCH_LIBRARY / TORCH_LIBRARY_IMPL, after which the ops live in torch.ops.ovss_fast.
+
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty module named _C: `import ovss_fast._C` exists only to load the library
+// (pytorch/extension-cpp does the same; no pybind11, which would slow the build).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      "ovss_fast compiled ops; use torch.ops.ovss_fast.<op> or the ovss_fast API",
+      -1,       // no per-interpreter state
+      nullptr,  // no methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(ovss_fast, m) {
+  // method.md section 1: feats [B, N, D], text [C, D] -> Q [B, N, C]
+  m.def("class_distributions(Tensor feats, Tensor text, float scale, float nms) -> Tensor");
+  // section 2: affinity [B, N, N] -> (cost [B, N, N], kernel [B, N, N])
+  m.def("gibbs_kernel(Tensor affinity, float eps) -> (Tensor, Tensor)");
+  // section 3, kl: q [B, N, C] -> scores [B, N, C]
+  m.def("kl_scores(Tensor q) -> Tensor");
+  // section 3, op: q [B, N, C], kernel [B, N, N] -> scores [B, N, C]
+  m.def("sinkhorn_scores(Tensor q, Tensor kernel, float eps, int iters) -> Tensor");
+  // section 3, mv: q [B, N, C], kernel [B, N, N] -> scores [B, N, C]
+  m.def("markov_scores(Tensor q, Tensor kernel, int sk_iters, int steps, str readout, float tau) -> Tensor");
+  // section 4: scores [B, C, h, w], guide [B, 3, H, W] -> [B, C, H, W]
+  m.def("jbu_upsample(Tensor scores, Tensor guide, float sigma_spatial, float sigma_range, int radius) -> Tensor");
+  // section 4, fused: scores [B, C, h, w], guide [B, 3, H, W] -> labels [B, H, W] int64
+  m.def("jbu_argmax(Tensor scores, Tensor guide, float sigma_spatial, float sigma_range, int radius) -> Tensor");
+}

@@ -1,0 +1,235 @@
+"""Triton joint bilateral upsampling and its fused argmax (method.md section 4).
+
+One launch per call each. The host computes, exactly as the reference does, the low-res
+positions p' (py [H], px [W]) and tap centres floor(p' + 0.5) (cy, cx) in float32, and
+Gd = adaptive_avg_pool2d(guide, (h, w)); the kernels never re-derive the tap geometry,
+so every backend rounds the centres identically.
+
+``_jbu_upsample_kernel``: a program per (image, BLOCK_P output pixels, BLOCK_C classes)
+writes [B, C, H, W]. ``_jbu_argmax_kernel``: a program per (image, BLOCK_P pixels) loops
+over class tiles and keeps only the running best class and score: [B, C, H, W] is never
+allocated.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from ._runtime import device_guard, interpreting
+
+
+@triton.jit
+def _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask):
+    """Tap t (0 <= t < (2R+1)^2) of every pixel: ds = |q - p'|^2, dr = |G[p] - Gd[q]|^2 (float32),
+    valid (q on the grid), and q's row / column clamped onto the grid (safe addresses off it).
+    The caller forms the exponent -ds/(2 ss^2) - dr/(2 sr^2) in the reference's order.
+    """
+    span = 2 * R + 1
+    qy = cyv + (t // span - R)
+    qx = cxv + (t % span - R)
+    valid = pmask & (qy >= 0) & (qy < h) & (qx >= 0) & (qx < w)
+    qyc = tl.minimum(tl.maximum(qy, 0), h - 1)
+    qxc = tl.minimum(tl.maximum(qx, 0), w - 1)
+    dy = qy.to(tl.float32) - pyv
+    dx = qx.to(tl.float32) - pxv
+    ds = dy * dy + dx * dx
+    cell = qyc * w + qxc
+    e0 = g0 - tl.load(gd_base + cell, mask=valid, other=0.0)
+    e1 = g1 - tl.load(gd_base + h * w + cell, mask=valid, other=0.0)
+    e2 = g2 - tl.load(gd_base + 2 * h * w + cell, mask=valid, other=0.0)
+    dr = e0 * e0 + e1 * e1 + e2 * e2
+    return ds, dr, valid, qyc, qxc
+
+
+@triton.jit
+def _jbu_upsample_kernel(
+    s_ptr,  # [B, C, h, w] scores (any float dtype, any strides; -inf allowed)
+    g_ptr,  # [B, 3, H, W] guide (any float dtype, any strides)
+    gd_ptr,  # [B, 3, h, w] float32 contiguous: Gd = adaptive_avg_pool2d(guide, (h, w))
+    py_ptr, px_ptr,  # [H], [W] float32 low-res positions p'
+    cy_ptr, cx_ptr,  # [H], [W] int32 tap centres floor(p' + 0.5)
+    out_ptr,  # [B, C, H, W] float32 out (contiguous)
+    C, h, w, H, W, R,
+    ssb, ssc, ssh, ssw,
+    sgb, sgc, sgh, sgw,
+    inv_s, inv_r,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[c, p] = sum_q S[c, q] wt(q) / sum_q wt(q), wt = exp(e(q) - max_q' e(q')),
+    e(q) = -|q - p'|^2 / (2 ss^2) - |G[p] - Gd[q]|^2 / (2 sr^2), q over the (2R+1)^2 taps on the grid;
+    a -inf score at an on-grid tap makes out[c, p] = -inf (method.md section 4).
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < H * W
+    y = p // W
+    x = p % W
+    cls = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cls < C
+    pyv = tl.load(py_ptr + y, mask=pmask, other=0.0)
+    pxv = tl.load(px_ptr + x, mask=pmask, other=0.0)
+    cyv = tl.load(cy_ptr + y, mask=pmask, other=0)
+    cxv = tl.load(cx_ptr + x, mask=pmask, other=0)
+    g_base = g_ptr + pid_b * sgb + y * sgh + x * sgw
+    g0 = tl.load(g_base, mask=pmask, other=0.0).to(tl.float32)
+    g1 = tl.load(g_base + sgc, mask=pmask, other=0.0).to(tl.float32)
+    g2 = tl.load(g_base + 2 * sgc, mask=pmask, other=0.0).to(tl.float32)
+    gd_base = gd_ptr + pid_b * 3 * h * w
+    taps = (2 * R + 1) * (2 * R + 1)
+
+    emax = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    for t in range(0, taps):
+        ds, dr, valid, qyc, qxc = _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
+        emax = tl.maximum(emax, tl.where(valid, -ds * inv_s - dr * inv_r, float("-inf")))
+
+    s_base = s_ptr + pid_b * ssb + cls[None, :] * ssc
+    num = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    den = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for t in range(0, taps):
+        ds, dr, valid, qyc, qxc = _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
+        wgt = tl.where(valid, tl.exp((-ds * inv_s - dr * inv_r) - emax), 0.0)
+        m2 = valid[:, None] & cmask[None, :]
+        sq = tl.load(s_base + (qyc * ssh + qxc * ssw)[:, None], mask=m2, other=0.0).to(tl.float32)
+        term = tl.where(sq == float("-inf"), float("-inf"), wgt[:, None] * sq)
+        num += tl.where(m2, term, 0.0)
+        den += wgt
+    den = tl.where(pmask, den, 1.0)  # pixels past the image: no taps; keep 0 / 0 out of the math
+    out = num / den[:, None]
+    o_ptrs = out_ptr + (pid_b * C + cls[None, :]) * H * W + p[:, None]
+    tl.store(o_ptrs, out, mask=pmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _jbu_argmax_kernel(
+    s_ptr,  # [B, C, h, w] scores
+    g_ptr,  # [B, 3, H, W] guide
+    gd_ptr,  # [B, 3, h, w] float32 contiguous
+    py_ptr, px_ptr,  # [H], [W] float32
+    cy_ptr, cx_ptr,  # [H], [W] int32
+    label_ptr,  # [B, H, W] int64 out
+    C, h, w, H, W, R,
+    ssb, ssc, ssh, ssw,
+    sgb, sgc, sgh, sgw,
+    inv_s, inv_r,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """label[p] = argmax_c out[c, p] of the joint bilateral upsampling (see _jbu_upsample_kernel),
+    ties to the lowest class; the running best over class tiles replaces [B, C, H, W] (method.md section 4).
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < H * W
+    y = p // W
+    x = p % W
+    pyv = tl.load(py_ptr + y, mask=pmask, other=0.0)
+    pxv = tl.load(px_ptr + x, mask=pmask, other=0.0)
+    cyv = tl.load(cy_ptr + y, mask=pmask, other=0)
+    cxv = tl.load(cx_ptr + x, mask=pmask, other=0)
+    g_base = g_ptr + pid_b * sgb + y * sgh + x * sgw
+    g0 = tl.load(g_base, mask=pmask, other=0.0).to(tl.float32)
+    g1 = tl.load(g_base + sgc, mask=pmask, other=0.0).to(tl.float32)
+    g2 = tl.load(g_base + 2 * sgc, mask=pmask, other=0.0).to(tl.float32)
+    gd_base = gd_ptr + pid_b * 3 * h * w
+    taps = (2 * R + 1) * (2 * R + 1)
+
+    emax = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    for t in range(0, taps):
+        ds, dr, valid, qyc, qxc = _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
+        emax = tl.maximum(emax, tl.where(valid, -ds * inv_s - dr * inv_r, float("-inf")))
+    den = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for t in range(0, taps):
+        ds, dr, valid, qyc, qxc = _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
+        den += tl.where(valid, tl.exp((-ds * inv_s - dr * inv_r) - emax), 0.0)
+    den = tl.where(pmask, den, 1.0)  # pixels past the image: no taps; keep 0 / 0 out of the argmax
+
+    best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    label = tl.zeros((BLOCK_P,), dtype=tl.int64)
+    for c0 in range(0, C, BLOCK_C):
+        cls = c0 + tl.arange(0, BLOCK_C)
+        cmask = cls < C
+        s_base = s_ptr + pid_b * ssb + cls[None, :] * ssc
+        num = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for t in range(0, taps):
+            ds, dr, valid, qyc, qxc = _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
+            wgt = tl.where(valid, tl.exp((-ds * inv_s - dr * inv_r) - emax), 0.0)
+            m2 = valid[:, None] & cmask[None, :]
+            sq = tl.load(s_base + (qyc * ssh + qxc * ssw)[:, None], mask=m2, other=0.0).to(tl.float32)
+            term = tl.where(sq == float("-inf"), float("-inf"), wgt[:, None] * sq)
+            num += tl.where(m2, term, 0.0)
+        val = tl.where(cmask[None, :], num / den[:, None], float("-inf"))
+        tile_best = tl.max(val, axis=1)
+        tile_arg = tl.argmax(val, axis=1, tie_break_left=True)
+        better = tile_best > best  # strict: an equal score in a later tile keeps the lower class
+        best = tl.where(better, tile_best, best)
+        label = tl.where(better, (c0 + tile_arg).to(tl.int64), label)
+    tl.store(label_ptr + pid_b * H * W + p, label, mask=pmask)
+
+
+_UP_CONFIGS = [
+    triton.Config({"BLOCK_P": 64, "BLOCK_C": 16}, num_warps=4),
+    triton.Config({"BLOCK_P": 128, "BLOCK_C": 16}, num_warps=4),
+    triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=8),
+    triton.Config({"BLOCK_P": 256, "BLOCK_C": 8}, num_warps=4),
+]
+_ARGMAX_CONFIGS = [
+    triton.Config({"BLOCK_P": 64, "BLOCK_C": 16}, num_warps=4),
+    triton.Config({"BLOCK_P": 128, "BLOCK_C": 16}, num_warps=4),
+    triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=8),
+    triton.Config({"BLOCK_P": 256, "BLOCK_C": 16}, num_warps=8),
+]
+_up_tuned = triton.autotune(configs=_UP_CONFIGS, key=["C", "h", "w", "H", "W", "R"])(_jbu_upsample_kernel)
+_argmax_tuned = triton.autotune(configs=_ARGMAX_CONFIGS, key=["C", "h", "w", "H", "W", "R"])(_jbu_argmax_kernel)
+_INTERPRET = {"BLOCK_P": 128, "BLOCK_C": 4}
+
+
+def _prepare(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_range: float, radius: int) -> tuple:
+    """Host side: Gd, the tap geometry (bit-identical to the reference's) and the scalar weights."""
+    B, C, h, w = scores.shape
+    H, W = guide.shape[-2:]
+    g = guide.to(torch.float32)
+    gd = torch.nn.functional.adaptive_avg_pool2d(g, (h, w)).contiguous()  # [B, 3, h, w]
+    py, px, cy, cx = reference._tap_geometry(h, w, H, W, radius, guide.device, torch.float32)
+    inv_s = 1.0 / (2.0 * sigma_spatial**2)
+    inv_r = 1.0 / (2.0 * sigma_range**2)
+    return (scores, guide, gd, py, px, cy.to(torch.int32), cx.to(torch.int32)), (
+        C, h, w, H, W, int(radius), *scores.stride(), *guide.stride(), inv_s, inv_r)
+
+
+def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, sigma_range: float = 0.1,
+                 radius: int = 2) -> Tensor:
+    """scores: [B, C, h, w]; guide: [B, 3, H, W] -> [B, C, H, W] float32 (see reference.jbu_upsample)."""
+    B, C, h, w = scores.shape
+    H, W = guide.shape[-2:]
+    out = torch.empty((B, C, H, W), dtype=torch.float32, device=scores.device)
+    if out.numel() == 0:
+        return out
+    ptrs, scalars = _prepare(scores, guide, sigma_spatial, sigma_range, radius)
+    with device_guard(scores):
+        if interpreting():
+            grid = (B, triton.cdiv(H * W, _INTERPRET["BLOCK_P"]), triton.cdiv(C, _INTERPRET["BLOCK_C"]))
+            _jbu_upsample_kernel[grid](*ptrs, out, *scalars, **_INTERPRET)
+        else:
+            _up_tuned[lambda m: (B, triton.cdiv(H * W, m["BLOCK_P"]), triton.cdiv(C, m["BLOCK_C"]))](
+                *ptrs, out, *scalars)
+    return out
+
+
+def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, sigma_range: float = 0.1,
+               radius: int = 2) -> Tensor:
+    """scores: [B, C, h, w]; guide: [B, 3, H, W] -> labels [B, H, W] int64 (see reference.jbu_argmax)."""
+    B, C, h, w = scores.shape
+    H, W = guide.shape[-2:]
+    labels = torch.empty((B, H, W), dtype=torch.int64, device=scores.device)
+    if labels.numel() == 0:
+        return labels
+    ptrs, scalars = _prepare(scores, guide, sigma_spatial, sigma_range, radius)
+    with device_guard(scores):
+        if interpreting():
+            _jbu_argmax_kernel[(B, triton.cdiv(H * W, _INTERPRET["BLOCK_P"]))](*ptrs, labels, *scalars, **_INTERPRET)
+        else:
+            _argmax_tuned[lambda m: (B, triton.cdiv(H * W, m["BLOCK_P"]))](*ptrs, labels, *scalars)
+    return labels

@@ -1,0 +1,231 @@
+"""Triton markov_scores: doubly stochastic transition and the Markov chain (method.md section 3, mv).
+
+T is never materialised: T = diag(r) K diag(c), with the scale vectors r, c [B, N] updated by
+Sinkhorn-Knopp, which is exactly "normalise the rows of T, then its columns" of the reference:
+the row sums of T are r_i (K c)_i and its column sums c_j (K^T r)_j.
+
+Launches per call: 2 * sk_iters small ones (``_sk_rows_kernel``, ``_sk_cols_kernel``; each
+parallel over row / column blocks of every image) and ONE ``_markov_chain_kernel`` that runs
+all ``steps`` chain steps, a program per (image, tile of BLOCK_C classes), f ping-ponging
+between two program-private scratch slices in global memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._runtime import DENOM_FLOOR, device_guard, interpreting
+
+#: scratch rows are padded to a multiple of this many classes (the largest BLOCK_C)
+SCRATCH_PAD = 64
+
+
+@triton.jit
+def _sk_rows_kernel(
+    k_ptr,  # [B, N, N] kernel (any float dtype, any strides)
+    r_ptr, c_ptr,  # [B, N] float32 scale vectors; r updated in place
+    N,
+    skb, ski, skj,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Row step of Sinkhorn-Knopp: r_i <- r_i / max(r_i * sum_j K_ij c_j, 1e-30) (method.md section 3, mv)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    rmask = rows < N
+    k_base = k_ptr + pid_b * skb
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for j0 in range(0, N, BLOCK_J):
+        cols = j0 + tl.arange(0, BLOCK_J)
+        jmask = cols < N
+        k = tl.load(k_base + rows[:, None] * ski + cols[None, :] * skj,
+                    mask=rmask[:, None] & jmask[None, :], other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + pid_b * N + cols, mask=jmask, other=0.0)
+        acc += k * c[None, :]
+    r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=1.0)
+    tl.store(r_ptr + pid_b * N + rows, r / tl.maximum(r * tl.sum(acc, axis=1), DENOM_FLOOR), mask=rmask)
+
+
+@triton.jit
+def _sk_cols_kernel(
+    k_ptr,  # [B, N, N] kernel
+    r_ptr, c_ptr,  # [B, N] float32 scale vectors; c updated in place
+    N,
+    skb, ski, skj,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Column step of Sinkhorn-Knopp: c_j <- c_j / max(c_j * sum_i r_i K_ij, 1e-30) (method.md section 3, mv)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    jmask = cols < N
+    k_base = k_ptr + pid_b * skb
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for i0 in range(0, N, BLOCK_I):
+        rows = i0 + tl.arange(0, BLOCK_I)
+        rmask = rows < N
+        k = tl.load(k_base + rows[:, None] * ski + cols[None, :] * skj,
+                    mask=rmask[:, None] & jmask[None, :], other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=0.0)
+        acc += k * r[:, None]
+    c = tl.load(c_ptr + pid_b * N + cols, mask=jmask, other=1.0)
+    tl.store(c_ptr + pid_b * N + cols, c / tl.maximum(c * tl.sum(acc, axis=0), DENOM_FLOOR), mask=jmask)
+
+
+@triton.jit
+def _markov_chain_kernel(
+    q_ptr,  # [B, N, C] (any float dtype, any strides)
+    k_ptr,  # [B, N, N] kernel
+    r_ptr, c_ptr,  # [B, N] float32: T = diag(r) K diag(c)
+    out_ptr,  # [B, N, C] float32 out (contiguous); holds the running sum / lstar during the chain
+    f_ptr,  # [2, B, N, CP] float32 scratch: f(l-1) and f(l); plane = B * N * CP
+    B, N, C, CP, plane,
+    sqb, sqn, sqc,
+    skb, ski, skj,
+    steps, tau,
+    VELOCITY: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """f(0) = N q; f(l)[j] = c_j sum_i K_ij r_i f(l-1)[i] (= (T^T f(l-1))[j]), l = 1..steps.
+
+    integrated: S = sum_l (f(l) - 1).  velocity: lstar = first l with |f(l) - f(l-1)| <= tau
+    (steps + 1 if never), S = -lstar + 1e-3 f(0).  S = -inf for a dead class (sum_i q = 0).
+    method.md section 3, mv. Products run in IEEE float32 (no tf32).
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cls < C
+    q_base = q_ptr + pid_b * sqb
+    k_base = k_ptr + pid_b * skb
+    o_base = out_ptr + pid_b * N * C
+    f_base = f_ptr + pid_b * N * CP
+    ri = tl.arange(0, BLOCK_I)
+    rj = tl.arange(0, BLOCK_J)
+
+    qsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for j0 in range(0, N, BLOCK_J):
+        rows = j0 + rj
+        mask = (rows < N)[:, None] & cmask[None, :]
+        q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+        qsum += tl.sum(q, axis=0)
+        tl.store(f_base + rows[:, None] * CP + cls[None, :], N * q, mask=mask)
+        if VELOCITY:
+            init = tl.zeros((BLOCK_J, BLOCK_C), dtype=tl.float32) + (steps + 1)
+        else:
+            init = tl.zeros((BLOCK_J, BLOCK_C), dtype=tl.float32)
+        tl.store(o_base + rows[:, None] * C + cls[None, :], init, mask=mask)
+    tl.debug_barrier()
+
+    for step in range(1, steps + 1):
+        src = f_base + ((step - 1) % 2) * plane
+        dst = f_base + (step % 2) * plane
+        for j0 in range(0, N, BLOCK_J):
+            cols = j0 + rj
+            jmask = cols < N
+            acc = tl.zeros((BLOCK_J, BLOCK_C), dtype=tl.float32)
+            for i0 in range(0, N, BLOCK_I):
+                rows = i0 + ri
+                rmask = rows < N
+                k = tl.load(k_base + rows[:, None] * ski + cols[None, :] * skj,
+                            mask=rmask[:, None] & jmask[None, :], other=0.0).to(tl.float32)
+                r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=0.0)
+                f = tl.load(src + rows[:, None] * CP + cls[None, :],
+                            mask=rmask[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
+                acc = tl.dot(tl.trans(k), f * r[:, None], acc, input_precision="ieee")
+            c = tl.load(c_ptr + pid_b * N + cols, mask=jmask, other=0.0)
+            fnew = acc * c[:, None]
+            mask = jmask[:, None] & cmask[None, :]
+            tl.store(dst + cols[:, None] * CP + cls[None, :], fnew, mask=mask)
+            o_ptrs = o_base + cols[:, None] * C + cls[None, :]
+            held = tl.load(o_ptrs, mask=mask, other=0.0)
+            if VELOCITY:
+                fold = tl.load(src + cols[:, None] * CP + cls[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+                settled = (tl.abs(fnew - fold) <= tau) & (held > steps)
+                held = tl.where(settled, step * 1.0, held)
+            else:
+                held = held + (fnew - 1.0)
+            tl.store(o_ptrs, held, mask=mask)
+        tl.debug_barrier()
+
+    dead = qsum <= 0
+    for j0 in range(0, N, BLOCK_J):
+        rows = j0 + rj
+        mask = (rows < N)[:, None] & cmask[None, :]
+        o_ptrs = o_base + rows[:, None] * C + cls[None, :]
+        s = tl.load(o_ptrs, mask=mask, other=0.0)
+        if VELOCITY:
+            q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+            s = -s + 1e-3 * (N * q)
+        s = tl.where(dead[None, :], float("-inf"), s)
+        tl.store(o_ptrs, s, mask=mask)
+
+
+_SK_CONFIGS = [
+    triton.Config({"BLOCK_I": 32, "BLOCK_J": 128}, num_warps=4),
+    triton.Config({"BLOCK_I": 64, "BLOCK_J": 128}, num_warps=8),
+    triton.Config({"BLOCK_I": 16, "BLOCK_J": 256}, num_warps=4),
+]
+_SK_COL_CONFIGS = [
+    triton.Config({"BLOCK_I": 64, "BLOCK_J": 64}, num_warps=4),
+    triton.Config({"BLOCK_I": 32, "BLOCK_J": 128}, num_warps=4),
+    triton.Config({"BLOCK_I": 64, "BLOCK_J": 128}, num_warps=8),
+]
+_CHAIN_CONFIGS = [
+    triton.Config({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_I": 64, "BLOCK_J": 128, "BLOCK_C": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_I": 128, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=4, num_stages=3),
+]
+# the SK kernels update r / c in place, so timing configs must start from the same vectors
+_rows_tuned = triton.autotune(configs=_SK_CONFIGS, key=["N"], restore_value=["r_ptr"])(_sk_rows_kernel)
+_cols_tuned = triton.autotune(configs=_SK_COL_CONFIGS, key=["N"], restore_value=["c_ptr"])(_sk_cols_kernel)
+_chain_tuned = triton.autotune(configs=_CHAIN_CONFIGS, key=["B", "N", "C", "VELOCITY"])(_markov_chain_kernel)
+_INTERPRET = {"BLOCK_I": 16, "BLOCK_J": 16}
+
+
+def doubly_stochastic_scales(kernel: Tensor, *, sk_iters: int = 15) -> tuple[Tensor, Tensor]:
+    """kernel: [B, N, N] -> (r [B, N], c [B, N]) float32 with diag(r) K diag(c) = reference.doubly_stochastic(K)."""
+    B, N, _ = kernel.shape
+    r = torch.ones((B, N), dtype=torch.float32, device=kernel.device)
+    c = torch.ones_like(r)
+    strides = kernel.stride()
+    with device_guard(kernel):
+        for _ in range(sk_iters):
+            if interpreting():
+                _sk_rows_kernel[(B, triton.cdiv(N, 16))](kernel, r, c, N, *strides, **_INTERPRET)
+                _sk_cols_kernel[(B, triton.cdiv(N, 16))](kernel, r, c, N, *strides, **_INTERPRET)
+            else:
+                _rows_tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_I"]))](kernel, r, c, N, *strides)
+                _cols_tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_J"]))](kernel, r, c, N, *strides)
+    return r, c
+
+
+def markov_scores(
+    q: Tensor,
+    kernel: Tensor,
+    *,
+    sk_iters: int = 15,
+    steps: int = 50,
+    readout: str = "integrated",
+    tau: float = 0.3,
+) -> Tensor:
+    """q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C] float32 (see reference.markov_scores)."""
+    if readout not in ("integrated", "velocity"):
+        raise ValueError(f"readout must be 'integrated' or 'velocity', got {readout!r}")
+    B, N, C = q.shape
+    out = torch.empty((B, N, C), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    r, c = doubly_stochastic_scales(kernel, sk_iters=sk_iters)
+    cp = triton.cdiv(C, SCRATCH_PAD) * SCRATCH_PAD
+    f = torch.empty((2, B, N, cp), dtype=torch.float32, device=q.device)
+    args = (q, kernel, r, c, out, f, B, N, C, cp, B * N * cp, *q.stride(), *kernel.stride(), int(steps), float(tau))
+    velocity = readout == "velocity"
+    with device_guard(q):
+        if interpreting():
+            _markov_chain_kernel[(B, triton.cdiv(C, 16))](*args, VELOCITY=velocity, BLOCK_C=16, **_INTERPRET)
+        else:
+            _chain_tuned[lambda m: (B, triton.cdiv(C, m["BLOCK_C"]))](*args, VELOCITY=velocity)
+    return out

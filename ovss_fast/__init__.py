@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DSLOHead",
+    "Segmenter",
     "available_backends",
     "class_distributions",
     "discrepancy",
@@ -28,3 +29,12 @@ __all__ = [
     "jbu_upsample",
     "segment_features",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Segmenter imports open_clip: load it on first use so `import ovss_fast` stays light
+    if name == "Segmenter":
+        from .segmenter import Segmenter
+
+        return Segmenter
+    raise AttributeError(f"module 'ovss_fast' has no attribute {name!r}")

@@ -1,0 +1,189 @@
+"""``ovss-fast segment``: segment image files with open_clip and a list of class names.
+
+    ovss-fast segment IMAGE --classes "cat; kitten, dog, grass" --out labels.png [--overlay overlay.png]
+
+Classes are separated by ",", synonyms of one class by ";". For one image, --out and
+--overlay are files; for several images or a folder they are folders, and each image
+writes NAME.png in them. The label PNG is a palette image whose pixel values are the
+class indices (0 = first class).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "examples:\n"
+        "  ovss-fast segment photo.jpg --classes \"cat; kitten, dog, grass\" --out labels.png --overlay overlay.png\n"
+        "  ovss-fast segment photos/ --classes \"person; people, car, road, sky\" --window 448 --stride 224 "
+        "--out labels/\n"
+        "  ovss-fast segment photo.jpg --classes \"cat, dog\" --model ViT-B-16-quickgelu "
+        "--pretrained /path/to/open_clip_pytorch_model.bin --out l.png   (OpenAI weights from a local file)\n"
+        "offline smoke test (random weights, meaningless labels):\n"
+        "  ovss-fast segment photo.jpg --classes \"cat, dog\" --model ovss-fast-tiny --pretrained none --out l.png"
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files and/or folders of images (png, jpg, ...)")
+    parser.add_argument("--classes", required=True,
+                        help='class names separated by ",", synonyms of a class by ";" '
+                             '(e.g. "cat; kitten, dog, grass")')
+    parser.add_argument("--out", required=True,
+                        help="label PNG to write (a folder when there are several images)")
+    parser.add_argument("--overlay", default=None,
+                        help="overlay PNG with a legend of class names (a folder when there are several images)")
+    parser.add_argument("--model", default="ViT-B-16",
+                        help="open_clip model name (default ViT-B-16; see open_clip.list_models()); "
+                             "'ovss-fast-tiny' is a tiny config for offline tests with --pretrained none")
+    parser.add_argument("--pretrained", default="openai",
+                        help="open_clip weights tag (default openai; downloaded by open_clip when online), a local "
+                             "checkpoint file, or 'none' for RANDOM weights (tests only: the labels are meaningless)")
+    parser.add_argument("--affinity", default="clip", choices=["clip", "sd2", "dino"],
+                        help="patch affinity: clip (CLIP's last-block attention, default), sd2 (Stable Diffusion 2 "
+                             "self-attention, needs ovss_fast[sd]), dino (DINO ViT features, needs timm)")
+    parser.add_argument("--affinity-weights", default=None,
+                        help="local weights for --affinity sd2 (a diffusers folder) or dino (a checkpoint file)")
+    parser.add_argument("--mode", default="mv", choices=["mv", "op", "kl"],
+                        help="discrepancy: mv maximum velocity (default), op optimal path, kl no affinity")
+    parser.add_argument("--features", default="clip", choices=["clip", "self_self"],
+                        help="dense CLIP features: plain patch tokens (default) or self-self attention "
+                             "in the last block")
+    parser.add_argument("--window", type=int, default=None,
+                        help="sliding window in pixels, a multiple of the patch size (default: whole image)")
+    parser.add_argument("--stride", type=int, default=None, help="window stride in pixels (default: window / 2)")
+    parser.add_argument("--resize", type=int, default=None,
+                        help="resize the shorter side to this many pixels before windowing (default: native size)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--backend", default="auto", help="ops backend: auto, cuda, triton, cpu or reference")
+    parser.add_argument("--memory-budget", type=float, default=4.0,
+                        help="GiB allowed for one window's N x N tensors (default 4)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay label opacity in [0, 1] (default 0.5)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def expand_inputs(paths: Iterable[str]) -> list[str]:
+    """Files as given, folders replaced by their image files (sorted, not recursive)."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(p, f) for f in os.listdir(p)
+                           if f.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(p, f)))
+            if not found:
+                raise ValueError(f"folder {p!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            out.extend(found)
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"image {p!r} not found")
+    return out
+
+
+def _output_names(files: list[str]) -> list[str]:
+    """NAME.png per input, made unique when two inputs share a name."""
+    seen: dict[str, int] = {}
+    names = []
+    for f in files:
+        stem = os.path.splitext(os.path.basename(f))[0]
+        k = seen.get(stem, 0)
+        seen[stem] = k + 1
+        names.append(f"{stem}.png" if k == 0 else f"{stem}_{k}.png")
+    return names
+
+
+def progress(items: list[str], enabled: bool) -> Iterator[str]:
+    """Yield items while drawing a progress bar on stderr (tqdm when installed)."""
+    if not enabled:
+        yield from items
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        yield from tqdm(items, desc="segment", unit="image", file=sys.stderr)
+        return
+    n, start = len(items), time.monotonic()
+    for i, item in enumerate(items):
+        done = int(30 * i / n)
+        sys.stderr.write(f"\rsegment [{'#' * done}{'.' * (30 - done)}] {i}/{n} {os.path.basename(item)[:40]:40s}")
+        sys.stderr.flush()
+        yield item
+    sys.stderr.write(f"\rsegment [{'#' * 30}] {n}/{n} in {time.monotonic() - start:.1f} s{' ' * 40}\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    def fail(msg: str, code: int = 2) -> int:
+        print(f"ovss-fast segment: error: {msg}", file=sys.stderr)
+        return code
+
+    try:
+        from .clip_features import parse_class_names
+
+        classes = parse_class_names(args.classes)
+        files = expand_inputs(args.images)
+        if not 0.0 <= args.alpha <= 1.0:
+            raise ValueError(f"--alpha must lie in [0, 1], got {args.alpha}")
+        if args.memory_budget <= 0:
+            raise ValueError(f"--memory-budget must be positive, got {args.memory_budget}")
+    except (ValueError, TypeError, OSError) as exc:
+        return fail(str(exc))
+    many = len(files) > 1 or any(os.path.isdir(p) for p in args.images)
+    if many:
+        for folder in (args.out, args.overlay):
+            if folder is not None:
+                if os.path.exists(folder) and not os.path.isdir(folder):
+                    return fail(f"{folder!r} must be a folder when segmenting several images")
+                os.makedirs(folder, exist_ok=True)
+        outs = [os.path.join(args.out, n) for n in _output_names(files)]
+        overlays = [os.path.join(args.overlay, n) for n in _output_names(files)] if args.overlay else None
+    else:
+        outs = [args.out]
+        overlays = [args.overlay] if args.overlay else None
+
+    try:
+        from .segmenter import Segmenter
+
+        pretrained = None if args.pretrained.lower() == "none" else args.pretrained
+        segmenter = Segmenter(
+            model=args.model, pretrained=pretrained, affinity=args.affinity, mode=args.mode, device=args.device,
+            window=args.window, stride=args.stride, features=args.features, resize=args.resize,
+            affinity_weights=args.affinity_weights, memory_budget=args.memory_budget * 2**30, backend=args.backend,
+        )
+    except (ValueError, TypeError, RuntimeError, OSError, ImportError) as exc:
+        return fail(str(exc))
+
+    from PIL import Image
+
+    from .palette import overlay, save_labels
+    from .segmenter import load_image
+
+    names = ["; ".join(c) for c in classes]
+    failures = 0
+    for i, path in enumerate(progress(files, enabled=many and not args.quiet)):
+        try:
+            image = load_image(path)
+            labels = segmenter.seg(image, args.classes).cpu()
+            save_labels(labels, outs[i], num_classes=len(classes))
+            if overlays is not None:
+                pil = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+                overlay(pil, labels, names, alpha=args.alpha).save(overlays[i], format="PNG")
+        except (ValueError, TypeError, RuntimeError, OSError) as exc:
+            failures += 1
+            if not many:
+                return fail(str(exc))
+            print(f"\novss-fast segment: skipping {path}: {exc}", file=sys.stderr)
+    if failures:
+        return fail(f"{failures} of {len(files)} images failed", code=1)
+    if not many:
+        print(f"wrote {outs[0]}" + (f" and {overlays[0]}" if overlays else ""))
+    else:
+        print(f"wrote {len(files)} label maps to {args.out}" + (f" and overlays to {args.overlay}" if overlays else ""))
+    return 0

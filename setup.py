@@ -71,7 +71,7 @@ def _ext_modules() -> tuple[list, dict]:
     cu = _sources("csrc/**/*.cu") if use_cuda else []
     # no contraction into FMA: CPU and CUDA kernels round the shared csrc/common math the same way
     cxx_flags = ["-O3", "-ffp-contract=off"]
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    define_macros = []  # Py_LIMITED_API comes from py_limited_api=True
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             # without a visible GPU torch's own default is empty and the build fails

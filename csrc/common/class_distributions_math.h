@@ -1,0 +1,46 @@
+// method.md section 1: class distributions over patches, shared by
+// csrc/cpu/class_distributions.cpp and csrc/cuda/class_distributions_kernel.cu.
+//
+//   L[i, c] = scale * cos(X[i], T[c]),  P[i, :] = softmax_c L[i, :]
+//   NMS:  P[i, c] = 0 where P[i, c] < nms * max_c P[i, c]
+//   Q[:, c] = P[:, c] / sum_i P[i, c]   (a column that sums to 0 stays 0)
+//
+// cos uses norms floored at 1e-30, so a zero vector gets cosine 0, not NaN.
+// No torch headers.
+#pragma once
+
+#include "hostdevice.h"
+
+namespace ovss_fast {
+
+// ||x|| from its sum of squares, floored like every denominator
+template <typename T>
+HOSTDEVICE T feature_norm(T sum_of_squares) {
+  return clamp_denominator(math_sqrt(sum_of_squares));
+}
+
+// scale * cos from the dot product of the raw feature with the unit text vector
+template <typename T>
+HOSTDEVICE T class_logit(T dot_with_unit_text, T feature_norm_value, T scale) {
+  return scale * (dot_with_unit_text / feature_norm_value);
+}
+
+// one softmax entry: exp(l - max) / sum_c exp(l_c - max)
+template <typename T>
+HOSTDEVICE T softmax_numerator(T logit, T max_logit) {
+  return math_exp(logit - max_logit);
+}
+
+// NMS: a probability below nms * (the patch's largest probability) is dropped
+template <typename T>
+HOSTDEVICE T nms_keep(T p, T p_max, T nms) {
+  return p < nms * p_max ? T(0) : p;
+}
+
+// the column normalisation; a dead column (sum 0) stays 0
+template <typename T>
+HOSTDEVICE T normalise_column(T p, T column_sum) {
+  return column_sum > T(0) ? p / clamp_denominator(column_sum) : T(0);
+}
+
+}  // namespace ovss_fast

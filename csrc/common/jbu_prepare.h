@@ -1,0 +1,80 @@
+// Host-side setup shared by the JBU wrappers (CPU and CUDA): argument checks, the
+// compute dtype, contiguous inputs, Gd = adaptive_avg_pool2d(guide, (h, w)) and the
+// geometry constants of common/jbu_math.h. Host only: never include from a .cu file.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/adaptive_avg_pool2d.h>
+
+#include "checks.h"
+#include "jbu_math.h"
+
+namespace ovss_fast {
+
+struct JbuInputs {
+  at::Tensor scores;  // [B, C, h, w], compute dtype, contiguous
+  at::Tensor guide;   // [B, 3, H, W], compute dtype, contiguous
+  at::Tensor gd;      // [B, 3, h, w], the guide area-averaged to the score grid
+  at::ScalarType dtype;
+  int64_t B, C, h, w, H, W;
+};
+
+inline void check_jbu_args(const at::Tensor& scores, const at::Tensor& guide, double sigma_spatial,
+                           double sigma_range, int64_t radius, c10::DeviceType device) {
+  check_rank(scores, "scores", 4, "[B, C, h, w]");
+  check_rank(guide, "guide", 4, "[B, 3, H, W]");
+  check_floating(scores, "scores");
+  check_floating(guide, "guide");
+  check_device(scores, "scores", device);
+  check_device(guide, "guide", device);
+  check_same_device(scores, "scores", guide, "guide");
+  TORCH_CHECK(guide.size(0) == scores.size(0), "guide has B = ", guide.size(0), " (shape ", shape_str(guide),
+              ") but scores has B = ", scores.size(0));
+  TORCH_CHECK(guide.size(1) == 3, "guide must be an RGB image [B, 3, H, W], got shape ", shape_str(guide));
+  TORCH_CHECK(sigma_spatial > 0, "sigma_spatial must be positive, got ", sigma_spatial);
+  TORCH_CHECK(sigma_range > 0, "sigma_range must be positive, got ", sigma_range);
+  TORCH_CHECK(radius >= 0, "radius must be >= 0, got ", radius);
+  TORCH_CHECK(radius <= 64, "radius must be <= 64 (", (2 * radius + 1) * (2 * radius + 1), " taps per pixel), got ",
+              radius);
+  const bool empty_grid = scores.size(2) == 0 || scores.size(3) == 0;
+  TORCH_CHECK(!empty_grid || guide.numel() == 0 || scores.size(0) == 0, "scores has an empty grid (shape ",
+              shape_str(scores), ") but the guide ", shape_str(guide), " has pixels to fill");
+}
+
+// everything but the sizes is left undefined when the output is empty
+inline JbuInputs prepare_jbu(const at::Tensor& scores, const at::Tensor& guide, bool need_data) {
+  JbuInputs in;
+  in.dtype = compute_dtype(scores, guide);
+  in.B = scores.size(0);
+  in.C = scores.size(1);
+  in.h = scores.size(2);
+  in.w = scores.size(3);
+  in.H = guide.size(2);
+  in.W = guide.size(3);
+  if (need_data) {
+    in.scores = prepare(scores, in.dtype);
+    in.guide = prepare(guide, in.dtype);
+    in.gd = at::adaptive_avg_pool2d(in.guide, {in.h, in.w}).contiguous();
+  }
+  return in;
+}
+
+template <typename T>
+JbuShape<T> jbu_shape(const JbuInputs& in, double sigma_spatial, double sigma_range, int64_t radius) {
+  JbuShape<T> s;
+  s.B = in.B;
+  s.C = in.C;
+  s.h = in.h;
+  s.w = in.w;
+  s.H = in.H;
+  s.W = in.W;
+  s.radius = static_cast<int>(radius);
+  // as the reference: the ratios and 1 / (2 sigma^2) in double, rounded to T once
+  s.ratio_y = static_cast<T>(static_cast<double>(in.h) / static_cast<double>(in.H));
+  s.ratio_x = static_cast<T>(static_cast<double>(in.w) / static_cast<double>(in.W));
+  s.inv_s = static_cast<T>(1.0 / (2.0 * sigma_spatial * sigma_spatial));
+  s.inv_r = static_cast<T>(1.0 / (2.0 * sigma_range * sigma_range));
+  return s;
+}
+
+}  // namespace ovss_fast

@@ -1,0 +1,132 @@
+// method.md section 1 on the CPU: Q[b, :, c] = column-normalised (NMS'd) softmax of
+// scale * cos(feats, text). The dot products are one GEMM written straight into the
+// output [B*N, C] (feats against the unit text vectors, so nothing the size of feats
+// is copied); the rest is two passes over that [B, N, C] buffer: per patch (norm,
+// scale, softmax, NMS) and per class (column sums, then normalisation). Nothing
+// larger than [B, N, C] is ever allocated. Elementwise math: common/class_distributions_math.h.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/class_distributions_math.h"
+
+namespace ovss_fast {
+namespace {
+
+// text rows divided by their floored norms, as the reference does (a division, not a reciprocal)
+template <typename T>
+void unit_text(const T* text,  // [C, D]
+               T* unit,        // [C, D]
+               int64_t C, int64_t D) {
+  for (int64_t c = 0; c < C; ++c) {
+    const T* t = text + c * D;
+    T ss = 0;
+    for (int64_t d = 0; d < D; ++d) ss += t[d] * t[d];
+    const T nrm = feature_norm(ss);
+    for (int64_t d = 0; d < D; ++d) unit[c * D + d] = t[d] / nrm;
+  }
+}
+
+// out holds feats . unit_text on entry and Q on exit
+template <typename T>
+void class_distributions_cpu_impl(const T* feats,  // [B, N, D]
+                                  T* out,          // [B, N, C]
+                                  int64_t B, int64_t N, int64_t C, int64_t D, T scale, T nms) {
+  // per patch: logits, softmax, NMS (in place)
+  at::parallel_for(0, B * N, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* x = feats + r * D;
+      T ss = 0;
+      for (int64_t d = 0; d < D; ++d) ss += x[d] * x[d];
+      const T xn = feature_norm(ss);
+      T* p = out + r * C;
+      T lmax = neg_inf<T>();
+      for (int64_t c = 0; c < C; ++c) {
+        p[c] = class_logit(p[c], xn, scale);
+        lmax = std::max(lmax, p[c]);
+      }
+      T sum = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        p[c] = softmax_numerator(p[c], lmax);
+        sum += p[c];
+      }
+      T pmax = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        p[c] = p[c] / sum;
+        pmax = std::max(pmax, p[c]);
+      }
+      if (nms > T(0)) {
+        for (int64_t c = 0; c < C; ++c) p[c] = nms_keep(p[c], pmax, nms);
+      }
+    }
+  });
+  // per class: column sums over patches (rows outer so each row is read contiguously)
+  std::vector<T> colsum(B * C, T(0));
+  constexpr int64_t kCols = 32;
+  const int64_t blocks_per_image = (C + kCols - 1) / kCols;
+  at::parallel_for(0, B * blocks_per_image, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b = k / blocks_per_image;
+      const int64_t c0 = (k % blocks_per_image) * kCols, c1 = std::min(C, c0 + kCols);
+      T* s = colsum.data() + b * C;
+      for (int64_t i = 0; i < N; ++i) {
+        const T* p = out + (b * N + i) * C;
+        for (int64_t c = c0; c < c1; ++c) s[c] += p[c];
+      }
+    }
+  });
+  at::parallel_for(0, B * N, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* s = colsum.data() + (r / N) * C;
+      T* p = out + r * C;
+      for (int64_t c = 0; c < C; ++c) p[c] = normalise_column(p[c], s[c]);
+    }
+  });
+}
+
+at::Tensor class_distributions_cpu(const at::Tensor& feats, const at::Tensor& text, double scale, double nms) {
+  check_rank(feats, "feats", 3, "[B, N, D]");
+  check_rank(text, "text", 2, "[C, D]");
+  check_floating(feats, "feats");
+  check_floating(text, "text");
+  check_device(feats, "feats", c10::DeviceType::CPU);
+  check_device(text, "text", c10::DeviceType::CPU);
+  TORCH_CHECK(feats.size(2) == text.size(1), "feats and text disagree on the feature width D: feats ",
+              shape_str(feats), ", text ", shape_str(text));
+  const auto dt = compute_dtype(feats, text);
+  const int64_t B = feats.size(0), N = feats.size(1), D = feats.size(2), C = text.size(0);
+  at::Tensor out = at::empty({B, N, C}, feats.options().dtype(dt));
+  if (out.numel() == 0) return out;
+  const at::Tensor x = prepare(feats, dt);
+  const at::Tensor t = prepare(text, dt);
+  at::Tensor unit = at::empty({C, D}, t.options());
+  if (dt == at::kDouble) {
+    unit_text<double>(t.const_data_ptr<double>(), unit.mutable_data_ptr<double>(), C, D);
+  } else {
+    unit_text<float>(t.const_data_ptr<float>(), unit.mutable_data_ptr<float>(), C, D);
+  }
+  // [B*N, D] @ [D, C] -> the output buffer; the zero-width case (D = 0) gives cosines of 0
+  at::Tensor out2d = out.view({B * N, C});
+  at::mm_out(out2d, x.view({B * N, D}), unit.t());
+  if (dt == at::kDouble) {
+    class_distributions_cpu_impl<double>(x.const_data_ptr<double>(), out.mutable_data_ptr<double>(), B, N, C, D,
+                                         scale, nms);
+  } else {
+    class_distributions_cpu_impl<float>(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), B, N, C, D,
+                                        static_cast<float>(scale), static_cast<float>(nms));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ovss_fast, CPU, m) { m.impl("class_distributions", &class_distributions_cpu); }
+
+}  // namespace ovss_fast

@@ -134,6 +134,13 @@ def _require_diffusers() -> Any:
     return diffusers
 
 
+def _to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    module = module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module = module.to(dtype)
+    return module
+
+
 class SD2Affinity:
     """Stable Diffusion 2 UNet self-attention as a patch affinity (the DSLO paper's choice).
 
@@ -164,11 +171,25 @@ class SD2Affinity:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.timestep = int(timestep)
+        if unet is None or vae is None or uncond_embedding is None:
+            if weights is None:
+                raise ValueError("SD2Affinity needs weights (a local diffusers directory or a hub id) "
+                                 "unless unet, vae and uncond_embedding are all given")
+            weights = os.fspath(weights)
+            local = os.path.isabs(weights) or weights.startswith((".", "~")) or os.path.exists(weights)
+            if local and not os.path.isdir(os.path.expanduser(weights)):
+                raise FileNotFoundError(
+                    f"Stable Diffusion 2 directory {weights!r} not found; pass "
+                    "affinity_weights=/path/to/stable-diffusion-2-1-base, a local diffusers directory with unet/, "
+                    "vae/, text_encoder/ and tokenizer/"
+                )
+            weights = os.path.expanduser(weights) if local else weights
         try:
             if unet is None:
-                unet = diffusers.UNet2DConditionModel.from_pretrained(weights, subfolder="unet")
+                unet = diffusers.UNet2DConditionModel.from_pretrained(weights, subfolder="unet",
+                                                                      torch_dtype=self.dtype)
             if vae is None:
-                vae = diffusers.AutoencoderKL.from_pretrained(weights, subfolder="vae")
+                vae = diffusers.AutoencoderKL.from_pretrained(weights, subfolder="vae", torch_dtype=self.dtype)
             if uncond_embedding is None:
                 uncond_embedding = self._empty_prompt_embedding(weights)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -178,8 +199,8 @@ class SD2Affinity:
                 "unet/, vae/, text_encoder/ and tokenizer/ (download it once when online, e.g. with "
                 "huggingface-cli download stabilityai/stable-diffusion-2-1-base)"
             ) from None
-        self.unet = unet.to(self.device, self.dtype).eval()
-        self.vae = vae.to(self.device, self.dtype).eval()
+        self.unet = _to(unet, self.device, self.dtype).eval()
+        self.vae = _to(vae, self.device, self.dtype).eval()
         self.uncond = uncond_embedding.to(self.device, self.dtype)
         self._store: list[Tensor] = []
         carrying = [b for b in self.unet.up_blocks if getattr(b, "attentions", None)]

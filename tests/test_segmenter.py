@@ -416,7 +416,7 @@ def tiny_sd2():
 def test_sd2_affinity_on_a_tiny_random_unet(tiny):
     unet, vae, uncond = tiny_sd2()
     sd = SD2Affinity(None, unet=unet, vae=vae, uncond_embedding=uncond, device="cpu")
-    assert sd.layers == 2  # one transformer layer in each of the first two attention-carrying up-blocks
+    assert sd.layers == 4  # two transformer layers in each of the first two attention-carrying up-blocks
     for grid in [(4, 4), (3, 5)]:
         a = sd(image(16 * grid[0], 16 * grid[1], batch=2), grid)
         n = grid[0] * grid[1]
@@ -427,8 +427,12 @@ def test_sd2_affinity_on_a_tiny_random_unet(tiny):
 
 @pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed (pip install 'ovss_fast[sd]')")
 def test_sd2_missing_weights_says_how_to_pass_a_local_directory(tmp_path):
-    with pytest.raises(RuntimeError, match="affinity_weights=/path/to/stable-diffusion-2-1-base"):
+    with pytest.raises(FileNotFoundError, match="affinity_weights=/path/to/stable-diffusion-2-1-base"):
         SD2Affinity(str(tmp_path / "no-such-dir"), device="cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RuntimeError, match="affinity_weights=/path/to/stable-diffusion-2-1-base"):
+        SD2Affinity(str(empty), device="cpu")
 
 
 def tiny_dino():

@@ -16,7 +16,6 @@ that computes in float64.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,15 +30,13 @@ _CPU_REASON = ("CPU tensors: Triton runs on CUDA (set TRITON_INTERPRET=1 before 
                "backend='triton' to use the interpreter)")
 
 
-def _triton_problem() -> str | None:
-    """None when triton imports; otherwise why not."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
+def _triton_missing() -> bool:
+    """True when triton cannot be found. Deliberately not an import: importing triton.language fixes,
+    for the whole process, whether kernels compile or run in the interpreter (TRITON_INTERPRET)."""
     try:
-        importlib.import_module("triton.language")
-    except Exception as exc:  # noqa: BLE001 - any import failure makes the backend unusable
-        return f"triton failed to import: {exc}"
-    return None
+        return importlib.util.find_spec("triton") is None
+    except (ImportError, ValueError, AttributeError):  # e.g. sys.modules["triton"] = None
+        return True
 
 
 class TritonBackend(Backend):
@@ -48,13 +45,15 @@ class TritonBackend(Backend):
     name = "triton"
 
     def unsupported_reasons(self, op: str, tensors: Sequence[Tensor], params: Mapping[str, Any]) -> list[str]:
-        if importlib.util.find_spec("triton") is None:
+        if _triton_missing():
             return ["triton is not installed"]
         reasons = []
         if any(t.dtype == torch.float64 for t in tensors):
             reasons.append("float64: the Triton kernels compute in float32; use backend='cuda' or 'reference'")
         devices = {t.device.type for t in tensors}
-        if devices - {"cuda"} and not interpreting():
+        if devices - {"cuda", "cpu"}:
+            reasons.append(f"{', '.join(sorted(devices - {'cuda', 'cpu'}))} tensors: Triton runs on CUDA")
+        elif "cpu" in devices and not interpreting():
             reasons.append(_CPU_REASON)
         elif devices == {"cuda"} and not torch.cuda.is_available():
             reasons.append("CUDA tensors but torch.cuda.is_available() is False")
@@ -63,10 +62,6 @@ class TritonBackend(Backend):
                            f"got C = {tensors[1].shape[0]}")
         if op == "markov_scores" and params.get("readout", "integrated") not in ("integrated", "velocity"):
             reasons.append(f"unknown readout {params.get('readout')!r}")
-        if not reasons:
-            problem = _triton_problem()
-            if problem:
-                reasons.append(problem)
         return reasons
 
     # ------------------------------------------------------------------ ops (reference signatures)

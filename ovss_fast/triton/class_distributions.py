@@ -15,9 +15,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._runtime import DENOM_FLOOR, MAX_CLASSES, device_guard, interpreting, next_pow2
+from ._runtime import DENOM_FLOOR as _DENOM_FLOOR
+from ._runtime import MAX_CLASSES, device_guard, interpreting, next_pow2
 
 __all__ = ["MAX_CLASSES", "class_distributions"]
+
+#: a Triton constexpr so the kernels can read it
+DENOM_FLOOR = tl.constexpr(_DENOM_FLOOR)
 
 
 @triton.jit

@@ -15,10 +15,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._runtime import LOG_FLOOR, device_guard, interpreting, next_pow2
+from ._runtime import LOG_FLOOR as _LOG_FLOOR
+from ._runtime import device_guard, interpreting, next_pow2
 
 #: rows per program of the range pass (fixes the number of partials per image)
 RANGE_ROWS = 32
+
+#: a Triton constexpr so the kernels can read it
+LOG_FLOOR = tl.constexpr(_LOG_FLOOR)
 
 
 @triton.jit

@@ -91,10 +91,11 @@ def _jbu_upsample_kernel(
     den = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for t in range(0, taps):
         ds, dr, valid, qyc, qxc = _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
-        wgt = tl.where(valid, tl.exp((-ds * inv_s - dr * inv_r) - emax), 0.0)
+        wgt = tl.exp(tl.where(valid, (-ds * inv_s - dr * inv_r) - emax, float("-inf")))
         m2 = valid[:, None] & cmask[None, :]
         sq = tl.load(s_base + (qyc * ssh + qxc * ssw)[:, None], mask=m2, other=0.0).to(tl.float32)
-        term = tl.where(sq == float("-inf"), float("-inf"), wgt[:, None] * sq)
+        dead = sq == float("-inf")
+        term = tl.where(dead, float("-inf"), wgt[:, None] * tl.where(dead, 0.0, sq))
         num += tl.where(m2, term, 0.0)
         den += wgt
     den = tl.where(pmask, den, 1.0)  # pixels past the image: no taps; keep 0 / 0 out of the math
@@ -143,7 +144,7 @@ def _jbu_argmax_kernel(
     den = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for t in range(0, taps):
         ds, dr, valid, qyc, qxc = _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
-        den += tl.where(valid, tl.exp((-ds * inv_s - dr * inv_r) - emax), 0.0)
+        den += tl.exp(tl.where(valid, (-ds * inv_s - dr * inv_r) - emax, float("-inf")))
     den = tl.where(pmask, den, 1.0)  # pixels past the image: no taps; keep 0 / 0 out of the argmax
 
     best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
@@ -155,10 +156,11 @@ def _jbu_argmax_kernel(
         num = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for t in range(0, taps):
             ds, dr, valid, qyc, qxc = _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
-            wgt = tl.where(valid, tl.exp((-ds * inv_s - dr * inv_r) - emax), 0.0)
+            wgt = tl.exp(tl.where(valid, (-ds * inv_s - dr * inv_r) - emax, float("-inf")))
             m2 = valid[:, None] & cmask[None, :]
             sq = tl.load(s_base + (qyc * ssh + qxc * ssw)[:, None], mask=m2, other=0.0).to(tl.float32)
-            term = tl.where(sq == float("-inf"), float("-inf"), wgt[:, None] * sq)
+            dead = sq == float("-inf")
+            term = tl.where(dead, float("-inf"), wgt[:, None] * tl.where(dead, 0.0, sq))
             num += tl.where(m2, term, 0.0)
         val = tl.where(cmask[None, :], num / den[:, None], float("-inf"))
         tile_best = tl.max(val, axis=1)

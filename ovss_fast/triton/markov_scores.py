@@ -17,10 +17,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._runtime import DENOM_FLOOR, device_guard, interpreting
+from ._runtime import DENOM_FLOOR as _DENOM_FLOOR
+from ._runtime import device_guard, interpreting
 
 #: scratch rows are padded to a multiple of this many classes (the largest BLOCK_C)
 SCRATCH_PAD = 64
+
+#: a Triton constexpr so the kernels can read it
+DENOM_FLOOR = tl.constexpr(_DENOM_FLOOR)
 
 
 @triton.jit

@@ -1,0 +1,504 @@
+"""The Triton backend (ovss_fast.triton) against the float64 reference.
+
+Three kinds of test:
+
+* ``triton_interpret``: the kernels on tiny CPU tensors under the Triton interpreter. Triton
+  decides once per process, when ``triton.language`` is first imported, whether kernels
+  compile or are interpreted, and TRITON_INTERPRET=1 must not leak into the other test
+  modules (``backend="auto"`` would then pick the slow interpreter for CPU tensors). So these
+  tests run in ONE child pytest process started with TRITON_INTERPRET=1; in this process each
+  of them reports the outcome its twin had in the child (a failure carries the child's message).
+* plain tests of ``unsupported_reasons`` and an ahead-of-time compile of every kernel for
+  sm_90 (H100 / H200), which needs no GPU and catches what the interpreter does not check
+  (constexpr globals, layouts, shared memory);
+* ``cuda`` tests at real sizes, skipped without a GPU.
+
+Tolerances (method.md section 5): float32 scores rel. error <= 1e-4 (``rel_err`` from
+conftest: max |a - e| / max |e|, -inf entries must coincide); labels identical except where
+the reference's top two scores are within that tolerance.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rel_err
+
+from ovss_fast import ops
+from ovss_fast import reference as R
+
+CHILD = os.environ.get("OVSS_FAST_TRITON_CHILD") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-4
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+# --------------------------------------------------------------------------- the interpreter child
+_CHILD_RESULTS: dict[str, tuple[str, str]] | None = None
+_CHILD_LOG = ""
+
+
+def _run_child() -> dict[str, tuple[str, str]]:
+    """Run every triton_interpret test of this file once, in a TRITON_INTERPRET=1 subprocess."""
+    global _CHILD_RESULTS, _CHILD_LOG
+    if _CHILD_RESULTS is None:
+        report = ROOT / ".pytest_triton_interpret.xml"
+        env = dict(os.environ, TRITON_INTERPRET="1", OVSS_FAST_TRITON_CHILD="1")
+        cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-m", "triton_interpret", "-q",
+               "-p", "no:cacheprovider", f"--junitxml={report}"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        _CHILD_LOG = (proc.stdout + proc.stderr)[-6000:]
+        results: dict[str, tuple[str, str]] = {}
+        if report.exists():
+            for case in ET.parse(report).getroot().iter("testcase"):
+                outcome, detail = "passed", ""
+                for child in case:
+                    if child.tag in ("failure", "error"):
+                        outcome, detail = "failed", f"{child.get('message', '')}\n{child.text or ''}"
+                    elif child.tag == "skipped":
+                        outcome, detail = "skipped", child.get("message", "")
+                results[case.get("name", "")] = (outcome, detail)
+            report.unlink()
+        _CHILD_RESULTS = results
+    return _CHILD_RESULTS
+
+
+def interpreted(fn):
+    """Mark a test as an interpreter test: run in the child, mirrored here."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if CHILD:
+            return fn(*args, **kwargs)
+        if not HAS_TRITON:
+            pytest.skip("triton is not installed")
+        current = os.environ.get("PYTEST_CURRENT_TEST", "")
+        name = current.split("::")[-1].rsplit(" ", 1)[0]
+        results = _run_child()
+        if name not in results:
+            pytest.fail(f"{name} did not run in the TRITON_INTERPRET=1 child pytest; its output:\n{_CHILD_LOG}",
+                        pytrace=False)
+        outcome, detail = results[name]
+        if outcome == "failed":
+            pytest.fail(f"failed under the Triton interpreter (child pytest):\n{detail}", pytrace=False)
+        if outcome == "skipped":
+            pytest.skip(detail)
+
+    return pytest.mark.triton_interpret(wrapper)
+
+
+def _backend():
+    from ovss_fast.triton import TRITON_BACKEND
+
+    return TRITON_BACKEND
+
+
+def _noncontig(x: torch.Tensor) -> torch.Tensor:
+    """The same values in a transposed-storage layout (a non-contiguous view)."""
+    y = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not y.is_contiguous() or x.shape[-1] == 1 or x.shape[-2] == 1
+    return y
+
+
+def _q(B: int, N: int, C: int, *, dead: tuple[int, ...] = (), seed: int = 0) -> torch.Tensor:
+    """Class distributions over patches [B, N, C] (columns sum to 1; listed columns all zero)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(B, N, C, generator=g) ** 3
+    for c in dead:
+        q[:, :, c] = 0
+    return q / q.sum(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def _kernel(B: int, N: int, *, symmetric: bool = False, seed: int = 1) -> torch.Tensor:
+    """A Gibbs-like kernel in (0, 1]; non-symmetric unless asked, so K and K^T are told apart."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.exp(-torch.rand(B, N, N, generator=g) / 0.2)
+    return 0.5 * (k + k.transpose(1, 2)) if symmetric else k
+
+
+# --------------------------------------------------------------------------- section 1
+@interpreted
+@pytest.mark.parametrize(
+    "B,N,C,D,nms,dtype,layout",
+    [
+        (2, 37, 5, 20, 0.0, torch.float32, "contiguous"),
+        (1, 37, 1, 20, 0.0, torch.float32, "contiguous"),
+        (2, 37, 5, 20, 0.5, torch.float32, "noncontiguous"),
+        (2, 37, 5, 20, 0.0, torch.float16, "contiguous"),
+        (1, 19, 21, 24, 0.3, torch.bfloat16, "noncontiguous"),
+    ],
+)
+def test_class_distributions(B, N, C, D, nms, dtype, layout):
+    g = torch.Generator().manual_seed(B * 100 + C)
+    feats = torch.randn(B, N, D, generator=g).to(dtype)
+    text = torch.randn(C, D, generator=g).to(dtype)
+    if layout == "noncontiguous":
+        feats = _noncontig(feats)
+        text = torch.randn(C, 2 * D, generator=g).to(dtype)[:, ::2]
+    got = _backend().class_distributions(feats, text, scale=100.0, nms=nms)
+    want = R.class_distributions(feats.double(), text.double(), scale=100.0, nms=nms)
+    assert got.dtype == torch.float32 and got.shape == (B, N, C)
+    assert rel_err(got, want) <= TOL
+    # emptied columns stay exactly 0 (a dead class), the others sum to 1
+    assert torch.equal(got.sum(dim=1) == 0, want.sum(dim=1) == 0)
+
+
+@interpreted
+def test_class_distributions_nms_kills_a_class():
+    g = torch.Generator().manual_seed(3)
+    text = torch.randn(4, 16, generator=g)
+    # every patch is a noisy copy of class 0, 1 or 2, so class 3 never comes near the winner
+    own = torch.randint(0, 3, (2, 37), generator=g)
+    feats = text[own] + 0.2 * torch.randn(2, 37, 16, generator=g)
+    got = _backend().class_distributions(feats, text, nms=0.9)
+    want = R.class_distributions(feats.double(), text.double(), nms=0.9)
+    dead = R.dead_classes(want)
+    assert bool(dead.any())
+    assert torch.equal(R.dead_classes(got), dead)
+    assert rel_err(got, want) <= TOL
+
+
+# --------------------------------------------------------------------------- section 2
+@interpreted
+@pytest.mark.parametrize(
+    "B,N,dtype,layout",
+    [(2, 37, torch.float32, "noncontiguous"), (1, 17, torch.bfloat16, "contiguous"),
+     (1, 37, torch.float16, "contiguous")],
+)
+def test_gibbs_kernel(B, N, dtype, layout):
+    g = torch.Generator().manual_seed(N)
+    a = (torch.rand(B, N, N, generator=g) ** 4).to(dtype)  # non-symmetric on purpose
+    a[0, 0, 1] = 0  # a zero pair pulls Craw's max to -log(1e-12) when its mirror is 0 too
+    a[0, 1, 0] = 0
+    if layout == "noncontiguous":
+        a = _noncontig(a)
+    cost, kern = _backend().gibbs_kernel(a, eps=0.1)
+    cost_ref, kern_ref = R.gibbs_kernel(a.double(), eps=0.1)
+    assert cost.dtype == kern.dtype == torch.float32
+    assert rel_err(cost, cost_ref) <= TOL
+    assert rel_err(kern, kern_ref) <= TOL
+
+
+@interpreted
+def test_gibbs_kernel_constant_affinity():
+    a = torch.full((2, 19, 19), 0.25)
+    cost, kern = _backend().gibbs_kernel(a, eps=0.05)
+    assert torch.equal(cost, torch.zeros_like(cost))
+    assert torch.equal(kern, torch.ones_like(kern))
+
+
+# --------------------------------------------------------------------------- section 3, kl
+@interpreted
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "noncontiguous"), (torch.float16, "contiguous")])
+def test_kl_scores(dtype, layout):
+    q = _q(2, 37, 5, dead=(2,)).to(dtype)
+    q[1, :5, 0] = 0  # zeros inside a live column score 0
+    if layout == "noncontiguous":
+        q = _noncontig(q)
+    got = _backend().kl_scores(q)
+    want = R.kl_scores(q.double())
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) <= TOL
+    assert bool(torch.isinf(got[:, :, 2]).all())
+
+
+# --------------------------------------------------------------------------- section 3, op
+@interpreted
+@pytest.mark.parametrize(
+    "B,N,C,iters,dead,layout,dtype",
+    [
+        (2, 37, 5, 3, (1,), "noncontiguous", torch.float32),
+        (1, 37, 1, 4, (), "contiguous", torch.float32),
+        (1, 37, 5, 50, (), "contiguous", torch.float32),
+        (1, 20, 3, 4, (), "contiguous", torch.float16),
+        (2, 21, 17, 3, (16,), "contiguous", torch.float32),  # two class tiles, a dead class in the second
+    ],
+)
+def test_sinkhorn_scores(B, N, C, iters, dead, layout, dtype):
+    q = _q(B, N, C, dead=dead)
+    k = _kernel(B, N)
+    q, k = q.to(dtype), k.to(dtype)
+    if layout == "noncontiguous":
+        q, k = _noncontig(q), _noncontig(k)
+    got = _backend().sinkhorn_scores(q, k, eps=0.1, iters=iters)
+    want = R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=iters)
+    assert got.dtype == torch.float32 and got.shape == (B, N, C)
+    assert rel_err(got, want) <= TOL
+    for c in dead:
+        assert bool((got[:, :, c] == float("-inf")).all())
+
+
+# --------------------------------------------------------------------------- section 3, mv
+@interpreted
+@pytest.mark.parametrize(
+    "B,N,C,sk_iters,steps,dead,layout",
+    [
+        (2, 37, 5, 3, 6, (4,), "noncontiguous"),
+        (1, 37, 1, 0, 5, (), "contiguous"),
+        (1, 37, 5, 15, 50, (), "contiguous"),
+        (2, 21, 17, 2, 4, (16,), "contiguous"),  # two class tiles, a dead class in the second
+    ],
+)
+def test_markov_scores_integrated(B, N, C, sk_iters, steps, dead, layout):
+    q, k = _q(B, N, C, dead=dead), _kernel(B, N)
+    if layout == "noncontiguous":
+        q, k = _noncontig(q), _noncontig(k)
+    got = _backend().markov_scores(q, k, sk_iters=sk_iters, steps=steps, readout="integrated")
+    want = R.markov_scores(q.double(), k.double(), sk_iters=sk_iters, steps=steps, readout="integrated")
+    assert rel_err(got, want) <= TOL
+    for c in dead:
+        assert bool((got[:, :, c] == float("-inf")).all())
+
+
+def _velocity_margin(q: torch.Tensor, k: torch.Tensor, sk_iters: int, steps: int, tau: float) -> torch.Tensor:
+    """min over l of | |f(l) - f(l-1)| - tau | in float64: where it is tiny, lstar may flip by rounding."""
+    tt = R.doubly_stochastic(k.double(), sk_iters=sk_iters).transpose(1, 2)
+    f = q.shape[1] * q.double()
+    margin = torch.full_like(f, float("inf"))
+    for _ in range(steps):
+        nxt = torch.bmm(tt, f)
+        margin = torch.minimum(margin, ((nxt - f).abs() - tau).abs())
+        f = nxt
+    return margin
+
+
+@interpreted
+@pytest.mark.parametrize("B,N,C,sk_iters,steps,tau,dead", [(2, 37, 5, 3, 8, 0.3, (0,)), (1, 37, 1, 15, 50, 0.05, ())])
+def test_markov_scores_velocity(B, N, C, sk_iters, steps, tau, dead):
+    q, k = _q(B, N, C, dead=dead), _kernel(B, N)
+    got = _backend().markov_scores(q, k, sk_iters=sk_iters, steps=steps, readout="velocity", tau=tau)
+    want = R.markov_scores(q.double(), k.double(), sk_iters=sk_iters, steps=steps, readout="velocity", tau=tau)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    robust = (_velocity_margin(q, k, sk_iters, steps, tau) > 1e-3) & torch.isfinite(want)
+    # the test is about lstar, not about its edge cases
+    assert float(robust.sum()) > 0.9 * float(torch.isfinite(want).sum())
+    lstar_got = torch.round(-got.double() + 1e-3 * q.shape[1] * q.double())
+    lstar_want = torch.round(-want + 1e-3 * q.shape[1] * q.double())
+    assert torch.equal(lstar_got[robust], lstar_want[robust])
+    assert bool(((lstar_want[torch.isfinite(want)] >= 1) & (lstar_want[torch.isfinite(want)] <= steps + 1)).all())
+    assert float((got.double() - want)[robust].abs().max()) <= TOL * float(want[robust].abs().max())
+
+
+# --------------------------------------------------------------------------- section 4
+def _jbu_inputs(B: int, C: int, h: int, w: int, H: int, W: int, *, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(B, C, h, w, generator=g)
+    guide = torch.rand(B, 3, H, W, generator=g)
+    return scores, guide
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "B,C,h,w,H,W,radius,sigma_range,dtype,layout",
+    [
+        (2, 5, 4, 5, 11, 13, 1, 0.1, torch.float32, "channels_last"),
+        (1, 1, 3, 3, 7, 9, 2, 0.1, torch.float32, "contiguous"),
+        (1, 5, 4, 5, 9, 10, 1, 0.01, torch.float16, "contiguous"),  # tiny sigma_r: exps underflow without the max
+    ],
+)
+def test_jbu_upsample(B, C, h, w, H, W, radius, sigma_range, dtype, layout):
+    scores, guide = _jbu_inputs(B, C, h, w, H, W, seed=C)
+    if C > 2:
+        scores[0, 2, 1, 1] = float("-inf")  # a dead class at one cell: -inf wherever that cell is a tap
+        scores[:, 3] = float("-inf")  # a dead class everywhere
+    scores, guide = scores.to(dtype), guide.to(dtype)
+    if layout == "channels_last":
+        scores = scores.contiguous(memory_format=torch.channels_last)
+        guide = guide.contiguous(memory_format=torch.channels_last)
+    kw = dict(sigma_spatial=1.0, sigma_range=sigma_range, radius=radius)
+    got = _backend().jbu_upsample(scores, guide, **kw)
+    want = R.jbu_upsample(scores.double(), guide.double(), **kw)
+    assert got.dtype == torch.float32 and got.shape == (B, C, H, W)
+    assert rel_err(got, want) <= TOL  # also checks that the -inf entries coincide
+    if C > 2:
+        assert bool(torch.isinf(got[0, 2]).any()) and bool(torch.isinf(got[:, 3]).all())
+
+
+def _top2_gap(up: torch.Tensor) -> torch.Tensor:
+    top = up.topk(2, dim=1).values if up.shape[1] > 1 else torch.cat([up, up - float("inf")], dim=1)
+    return top[:, 0] - top[:, 1]
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "B,C,h,w,H,W,radius",
+    [(2, 6, 4, 5, 11, 13, 1), (1, 9, 3, 4, 8, 8, 2), (1, 1, 3, 3, 5, 7, 1)],
+)
+def test_jbu_argmax(B, C, h, w, H, W, radius):
+    scores, guide = _jbu_inputs(B, C, h, w, H, W, seed=C + 10)
+    if C > 5:
+        scores[:, 5] = scores[:, 1]  # an exact tie across class tiles: the lower class (1) wins
+        scores[:, 0] = float("-inf")
+    got = _backend().jbu_argmax(scores, guide, radius=radius)
+    up = R.jbu_upsample(scores.double(), guide.double(), radius=radius)
+    want = up.argmax(dim=1)
+    assert got.dtype == torch.int64 and got.shape == (B, H, W)
+    fin = up.masked_fill(torch.isinf(up), 0)
+    scale = float(fin.abs().amax()) or 1.0
+    close = _top2_gap(up) <= TOL * scale
+    if C > 5:
+        assert not bool((got == 5).any()) and not bool((got == 0).any())
+        close &= ~((want == 1) & (up[:, 1] == up[:, 5]))  # the exact ties must be decided like the reference
+    assert torch.equal(got[~close], want[~close])
+    # the fused argmax agrees with the argmax of the unfused upsampling bit for bit
+    assert torch.equal(got, _backend().jbu_upsample(scores, guide, radius=radius).argmax(dim=1))
+
+
+@interpreted
+def test_jbu_argmax_all_dead_pixel_is_class_zero():
+    scores, guide = _jbu_inputs(1, 3, 3, 3, 6, 6)
+    scores[:] = float("-inf")
+    got = _backend().jbu_argmax(scores, guide, radius=1)
+    assert torch.equal(got, torch.zeros_like(got))
+
+
+# --------------------------------------------------------------------------- through the public API
+@interpreted
+def test_public_api_end_to_end():
+    g = torch.Generator().manual_seed(7)
+    feats = torch.randn(1, 20, 12, generator=g)  # a 4 x 5 grid
+    text = torch.randn(3, 12, generator=g)
+    aff = torch.rand(1, 20, 20, generator=g)
+    guide = torch.rand(1, 3, 9, 11, generator=g)
+    for mode in ("kl", "op", "mv"):
+        kw = dict(mode=mode, grid=(4, 5), guide=guide, iters=5, sk_iters=3, steps=5, return_scores=True)
+        labels, scores = ops.segment_features(feats, text, aff, backend="triton", **kw)
+        labels_ref, scores_ref = ops.segment_features(feats.double(), text.double(), aff.double(),
+                                                      backend="reference", **kw)
+        assert scores.dtype == torch.float32
+        assert rel_err(scores, scores_ref) <= TOL, mode
+        assert float((labels == labels_ref).double().mean()) >= 0.98, mode
+
+
+# --------------------------------------------------------------------------- this process: no kernels run
+@needs_triton
+def test_backend_reasons(monkeypatch):
+    backend = _backend()
+    x32 = torch.zeros(1, 4, 3)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reasons = backend.unsupported_reasons("kl_scores", (x32,), {})
+    assert any("CPU tensors" in r and "TRITON_INTERPRET=1" in r for r in reasons)
+    reasons = backend.unsupported_reasons("kl_scores", (x32.double(),), {})
+    assert any("float64" in r for r in reasons)
+    assert any("meta" in r for r in backend.unsupported_reasons("kl_scores", (x32.to("meta"),), {}))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # unsupported_reasons never imports triton: safe here
+    assert backend.unsupported_reasons("kl_scores", (x32,), {}) == []
+    assert any("float64" in r for r in backend.unsupported_reasons("kl_scores", (x32.double(),), {}))
+    big = torch.zeros(2000, 8)
+    assert any("2000" in r for r in backend.unsupported_reasons("class_distributions", (torch.zeros(1, 4, 8), big),
+                                                                {"scale": 100.0, "nms": 0.0}))
+    # forced on CPU tensors without the interpreter: a clear error naming the backend and the reason
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="backend='triton' cannot run kl_scores: CPU tensors"):
+        ops.discrepancy(torch.full((1, 4, 2), 0.25), None, mode="kl", backend="triton")
+
+
+def test_import_without_triton():
+    """`import ovss_fast.triton` works when triton cannot be imported, and says why it cannot serve."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from ovss_fast.triton import TRITON_BACKEND as T\n"
+        "print(T.unsupported_reasons('kl_scores', (torch.zeros(1, 2, 2),), {}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "triton is not installed" in out.stdout
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles for the GPU")
+def test_kernels_compile_for_h100():
+    """Every kernel lowers to sm_90 code (ptxas included) within H100 shared memory; no GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ovss_fast.triton import class_distributions as cd
+    from ovss_fast.triton import gibbs_kernel as gk
+    from ovss_fast.triton import jbu
+    from ovss_fast.triton import kl_scores as kl
+    from ovss_fast.triton import markov_scores as mk
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    floats = {"scale", "nms", "inv_eps", "a", "eps", "tau", "inv_s", "inv_r"}
+    ints = {"cy_ptr": "*i32", "cx_ptr": "*i32", "label_ptr": "*i64"}
+    cases = [
+        (cd._class_distributions_kernel, {"BLOCK_N": 64, "BLOCK_C": 256, "BLOCK_D": 32}, 8, {"x_ptr": "*fp16"}),
+        (cd._normalize_columns_kernel, {"BLOCK_N": 16, "BLOCK_C": 256}, 4, {}),
+        (gk._cost_range_kernel, {"BLOCK_M": 32, "BLOCK_N": 128}, 4, {"a_ptr": "*bf16"}),
+        (gk._gibbs_kernel_kernel, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 128}, 4, {}),
+        (kl._column_sums_kernel, {"BLOCK_N": 64, "BLOCK_C": 32}, 4, {}),
+        (kl._kl_scores_kernel, {"BLOCK_N": 64, "BLOCK_C": 32}, 4, {}),
+        (sk._sinkhorn_scores_kernel, {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 32}, 4, {"k_ptr": "*fp16"}),
+        (mk._sk_rows_kernel, {"BLOCK_I": 32, "BLOCK_J": 128}, 4, {}),
+        (mk._sk_cols_kernel, {"BLOCK_I": 64, "BLOCK_J": 64}, 4, {}),
+        (mk._markov_chain_kernel, {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 32, "VELOCITY": True}, 4, {}),
+        (jbu._jbu_upsample_kernel, {"BLOCK_P": 128, "BLOCK_C": 16}, 4, ints),
+        (jbu._jbu_argmax_kernel, {"BLOCK_P": 128, "BLOCK_C": 16}, 4, ints),
+    ]
+    for kernel, constexprs, warps, pointers in cases:
+        sig = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = pointers.get(name, "*fp32")
+            else:
+                sig[name] = "fp32" if name in floats else "i32"
+        compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps, "num_stages": 3})
+        assert compiled.metadata.shared <= 227 * 1024, kernel.__name__
+
+
+# --------------------------------------------------------------------------- GPU, real sizes
+@pytest.mark.cuda
+@needs_triton
+@pytest.mark.parametrize("B,N,C", [(2, 1024, 21), (1, 784, 171)])
+def test_gpu_scores_real_sizes(B, N, C):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("compiled kernels only")
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    feats = torch.randn(B, N, 512, generator=g).to(dev)
+    text = torch.randn(C, 512, generator=g).to(dev)
+    aff = torch.rand(B, N, N, generator=g).to(dev)
+    q = ops.class_distributions(feats, text, nms=0.2, backend="triton")
+    q_ref = R.class_distributions(feats.double(), text.double(), nms=0.2)
+    assert rel_err(q, q_ref) <= TOL
+    _, k = ops.gibbs_kernel(aff, backend="triton")
+    _, k_ref = R.gibbs_kernel(aff.double())
+    assert rel_err(k, k_ref) <= TOL
+    qd = q_ref.float()
+    for mode, kw in (("op", {}), ("mv", {}), ("kl", {})):
+        got = ops.discrepancy(qd, aff, mode=mode, backend="triton", **kw)
+        want = ops.discrepancy(qd.double(), aff.double(), mode=mode, backend="reference", **kw)
+        assert rel_err(got, want) <= TOL, mode
+
+
+@pytest.mark.cuda
+@needs_triton
+def test_gpu_jbu_real_sizes():
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("compiled kernels only")
+    dev = torch.device("cuda")
+    scores, guide = _jbu_inputs(2, 21, 28, 28, 448, 448)
+    scores, guide = scores.to(dev), guide.to(dev)
+    scores[:, 4] = float("-inf")
+    up = R.jbu_upsample(scores.double(), guide.double())
+    assert rel_err(ops.jbu_upsample(scores, guide, backend="triton"), up) <= TOL
+    labels = ops.jbu_argmax(scores, guide, backend="triton")
+    want = up.argmax(dim=1)
+    close = _top2_gap(up) <= TOL * float(up.masked_fill(torch.isinf(up), 0).abs().amax())
+    assert torch.equal(labels[~close], want[~close])

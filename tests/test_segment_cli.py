@@ -16,6 +16,8 @@ from PIL import Image  # noqa: E402
 from ovss_fast.cli import main  # noqa: E402
 from ovss_fast.palette import palette  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:pretrained=None")
+
 TINY = ["--model", "ovss-fast-tiny", "--pretrained", "none", "--backend", "reference"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

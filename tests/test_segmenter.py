@@ -317,6 +317,21 @@ def test_hub_tag_offline_says_how_to_pass_a_local_file(monkeypatch):
         Segmenter("ViT-B-16", pretrained="openai", device="cpu")
 
 
+def test_openai_tag_builds_with_quickgelu(monkeypatch):
+    # OpenAI's weights were trained with QuickGELU; open_clip's plain "ViT-B-16" config uses GELU
+    seen = {}
+
+    def fake_create_model(name, pretrained=None, **kwargs):
+        seen.update(kwargs, name=name, pretrained=pretrained)
+        raise OSError("offline")
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    with pytest.raises(RuntimeError, match="could not get open_clip weights"):
+        Segmenter("ViT-B-16", pretrained="openai", device="cpu")
+    assert seen["name"] == "ViT-B-16" and seen["pretrained"] == "openai" and seen["force_quick_gelu"] is True
+    assert seen["precision"] == "fp32"
+
+
 @pytest.mark.parametrize("classes", [[], "", "  ", ["cat", " ; "]])
 def test_empty_class_list(tiny, classes):
     with pytest.raises(ValueError, match="empty|names no class"):

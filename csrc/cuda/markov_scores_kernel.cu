@@ -1,0 +1,267 @@
+// CUDA maximum-velocity scores (shared/method.md section 3, "mv"):
+//
+//   T = K;  sk_iters times: rows of T to sum 1, then columns (floor 1e-30)
+//   f(0) = N q;  f(l) = T^T f(l-1);  integrated: S = sum_{l=1..steps} (f(l) - 1)
+//   velocity: lstar = first l >= 1 with |f(l) - f(l-1)| <= tau (steps+1 if never), S = -lstar + 1e-3 f(0)
+//   dead class -> -inf
+//
+// One persistent launch per call; each block owns one (batch, tile of kClassTile
+// classes) and runs everything itself, the batch being a grid dimension:
+//  1. Sinkhorn-Knopp as scaling vectors in double, T = diag(r) K diag(c): row sums
+//     r * (K c) with a warp per row, column sums c * (K^T r) with a thread per
+//     column, and e = T^T 1 - 1. Every block of a batch repeats this O(sk_iters N^2)
+//     work rather than synchronising across blocks; it costs about
+//     sk_iters / (steps kClassTile) of the chain.
+//  2. The chain as deviations d = f - 1 (csrc/common/markov_math.h says why):
+//     d(l) = c * (K^T (r * d(l-1))) + e, a thread per column j (coalesced K reads),
+//     h = r * d double-buffered so no thread overwrites what another still reads.
+//     Each thread owns its columns for the whole chain, so the readout state
+//     (accumulator or lstar, and d(l-1)) is private to it and lives in global scratch.
+// Elementwise math: csrc/common/markov_math.h, shared with the CPU kernel.
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "../common/markov_math.h"
+#include "markov_scores_kernel.h"
+
+namespace ovss_fast {
+namespace {
+
+constexpr int kClassTile = 4;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename T>
+__device__ inline T warp_sum(T x) {
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// Vector stride: N rounded up to 4 elements, so every vector starts 16-byte aligned.
+__host__ __device__ inline int64_t padded(int64_t N) { return (N + 3) & ~int64_t{3}; }
+
+// vectors per block, each padded(N) elements of T: r, c, e, h0 [kClassTile], h1 [kClassTile].
+// During Sinkhorn-Knopp the double r, c (2 padded(N) doubles) occupy h1's place.
+constexpr int64_t kVectors = 3 + 2 * kClassTile;
+static_assert(kClassTile * sizeof(float) >= 2 * sizeof(double), "double SK vectors must fit in h1");
+// readout state per block: state [kClassTile] (acc or lstar), dprev [kClassTile]
+constexpr int64_t kStateVectors = 2 * kClassTile;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+markov_scores_kernel(const T* __restrict__ q,       // [B, N, C]
+                     const T* __restrict__ kernel,  // [B, N, N]
+                     T* __restrict__ out,           // [B, N, C]
+                     T* __restrict__ state,         // [B * tiles, kStateVectors, padded(N)]
+                     T* __restrict__ vectors,       // [B * tiles, kVectors, padded(N)], or nullptr: shared
+                     int64_t N, int64_t C, int64_t tiles, int64_t sk_iters, int64_t steps, int readout,
+                     T tau) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ T red[kClassTile][kWarps];
+  __shared__ bool col_dead[kClassTile];
+
+  const int64_t b = blockIdx.x / tiles;
+  const int64_t c0 = (blockIdx.x % tiles) * kClassTile;
+  const int nc = static_cast<int>(C - c0 < kClassTile ? C - c0 : kClassTile);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t P = padded(N);
+  const T* K = kernel + b * N * N;
+  const T* Q = q + b * N * C;
+  T* vec = vectors == nullptr ? reinterpret_cast<T*>(smem_raw)
+                              : vectors + static_cast<int64_t>(blockIdx.x) * kVectors * P;
+  T* r = vec;                                 // [N]
+  T* cs = vec + P;                            // [N]
+  T* e = vec + 2 * P;                         // [N]
+  T* h_cur = vec + 3 * P;                     // [kClassTile, P]
+  T* h_nxt = vec + (3 + kClassTile) * P;      // [kClassTile, P]
+  double* rd = reinterpret_cast<double*>(h_nxt);  // [N], Sinkhorn-Knopp only
+  double* cd = rd + P;                            // [N], Sinkhorn-Knopp only
+  T* st = state + static_cast<int64_t>(blockIdx.x) * kStateVectors * P;
+  T* acc_or_lstar = st;                       // [kClassTile, P]
+  T* dprev = st + kClassTile * P;             // [kClassTile, P]
+  const bool velocity = readout == kMarkovVelocity;
+  const T tn = static_cast<T>(N);
+  const int isteps = static_cast<int>(steps);
+
+  auto q_at = [&](int64_t j, int c) -> T { return c < nc ? Q[j * C + c0 + c] : T(0); };
+
+  // 1. Sinkhorn-Knopp scaling vectors (double) and e = c * (K^T r) - 1
+  for (int64_t j = tid; j < N; j += kThreads) {
+    rd[j] = 1.0;
+    cd[j] = 1.0;
+  }
+  __syncthreads();
+  // K^T rd for column j, in double; `finish(j, colsum)` consumes it
+  auto columns = [&](auto finish) {
+    for (int64_t j = tid; j < N; j += kThreads) {
+      double acc = 0.0;
+#pragma unroll 4
+      for (int64_t i = 0; i < N; ++i) acc += static_cast<double>(K[i * N + j]) * rd[i];
+      finish(j, acc);
+    }
+  };
+  for (int64_t s = 0; s < sk_iters; ++s) {
+    for (int64_t i = warp; i < N; i += kWarps) {
+      const T* row = K + i * N;
+      double acc = 0.0;
+      for (int64_t j = lane; j < N; j += 32) acc += static_cast<double>(row[j]) * cd[j];
+      acc = warp_sum(acc);
+      if (lane == 0) rd[i] = sk_scale_update(rd[i], acc);
+    }
+    __syncthreads();
+    columns([&](int64_t j, double ktr) {
+      const double cj = sk_scale_update(cd[j], ktr);
+      cd[j] = cj;
+      e[j] = static_cast<T>(cj * ktr - 1.0);  // T's column sum - 1 with this (final?) r, c
+    });
+    __syncthreads();
+  }
+  if (sk_iters == 0) {
+    columns([&](int64_t j, double ktr) { e[j] = static_cast<T>(cd[j] * ktr - 1.0); });
+  }
+  for (int64_t j = tid; j < N; j += kThreads) {
+    r[j] = static_cast<T>(rd[j]);
+    cs[j] = static_cast<T>(cd[j]);
+  }
+
+  // dead classes: q column sums
+  {
+    T qsum[kClassTile];
+#pragma unroll
+    for (int c = 0; c < kClassTile; ++c) qsum[c] = T(0);
+    for (int64_t j = tid; j < N; j += kThreads) {
+#pragma unroll
+      for (int c = 0; c < kClassTile; ++c) qsum[c] += q_at(j, c);
+    }
+#pragma unroll
+    for (int c = 0; c < kClassTile; ++c) {
+      qsum[c] = warp_sum(qsum[c]);
+      if (lane == 0) red[c][warp] = qsum[c];
+    }
+    __syncthreads();  // also: r, cs, e complete; rd, cd (h_nxt) no longer read
+    if (tid < kClassTile) {
+      T s = T(0);
+      for (int w = 0; w < kWarps; ++w) s += red[tid][w];
+      col_dead[tid] = !(s > T(0));
+    }
+  }
+
+  // 2. the chain on deviations d = f - 1
+  for (int64_t j = tid; j < N; j += kThreads) {
+#pragma unroll
+    for (int c = 0; c < kClassTile; ++c) {
+      const T d0 = tn * q_at(j, c) - T(1);
+      h_cur[c * P + j] = r[j] * d0;
+      dprev[c * P + j] = d0;
+      acc_or_lstar[c * P + j] = velocity ? static_cast<T>(steps + 1) : T(0);
+    }
+  }
+  __syncthreads();
+  for (int64_t l = 1; l <= steps; ++l) {
+    for (int64_t j = tid; j < N; j += kThreads) {
+      T acc[kClassTile];
+#pragma unroll
+      for (int c = 0; c < kClassTile; ++c) acc[c] = T(0);
+#pragma unroll 4
+      for (int64_t i = 0; i < N; ++i) {
+        const T kij = K[i * N + j];
+#pragma unroll
+        for (int c = 0; c < kClassTile; ++c) acc[c] += kij * h_cur[c * P + i];
+      }
+      const T cj = cs[j], rj = r[j], ej = e[j];
+#pragma unroll
+      for (int c = 0; c < kClassTile; ++c) {
+        const T d = markov_deviation_step(cj, acc[c], ej);
+        const int64_t k = c * P + j;
+        if (velocity) {
+          acc_or_lstar[k] = velocity_update(acc_or_lstar[k], d, dprev[k], tau, static_cast<int>(l), isteps);
+          dprev[k] = d;
+        } else {
+          acc_or_lstar[k] += d;
+        }
+        h_nxt[k] = rj * d;
+      }
+    }
+    __syncthreads();  // h_nxt complete before anyone reads it; h_cur free for the next writes
+    T* t = h_cur;
+    h_cur = h_nxt;
+    h_nxt = t;
+  }
+
+  T* O = out + b * N * C;
+  for (int64_t j = tid; j < N; j += kThreads) {
+    for (int c = 0; c < nc; ++c) {
+      T s = acc_or_lstar[c * P + j];
+      if (velocity) s = velocity_score(s, tn * Q[j * C + c0 + c]);
+      O[j * C + c0 + c] = col_dead[c] ? -INFINITY : s;
+    }
+  }
+}
+
+template <typename T>
+size_t vector_bytes(int64_t N) {
+  return static_cast<size_t>(kVectors) * static_cast<size_t>(padded(N)) * sizeof(T);
+}
+
+size_t optin_shared_limit() {
+  int dev = 0, limit = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
+  return limit > 1024 ? static_cast<size_t>(limit) - 1024 : 0;
+}
+
+struct Layout {
+  bool in_shared;
+  size_t state_bytes, vector_bytes_total;
+};
+
+Layout layout_of(const MarkovScoresParams& p) {
+  const size_t elem = p.is_double ? sizeof(double) : sizeof(float);
+  const size_t blocks = static_cast<size_t>(p.B * ((p.C + kClassTile - 1) / kClassTile));
+  const size_t P = static_cast<size_t>(padded(p.N));
+  const size_t vec = static_cast<size_t>(kVectors) * P * elem;
+  Layout l;
+  l.in_shared = vec <= optin_shared_limit();
+  l.state_bytes = blocks * static_cast<size_t>(kStateVectors) * P * elem;
+  l.vector_bytes_total = l.in_shared ? 0 : blocks * vec;
+  return l;
+}
+
+template <typename T>
+cudaError_t launch_typed(const MarkovScoresParams& p, cudaStream_t stream) {
+  const int64_t tiles = (p.C + kClassTile - 1) / kClassTile;
+  const int64_t blocks = p.B * tiles;
+  if (blocks > 2147483647LL) return cudaErrorInvalidConfiguration;
+  if (p.scratch == nullptr) return cudaErrorInvalidValue;
+  const Layout l = layout_of(p);
+  T* state = static_cast<T*>(p.scratch);
+  T* vectors = l.in_shared ? nullptr : reinterpret_cast<T*>(static_cast<unsigned char*>(p.scratch) + l.state_bytes);
+  const size_t smem = l.in_shared ? vector_bytes<T>(p.N) : 0;
+  if (l.in_shared) {
+    cudaError_t err = cudaFuncSetAttribute(markov_scores_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  markov_scores_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+      static_cast<const T*>(p.q), static_cast<const T*>(p.kernel), static_cast<T*>(p.out), state, vectors, p.N,
+      p.C, tiles, p.sk_iters, p.steps, p.readout, static_cast<T>(p.tau));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+size_t markov_scores_scratch_bytes(const MarkovScoresParams& p) {
+  if (p.B == 0 || p.N == 0 || p.C == 0) return 0;
+  const Layout l = layout_of(p);
+  return l.state_bytes + l.vector_bytes_total;
+}
+
+cudaError_t launch_markov_scores(const MarkovScoresParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.N == 0 || p.C == 0) return cudaSuccess;
+  return p.is_double ? launch_typed<double>(p, stream) : launch_typed<float>(p, stream);
+}
+
+}  // namespace ovss_fast

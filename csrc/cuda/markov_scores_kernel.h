@@ -1,0 +1,31 @@
+// Launcher of the CUDA maximum-velocity kernel (shared/method.md section 3, "mv").
+// No torch headers: the wrapper csrc/cuda/markov_scores.cpp fills the struct.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace ovss_fast {
+
+struct MarkovScoresParams {
+  const void* q;       // [B, N, C] contiguous, float or double
+  const void* kernel;  // [B, N, N] contiguous, same dtype
+  void* out;           // [B, N, C] contiguous, same dtype
+  void* scratch;       // markov_scores_scratch_bytes(...) bytes, never nullptr when that is > 0
+  int64_t B, N, C;
+  int64_t sk_iters, steps;
+  int readout;  // kMarkovIntegrated or kMarkovVelocity (csrc/common/markov_math.h)
+  double tau;
+  bool is_double;
+};
+
+// Global scratch the launch needs (the per-class readout state always lives there;
+// the scaling and chain vectors too when they do not fit in shared memory).
+size_t markov_scores_scratch_bytes(const MarkovScoresParams& p);
+
+// One launch for the whole batch on `stream`; returns the launch's error code.
+cudaError_t launch_markov_scores(const MarkovScoresParams& p, cudaStream_t stream);
+
+}  // namespace ovss_fast

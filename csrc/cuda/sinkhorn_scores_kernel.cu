@@ -1,0 +1,205 @@
+// CUDA optimal-path scores (shared/method.md section 3, "op"):
+//
+//   a = 1 / N;  v = 1;  repeat iters:  u = a / max(K v, 1e-30);  v = q / max(K^T u, 1e-30)
+//   f = eps * log(a / max(K v, 1e-30));  S[i, c] = mean_i f - f[i];  dead class -> -inf
+//
+// One persistent launch per call. Classes are independent given K, so each block
+// owns one (batch, tile of kClassTile classes) and runs every iteration itself:
+// no grid-wide synchronisation, no host round trips, the batch is a grid dimension.
+// K is read from global memory (it stays in L2 across iterations: N = 2048 is
+// 16 MB in float); each K element loaded serves kClassTile classes. u and v of the
+// tile live in shared memory when they fit (opt-in size), else in global scratch.
+//
+//   K v   : a warp per row i (coalesced along the row), lanes reduced by shuffles
+//   K^T u : a thread per column j (consecutive threads read consecutive K[i, j])
+//
+// Elementwise math: csrc/common/sinkhorn_math.h, shared with the CPU kernel.
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "../common/sinkhorn_math.h"
+#include "sinkhorn_scores_kernel.h"
+
+namespace ovss_fast {
+namespace {
+
+constexpr int kClassTile = 4;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename T>
+__device__ inline T warp_sum(T x) {
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+sinkhorn_scores_kernel(const T* __restrict__ q,       // [B, N, C]
+                       const T* __restrict__ kernel,  // [B, N, N]
+                       T* __restrict__ out,           // [B, N, C]
+                       T* __restrict__ scratch,       // [B * tiles, 2, kClassTile, N] or nullptr
+                       int64_t N, int64_t C, int64_t tiles, T eps, int64_t iters) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ T red[kClassTile][kWarps];  // block reductions
+  __shared__ T col_mean[kClassTile];
+  __shared__ bool col_dead[kClassTile];
+
+  const int64_t b = blockIdx.x / tiles;
+  const int64_t c0 = (blockIdx.x % tiles) * kClassTile;
+  const int nc = static_cast<int>(C - c0 < kClassTile ? C - c0 : kClassTile);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const T* K = kernel + b * N * N;
+  const T* Q = q + b * N * C;
+  T* vec = scratch == nullptr ? reinterpret_cast<T*>(smem_raw)
+                              : scratch + static_cast<int64_t>(blockIdx.x) * 2 * kClassTile * N;
+  T* u = vec;                     // [kClassTile, N]
+  T* v = vec + kClassTile * N;    // [kClassTile, N]
+  const T a = T(1) / static_cast<T>(N);
+  const T log_a = log(a);
+
+  // classes past C (a partial last tile) run with q = 0 and are never written
+  auto q_at = [&](int64_t j, int c) -> T { return c < nc ? Q[j * C + c0 + c] : T(0); };
+
+  for (int64_t j = tid; j < N; j += kThreads) {
+#pragma unroll
+    for (int c = 0; c < kClassTile; ++c) v[c * N + j] = T(1);
+  }
+  __syncthreads();
+
+  // K v for the tile: a warp per row; `finish(i, c, kv)` consumes the row's result
+  auto k_times_v = [&](auto finish) {
+    for (int64_t i = warp; i < N; i += kWarps) {
+      T acc[kClassTile];
+#pragma unroll
+      for (int c = 0; c < kClassTile; ++c) acc[c] = T(0);
+      const T* row = K + i * N;
+      for (int64_t j = lane; j < N; j += 32) {
+        const T kij = row[j];
+#pragma unroll
+        for (int c = 0; c < kClassTile; ++c) acc[c] += kij * v[c * N + j];
+      }
+#pragma unroll
+      for (int c = 0; c < kClassTile; ++c) acc[c] = warp_sum(acc[c]);
+      if (lane == 0) {
+#pragma unroll
+        for (int c = 0; c < kClassTile; ++c) finish(i, c, acc[c]);
+      }
+    }
+  };
+
+  for (int64_t it = 0; it < iters; ++it) {
+    k_times_v([&](int64_t i, int c, T kv) { u[c * N + i] = sinkhorn_u(a, kv); });
+    __syncthreads();
+    // v = q / max(K^T u, floor): a thread per column
+    for (int64_t j = tid; j < N; j += kThreads) {
+      T acc[kClassTile];
+#pragma unroll
+      for (int c = 0; c < kClassTile; ++c) acc[c] = T(0);
+      for (int64_t i = 0; i < N; ++i) {
+        const T kij = K[i * N + j];
+#pragma unroll
+        for (int c = 0; c < kClassTile; ++c) acc[c] += kij * u[c * N + i];
+      }
+#pragma unroll
+      for (int c = 0; c < kClassTile; ++c) v[c * N + j] = sinkhorn_v(q_at(j, c), acc[c]);
+    }
+    __syncthreads();
+  }
+
+  // potential f into u, then the per-class means and dead flags
+  k_times_v([&](int64_t i, int c, T kv) { u[c * N + i] = sinkhorn_potential(eps, log_a, kv); });
+  __syncthreads();
+  T fsum[kClassTile], qsum[kClassTile];
+#pragma unroll
+  for (int c = 0; c < kClassTile; ++c) fsum[c] = qsum[c] = T(0);
+  for (int64_t j = tid; j < N; j += kThreads) {
+#pragma unroll
+    for (int c = 0; c < kClassTile; ++c) {
+      fsum[c] += u[c * N + j];
+      qsum[c] += q_at(j, c);
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kClassTile; ++c) {
+    fsum[c] = warp_sum(fsum[c]);
+    if (lane == 0) red[c][warp] = fsum[c];
+  }
+  __syncthreads();
+  if (tid < kClassTile) {
+    T s = T(0);
+    for (int w = 0; w < kWarps; ++w) s += red[tid][w];
+    col_mean[tid] = s / static_cast<T>(N);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int c = 0; c < kClassTile; ++c) {
+    qsum[c] = warp_sum(qsum[c]);
+    if (lane == 0) red[c][warp] = qsum[c];
+  }
+  __syncthreads();
+  if (tid < kClassTile) {
+    T s = T(0);
+    for (int w = 0; w < kWarps; ++w) s += red[tid][w];
+    col_dead[tid] = !(s > T(0));
+  }
+  __syncthreads();
+
+  T* O = out + b * N * C;
+  for (int64_t j = tid; j < N; j += kThreads) {
+    for (int c = 0; c < nc; ++c) {
+      O[j * C + c0 + c] = col_dead[c] ? -INFINITY : col_mean[c] - u[c * N + j];
+    }
+  }
+}
+
+template <typename T>
+size_t shared_bytes(int64_t N) {
+  return static_cast<size_t>(2) * kClassTile * static_cast<size_t>(N) * sizeof(T);
+}
+
+size_t optin_shared_limit() {
+  int dev = 0, limit = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
+  // leave room for the kernel's static shared arrays
+  return limit > 1024 ? static_cast<size_t>(limit) - 1024 : 0;
+}
+
+template <typename T>
+cudaError_t launch_typed(const SinkhornScoresParams& p, cudaStream_t stream) {
+  const int64_t tiles = (p.C + kClassTile - 1) / kClassTile;
+  const int64_t blocks = p.B * tiles;
+  if (blocks > 2147483647LL) return cudaErrorInvalidConfiguration;
+  const bool in_shared = p.scratch == nullptr;
+  const size_t smem = in_shared ? shared_bytes<T>(p.N) : 0;
+  if (in_shared) {
+    cudaError_t err = cudaFuncSetAttribute(sinkhorn_scores_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  sinkhorn_scores_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+      static_cast<const T*>(p.q), static_cast<const T*>(p.kernel), static_cast<T*>(p.out),
+      static_cast<T*>(p.scratch), p.N, p.C, tiles, static_cast<T>(p.eps), p.iters);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+size_t sinkhorn_scores_scratch_bytes(const SinkhornScoresParams& p) {
+  const size_t elem = p.is_double ? sizeof(double) : sizeof(float);
+  const size_t smem = static_cast<size_t>(2) * kClassTile * static_cast<size_t>(p.N) * elem;
+  if (smem <= optin_shared_limit()) return 0;
+  const int64_t tiles = (p.C + kClassTile - 1) / kClassTile;
+  return static_cast<size_t>(p.B * tiles) * smem;
+}
+
+cudaError_t launch_sinkhorn_scores(const SinkhornScoresParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.N == 0 || p.C == 0) return cudaSuccess;
+  return p.is_double ? launch_typed<double>(p, stream) : launch_typed<float>(p, stream);
+}
+
+}  // namespace ovss_fast

@@ -106,7 +106,9 @@ def _check_size(name: str, t: Tensor) -> Tensor:
 
 
 def as_image_batches(image: ImageLike) -> tuple[list[Tensor], str]:
-    """Any accepted image input -> (list of [B, 3, H, W] float32 CPU tensors in [0, 1], kind).
+    """Any accepted image input -> (list of [B, 3, H, W] float32 tensors in [0, 1], kind).
+
+    Tensors stay on their device; files, PIL images and arrays come in on the CPU.
 
     kind "single" (one image -> labels [H, W]), "batch" (a [B, ...] tensor or array ->
     [B, H, W]) or "list" (a list -> a list of [H, W], sizes may differ).
@@ -152,9 +154,9 @@ def as_image_batches(image: ImageLike) -> tuple[list[Tensor], str]:
         )
     if isinstance(image, Tensor):
         if image.dim() == 3 and image.shape[0] == 3:
-            return [_check_size("image", _float01("image", image.cpu())[None])], "single"
+            return [_check_size("image", _float01("image", image)[None])], "single"
         if image.dim() == 4 and image.shape[1] == 3:
-            return [_check_size("image", _float01("image", image.cpu()))], "batch"
+            return [_check_size("image", _float01("image", image))], "batch"
         raise ValueError(
             f"image as a tensor must be [3, H, W] or [B, 3, H, W] (channels first), got shape {tuple(image.shape)}"
         )

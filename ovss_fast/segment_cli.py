@@ -41,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlay", default=None,
                         help="overlay PNG with a legend of class names (a folder when there are several images)")
     parser.add_argument("--model", default="ViT-B-16",
-                        help="open_clip model name (default ViT-B-16; see open_clip.list_models()); "
-                             "'ovss-fast-tiny' is a tiny config for offline tests with --pretrained none")
+                        help="open_clip model name (default ViT-B-16; see open_clip.list_models()), or "
+                             "local-dir:/folder with open_clip_config.json and weights; 'ovss-fast-tiny' is a tiny "
+                             "config for offline tests with --pretrained none")
     parser.add_argument("--pretrained", default="openai",
                         help="open_clip weights tag (default openai; downloaded by open_clip when online), a local "
                              "checkpoint file, or 'none' for RANDOM weights (tests only: the labels are meaningless)")

@@ -217,6 +217,8 @@ def build_open_clip(model: str, pretrained: str | os.PathLike | None, *, device:
         raise TypeError(f"model must be an open_clip model name or an nn.Module, got {type(model).__name__}")
     if model == TINY_MODEL:
         register_tiny_config()
+    if model.startswith(("local-dir:", "hf-hub:")):
+        return _build_from_schema(model, device=device, dtype=dtype, cache_dir=cache_dir)
     names = open_clip.list_models()
     if model not in names:
         close = difflib.get_close_matches(model, names, n=5, cutoff=0.6)
@@ -282,6 +284,33 @@ def build_open_clip(model: str, pretrained: str | os.PathLike | None, *, device:
     return clip.eval(), tokenizer
 
 
+def _build_from_schema(model: str, *, device: torch.device, dtype: torch.dtype,
+                       cache_dir: str | None) -> tuple[nn.Module, Callable]:
+    """open_clip's 'local-dir:/folder' (open_clip_config.json + weights) or 'hf-hub:org/repo' names."""
+    import open_clip
+
+    if model.startswith("local-dir:"):
+        folder = model[len("local-dir:"):]
+        if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+            raise FileNotFoundError(
+                f"model={model!r}: {os.path.join(folder, 'open_clip_config.json')!r} not found; a 'local-dir:' "
+                "folder holds open_clip_config.json and the weights (e.g. open_clip_model.safetensors)"
+            )
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    try:
+        clip = open_clip.create_model(model, precision=precision, device=device, cache_dir=cache_dir,
+                                      require_pretrained=True)
+        tokenizer = open_clip.get_tokenizer(model, cache_dir=cache_dir)
+    except Exception as exc:  # hub, JSON and checkpoint errors of many kinds
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RuntimeError(
+            f"could not load open_clip model {model!r}: {first}. Offline, pass a folder you downloaded: "
+            "model='local-dir:/path/to/folder' (open_clip_config.json and weights), or a built-in name with "
+            "pretrained='/path/to/checkpoint.pt'"
+        ) from None
+    return clip.eval(), tokenizer
+
+
 def _default_tokenizer(model: nn.Module) -> Callable:
     import open_clip
 
@@ -294,10 +323,12 @@ class Segmenter:
 
     ``Segmenter(model="ViT-B-16", pretrained="openai", affinity="clip", mode="mv")``
 
-    model: an open_clip model name (``open_clip.list_models()``) or an already-built
-    open_clip CLIP model (nn.Module; then pass ``tokenizer`` too, or use
-    :meth:`from_model`). pretrained: an open_clip tag (downloaded by open_clip when
-    online), a local checkpoint path, or None (random weights, for tests; warns).
+    model: an open_clip model name (``open_clip.list_models()``), an open_clip
+    'local-dir:/folder' (open_clip_config.json + weights) or 'hf-hub:org/repo' name
+    (``pretrained`` is then ignored), or an already-built open_clip CLIP model
+    (nn.Module; then pass ``tokenizer`` too, or use :meth:`from_model`).
+    pretrained: an open_clip tag (downloaded by open_clip when online), a local
+    checkpoint path, or None (random weights, for tests; warns).
     affinity: "clip" (last-block self-attention, no extra weights), "sd2" (Stable
     Diffusion 2 self-attention, ``pip install 'ovss_fast[sd]'``), "dino" (timm DINO
     ViT), or a callable ``(image [B, 3, H, W] in [0, 1], grid (h, w)) -> [B, N, N]``;

@@ -242,6 +242,24 @@ def test_local_checkpoint_file(tiny, tmp_path):
     assert torch.equal(loaded.scores(x, CLASSES), segmenter(tiny).scores(x, CLASSES))
 
 
+def test_local_dir_model(tiny, tmp_path):
+    import json
+
+    from ovss_fast.clip_features import _TINY_CONFIG
+
+    model, _ = tiny
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": _TINY_CONFIG}))
+    torch.save(model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    loaded = Segmenter(f"local-dir:{tmp_path}", device="cpu", backend=BACKEND, templates=TEMPLATES)
+    x = image()
+    assert torch.equal(loaded.scores(x, CLASSES), segmenter(tiny).scores(x, CLASSES))
+    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+        Segmenter(f"local-dir:{tmp_path / 'nothing'}", device="cpu")
+    (tmp_path / "open_clip_pytorch_model.bin").unlink()
+    with pytest.raises(RuntimeError, match="could not load open_clip model 'local-dir:"):
+        Segmenter(f"local-dir:{tmp_path}", device="cpu")
+
+
 def test_random_weights_warn(tiny):
     with pytest.warns(UserWarning, match="RANDOM weights"):
         seg = Segmenter(TINY_MODEL, pretrained=None, device="cpu", backend=BACKEND, templates=TEMPLATES)

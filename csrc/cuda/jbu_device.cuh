@@ -1,0 +1,167 @@
+// The CUDA joint bilateral upsampling kernel (method.md section 4), instantiated by
+// jbu_upsample_kernel.cu (writes [B, C, H, W]) and jbu_argmax_kernel.cu (keeps only
+// the running best class per pixel: labels [B, H, W]). CUDA headers only; the
+// arithmetic is common/jbu_math.h, the same the CPU kernels run.
+//
+// One thread per output pixel, x fastest (guide reads and output writes coalesce;
+// neighbouring pixels share low-res taps, so score reads hit cache). A pixel's tap
+// weights are computed once into shared memory, [tap][thread], then reused for every
+// class. With too many taps for shared memory (large radius) the kernel recomputes
+// each tap's weight per class instead: the same arithmetic, so the same numbers.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <stdint.h>
+
+#include "../common/jbu_math.h"
+#include "jbu_params.h"
+#include "reduce.cuh"
+
+namespace ovss_fast {
+
+template <typename T>
+struct JbuPixel {
+  T py, px, g0, g1, g2;
+  int64_t cy, cx;
+  const T* gd;  // [3, h, w] of the pixel's image
+  int64_t h, w;
+  T inv_s, inv_r;
+
+  // exponent and flat low-res index of tap (dy, dx); false when it is off the grid
+  __device__ __forceinline__ bool tap(int dy, int dx, T* e, int* q) const {
+    const int64_t qy = cy + dy, qx = cx + dx;
+    if (qy < 0 || qy >= h || qx < 0 || qx >= w) return false;
+    const int64_t k = qy * w + qx, hw = h * w;
+    const T ds = jbu_spatial_sq(qy, py, qx, px);
+    const T dr = jbu_range_sq(g0, g1, g2, gd[k], gd[hw + k], gd[2 * hw + k]);
+    *e = jbu_exponent(ds, dr, inv_s, inv_r);
+    *q = static_cast<int>(k);
+    return true;
+  }
+};
+
+template <typename T, bool kSharedWeights, bool kArgmax>
+__global__ void jbu_kernel(const T* __restrict__ scores,  // [B, C, h, w]
+                           const T* __restrict__ guide,   // [B, 3, H, W]
+                           const T* __restrict__ gd,      // [B, 3, h, w]
+                           void* __restrict__ out,        // [B, C, H, W] T, or labels [B, H, W] int64
+                           int64_t B, int64_t C, int64_t h, int64_t w, int64_t H, int64_t W, int radius,
+                           T ratio_y, T ratio_x, T inv_s, T inv_r) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int taps = (2 * radius + 1) * (2 * radius + 1);
+  T* wbuf = reinterpret_cast<T*>(smem_raw);                  // [taps][blockDim.x]
+  int* obuf = reinterpret_cast<int*>(wbuf + taps * blockDim.x);  // [taps][blockDim.x]
+  const int64_t HW = H * W, hw = h * w, total = B * HW;
+  const int tid = threadIdx.x, bd = blockDim.x;
+  for (int64_t pix = blockIdx.x * static_cast<int64_t>(bd) + tid; pix < total;
+       pix += static_cast<int64_t>(gridDim.x) * bd) {
+    const int64_t b = pix / HW, yx = pix % HW, y = yx / W, x = yx % W;
+    JbuPixel<T> px;
+    px.py = jbu_lowres_position(y, ratio_y);
+    px.px = jbu_lowres_position(x, ratio_x);
+    px.cy = jbu_nearest(px.py);
+    px.cx = jbu_nearest(px.px);
+    const T* g = guide + b * 3 * HW;
+    px.g0 = g[yx];
+    px.g1 = g[HW + yx];
+    px.g2 = g[2 * HW + yx];
+    px.gd = gd + b * 3 * hw;
+    px.h = h;
+    px.w = w;
+    px.inv_s = inv_s;
+    px.inv_r = inv_r;
+
+    // the largest exponent over the taps, then the weights and their sum, in tap order
+    T emax = neg_inf<T>();
+    int n = 0;
+    for (int dy = -radius; dy <= radius; ++dy) {
+      for (int dx = -radius; dx <= radius; ++dx) {
+        T e;
+        int q;
+        if (!px.tap(dy, dx, &e, &q)) continue;
+        if (kSharedWeights) {
+          wbuf[n * bd + tid] = e;
+          obuf[n * bd + tid] = q;
+        }
+        emax = e > emax ? e : emax;
+        ++n;
+      }
+    }
+    T den = 0;
+    if (kSharedWeights) {
+      for (int t = 0; t < n; ++t) {
+        const T wt = jbu_weight(wbuf[t * bd + tid], emax);
+        wbuf[t * bd + tid] = wt;
+        den += wt;
+      }
+    } else {
+      for (int dy = -radius; dy <= radius; ++dy)
+        for (int dx = -radius; dx <= radius; ++dx) {
+          T e;
+          int q;
+          if (px.tap(dy, dx, &e, &q)) den += jbu_weight(e, emax);
+        }
+    }
+
+    const T* sb = scores + b * C * hw;
+    T best = neg_inf<T>();
+    int64_t arg = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const T* sc = sb + c * hw;
+      T num = 0;
+      if (kSharedWeights) {
+        for (int t = 0; t < n; ++t) num = jbu_accumulate(num, wbuf[t * bd + tid], sc[obuf[t * bd + tid]]);
+      } else {
+        for (int dy = -radius; dy <= radius; ++dy)
+          for (int dx = -radius; dx <= radius; ++dx) {
+            T e;
+            int q;
+            if (px.tap(dy, dx, &e, &q)) num = jbu_accumulate(num, jbu_weight(e, emax), sc[q]);
+          }
+      }
+      const T v = num / den;
+      if (kArgmax) {
+        if (argmax_better(v, best)) {
+          best = v;
+          arg = c;
+        }
+      } else {
+        static_cast<T*>(out)[(b * C + c) * HW + yx] = v;
+      }
+    }
+    if (kArgmax) static_cast<int64_t*>(out)[pix] = arg;
+  }
+}
+
+// Threads per block such that every thread's taps fit in 48 KiB of shared memory; 0 when
+// not even a warp's do (the kernel then recomputes the weights per class).
+inline int jbu_threads_for_shared(int taps, size_t elem) {
+  for (int threads = 256; threads >= 32; threads /= 2) {
+    if (static_cast<size_t>(taps) * (elem + sizeof(int)) * threads <= 48 * 1024) return threads;
+  }
+  return 0;
+}
+
+template <typename T, bool kArgmax>
+cudaError_t launch_jbu_typed(const JbuParams& p, cudaStream_t stream) {
+  const int taps = (2 * p.radius + 1) * (2 * p.radius + 1);
+  const int threads = jbu_threads_for_shared(taps, sizeof(T));
+  const int64_t total = p.B * p.H * p.W;
+  const T* s = static_cast<const T*>(p.scores);
+  const T* g = static_cast<const T*>(p.guide);
+  const T* gd = static_cast<const T*>(p.gd);
+  if (threads > 0) {
+    const size_t shared = static_cast<size_t>(taps) * (sizeof(T) + sizeof(int)) * threads;
+    jbu_kernel<T, true, kArgmax><<<grid_for(total, threads), threads, shared, stream>>>(
+        s, g, gd, p.out, p.B, p.C, p.h, p.w, p.H, p.W, p.radius, static_cast<T>(p.ratio_y),
+        static_cast<T>(p.ratio_x), static_cast<T>(p.inv_s), static_cast<T>(p.inv_r));
+  } else {
+    jbu_kernel<T, false, kArgmax><<<grid_for(total, 128), 128, 0, stream>>>(
+        s, g, gd, p.out, p.B, p.C, p.h, p.w, p.H, p.W, p.radius, static_cast<T>(p.ratio_y),
+        static_cast<T>(p.ratio_x), static_cast<T>(p.inv_s), static_cast<T>(p.inv_r));
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace ovss_fast

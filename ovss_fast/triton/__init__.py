@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .._backends import Backend
-from ._runtime import MAX_CLASSES, interpreting
+from ._runtime import MAX_CLASSES, interpret_requested, interpreting
 
 _CPU_REASON = ("CPU tensors: Triton runs on CUDA (set TRITON_INTERPRET=1 before importing triton and pass "
                "backend='triton' to use the interpreter)")
@@ -54,7 +54,11 @@ class TritonBackend(Backend):
         if devices - {"cuda", "cpu"}:
             reasons.append(f"{', '.join(sorted(devices - {'cuda', 'cpu'}))} tensors: Triton runs on CUDA")
         elif "cpu" in devices and not interpreting():
-            reasons.append(_CPU_REASON)
+            if interpret_requested():
+                reasons.append("CPU tensors: TRITON_INTERPRET=1 is set, but triton was imported without it earlier "
+                               "in this process, so its kernels compile for CUDA")
+            else:
+                reasons.append(_CPU_REASON)
         elif devices == {"cuda"} and not torch.cuda.is_available():
             reasons.append("CUDA tensors but torch.cuda.is_available() is False")
         if op == "class_distributions" and len(tensors) > 1 and tensors[1].shape[0] > MAX_CLASSES:

@@ -2,13 +2,14 @@
 
 Triton decides at import time of ``triton.language`` whether kernels are compiled
 for the GPU or run by the CPU interpreter (``TRITON_INTERPRET=1``); the launchers
-ask :func:`interpreting` at call time only to pick a single fixed configuration
-instead of autotuning, which the interpreter cannot time.
+ask :func:`interpreting` to pick one fixed configuration instead of autotuning, which
+the interpreter cannot time.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -20,9 +21,27 @@ LOG_FLOOR = 1e-12
 MAX_CLASSES = 1024
 
 
-def interpreting() -> bool:
-    """True when ``TRITON_INTERPRET`` asks for the CPU interpreter (the same spellings triton accepts)."""
+def interpret_requested() -> bool:
+    """True when the environment asks for the interpreter (the spellings triton accepts)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def triton_interprets() -> bool | None:
+    """Whether the triton.language already imported in this process interprets kernels; None before import.
+
+    Triton fixes this when triton.language is first imported (its own jit functions are
+    decorated then), so a later change of TRITON_INTERPRET has no effect.
+    """
+    lang = sys.modules.get("triton.language")
+    if lang is None:
+        return None
+    return type(getattr(lang, "argmax", None)).__name__ == "InterpretedFunction"
+
+
+def interpreting() -> bool:
+    """Whether kernels launched now run in the interpreter (on CPU tensors)."""
+    mode = triton_interprets()
+    return interpret_requested() if mode is None else mode
 
 
 def next_pow2(n: int) -> int:

@@ -114,3 +114,14 @@ def test_command_line_entry_in_a_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "RANDOM weights" in proc.stderr  # --pretrained none says so
     assert Image.open(out).size == (60, 40)
+
+
+def test_progress_bar_without_tqdm(monkeypatch, capsys):
+    from ovss_fast.segment_cli import progress
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
+    assert list(progress(["a.png", "b.png", "c.png"], enabled=True)) == ["a.png", "b.png", "c.png"]
+    err = capsys.readouterr().err
+    assert "segment [" in err and "3/3" in err
+    assert list(progress(["a.png"], enabled=False)) == ["a.png"]
+    assert capsys.readouterr().err == ""

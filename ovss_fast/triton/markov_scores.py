@@ -5,9 +5,14 @@ Sinkhorn-Knopp, which is exactly "normalise the rows of T, then its columns" of 
 the row sums of T are r_i (K c)_i and its column sums c_j (K^T r)_j.
 
 Launches per call: 2 * sk_iters small ones (``_sk_rows_kernel``, ``_sk_cols_kernel``; each
-parallel over row / column blocks of every image) and ONE ``_markov_chain_kernel`` that runs
-all ``steps`` chain steps, a program per (image, tile of BLOCK_C classes), f ping-ponging
-between two program-private scratch slices in global memory.
+parallel over row / column blocks of every image), then the chain in one of two schedules
+(as for sinkhorn_scores, chosen by ``fused_is_better`` or forced with ``schedule=``):
+
+* fused: ONE ``_markov_chain_kernel`` launch runs all ``steps`` chain steps, a program per
+  (image, tile of BLOCK_C classes), f ping-ponging between two program-private scratch
+  slices in global memory, a CTA barrier between steps;
+* split: one ``_markov_step_kernel`` launch per step over (image, row block, class block),
+  then ``_markov_finish_kernel`` (velocity readout, dead classes).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import Tensor
 
 from ._runtime import DENOM_FLOOR as _DENOM_FLOOR
 from ._runtime import device_guard, interpreting
+from .sinkhorn_scores import fused_is_better
 
 #: scratch rows are padded to a multiple of this many classes (the largest BLOCK_C)
 SCRATCH_PAD = 64
@@ -165,6 +171,86 @@ def _markov_chain_kernel(
         tl.store(o_ptrs, s, mask=mask)
 
 
+@triton.jit(do_not_specialize=["step", "steps"])
+def _markov_step_kernel(
+    k_ptr,  # [B, N, N] kernel
+    r_ptr, c_ptr,  # [B, N] float32: T = diag(r) K diag(c)
+    src_ptr, dst_ptr,  # [B, N, CP] float32: f(l-1) in, f(l) out
+    out_ptr,  # [B, N, C] float32: running sum (integrated) or lstar (velocity), updated in place
+    N, C, CP,
+    skb, ski, skj,
+    step, steps, tau,
+    VELOCITY: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Chain step l for BLOCK_R patches j and BLOCK_C classes (the split schedule):
+    f(l)[j] = c_j sum_i K_ij r_i f(l-1)[i]; integrated: out += f(l) - 1; velocity: out = l where
+    out > steps and |f(l) - f(l-1)| <= tau. method.md section 3, mv. IEEE float32 products (no tf32).
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cls = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    jmask = cols < N
+    cmask = cls < C
+    k_base = k_ptr + pid_b * skb
+    src = src_ptr + pid_b * N * CP
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for i0 in range(0, N, BLOCK_S):
+        rows = i0 + tl.arange(0, BLOCK_S)
+        rmask = rows < N
+        k = tl.load(k_base + rows[:, None] * ski + cols[None, :] * skj,
+                    mask=rmask[:, None] & jmask[None, :], other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=0.0)
+        f = tl.load(src + rows[:, None] * CP + cls[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(k), f * r[:, None], acc, input_precision="ieee")
+    c = tl.load(c_ptr + pid_b * N + cols, mask=jmask, other=0.0)
+    fnew = acc * c[:, None]
+    mask = jmask[:, None] & cmask[None, :]
+    tl.store(dst_ptr + pid_b * N * CP + cols[:, None] * CP + cls[None, :], fnew, mask=mask)
+    o_ptrs = out_ptr + pid_b * N * C + cols[:, None] * C + cls[None, :]
+    held = tl.load(o_ptrs, mask=mask, other=0.0)
+    if VELOCITY:
+        fold = tl.load(src + cols[:, None] * CP + cls[None, :], mask=mask, other=0.0)
+        settled = (tl.abs(fnew - fold) <= tau) & (held > steps)
+        held = tl.where(settled, step * 1.0, held)
+    else:
+        held = held + (fnew - 1.0)
+    tl.store(o_ptrs, held, mask=mask)
+
+
+@triton.jit
+def _markov_finish_kernel(
+    q_ptr,  # [B, N, C] (any float dtype, any strides)
+    out_ptr,  # [B, N, C] float32: running sum / lstar in, scores out
+    N, C,
+    sqb, sqn, sqc,
+    VELOCITY: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """velocity: S = -lstar + 1e-3 f(0) with f(0) = N q; S = -inf for a dead class (sum_i q = 0).
+    method.md section 3, mv (split schedule)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cls < C
+    qsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        mask = (rows < N)[:, None] & cmask[None, :]
+        q = tl.load(q_ptr + pid_b * sqb + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0)
+        qsum += tl.sum(q.to(tl.float32), axis=0)
+    dead = qsum <= 0
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        mask = (rows < N)[:, None] & cmask[None, :]
+        o_ptrs = out_ptr + pid_b * N * C + rows[:, None] * C + cls[None, :]
+        s = tl.load(o_ptrs, mask=mask, other=0.0)
+        if VELOCITY:
+            q = tl.load(q_ptr + pid_b * sqb + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0)
+            s = -s + 1e-3 * (N * q.to(tl.float32))
+        s = tl.where(dead[None, :], float("-inf"), s)
+        tl.store(o_ptrs, s, mask=mask)
+
+
 _SK_CONFIGS = [
     triton.Config({"BLOCK_I": 32, "BLOCK_J": 128}, num_warps=4),
     triton.Config({"BLOCK_I": 64, "BLOCK_J": 128}, num_warps=8),
@@ -186,7 +272,17 @@ _CHAIN_CONFIGS = [
 _rows_tuned = triton.autotune(configs=_SK_CONFIGS, key=["N"], restore_value=["r_ptr"])(_sk_rows_kernel)
 _cols_tuned = triton.autotune(configs=_SK_COL_CONFIGS, key=["N"], restore_value=["c_ptr"])(_sk_cols_kernel)
 _chain_tuned = triton.autotune(configs=_CHAIN_CONFIGS, key=["B", "N", "C", "VELOCITY"])(_markov_chain_kernel)
+_STEP_CONFIGS = [
+    triton.Config({"BLOCK_R": 32, "BLOCK_S": 64, "BLOCK_C": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_R": 32, "BLOCK_S": 64, "BLOCK_C": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_R": 64, "BLOCK_S": 64, "BLOCK_C": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_R": 64, "BLOCK_S": 64, "BLOCK_C": 64}, num_warps=8, num_stages=3),
+]
+# a step updates out in place, so timing configs must start from the same running values
+_step_tuned = triton.autotune(configs=_STEP_CONFIGS, key=["N", "C", "VELOCITY"],
+                              restore_value=["out_ptr"])(_markov_step_kernel)
 _INTERPRET = {"BLOCK_I": 16, "BLOCK_J": 16}
+_INTERPRET_STEP = {"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_C": 16}
 
 
 def doubly_stochastic_scales(kernel: Tensor, *, sk_iters: int = 15) -> tuple[Tensor, Tensor]:
@@ -214,10 +310,17 @@ def markov_scores(
     steps: int = 50,
     readout: str = "integrated",
     tau: float = 0.3,
+    schedule: str = "auto",
 ) -> Tensor:
-    """q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C] float32 (see reference.markov_scores)."""
+    """q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C] float32 (see reference.markov_scores).
+
+    schedule: "fused" (the whole chain in one launch), "split" (one row-parallel launch per
+    step) or "auto" (:func:`ovss_fast.triton.sinkhorn_scores.fused_is_better`).
+    """
     if readout not in ("integrated", "velocity"):
         raise ValueError(f"readout must be 'integrated' or 'velocity', got {readout!r}")
+    if schedule not in ("auto", "fused", "split"):
+        raise ValueError(f"schedule must be 'auto', 'fused' or 'split', got {schedule!r}")
     B, N, C = q.shape
     out = torch.empty((B, N, C), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -227,9 +330,34 @@ def markov_scores(
     f = torch.empty((2, B, N, cp), dtype=torch.float32, device=q.device)
     args = (q, kernel, r, c, out, f, B, N, C, cp, B * N * cp, *q.stride(), *kernel.stride(), int(steps), float(tau))
     velocity = readout == "velocity"
+    if schedule == "split" or (schedule == "auto" and not fused_is_better(B, N, C, q.device)):
+        return _chain_split(q, kernel, r, c, out, f, int(steps), float(tau), velocity)
     with device_guard(q):
         if interpreting():
             _markov_chain_kernel[(B, triton.cdiv(C, 16))](*args, VELOCITY=velocity, BLOCK_C=16, **_INTERPRET)
         else:
             _chain_tuned[lambda m: (B, triton.cdiv(C, m["BLOCK_C"]))](*args, VELOCITY=velocity)
+    return out
+
+
+def _chain_split(q: Tensor, kernel: Tensor, r: Tensor, c: Tensor, out: Tensor, f: Tensor, steps: int, tau: float,
+                 velocity: bool) -> Tensor:
+    """The row-parallel schedule: one launch per chain step, then one to finish the readout."""
+    B, N, C = q.shape
+    cp = f.shape[3]
+    f[0, :, :, :C] = N * q.to(torch.float32)  # f(0), as the fused kernel computes it
+    out.fill_(float(steps + 1) if velocity else 0.0)
+    interp = interpreting()
+    with device_guard(q):
+        for step in range(1, steps + 1):
+            args = (kernel, r, c, f[(step - 1) % 2], f[step % 2], out, N, C, cp, *kernel.stride(), step, steps, tau)
+            if interp:
+                grid = (B, triton.cdiv(N, _INTERPRET_STEP["BLOCK_R"]), triton.cdiv(C, _INTERPRET_STEP["BLOCK_C"]))
+                _markov_step_kernel[grid](*args, VELOCITY=velocity, **_INTERPRET_STEP)
+            else:
+                _step_tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_R"]), triton.cdiv(C, m["BLOCK_C"]))](
+                    *args, VELOCITY=velocity)
+        block_c = 16 if interp else 32
+        _markov_finish_kernel[(B, triton.cdiv(C, block_c))](q, out, N, C, *q.stride(), VELOCITY=velocity,
+                                                           BLOCK_N=16 if interp else 64, BLOCK_C=block_c)
     return out

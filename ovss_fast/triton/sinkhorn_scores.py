@@ -1,12 +1,17 @@
-"""Triton sinkhorn_scores: entropic OT from 1/N to every class, all iterations in one launch.
+"""Triton sinkhorn_scores: entropic OT from 1/N to every class (method.md section 3, op).
 
-method.md section 3 (op). One launch per call: a program owns (image b, a tile of
-BLOCK_C classes) and runs every iteration itself, streaming K in [BLOCK_I, BLOCK_J]
-tiles (from L2 when K fits: 64 MiB at N = 4096 in float32 does not fit H100's 50 MB,
-so large N reads HBM) and multiplying them with ``tl.dot`` against its [N, BLOCK_C]
-slices of u and v, which live in a scratch buffer in global memory. The slices are
-private to the program, so the only synchronisation is a CTA barrier between the
-u-phase and the v-phase. Parallelism is B * ceil(C / BLOCK_C) programs.
+Two schedules, chosen by :func:`fused_is_better` (or forced with ``schedule=``):
+
+* fused, ONE launch per call: ``_sinkhorn_scores_kernel``, a program per (image b, tile of
+  BLOCK_C classes) running every iteration itself. It streams K in [BLOCK_I, BLOCK_J] tiles
+  (from L2 while K fits: N = 2048 is 16 MiB; N = 4096 is 64 MiB, more than H100's 50 MB L2)
+  and multiplies them with ``tl.dot`` against its [N, BLOCK_C] slices of u and v, which live
+  in a scratch buffer in global memory. The slices are private to the program, so the only
+  synchronisation is a CTA barrier between the u-phase and the v-phase. Its parallelism is
+  B * ceil(C / BLOCK_C) programs, which leaves most of 132 SMs idle for one image and few classes;
+* split, 2 * iters + 2 launches: ``_sinkhorn_step_kernel`` over (image, row block, class block)
+  for every half-iteration (all SMs busy, one launch overhead each), then
+  ``_center_potential_kernel`` for the mean and the dead classes.
 """
 
 from __future__ import annotations
@@ -143,8 +148,118 @@ _tuned = triton.autotune(configs=_CONFIGS, key=["B", "N", "C"])(_sinkhorn_scores
 _INTERPRET = {"BLOCK_I": 16, "BLOCK_J": 16, "BLOCK_C": 16}
 
 
-def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.1, iters: int = 50) -> Tensor:
-    """q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C] float32 (see reference.sinkhorn_scores)."""
+@triton.jit
+def _sinkhorn_step_kernel(
+    q_ptr,  # [B, N, C] targets (any float dtype, any strides)
+    k_ptr,  # [B, N, N] Gibbs kernel
+    x_ptr,  # [B, N, CP] float32 scratch: v (MODE 0, 2) or u (MODE 1)
+    y_ptr,  # [B, N, CP] float32 scratch out: u (MODE 0), v (MODE 1) or f (MODE 2)
+    N, C, CP,
+    sqb, sqn, sqc,
+    skb, ski, skj,
+    a, eps,
+    MODE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One half-iteration for BLOCK_R rows and BLOCK_C classes of one image (the split schedule):
+    MODE 0: u = a / max(K v, 1e-30);  MODE 1: v = q / max(K^T u, 1e-30);  MODE 2: f = eps log(a / max(K v, 1e-30)).
+
+    method.md section 3, op. IEEE float32 products (no tf32).
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cls = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < N
+    cmask = cls < C
+    k_base = k_ptr + pid_b * skb
+    x_base = x_ptr + pid_b * N * CP
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for s0 in range(0, N, BLOCK_S):
+        cols = s0 + tl.arange(0, BLOCK_S)
+        smask = cols < N
+        if MODE == 1:
+            k = tl.load(k_base + cols[:, None] * ski + rows[None, :] * skj,
+                        mask=smask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+            k = tl.trans(k)
+        else:
+            k = tl.load(k_base + rows[:, None] * ski + cols[None, :] * skj,
+                        mask=rmask[:, None] & smask[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_base + cols[:, None] * CP + cls[None, :], mask=smask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(k, x, acc, input_precision="ieee")
+    mask = rmask[:, None] & cmask[None, :]
+    if MODE == 0:
+        y = a / tl.maximum(acc, DENOM_FLOOR)
+    elif MODE == 1:
+        q = tl.load(q_ptr + pid_b * sqb + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0)
+        y = q.to(tl.float32) / tl.maximum(acc, DENOM_FLOOR)
+    else:
+        y = eps * tl.log(a / tl.maximum(acc, DENOM_FLOOR))
+    tl.store(y_ptr + pid_b * N * CP + rows[:, None] * CP + cls[None, :], y, mask=mask)
+
+
+@triton.jit
+def _center_potential_kernel(
+    q_ptr,  # [B, N, C] targets
+    f_ptr,  # [B, N, CP] float32 source potentials
+    out_ptr,  # [B, N, C] float32 out
+    N, C, CP,
+    sqb, sqn, sqc,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """S = mean_i f - f; S = -inf for a dead class (sum_i q = 0). method.md section 3, op (split schedule)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cls < C
+    fsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    qsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        mask = (rows < N)[:, None] & cmask[None, :]
+        fsum += tl.sum(tl.load(f_ptr + pid_b * N * CP + rows[:, None] * CP + cls[None, :], mask=mask, other=0.0),
+                       axis=0)
+        q = tl.load(q_ptr + pid_b * sqb + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0)
+        qsum += tl.sum(q.to(tl.float32), axis=0)
+    mean = fsum / N
+    dead = qsum <= 0
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        mask = (rows < N)[:, None] & cmask[None, :]
+        f = tl.load(f_ptr + pid_b * N * CP + rows[:, None] * CP + cls[None, :], mask=mask, other=0.0)
+        s = tl.where(dead[None, :], float("-inf"), mean[None, :] - f)
+        tl.store(out_ptr + pid_b * N * C + rows[:, None] * C + cls[None, :], s, mask=mask)
+
+
+_STEP_CONFIGS = [
+    triton.Config({"BLOCK_R": 32, "BLOCK_S": 64, "BLOCK_C": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_R": 32, "BLOCK_S": 64, "BLOCK_C": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_R": 64, "BLOCK_S": 64, "BLOCK_C": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_R": 64, "BLOCK_S": 64, "BLOCK_C": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_R": 16, "BLOCK_S": 128, "BLOCK_C": 16}, num_warps=4, num_stages=3),
+]
+_step_tuned = triton.autotune(configs=_STEP_CONFIGS, key=["N", "C", "MODE"])(_sinkhorn_step_kernel)
+_INTERPRET_STEP = {"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_C": 16}
+
+
+def fused_is_better(B: int, N: int, C: int, device: torch.device) -> bool:
+    """Choose the schedule: one launch (B * ceil(C / 32) programs, each running every iteration)
+    when that keeps at least half the SMs busy or N is small enough that launch overhead
+    dominates; otherwise one row-parallel launch per half-iteration. Untuned guess, not measured.
+    """
+    if device.type != "cuda" or N <= 256:
+        return True
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * B * triton.cdiv(C, 32) >= sms
+
+
+def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.1, iters: int = 50,
+                    schedule: str = "auto") -> Tensor:
+    """q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C] float32 (see reference.sinkhorn_scores).
+
+    schedule: "fused" (one launch), "split" (2 * iters + 2 row-parallel launches) or "auto"
+    (:func:`fused_is_better`); both give the same numbers up to float32 summation order.
+    """
+    if schedule not in ("auto", "fused", "split"):
+        raise ValueError(f"schedule must be 'auto', 'fused' or 'split', got {schedule!r}")
     B, N, C = q.shape
     out = torch.empty((B, N, C), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -152,10 +267,39 @@ def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.1, iters: int =
     cp = triton.cdiv(C, SCRATCH_PAD) * SCRATCH_PAD
     u = torch.empty((B, N, cp), dtype=torch.float32, device=q.device)
     v = torch.empty_like(u)
+    if schedule == "split" or (schedule == "auto" and not fused_is_better(B, N, C, q.device)):
+        return _sinkhorn_split(q, kernel, out, u, v, eps, iters)
     args = (q, kernel, out, u, v, B, N, C, cp, *q.stride(), *kernel.stride(), 1.0 / N, float(eps), int(iters))
     with device_guard(q):
         if interpreting():
             _sinkhorn_scores_kernel[(B, triton.cdiv(C, _INTERPRET["BLOCK_C"]))](*args, **_INTERPRET)
         else:
             _tuned[lambda m: (B, triton.cdiv(C, m["BLOCK_C"]))](*args)
+    return out
+
+
+def _sinkhorn_split(q: Tensor, kernel: Tensor, out: Tensor, u: Tensor, v: Tensor, eps: float, iters: int) -> Tensor:
+    """The row-parallel schedule: every half-iteration is one launch over (image, rows, classes)."""
+    B, N, C = q.shape
+    cp = u.shape[2]
+    v.fill_(1.0)
+    common = (N, C, cp, *q.stride(), *kernel.stride(), 1.0 / N, float(eps))
+    interp = interpreting()
+
+    def step(x: Tensor, y: Tensor, mode: int) -> None:
+        if interp:
+            grid = (B, triton.cdiv(N, _INTERPRET_STEP["BLOCK_R"]), triton.cdiv(C, _INTERPRET_STEP["BLOCK_C"]))
+            _sinkhorn_step_kernel[grid](q, kernel, x, y, *common, MODE=mode, **_INTERPRET_STEP)
+        else:
+            _step_tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_R"]), triton.cdiv(C, m["BLOCK_C"]))](
+                q, kernel, x, y, *common, MODE=mode)
+
+    with device_guard(q):
+        for _ in range(iters):
+            step(v, u, 0)
+            step(u, v, 1)
+        step(v, u, 2)  # f into the u scratch
+        block_c = 16 if interp else 32
+        _center_potential_kernel[(B, triton.cdiv(C, block_c))](q, u, out, N, C, cp, *q.stride(),
+                                                              BLOCK_N=16 if interp else 64, BLOCK_C=block_c)
     return out

@@ -25,6 +25,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -52,23 +53,23 @@ def _run_child() -> dict[str, tuple[str, str]]:
     """Run every triton_interpret test of this file once, in a TRITON_INTERPRET=1 subprocess."""
     global _CHILD_RESULTS, _CHILD_LOG
     if _CHILD_RESULTS is None:
-        report = ROOT / ".pytest_triton_interpret.xml"
         env = dict(os.environ, TRITON_INTERPRET="1", OVSS_FAST_TRITON_CHILD="1")
-        cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-m", "triton_interpret", "-q",
-               "-p", "no:cacheprovider", f"--junitxml={report}"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-        _CHILD_LOG = (proc.stdout + proc.stderr)[-6000:]
         results: dict[str, tuple[str, str]] = {}
-        if report.exists():
-            for case in ET.parse(report).getroot().iter("testcase"):
-                outcome, detail = "passed", ""
-                for child in case:
-                    if child.tag in ("failure", "error"):
-                        outcome, detail = "failed", f"{child.get('message', '')}\n{child.text or ''}"
-                    elif child.tag == "skipped":
-                        outcome, detail = "skipped", child.get("message", "")
-                results[case.get("name", "")] = (outcome, detail)
-            report.unlink()
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "triton_interpret.xml"
+            cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-m", "triton_interpret", "-q",
+                   "-p", "no:cacheprovider", f"--junitxml={report}"]
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+            _CHILD_LOG = (proc.stdout + proc.stderr)[-6000:]
+            if report.exists():
+                for case in ET.parse(report).getroot().iter("testcase"):
+                    outcome, detail = "passed", ""
+                    for child in case:
+                        if child.tag in ("failure", "error"):
+                            outcome, detail = "failed", f"{child.get('message', '')}\n{child.text or ''}"
+                        elif child.tag == "skipped":
+                            outcome, detail = "skipped", child.get("message", "")
+                    results[case.get("name", "")] = (outcome, detail)
         _CHILD_RESULTS = results
     return _CHILD_RESULTS
 
@@ -541,3 +542,28 @@ def test_gpu_jbu_real_sizes():
     want = up.argmax(dim=1)
     close = _top2_gap(up) <= TOL * float(up.masked_fill(torch.isinf(up), 0).abs().amax())
     assert torch.equal(labels[~close], want[~close])
+
+
+@pytest.mark.cuda
+@needs_triton
+@pytest.mark.parametrize("schedule", ["fused", "split"])
+def test_gpu_schedules_real_sizes(schedule):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("compiled kernels only")
+    from ovss_fast.triton import markov_scores as mk
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    dev = torch.device("cuda")
+    q = _q(2, 1024, 21, dead=(20,)).to(dev)
+    _, k = R.gibbs_kernel(torch.rand(2, 1024, 1024, generator=torch.Generator().manual_seed(5)).to(dev).double())
+    got = sk.sinkhorn_scores(q.half(), k.float(), eps=0.1, iters=50, schedule=schedule)
+    assert rel_err(got, R.sinkhorn_scores(q.half().double(), k, eps=0.1, iters=50)) <= TOL
+    for readout in ("integrated", "velocity"):
+        got = mk.markov_scores(q, k.float(), readout=readout, schedule=schedule)
+        want = R.markov_scores(q.double(), k, readout=readout)
+        if readout == "integrated":
+            assert rel_err(got, want) <= TOL
+        else:
+            robust = (_velocity_margin(q, k, 15, 50, 0.3) > 1e-3) & torch.isfinite(want)
+            assert torch.equal(torch.isinf(got), torch.isinf(want))
+            assert float((got.double() - want)[robust].abs().max()) <= TOL * float(want[robust].abs().max())

@@ -484,7 +484,7 @@ def test_kernels_compile_for_h100():
         (mk._markov_finish_kernel, {"VELOCITY": True, "BLOCK_N": 64, "BLOCK_C": 32}, 4, {}),
         (mk._sk_rows_kernel, {"BLOCK_I": 32, "BLOCK_J": 128}, 4, {}),
         (mk._sk_cols_kernel, {"BLOCK_I": 64, "BLOCK_J": 64}, 4, {}),
-        (mk._markov_chain_kernel, {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 32, "VELOCITY": True}, 4, {}),
+        (mk._markov_scores_kernel, {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 32, "VELOCITY": True}, 4, {}),
         (jbu._jbu_upsample_kernel, {"BLOCK_P": 128, "BLOCK_C": 16}, 4, ints),
         (jbu._jbu_argmax_kernel, {"BLOCK_P": 128, "BLOCK_C": 16}, 4, ints),
     ]

@@ -8,7 +8,7 @@ Launches per call: 2 * sk_iters small ones (``_sk_rows_kernel``, ``_sk_cols_kern
 parallel over row / column blocks of every image), then the chain in one of two schedules
 (as for sinkhorn_scores, chosen by ``fused_is_better`` or forced with ``schedule=``):
 
-* fused: ONE ``_markov_chain_kernel`` launch runs all ``steps`` chain steps, a program per
+* fused: ONE ``_markov_scores_kernel`` launch runs all ``steps`` chain steps, a program per
   (image, tile of BLOCK_C classes), f ping-ponging between two program-private scratch
   slices in global memory, a CTA barrier between steps;
 * split: one ``_markov_step_kernel`` launch per step over (image, row block, class block),
@@ -84,7 +84,7 @@ def _sk_cols_kernel(
 
 
 @triton.jit
-def _markov_chain_kernel(
+def _markov_scores_kernel(
     q_ptr,  # [B, N, C] (any float dtype, any strides)
     k_ptr,  # [B, N, N] kernel
     r_ptr, c_ptr,  # [B, N] float32: T = diag(r) K diag(c)
@@ -271,7 +271,7 @@ _CHAIN_CONFIGS = [
 # the SK kernels update r / c in place, so timing configs must start from the same vectors
 _rows_tuned = triton.autotune(configs=_SK_CONFIGS, key=["N"], restore_value=["r_ptr"])(_sk_rows_kernel)
 _cols_tuned = triton.autotune(configs=_SK_COL_CONFIGS, key=["N"], restore_value=["c_ptr"])(_sk_cols_kernel)
-_chain_tuned = triton.autotune(configs=_CHAIN_CONFIGS, key=["B", "N", "C", "VELOCITY"])(_markov_chain_kernel)
+_chain_tuned = triton.autotune(configs=_CHAIN_CONFIGS, key=["B", "N", "C", "VELOCITY"])(_markov_scores_kernel)
 _STEP_CONFIGS = [
     triton.Config({"BLOCK_R": 32, "BLOCK_S": 64, "BLOCK_C": 16}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_R": 32, "BLOCK_S": 64, "BLOCK_C": 32}, num_warps=4, num_stages=3),
@@ -334,7 +334,7 @@ def markov_scores(
         return _chain_split(q, kernel, r, c, out, f, int(steps), float(tau), velocity)
     with device_guard(q):
         if interpreting():
-            _markov_chain_kernel[(B, triton.cdiv(C, 16))](*args, VELOCITY=velocity, BLOCK_C=16, **_INTERPRET)
+            _markov_scores_kernel[(B, triton.cdiv(C, 16))](*args, VELOCITY=velocity, BLOCK_C=16, **_INTERPRET)
         else:
             _chain_tuned[lambda m: (B, triton.cdiv(C, m["BLOCK_C"]))](*args, VELOCITY=velocity)
     return out

@@ -16,6 +16,8 @@ Two schedules, chosen by :func:`fused_is_better` (or forced with ``schedule=``):
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -243,8 +245,12 @@ _INTERPRET_STEP = {"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_C": 16}
 def fused_is_better(B: int, N: int, C: int, device: torch.device) -> bool:
     """Choose the schedule: one launch (B * ceil(C / 32) programs, each running every iteration)
     when that keeps at least half the SMs busy or N is small enough that launch overhead
-    dominates; otherwise one row-parallel launch per half-iteration. Untuned guess, not measured.
+    dominates; otherwise one row-parallel launch per half-iteration. Untuned guess, not measured;
+    OVSS_FAST_TRITON_SCHEDULE=fused|split overrides it (for benchmarks).
     """
+    forced = os.environ.get("OVSS_FAST_TRITON_SCHEDULE", "").strip().lower()
+    if forced in ("fused", "split"):
+        return forced == "fused"
     if device.type != "cuda" or N <= 256:
         return True
     sms = torch.cuda.get_device_properties(device).multi_processor_count

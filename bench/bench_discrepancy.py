@@ -1,0 +1,240 @@
+"""Benchmark of sinkhorn_scores (mode "op") and markov_scores (mode "mv") with the kernel given.
+
+    python -m bench.bench_discrepancy [--quick] [--device cpu|cuda] [--no-write]
+
+For every N in {784, 1024, 2304}, C in {21, 171}, mode in {op, mv} at the default
+iterations (op: 50 Sinkhorn iterations; mv: 15 SK iterations, 50 steps, integrated),
+B = 1, float32:
+
+1. correctness first: each backend's scores against the float64 reference at that
+   size (rel. error max|a - b| / max|b| <= 1e-4), a failure stops the run;
+2. the median time of each backend: on the CPU the compiled "cpu" backend against the
+   reference eager (whose products are torch.bmm), with peak resident memory above the
+   baseline (sampled from /proc/self/statm every 2 ms); on a GPU the reference eager,
+   torch.compile(reference), "cuda" and "triton" (when they can run), timed with
+   triton.testing.do_bench, with torch.cuda.max_memory_allocated;
+3. the BLAS floor: torch.mm at [N, N] x [N, C] (the product every iteration does)
+   in GFLOP/s, and the fraction of that rate each backend reaches counting only the
+   products (op: (2 iters + 1) 2 N^2 C flops; mv: steps 2 N^2 C + sk_iters 4 N^2).
+
+Rows go to bench/results.csv; the table replaces this benchmark's own section of
+bench/RESULTS.md ("Discrepancy scores (op, mv) on CPU" or "... on GPU").
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from ovss_fast import reference as R
+from ovss_fast._backends import UnavailableBackend, get_backend
+
+from ._results_io import append_rows, device_name, markdown_table, now, versions, write_section
+
+TOL = 1e-4
+SIZES_N = (784, 1024, 2304)
+SIZES_C = (21, 171)
+MODES = ("op", "mv")
+EPS, ITERS, SK_ITERS, STEPS = 0.1, 50, 15, 50
+
+
+def inputs(N: int, C: int, *, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [1, N, C] (each class a distribution over patches) and kernel [1, N, N], float64 on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(1, N, 32, generator=g, dtype=torch.float64)
+    text = torch.randn(C, 32, generator=g, dtype=torch.float64)
+    q = R.class_distributions(feats, text, scale=20.0)
+    labels = torch.randint(0, 8, (1, N), generator=g)
+    aff = 0.6 * (labels[:, :, None] == labels[:, None, :]).double() + 0.4 * torch.rand(1, N, N, generator=g,
+                                                                                        dtype=torch.float64)
+    _, kernel = R.gibbs_kernel(aff, eps=EPS)
+    return q.to(device), kernel.to(device)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    fin = torch.isfinite(b)
+    if not torch.equal(torch.isfinite(a), fin):
+        return float("inf")
+    return float((a[fin] - b[fin]).abs().max() / b[fin].abs().max().clamp_min(1e-30))
+
+
+def product_flops(mode: str, N: int, C: int) -> float:
+    if mode == "op":
+        return (2 * ITERS + 1) * 2.0 * N * N * C
+    return STEPS * 2.0 * N * N * C + SK_ITERS * 4.0 * N * N
+
+
+class _RssSampler:
+    """Peak resident set size above the starting value, sampled every 2 ms in a thread."""
+
+    def __init__(self) -> None:
+        self.page = 4096
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self) -> _RssSampler:
+        self.base = self._rss()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def peak_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def time_cpu(fn: Callable[[], object], repeats: int, min_total_s: float = 2.0) -> tuple[float, float]:
+    """(median ms, peak RSS increase in MB): one warm-up, then at least ``repeats`` runs and
+    at least ``min_total_s`` seconds (at most 200 runs)."""
+    fn()
+    times, peak = [], 0.0
+    while len(times) < repeats or (sum(times) < min_total_s * 1e3 and len(times) < 200):
+        with _RssSampler() as s:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        peak = max(peak, s.peak_mb)
+    return statistics.median(times), peak
+
+
+def time_gpu(fn: Callable[[], object], rep_ms: int) -> tuple[float, float]:
+    """(median ms from triton.testing.do_bench, peak allocated above the baseline in MB)."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
+    return float(ms), peak
+
+
+def score_fns(mode: str, device: str) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str]:
+    """backend label -> fn(q, kernel), or the reason it cannot run here."""
+    out: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str] = {}
+
+    def ref(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        if mode == "op":
+            return R.sinkhorn_scores(q, k, eps=EPS, iters=ITERS)
+        return R.markov_scores(q, k, sk_iters=SK_ITERS, steps=STEPS)
+
+    out["reference eager"] = ref
+    if device == "cuda":
+        out["torch.compile(reference)"] = torch.compile(ref, dynamic=False)
+    names = ("cuda", "triton") if device == "cuda" else ("cpu",)
+    for name in names:
+        b = get_backend(name)
+        if isinstance(b, UnavailableBackend):
+            out[name] = b.reason
+            continue
+
+        def run(q: torch.Tensor, k: torch.Tensor, b: object = b) -> torch.Tensor:
+            if mode == "op":
+                return b.sinkhorn_scores(q, k, eps=EPS, iters=ITERS)
+            return b.markov_scores(q, k, sk_iters=SK_ITERS, steps=STEPS)
+
+        out[name] = run
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="N=784 only, fewer repeats")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per cell on the CPU (median)")
+    p.add_argument("--no-write", action="store_true", help="print only; leave results.csv / RESULTS.md alone")
+    args = p.parse_args(argv)
+    dev = args.device
+    sizes_n = SIZES_N[:1] if args.quick else SIZES_N
+    repeats = 1 if args.quick else args.repeats
+    card, vers = device_name(dev), versions()
+    print(f"device: {card}\nversions: {vers}")
+
+    rows, table = [], []
+    for N in sizes_n:
+        for C in SIZES_C:
+            q64, k64 = inputs(N, C, seed=N * 1000 + C, device=dev)
+            q, k = q64.float(), k64.float()
+            a, b = torch.randn(N, N, device=dev), torch.randn(N, C, device=dev)
+            if dev == "cuda":
+                mm_ms, _ = time_gpu(lambda a=a, b=b: torch.mm(a, b), 200)
+            else:
+                mm_ms, _ = time_cpu(lambda a=a, b=b: torch.mm(a, b), 20)
+            mm_rate = 2.0 * N * N * C / (mm_ms * 1e-3) / 1e9
+            for mode in MODES:
+                want = score_fns(mode, dev)
+                ref64 = want["reference eager"](q64, k64)  # type: ignore[operator]
+                flops = product_flops(mode, N, C)
+                for label, fn in want.items():
+                    shape = f"B=1 N={N} C={C}"
+                    if isinstance(fn, str):
+                        print(f"{mode} {shape} {label}: not run ({fn})")
+                        table.append([mode, N, C, label, "-", "-", "-", "-", f"not run: {fn}"])
+                        continue
+                    err = rel_err(fn(q, k), ref64)
+                    if not err <= TOL:
+                        print(f"FAIL {mode} {shape} {label}: rel. error {err:.3g} > {TOL:g}", file=sys.stderr)
+                        return 1
+                    if dev == "cuda":
+                        ms, mem = time_gpu(lambda fn=fn, q=q, k=k: fn(q, k), 500 if not args.quick else 100)
+                    else:
+                        ms, mem = time_cpu(lambda fn=fn, q=q, k=k: fn(q, k), repeats)
+                    rate = flops / (ms * 1e-3) / 1e9
+                    frac = rate / mm_rate
+                    print(f"{mode} {shape} {label:>26}: {ms:10.2f} ms  {mem:8.1f} MB  err {err:.1e}  "
+                          f"{rate:6.1f} GFLOP/s = {frac:.0%} of torch.mm ({mm_rate:.1f} GFLOP/s)")
+                    table.append([mode, N, C, label, f"{ms:.2f}", f"{mem:.1f}", f"{err:.1e}", f"{rate:.1f}",
+                                  f"{frac:.0%} of {mm_rate:.1f}"])
+                    rows.append({"date": now(), "bench": "bench_discrepancy", "device": card, "versions": vers,
+                                 "op": "sinkhorn_scores" if mode == "op" else "markov_scores", "shape": shape,
+                                 "dtype": "float32", "backend": label, "median_ms": f"{ms:.3f}",
+                                 "peak_mem_mb": f"{mem:.1f}",
+                                 "note": f"{rate:.1f} GFLOP/s, {frac:.0%} of torch.mm {mm_rate:.1f} GFLOP/s"})
+    header = ["mode", "N", "C", "backend", "median ms", "peak MB", "rel. err vs f64", "GFLOP/s (products)",
+              "fraction of torch.mm GFLOP/s"]
+    md = markdown_table(header, table)
+    print(md)
+    if not args.no_write:
+        mem_note = ("peak resident memory above the baseline, sampled every 2 ms" if dev == "cpu"
+                    else "torch.cuda.max_memory_allocated above the baseline")
+        body = (f"`python -m bench.bench_discrepancy{' --quick' if args.quick else ''}` on **{card}**, {vers}; "
+                f"{now()}.\n\nB = 1, float32, kernel given; op: {ITERS} Sinkhorn iterations, eps {EPS}; mv: "
+                f"{SK_ITERS} SK iterations, {STEPS} steps, integrated readout. Median of "
+                f"{f'at least {repeats} runs and 2 s' if dev == 'cpu' else 'do_bench'}; "
+                f"memory: {mem_note}. "
+                f"Correctness checked first against the float64 reference (rel. error <= {TOL:g}). "
+                "The last column compares the rate of the "
+                "products alone with torch.mm at [N, N] x [N, C] on the same machine.\n\n" + md)
+        where = "CPU" if dev == "cpu" else "GPU"
+        write_section(f"Discrepancy scores (op, mv) on {where}", body)
+        append_rows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,487 @@
+"""The one-command GPU check: ``python -m bench.gpu_check [--quick]`` on a machine with a GPU.
+
+Needs only torch, triton and numpy (no open_clip, no package index); install the
+package there with ``pip install --no-build-isolation --no-deps -e .``. It
+
+1. checks every op of the "cuda" backend (all 7) and of the "triton" backend against
+   the float64 reference on fresh random inputs at several sizes (N up to 4096, C up
+   to 171, B in {1, 2}, awkward N), and prints a pass/fail table: scores rel. error
+   max|a - b| / max|b| <= 1e-4 (-inf entries must coincide); labels identical except
+   where the reference's top two scores are within that tolerance; velocity lstar may
+   differ only where the float64 chain's change is within 1e-4 of tau. A backend that
+   fails to load, or declines a case, is a failure, not a skip;
+2. runs compute-sanitizer (memcheck, racecheck) on a small script that calls each
+   CUDA op (``--sanitizer-payload``), and says so when compute-sanitizer is absent;
+3. times discrepancy (mv, op) at N=1024, C=171, B=1 (gibbs_kernel + scores):
+   reference eager, torch.compile(reference), cuda, triton; and jbu_argmax at
+   2048 x 2048, C=171 (scores 64 x 64): reference, cuda, triton, with peak memory
+   (torch.cuda.max_memory_allocated), timed with triton.testing.do_bench;
+4. writes the tables into bench/RESULTS.md under "GPU check" (naming the card and the
+   versions) and the timings into bench/results.csv.
+
+Exit status: 0 when every correctness case and every sanitizer run that could run passed.
+
+``--device cpu`` is the dry run this machine can do without a GPU: part 1 only, against
+the "cpu" backend at small sizes, nothing written (tests/test_ext_discrepancy.py runs it).
+The full run takes a few minutes on an H100; ``--quick`` skips the N=4096 cases, uses
+shorter timings and skips torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ovss_fast import reference as R
+from ovss_fast._backends import OPS, UnavailableBackend, get_backend
+
+from ._results_io import append_rows, device_name, markdown_table, now, versions, write_section
+
+TOL = 1e-4
+TAU_BAND = 1e-4
+
+
+# --------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    """One call of ``op``: float64 inputs (the backends get float32 copies) and keyword params."""
+
+    op: str
+    label: str
+    inputs: tuple[torch.Tensor, ...]
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _gen(*key: object) -> torch.Generator:
+    import zlib
+
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _q(B: int, N: int, C: int, g: torch.Generator, dead: tuple[int, ...] = ()) -> torch.Tensor:
+    q = torch.rand(B, N, C, generator=g, dtype=torch.float64) ** 4
+    for c in dead:
+        q[:, :, c] = 0
+    s = q.sum(dim=1, keepdim=True)
+    return torch.where(s > 0, q / s.clamp_min(1e-300), torch.zeros_like(q))
+
+
+def _affinity(B: int, N: int, g: torch.Generator) -> torch.Tensor:
+    labels = torch.randint(0, 6, (B, N), generator=g)
+    same = (labels[:, :, None] == labels[:, None, :]).double()
+    return (0.6 * same + 0.4 * torch.rand(B, N, N, generator=g, dtype=torch.float64)) ** 2
+
+
+def _kernel(B: int, N: int, g: torch.Generator) -> torch.Tensor:
+    return R.gibbs_kernel(_affinity(B, N, g), eps=0.1)[1]
+
+
+def _scores_guide(B: int, C: int, h: int, w: int, H: int, W: int, g: torch.Generator,
+                  dead: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    s = torch.randn(B, C, h, w, generator=g, dtype=torch.float64)
+    if dead and C > 2:
+        s[:, 1] = float("-inf")
+    guide = torch.rand(B, 3, H, W, generator=g, dtype=torch.float64)
+    return s, guide
+
+
+def build_cases(device: str, quick: bool) -> list[Case]:
+    """The correctness cases; small ones for the CPU dry run."""
+    cpu = device == "cpu"
+    cases: list[Case] = []
+    # (B, N, D, C, nms)
+    cd = [(2, 37, 64, 5, 0.5), (1, 50, 16, 1, 0.0)] + ([] if cpu else [(1, 1024, 512, 171, 0.0),
+                                                                      (2, 784, 768, 60, 0.3)])
+    if not cpu and not quick:
+        cd.append((1, 4096, 512, 21, 0.3))
+    for B, N, D, C, nms in cd:
+        g = _gen("cd", B, N, D, C, nms)
+        text = torch.randn(C, D, generator=g, dtype=torch.float64)
+        feats = text[torch.randint(0, C, (B, N), generator=g)] + 0.5 * torch.randn(B, N, D, generator=g,
+                                                                                   dtype=torch.float64)
+        cases.append(Case("class_distributions", f"B={B} N={N} D={D} C={C} nms={nms}", (feats, text),
+                          {"scale": 100.0, "nms": nms}))
+    sizes = [(2, 37, 5), (1, 50, 1)] + ([(1, 64, 9)] if cpu else [(2, 257, 21), (1, 1024, 171), (2, 784, 21)])
+    big = [] if cpu or quick else [(1, 4096, 21)]
+    for B, N in {(b, n) for b, n, _ in sizes + big}:
+        g = _gen("gibbs", B, N)
+        cases.append(Case("gibbs_kernel", f"B={B} N={N}", (_affinity(B, N, g),), {"eps": 0.1}))
+    for B, N, C in sizes + big:
+        g = _gen("scores", B, N, C)
+        dead = (0,) if C > 2 else ()
+        q, k = _q(B, N, C, g, dead), _kernel(B, N, g)
+        label = f"B={B} N={N} C={C}"
+        cases.append(Case("kl_scores", label, (q,)))
+        # the simple CUDA kernels reread K for every class tile: keep N = 4096 to a few iterations
+        it, sk, st = (10, 5, 10) if N >= 4096 else (50, 15, 50)
+        cases.append(Case("sinkhorn_scores", f"{label} iters={it}", (q, k), {"eps": 0.1, "iters": it}))
+        for readout in ("integrated", "velocity"):
+            cases.append(Case("markov_scores", f"{label} {readout} sk={sk} steps={st}", (q, k),
+                              {"sk_iters": sk, "steps": st, "readout": readout, "tau": 0.3}))
+    # (B, C, h, w, H, W, dead)
+    jbu = [(2, 5, 7, 9, 50, 61, True), (1, 3, 4, 4, 17, 23, False)]
+    if not cpu:
+        jbu += [(1, 21, 32, 32, 512, 512, True), (2, 171, 24, 24, 300, 301, False)]
+        if not quick:
+            jbu.append((1, 171, 64, 64, 1024, 1024, True))
+    for B, C, h, w, H, W, dead in jbu:
+        g = _gen("jbu", B, C, h, w, H, W)
+        s, guide = _scores_guide(B, C, h, w, H, W, g, dead)
+        for op in ("jbu_upsample", "jbu_argmax"):
+            cases.append(Case(op, f"B={B} C={C} {h}x{w}->{H}x{W}{' dead' if dead else ''}", (s, guide),
+                              {"sigma_spatial": 1.0, "sigma_range": 0.1, "radius": 2}))
+    return cases
+
+
+# --------------------------------------------------------------------------- comparisons
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a - e| / max |e| over finite entries; inf when the -inf entries differ."""
+    a, e = actual.double(), expected.double()
+    if a.shape != e.shape:
+        return float("inf")
+    inf_a, inf_e = torch.isinf(a), torch.isinf(e)
+    if not torch.equal(inf_a, inf_e) or not torch.equal(a[inf_a], e[inf_e]):
+        return float("inf")
+    fin = ~inf_e
+    if not bool(fin.any()):
+        return 0.0
+    if bool(torch.isnan(a[fin]).any()):
+        return float("inf")
+    return float((a[fin] - e[fin]).abs().max() / e[fin].abs().max().clamp_min(1e-30))
+
+
+def _velocity_borderline(q: torch.Tensor, k: torch.Tensor, sk_iters: int, steps: int, tau: float) -> torch.Tensor:
+    tt = R.doubly_stochastic(k, sk_iters=sk_iters).transpose(1, 2)
+    f = q.shape[1] * q
+    near = torch.zeros_like(q, dtype=torch.bool)
+    for _ in range(steps):
+        nxt = torch.bmm(tt, f)
+        near |= ((nxt - f).abs() - tau).abs() <= TAU_BAND
+        f = nxt
+    return near
+
+
+def compare(case: Case, out: Any, inputs32: tuple[torch.Tensor, ...]) -> tuple[bool, str]:
+    """(passed, detail) for one backend output against the float64 reference on the same float32 values."""
+    ref_in = tuple(t.double() for t in inputs32)
+    ref = getattr(R, case.op)(*ref_in, **case.params)
+    if case.op == "gibbs_kernel":
+        errs = [rel_err(o, r) for o, r in zip(out, ref, strict=True)]
+        err = max(errs)
+        return err <= TOL, f"rel {err:.1e} (cost {errs[0]:.1e}, kernel {errs[1]:.1e})"
+    if case.op == "jbu_argmax":
+        up = R.jbu_upsample(*ref_in, **case.params)
+        fin = torch.where(torch.isfinite(up), up, torch.zeros_like(up))
+        top2 = torch.topk(torch.where(torch.isfinite(up), up, torch.full_like(up, -1e300)), 2, dim=1).values \
+            if up.shape[1] > 1 else None
+        labels_ok = out.cpu() == ref.cpu()
+        if top2 is not None:
+            tie = (top2[:, 0] - top2[:, 1]) <= TOL * fin.abs().amax().clamp_min(1e-30)
+            labels_ok |= tie.cpu()
+        bad = int((~labels_ok).sum())
+        same = int((out.cpu() == ref.cpu()).sum())
+        return bad == 0 and out.dtype == torch.int64, f"{bad} labels differ off ties ({same}/{ref.numel()} equal)"
+    if out.dtype != torch.float32:
+        return False, f"output dtype {out.dtype}, expected float32"
+    if case.op == "markov_scores" and case.params["readout"] == "velocity":
+        near = _velocity_borderline(ref_in[0], ref_in[1], case.params["sk_iters"], case.params["steps"],
+                                    case.params["tau"])
+        n = ref_in[0].shape[1]
+        lstar_o = (-out.double() + 1e-3 * n * ref_in[0]).round()
+        lstar_r = (-ref + 1e-3 * n * ref_in[0]).round()
+        bad = torch.isfinite(ref) & (lstar_o != lstar_r) & ~near
+        if bool(bad.any()):
+            return False, f"{int(bad.sum())} lstar differ away from tau"
+        out = torch.where(near, ref.to(out.dtype), out)
+        err = rel_err(out, ref)
+        return err <= TOL, f"rel {err:.1e} ({int(near.sum())} borderline lstar)"
+    err = rel_err(out, ref)
+    return err <= TOL, f"rel {err:.1e}"
+
+
+def run_correctness(device: str, backends: list[str], quick: bool) -> tuple[list[list[str]], bool]:
+    rows: list[list[str]] = []
+    ok_all = True
+    cases = build_cases(device, quick)
+    for name in backends:
+        backend = get_backend(name)
+        if isinstance(backend, UnavailableBackend):
+            for op in OPS:
+                rows.append([name, op, "-", "FAIL", f"backend unavailable: {backend.reason}"])
+            ok_all = False
+            continue
+        for case in cases:
+            inputs32 = tuple(t.to(device=device, dtype=torch.float32) for t in case.inputs)
+            reasons = backend.unsupported_reasons(case.op, inputs32, case.params)
+            if reasons:
+                rows.append([name, case.op, case.label, "FAIL", "declined: " + "; ".join(reasons)])
+                ok_all = False
+                continue
+            t0 = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    out = getattr(backend, case.op)(*inputs32, **case.params)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                passed, detail = compare(case, out, inputs32)
+                detail += f", {dt * 1e3:.0f} ms"
+            except Exception as exc:  # a crash is a failure, reported with its message
+                passed, detail = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            ok_all &= passed
+            rows.append([name, case.op, case.label, "PASS" if passed else "FAIL", detail])
+            print(f"  {name:>6} {case.op:<20} {case.label:<42} {'PASS' if passed else 'FAIL'}  {detail}", flush=True)
+    return rows, ok_all
+
+
+# --------------------------------------------------------------------------- compute-sanitizer
+def sanitizer_payload() -> int:
+    """Call every CUDA op once on small awkward inputs (run under compute-sanitizer)."""
+    import ovss_fast._ext_backend as ext
+
+    b = ext.CUDA_BACKEND
+    dev = "cuda"
+    g = _gen("sanitizer")
+    q, k = _q(2, 37, 5, g, dead=(1,)).float().to(dev), _kernel(2, 37, g).float().to(dev)
+    feats = torch.randn(2, 37, 16, generator=g).to(dev)
+    text = torch.randn(5, 16, generator=g).to(dev)
+    with torch.no_grad():
+        b.class_distributions(feats, text, scale=100.0, nms=0.5)
+        b.gibbs_kernel(_affinity(2, 37, g).float().to(dev), eps=0.1)
+        b.kl_scores(q)
+        b.sinkhorn_scores(q, k, eps=0.1, iters=3)
+        b.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=2)
+        for readout in ("integrated", "velocity"):
+            b.markov_scores(q, k, sk_iters=2, steps=3, readout=readout, tau=0.3)
+        b.markov_scores(q.double(), k.double(), sk_iters=0, steps=2, readout="integrated", tau=0.3)
+        s, guide = _scores_guide(2, 5, 7, 9, 30, 41, g, True)
+        b.jbu_upsample(s.float().to(dev), guide.float().to(dev))
+        b.jbu_argmax(s.float().to(dev), guide.float().to(dev))
+    torch.cuda.synchronize()
+    print("sanitizer payload done")
+    return 0
+
+
+def find_sanitizer() -> str | None:
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root:
+            path = os.path.join(root, "bin", "compute-sanitizer")
+            if os.path.exists(path):
+                return path
+    return shutil.which("compute-sanitizer")
+
+
+def run_sanitizer(quick: bool) -> tuple[list[list[str]], bool]:
+    exe = find_sanitizer()
+    if exe is None:
+        print("  compute-sanitizer not found under $CUDA_HOME/bin or on PATH: not run")
+        return [["-", "ABSENT", "compute-sanitizer not found under $CUDA_HOME/bin or on PATH"]], True
+    rows, ok_all = [], True
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for tool in ("memcheck", "racecheck"):
+        cmd = [exe, "--tool", tool, "--error-exitcode", "99", sys.executable, "-m", "bench.gpu_check",
+               "--sanitizer-payload"]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=240 if quick else 420)
+            log = proc.stdout + proc.stderr
+            summary = [ln.strip() for ln in log.splitlines() if "SUMMARY" in ln]
+            errors = re.search(r"ERROR SUMMARY: ([1-9]\d*) error", log) or re.search(r"\(([1-9]\d*) errors?", log)
+            passed = proc.returncode == 0 and errors is None and "sanitizer payload done" in log
+            detail = (summary[-1] if summary else f"exit {proc.returncode}") + f", {time.perf_counter() - t0:.0f} s"
+            if not passed:
+                detail += " | " + " / ".join(ln for ln in log.splitlines()[-6:] if ln.strip())[:400]
+        except subprocess.TimeoutExpired:
+            passed, detail = False, "timed out"
+        ok_all &= passed
+        rows.append([tool, "PASS" if passed else "FAIL", detail])
+        print(f"  {tool}: {'PASS' if passed else 'FAIL'} {detail}", flush=True)
+    return rows, ok_all
+
+
+# --------------------------------------------------------------------------- timing
+def _bench(fn: Callable[[], object], rep: int) -> tuple[float, float]:
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = triton.testing.do_bench(fn, warmup=max(25, rep // 4), rep=rep, return_mode="median")
+    return float(ms), peak
+
+
+def run_timing(quick: bool) -> list[list[str]]:
+    rows: list[list[str]] = []
+    rep = 100 if quick else 400
+    g = _gen("timing")
+    N, C = 1024, 171
+    q = _q(1, N, C, g).float().cuda()
+    aff = _affinity(1, N, g).float().cuda()
+
+    def ref_fn(mode: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def f(q: torch.Tensor, aff: torch.Tensor) -> torch.Tensor:
+            _, k = R.gibbs_kernel(aff, eps=0.1)
+            if mode == "op":
+                return R.sinkhorn_scores(q, k, eps=0.1, iters=50)
+            return R.markov_scores(q, k, sk_iters=15, steps=50)
+        return f
+
+    def backend_fn(name: str, mode: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str:
+        b = get_backend(name)
+        if isinstance(b, UnavailableBackend):
+            return b.reason
+        reasons = b.unsupported_reasons("sinkhorn_scores" if mode == "op" else "markov_scores", (q, aff), {})
+        if reasons:
+            return "; ".join(reasons)
+
+        def f(q: torch.Tensor, aff: torch.Tensor) -> torch.Tensor:
+            _, k = b.gibbs_kernel(aff, eps=0.1)
+            if mode == "op":
+                return b.sinkhorn_scores(q, k, eps=0.1, iters=50)
+            return b.markov_scores(q, k, sk_iters=15, steps=50)
+        return f
+
+    for mode in ("mv", "op"):
+        cands: dict[str, Any] = {"reference eager": ref_fn(mode)}
+        cands["torch.compile(reference)"] = "skipped (--quick)" if quick else torch.compile(ref_fn(mode),
+                                                                                           dynamic=False)
+        cands["cuda"] = backend_fn("cuda", mode)
+        cands["triton"] = backend_fn("triton", mode)
+        shape = f"B=1 N={N} C={C}"
+        for label, fn in cands.items():
+            if isinstance(fn, str):
+                rows.append([f"discrepancy {mode}", shape, label, "-", "-", fn])
+                continue
+            try:
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    fn(q, aff)
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - t0
+                    ms, mem = _bench(lambda fn=fn: fn(q, aff), rep)
+                rows.append([f"discrepancy {mode}", shape, label, f"{ms:.3f}", f"{mem:.1f}",
+                             f"first call {first:.1f} s"])
+            except Exception as exc:
+                rows.append([f"discrepancy {mode}", shape, label, "-", "-",
+                             f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"])
+            print("  " + " | ".join(rows[-1]), flush=True)
+
+    s, guide = _scores_guide(1, 171, 64, 64, 2048, 2048, g, False)
+    s, guide = s.float().cuda(), guide.float().cuda()
+    shape = "B=1 C=171 64x64->2048x2048"
+    cands = {"reference eager": lambda: R.jbu_argmax(s, guide)}
+    for name in ("cuda", "triton"):
+        b = get_backend(name)
+        reasons = [b.reason] if isinstance(b, UnavailableBackend) else b.unsupported_reasons(
+            "jbu_argmax", (s, guide), {})
+        cands[name] = "; ".join(reasons) if reasons else (lambda b=b: b.jbu_argmax(s, guide))
+    for label, fn in cands.items():
+        if isinstance(fn, str):
+            rows.append(["jbu_argmax", shape, label, "-", "-", fn])
+            continue
+        try:
+            with torch.no_grad():
+                ms, mem = _bench(fn, rep)
+            rows.append(["jbu_argmax", shape, label, f"{ms:.3f}", f"{mem:.1f}", ""])
+        except Exception as exc:
+            rows.append(["jbu_argmax", shape, label, "-", "-",
+                         f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"])
+        print("  " + " | ".join(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="ovss_fast GPU check: correctness, compute-sanitizer, timings")
+    p.add_argument("--quick", action="store_true", help="no N=4096 cases, short timings, no torch.compile")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: dry run of the correctness part against the cpu backend (no GPU needed)")
+    p.add_argument("--skip-sanitizer", action="store_true")
+    p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--no-write", action="store_true", help="leave bench/RESULTS.md and results.csv alone")
+    p.add_argument("--results-dir", default=None, help="write RESULTS.md / results.csv here instead of bench/")
+    p.add_argument("--sanitizer-payload", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.sanitizer_payload:
+        return sanitizer_payload()
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("FAIL: torch.cuda.is_available() is False (use --device cpu for the dry run)", file=sys.stderr)
+        return 2
+    t_start = time.perf_counter()
+    card, vers = device_name(device), versions()
+    print(f"ovss_fast GPU check on {card}\n{vers}\n")
+    backends = ["cuda", "triton"] if device == "cuda" else ["cpu"]
+    print(f"== correctness ({', '.join(backends)} vs float64 reference)")
+    corr_rows, corr_ok = run_correctness(device, backends, args.quick)
+    if device == "cpu":
+        print("  triton: not run (--device cpu: Triton needs CUDA)")
+    san_rows: list[list[str]] = []
+    san_ok = True
+    if device == "cuda" and not args.skip_sanitizer:
+        print("== compute-sanitizer")
+        san_rows, san_ok = run_sanitizer(args.quick)
+    time_rows: list[list[str]] = []
+    if device == "cuda" and not args.skip_timing:
+        print("== timing (triton.testing.do_bench, median)")
+        try:
+            time_rows = run_timing(args.quick)
+        except Exception:
+            traceback.print_exc()
+            time_rows = [["timing", "-", "-", "-", "-", "failed: see the log"]]
+
+    n_fail = sum(r[3] == "FAIL" for r in corr_rows)
+    corr_table = markdown_table(["backend", "op", "case", "result", "detail"], corr_rows)
+    print("\n== summary")
+    print(corr_table)
+    if san_rows:
+        print(markdown_table(["tool", "result", "detail"], san_rows))
+    if time_rows:
+        print(markdown_table(["what", "shape", "backend", "median ms", "peak MB", "note"], time_rows))
+    ok = corr_ok and san_ok
+    elapsed = time.perf_counter() - t_start
+    print(f"\n{'ALL PASSED' if ok else 'FAILURES'}: {len(corr_rows) - n_fail}/{len(corr_rows)} correctness cases "
+          f"passed; sanitizer {'ok' if san_ok else 'FAILED'}; {elapsed:.0f} s")
+
+    if device == "cuda" and not args.no_write:
+        from pathlib import Path
+
+        out_dir = Path(args.results_dir) if args.results_dir else None
+        body = [f"`python -m bench.gpu_check{' --quick' if args.quick else ''}` on **{card}**; {vers}; {now()}; "
+                f"{elapsed:.0f} s. Result: **{'all passed' if ok else 'FAILURES'}** "
+                f"({len(corr_rows) - n_fail}/{len(corr_rows)} correctness cases).", "",
+                "### Correctness (float32 inputs vs the float64 reference, rel. error <= 1e-4)", "", corr_table]
+        if san_rows:
+            body += ["", "### compute-sanitizer", "", markdown_table(["tool", "result", "detail"], san_rows)]
+        if time_rows:
+            body += ["", "### Timing (triton.testing.do_bench median; peak = torch.cuda.max_memory_allocated "
+                     "above the baseline)", "",
+                     markdown_table(["what", "shape", "backend", "median ms", "peak MB", "note"], time_rows)]
+        write_section("GPU check", "\n".join(body), None if out_dir is None else out_dir / "RESULTS.md")
+        csv_rows = [{"date": now(), "bench": "gpu_check", "device": card, "versions": vers, "op": r[0],
+                     "shape": r[1], "dtype": "float32", "backend": r[2], "median_ms": r[3], "peak_mem_mb": r[4],
+                     "note": r[5]} for r in time_rows if r[3] != "-"]
+        if csv_rows:
+            append_rows(csv_rows, None if out_dir is None else out_dir / "results.csv")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,7 +3,8 @@
 Needs only torch, triton and numpy (no open_clip, no package index); install the
 package there with ``pip install --no-build-isolation --no-deps -e .``. It
 
-1. checks every op of the "cuda" backend (all 7) and of the "triton" backend against
+1. checks every op of the "cuda" backend (all 7; sinkhorn_scores and markov_scores in both
+   CUDA schedules, "cuda[tile]" being OVSS_FAST_CUDA_DISCREPANCY=tile) and of the "triton" backend against
    the float64 reference on fresh random inputs at several sizes (N up to 4096, C up
    to 171, B in {1, 2}, awkward N), and prints a pass/fail table: scores rel. error
    max|a - b| / max|b| <= 1e-4 (-inf entries must coincide); labels identical except
@@ -210,18 +211,44 @@ def compare(case: Case, out: Any, inputs32: tuple[torch.Tensor, ...]) -> tuple[b
     return err <= TOL, f"rel {err:.1e}"
 
 
+#: "cuda[tile]": the cuda backend with OVSS_FAST_CUDA_DISCREPANCY=tile (the fallback schedule of
+#: sinkhorn_scores / markov_scores); "cuda" runs the default (cooperative) schedule
+SCHEDULE_ENV = "OVSS_FAST_CUDA_DISCREPANCY"
+TILE_OPS = ("sinkhorn_scores", "markov_scores")
+
+
+class _Schedule:
+    """Sets OVSS_FAST_CUDA_DISCREPANCY for the duration of a call (None: unset, the default)."""
+
+    def __init__(self, value: str | None) -> None:
+        self.value = value
+
+    def __enter__(self) -> None:
+        self.old = os.environ.pop(SCHEDULE_ENV, None)
+        if self.value is not None:
+            os.environ[SCHEDULE_ENV] = self.value
+
+    def __exit__(self, *exc: object) -> None:
+        os.environ.pop(SCHEDULE_ENV, None)
+        if self.old is not None:
+            os.environ[SCHEDULE_ENV] = self.old
+
+
 def run_correctness(device: str, backends: list[str], quick: bool) -> tuple[list[list[str]], bool]:
     rows: list[list[str]] = []
     ok_all = True
     cases = build_cases(device, quick)
     for name in backends:
-        backend = get_backend(name)
+        schedule = "tile" if name == "cuda[tile]" else None
+        backend = get_backend("cuda" if schedule else name)
         if isinstance(backend, UnavailableBackend):
             for op in OPS:
                 rows.append([name, op, "-", "FAIL", f"backend unavailable: {backend.reason}"])
             ok_all = False
             continue
         for case in cases:
+            if schedule and case.op not in TILE_OPS:
+                continue
             inputs32 = tuple(t.to(device=device, dtype=torch.float32) for t in case.inputs)
             reasons = backend.unsupported_reasons(case.op, inputs32, case.params)
             if reasons:
@@ -230,10 +257,10 @@ def run_correctness(device: str, backends: list[str], quick: bool) -> tuple[list
                 continue
             t0 = time.perf_counter()
             try:
-                with torch.no_grad():
+                with torch.no_grad(), _Schedule(schedule):
                     out = getattr(backend, case.op)(*inputs32, **case.params)
-                if device == "cuda":
-                    torch.cuda.synchronize()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 passed, detail = compare(case, out, inputs32)
                 detail += f", {dt * 1e3:.0f} ms"
@@ -260,11 +287,14 @@ def sanitizer_payload() -> int:
         b.class_distributions(feats, text, scale=100.0, nms=0.5)
         b.gibbs_kernel(_affinity(2, 37, g).float().to(dev), eps=0.1)
         b.kl_scores(q)
-        b.sinkhorn_scores(q, k, eps=0.1, iters=3)
-        b.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=2)
-        for readout in ("integrated", "velocity"):
-            b.markov_scores(q, k, sk_iters=2, steps=3, readout=readout, tau=0.3)
-        b.markov_scores(q.double(), k.double(), sk_iters=0, steps=2, readout="integrated", tau=0.3)
+        for schedule in ("coop", "tile"):
+            with _Schedule(schedule):
+                b.sinkhorn_scores(q, k, eps=0.1, iters=3)
+                b.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=2)
+                for readout in ("integrated", "velocity"):
+                    b.markov_scores(q, k, sk_iters=2, steps=3, readout=readout, tau=0.3)
+                b.markov_scores(q.double(), k.double(), sk_iters=0, steps=2, readout="integrated", tau=0.3)
+                torch.cuda.synchronize()
         s, guide = _scores_guide(2, 5, 7, 9, 30, 41, g, True)
         b.jbu_upsample(s.float().to(dev), guide.float().to(dev))
         b.jbu_argmax(s.float().to(dev), guide.float().to(dev))
@@ -342,7 +372,8 @@ def run_timing(quick: bool) -> list[list[str]]:
         return f
 
     def backend_fn(name: str, mode: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str:
-        b = get_backend(name)
+        schedule = "tile" if name == "cuda[tile]" else None
+        b = get_backend("cuda" if schedule else name)
         if isinstance(b, UnavailableBackend):
             return b.reason
         reasons = b.unsupported_reasons("sinkhorn_scores" if mode == "op" else "markov_scores", (q, aff), {})
@@ -351,9 +382,10 @@ def run_timing(quick: bool) -> list[list[str]]:
 
         def f(q: torch.Tensor, aff: torch.Tensor) -> torch.Tensor:
             _, k = b.gibbs_kernel(aff, eps=0.1)
-            if mode == "op":
-                return b.sinkhorn_scores(q, k, eps=0.1, iters=50)
-            return b.markov_scores(q, k, sk_iters=15, steps=50)
+            with _Schedule(schedule):
+                if mode == "op":
+                    return b.sinkhorn_scores(q, k, eps=0.1, iters=50)
+                return b.markov_scores(q, k, sk_iters=15, steps=50)
         return f
 
     for mode in ("mv", "op"):
@@ -361,6 +393,7 @@ def run_timing(quick: bool) -> list[list[str]]:
         cands["torch.compile(reference)"] = "skipped (--quick)" if quick else torch.compile(ref_fn(mode),
                                                                                            dynamic=False)
         cands["cuda"] = backend_fn("cuda", mode)
+        cands["cuda[tile]"] = backend_fn("cuda[tile]", mode)
         cands["triton"] = backend_fn("triton", mode)
         shape = f"B=1 N={N} C={C}"
         for label, fn in cands.items():
@@ -428,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     card, vers = device_name(device), versions()
     print(f"ovss_fast GPU check on {card}\n{vers}\n")
-    backends = ["cuda", "triton"] if device == "cuda" else ["cpu"]
+    backends = ["cuda", "cuda[tile]", "triton"] if device == "cuda" else ["cpu"]
     print(f"== correctness ({', '.join(backends)} vs float64 reference)")
     corr_rows, corr_ok = run_correctness(device, backends, args.quick)
     if device == "cpu":

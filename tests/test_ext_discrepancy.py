@@ -361,10 +361,17 @@ def test_public_api_rejects_bad_readout_before_the_backend():
 CUDA_SHAPES = [(1, 37, 1), (2, 50, 5), (2, 257, 21), (1, 1024, 171), (2, 784, 9)]
 
 
+@pytest.fixture(params=["coop", "tile"])
+def schedule(request, monkeypatch):
+    """Both CUDA schedules (csrc/cuda/discrepancy_coop.cuh): grid-synchronised tiles, and a block per class tile."""
+    monkeypatch.setenv("OVSS_FAST_CUDA_DISCREPANCY", request.param)
+    return request.param
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_sinkhorn(shape, dtype):
+def test_cuda_sinkhorn(shape, dtype, schedule):
     B, N, C = shape
     g = _gen("cuda-sk", shape, dtype)
     q, k = make_q(B, N, C, gen=g, dead=(0,) if C > 2 else ()), make_kernel(B, N, gen=g)
@@ -378,7 +385,7 @@ def test_cuda_sinkhorn(shape, dtype):
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("readout", ["integrated", "velocity"])
-def test_cuda_markov(shape, dtype, readout):
+def test_cuda_markov(shape, dtype, readout, schedule):
     B, N, C = shape
     g = _gen("cuda-mv", shape, dtype, readout)
     q, k = make_q(B, N, C, gen=g, dead=(0,) if C > 2 else ()), make_kernel(B, N, gen=g)
@@ -389,7 +396,7 @@ def test_cuda_markov(shape, dtype, readout):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_large_n_global_scratch_path(dtype):
+def test_cuda_large_n_global_scratch_path(dtype, schedule):
     # N = 4096 in float64 does not fit shared memory: the kernels take their global-scratch path
     g = _gen("cuda-big", dtype)
     B, N, C = 1, 4096, 6
@@ -402,7 +409,7 @@ def test_cuda_large_n_global_scratch_path(dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_edge_iterations_half_and_strides():
+def test_cuda_edge_iterations_half_and_strides(schedule):
     g = _gen("cuda-edge")
     q, k = make_q(2, 50, 5, gen=g, dead=(3,)), make_kernel(2, 50, gen=g)
     qc, kc = q.cuda(), k.cuda()
@@ -423,7 +430,7 @@ def test_cuda_edge_iterations_half_and_strides():
 
 
 @pytest.mark.cuda
-def test_cuda_runs_on_the_current_stream():
+def test_cuda_runs_on_the_current_stream(schedule):
     g = _gen("cuda-stream")
     q, k = make_q(2, 300, 7, gen=g), make_kernel(2, 300, gen=g)
     stream = torch.cuda.Stream()

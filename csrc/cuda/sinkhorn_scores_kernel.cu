@@ -3,8 +3,15 @@
 //   a = 1 / N;  v = 1;  repeat iters:  u = a / max(K v, 1e-30);  v = q / max(K^T u, 1e-30)
 //   f = eps * log(a / max(K v, 1e-30));  S[i, c] = mean_i f - f[i];  dead class -> -inf
 //
-// One persistent launch per call. Classes are independent given K, so each block
-// owns one (batch, tile of kClassTile classes) and runs every iteration itself:
+// One launch per call, with two schedules (csrc/cuda/discrepancy_coop.cuh says why):
+//
+// "coop" (default where cooperative launches work): a co-resident grid that shares
+// every product out as [64 rows x 16 classes] output tiles over all SMs, the
+// elementwise update fused into each tile's epilogue, grid.sync() between half-steps;
+// then one block per (batch, class) column for the mean and the -inf of dead classes.
+//
+// "tile" (fallback, OVSS_FAST_CUDA_DISCREPANCY=tile): classes are independent given K,
+// so each block owns one (batch, tile of kClassTile classes) and runs every iteration itself:
 // no grid-wide synchronisation, no host round trips, the batch is a grid dimension.
 // K is read from global memory (it stays in L2 across iterations: N = 2048 is
 // 16 MB in float); each K element loaded serves kClassTile classes. u and v of the
@@ -19,8 +26,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+
+#include <cooperative_groups.h>
 
 #include "../common/sinkhorn_math.h"
+#include "discrepancy_coop.cuh"
 #include "sinkhorn_scores_kernel.h"
 
 namespace ovss_fast {
@@ -156,6 +167,108 @@ sinkhorn_scores_kernel(const T* __restrict__ q,       // [B, N, C]
   }
 }
 
+// ---------------------------------------------------------------- cooperative schedule
+template <typename T>
+struct CoopArgs {
+  const T* q;       // [B, N, C]
+  const T* kernel;  // [B, N, N]
+  T* out;           // [B, N, C]
+  T* u;             // [B, N, C] scratch: u, then the potential f
+  T* v;             // [B, N, C] scratch
+  int64_t B, N, C, iters;
+  T eps;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(coop::kThreads) sinkhorn_scores_coop_kernel(const CoopArgs<T> p) {
+  namespace cg = cooperative_groups;
+  cg::grid_group grid = cg::this_grid();
+  __shared__ coop::TileSmem<T> sm;
+  __shared__ T red[coop::kThreads / 32];
+  const int64_t N = p.N, C = p.C, NC = N * C;
+  const int64_t total = p.B * NC;
+  const int64_t tiles = coop::tile_count(p.B, N, C);
+  const T a = T(1) / static_cast<T>(N);
+  const T log_a = log(a);
+  const int64_t gtid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t gthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+
+  for (int64_t e = gtid; e < total; e += gthreads) p.v[e] = T(1);
+  grid.sync();
+
+  // One product over all tiles: X [B, N, C] -> epilogue(b, i, c, value) for every in-range output.
+  auto product = [&](auto trans, const T* X, auto epilogue) {
+    constexpr bool kTrans = decltype(trans)::value;
+    for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+      const coop::Tile tile = coop::tile_of(t, N, C);
+      T acc[coop::kRowsPerThread];
+      coop::tile_product<T, kTrans>(p.kernel + tile.b * N * N, X + tile.b * NC, N, C, tile.i0, tile.c0, sm, acc);
+      const int64_t c = tile.c0 + coop::tile_cls();
+#pragma unroll
+      for (int m = 0; m < coop::kRowsPerThread; ++m) {
+        const int64_t i = tile.i0 + coop::tile_row(m);
+        if (i < N && c < C) epilogue(tile.b * NC + i * C + c, acc[m]);
+      }
+    }
+  };
+  using NoTrans = std::integral_constant<bool, false>;
+  using Trans = std::integral_constant<bool, true>;
+
+  for (int64_t it = 0; it < p.iters; ++it) {
+    product(NoTrans{}, p.v, [&](int64_t e, T kv) { p.u[e] = sinkhorn_u(a, kv); });
+    grid.sync();
+    product(Trans{}, p.u, [&](int64_t e, T ktu) { p.v[e] = sinkhorn_v(p.q[e], ktu); });
+    grid.sync();
+  }
+  product(NoTrans{}, p.v, [&](int64_t e, T kv) { p.u[e] = sinkhorn_potential(p.eps, log_a, kv); });
+  grid.sync();
+
+  // readout: one block per (batch, class) column at a time
+  for (int64_t col = blockIdx.x; col < p.B * C; col += gridDim.x) {
+    const int64_t b = col / C, c = col % C;
+    const T* f = p.u + b * NC + c;
+    const T* qc = p.q + b * NC + c;
+    T fs = T(0), qs = T(0);
+    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
+      fs += f[i * C];
+      qs += qc[i * C];
+    }
+    const T mean = coop::block_sum(fs, red) / static_cast<T>(N);
+    const bool dead = !(coop::block_sum(qs, red) > T(0));
+    T* o = p.out + b * NC + c;
+    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) o[i * C] = dead ? -INFINITY : mean - f[i * C];
+  }
+}
+
+template <typename T>
+size_t coop_scratch_bytes(const SinkhornScoresParams& p) {
+  return 2 * coop::aligned_bytes(static_cast<size_t>(p.B * p.N * p.C) * sizeof(T));
+}
+
+template <typename T>
+cudaError_t launch_coop(const SinkhornScoresParams& p, cudaStream_t stream) {
+  if (p.scratch == nullptr) return cudaErrorInvalidValue;
+  CoopArgs<T> args;
+  args.q = static_cast<const T*>(p.q);
+  args.kernel = static_cast<const T*>(p.kernel);
+  args.out = static_cast<T*>(p.out);
+  args.u = static_cast<T*>(p.scratch);
+  args.v = reinterpret_cast<T*>(static_cast<unsigned char*>(p.scratch) +
+                                coop::aligned_bytes(static_cast<size_t>(p.B * p.N * p.C) * sizeof(T)));
+  args.B = p.B;
+  args.N = p.N;
+  args.C = p.C;
+  args.iters = p.iters;
+  args.eps = static_cast<T>(p.eps);
+  const void* fn = reinterpret_cast<const void*>(&sinkhorn_scores_coop_kernel<T>);
+  int grid = 0;
+  cudaError_t err = coop::cooperative_grid(fn, &grid);
+  if (err != cudaSuccess) return err;
+  void* kargs[] = {&args};
+  return cudaLaunchCooperativeKernel(fn, dim3(grid), dim3(coop::kThreads), kargs, 0, stream);
+}
+
+// ---------------------------------------------------------------- tile schedule
 template <typename T>
 size_t shared_bytes(int64_t N) {
   return static_cast<size_t>(2) * kClassTile * static_cast<size_t>(N) * sizeof(T);
@@ -190,6 +303,10 @@ cudaError_t launch_typed(const SinkhornScoresParams& p, cudaStream_t stream) {
 }  // namespace
 
 size_t sinkhorn_scores_scratch_bytes(const SinkhornScoresParams& p) {
+  if (p.B == 0 || p.N == 0 || p.C == 0) return 0;
+  if (coop::use_cooperative()) {
+    return p.is_double ? coop_scratch_bytes<double>(p) : coop_scratch_bytes<float>(p);
+  }
   const size_t elem = p.is_double ? sizeof(double) : sizeof(float);
   const size_t smem = static_cast<size_t>(2) * kClassTile * static_cast<size_t>(p.N) * elem;
   if (smem <= optin_shared_limit()) return 0;
@@ -199,6 +316,9 @@ size_t sinkhorn_scores_scratch_bytes(const SinkhornScoresParams& p) {
 
 cudaError_t launch_sinkhorn_scores(const SinkhornScoresParams& p, cudaStream_t stream) {
   if (p.B == 0 || p.N == 0 || p.C == 0) return cudaSuccess;
+  if (coop::use_cooperative()) {
+    return p.is_double ? launch_coop<double>(p, stream) : launch_coop<float>(p, stream);
+  }
   return p.is_double ? launch_typed<double>(p, stream) : launch_typed<float>(p, stream);
 }
 

@@ -69,8 +69,9 @@ def _ext_modules() -> tuple[list, dict]:
     # csrc/cuda/*.cpp include c10/cuda headers: they belong to CUDA builds only
     cpp = [s for s in _sources("csrc/**/*.cpp") if use_cuda or not s.startswith(os.path.join("csrc", "cuda") + os.sep)]
     cu = _sources("csrc/**/*.cu") if use_cuda else []
-    # no contraction into FMA: CPU and CUDA kernels round the shared csrc/common math the same way
-    cxx_flags = ["-O3", "-ffp-contract=off"]
+    # no contraction into FMA: CPU and CUDA kernels round the shared csrc/common math the same way;
+    # -fno-trapping-math lets selects of computed values vectorise (values unchanged, FP traps unused)
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
     define_macros = []  # Py_LIMITED_API comes from py_limited_api=True
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):

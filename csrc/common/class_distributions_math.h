@@ -40,7 +40,8 @@ HOSTDEVICE T nms_keep(T p, T p_max, T nms) {
 // the column normalisation; a dead column (sum 0) stays 0
 template <typename T>
 HOSTDEVICE T normalise_column(T p, T column_sum) {
-  return column_sum > T(0) ? p / clamp_denominator(column_sum) : T(0);
+  const T q = p / clamp_denominator(column_sum);
+  return column_sum > T(0) ? q : T(0);
 }
 
 }  // namespace ovss_fast

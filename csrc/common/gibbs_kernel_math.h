@@ -31,9 +31,11 @@ HOSTDEVICE void cost_range(T sym_min, T sym_max, T* lo, T* span) {
   *span = raw_cost(sym_min) - *lo;
 }
 
+// computed unconditionally, then selected (as the reference's torch.where): branch-free
 template <typename T>
 HOSTDEVICE T normalised_cost(T sym, T lo, T span) {
-  return span > T(0) ? (raw_cost(sym) - lo) / span : T(0);
+  const T c = (raw_cost(sym) - lo) / (span > T(0) ? span : T(1));
+  return span > T(0) ? c : T(0);
 }
 
 template <typename T>

@@ -62,7 +62,8 @@ HOSTDEVICE T jbu_weight(T exponent, T max_exponent) {
 // num += w * s, with a -inf score poisoning the class at this pixel
 template <typename T>
 HOSTDEVICE T jbu_accumulate(T num, T weight, T score) {
-  return score == neg_inf<T>() ? neg_inf<T>() : num + weight * score;
+  const T sum = num + weight * score;
+  return score == neg_inf<T>() ? neg_inf<T>() : sum;
 }
 
 // argmax step: strictly greater wins (ties keep the lower class); a NaN beats any number

@@ -11,8 +11,9 @@ namespace ovss_fast {
 // n is the patch count N in the compute dtype; alive says whether the column has mass
 template <typename T>
 HOSTDEVICE T kl_term(T q, T n, bool alive) {
-  if (!alive) return neg_inf<T>();
-  return q > T(0) ? q * math_log(n * q) : T(0);
+  const T term = q * math_log(n * (q > T(0) ? q : T(1)));  // branch-free: log of a safe value
+  const T s = q > T(0) ? term : T(0);
+  return alive ? s : neg_inf<T>();
 }
 
 }  // namespace ovss_fast

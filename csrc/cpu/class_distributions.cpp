@@ -16,6 +16,7 @@
 
 #include "common/checks.h"
 #include "common/class_distributions_math.h"
+#include "cpu/cpu_simd.h"
 
 namespace ovss_fast {
 namespace {
@@ -34,6 +35,69 @@ void unit_text(const T* text,  // [C, D]
   }
 }
 
+// One patch: logits from the dot products in p (in place), softmax, NMS. Every loop is
+// elementwise or a lane reduction, so it vectorises (cpu_simd.h).
+template <typename T>
+OVSS_INLINE void patch_softmax(const T* x,  // [D]
+                          T* p,        // [C]: dot products with the unit text vectors in, P out
+                          int64_t C, int64_t D, T scale, T nms) {
+  const T xn = feature_norm(lane_sum_of_squares(x, D));
+  for (int64_t c = 0; c < C; ++c) p[c] = class_logit(p[c], xn, scale);
+  const T lmax = lane_max(p, C, neg_inf<T>());
+  for (int64_t c = 0; c < C; ++c) p[c] = softmax_numerator(p[c], lmax);
+  const T sum = lane_sum(p, C);
+  for (int64_t c = 0; c < C; ++c) p[c] = p[c] / sum;
+  if (nms > T(0)) {
+    const T pmax = lane_max(p, C, T(0));
+    for (int64_t c = 0; c < C; ++c) p[c] = nms_keep(p[c], pmax, nms);
+  }
+}
+
+template <typename T>
+OVSS_INLINE void column_sums(const T* p, int64_t N, int64_t C, int64_t c0, int64_t c1, T* s) {
+  for (int64_t i = 0; i < N; ++i) {
+    const T* row = p + i * C;
+    for (int64_t c = c0; c < c1; ++c) s[c] += row[c];
+  }
+}
+
+template <typename T>
+OVSS_INLINE void normalise_rows(T* p, const T* colsum, int64_t rows, int64_t C) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) p[r * C + c] = normalise_column(p[r * C + c], colsum[c]);
+}
+
+// float32 entry points, compiled for several instruction sets (cpu_simd.h)
+OVSS_CPU_CLONES void patch_softmax_rows_f32(const float* x, float* p, int64_t rows, int64_t C, int64_t D, float scale,
+                                            float nms) {
+  for (int64_t r = 0; r < rows; ++r) patch_softmax<float>(x + r * D, p + r * C, C, D, scale, nms);
+}
+OVSS_CPU_CLONES void column_sums_f32(const float* p, int64_t N, int64_t C, int64_t c0, int64_t c1, float* s) {
+  column_sums<float>(p, N, C, c0, c1, s);
+}
+OVSS_CPU_CLONES void normalise_rows_f32(float* p, const float* colsum, int64_t rows, int64_t C) {
+  normalise_rows<float>(p, colsum, rows, C);
+}
+inline void patch_softmax_rows(const float* x, float* p, int64_t rows, int64_t C, int64_t D, float scale, float nms) {
+  patch_softmax_rows_f32(x, p, rows, C, D, scale, nms);
+}
+inline void patch_softmax_rows(const double* x, double* p, int64_t rows, int64_t C, int64_t D, double scale,
+                               double nms) {
+  for (int64_t r = 0; r < rows; ++r) patch_softmax<double>(x + r * D, p + r * C, C, D, scale, nms);
+}
+inline void column_sums_any(const float* p, int64_t N, int64_t C, int64_t c0, int64_t c1, float* s) {
+  column_sums_f32(p, N, C, c0, c1, s);
+}
+inline void column_sums_any(const double* p, int64_t N, int64_t C, int64_t c0, int64_t c1, double* s) {
+  column_sums<double>(p, N, C, c0, c1, s);
+}
+inline void normalise_rows_any(float* p, const float* colsum, int64_t rows, int64_t C) {
+  normalise_rows_f32(p, colsum, rows, C);
+}
+inline void normalise_rows_any(double* p, const double* colsum, int64_t rows, int64_t C) {
+  normalise_rows<double>(p, colsum, rows, C);
+}
+
 // out holds feats . unit_text on entry and Q on exit
 template <typename T>
 void class_distributions_cpu_impl(const T* feats,  // [B, N, D]
@@ -41,52 +105,25 @@ void class_distributions_cpu_impl(const T* feats,  // [B, N, D]
                                   int64_t B, int64_t N, int64_t C, int64_t D, T scale, T nms) {
   // per patch: logits, softmax, NMS (in place)
   at::parallel_for(0, B * N, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* x = feats + r * D;
-      T ss = 0;
-      for (int64_t d = 0; d < D; ++d) ss += x[d] * x[d];
-      const T xn = feature_norm(ss);
-      T* p = out + r * C;
-      T lmax = neg_inf<T>();
-      for (int64_t c = 0; c < C; ++c) {
-        p[c] = class_logit(p[c], xn, scale);
-        lmax = std::max(lmax, p[c]);
-      }
-      T sum = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        p[c] = softmax_numerator(p[c], lmax);
-        sum += p[c];
-      }
-      T pmax = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        p[c] = p[c] / sum;
-        pmax = std::max(pmax, p[c]);
-      }
-      if (nms > T(0)) {
-        for (int64_t c = 0; c < C; ++c) p[c] = nms_keep(p[c], pmax, nms);
-      }
-    }
+    patch_softmax_rows(feats + r0 * D, out + r0 * C, r1 - r0, C, D, scale, nms);
   });
   // per class: column sums over patches (rows outer so each row is read contiguously)
   std::vector<T> colsum(B * C, T(0));
-  constexpr int64_t kCols = 32;
+  constexpr int64_t kCols = 64;
   const int64_t blocks_per_image = (C + kCols - 1) / kCols;
   at::parallel_for(0, B * blocks_per_image, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t b = k / blocks_per_image;
       const int64_t c0 = (k % blocks_per_image) * kCols, c1 = std::min(C, c0 + kCols);
-      T* s = colsum.data() + b * C;
-      for (int64_t i = 0; i < N; ++i) {
-        const T* p = out + (b * N + i) * C;
-        for (int64_t c = c0; c < c1; ++c) s[c] += p[c];
-      }
+      column_sums_any(out + b * N * C, N, C, c0, c1, colsum.data() + b * C);
     }
   });
+  // the column normalisation, a row block at a time (blocks never straddle images)
   at::parallel_for(0, B * N, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* s = colsum.data() + (r / N) * C;
-      T* p = out + r * C;
-      for (int64_t c = 0; c < C; ++c) p[c] = normalise_column(p[c], s[c]);
+    while (r0 < r1) {
+      const int64_t b = r0 / N, stop = std::min(r1, (b + 1) * N);
+      normalise_rows_any(out + r0 * C, colsum.data() + b * C, stop - r0, C);
+      r0 = stop;
     }
   });
 }

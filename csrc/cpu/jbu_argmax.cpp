@@ -11,10 +11,47 @@
 #include <vector>
 
 #include "common/jbu_prepare.h"
+#include "cpu/cpu_simd.h"
 #include "cpu/jbu_cpu.h"
 
 namespace ovss_fast {
 namespace {
+
+// one output row: per pixel the taps, the C numerators, the best class
+template <typename T>
+OVSS_INLINE void argmax_row(const JbuShape<T>& s, const T* st, const T* g, const T* gd, int64_t b, int64_t y, T* weight,
+                       int64_t* offset, T* num, int64_t* labels) {
+  const int64_t hw = s.h * s.w, HW = s.H * s.W, C = s.C;
+  for (int64_t x = 0; x < s.W; ++x) {
+    T den;
+    const int n = jbu_pixel_taps(s, g + b * 3 * HW, gd + b * 3 * hw, y, x, weight, offset, &den);
+    jbu_pixel_numerators(st + b * hw * C, weight, offset, n, C, num);
+    T best = neg_inf<T>();
+    int64_t arg = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = num[c] / den;
+      if (argmax_better(v, best)) {
+        best = v;
+        arg = c;
+      }
+    }
+    labels[x] = arg;
+  }
+}
+
+OVSS_CPU_CLONES void argmax_row_f32(const JbuShape<float>& s, const float* st, const float* g, const float* gd,
+                                    int64_t b, int64_t y, float* weight, int64_t* offset, float* num,
+                                    int64_t* labels) {
+  argmax_row<float>(s, st, g, gd, b, y, weight, offset, num, labels);
+}
+inline void argmax_row_any(const JbuShape<float>& s, const float* st, const float* g, const float* gd, int64_t b,
+                           int64_t y, float* weight, int64_t* offset, float* num, int64_t* labels) {
+  argmax_row_f32(s, st, g, gd, b, y, weight, offset, num, labels);
+}
+inline void argmax_row_any(const JbuShape<double>& s, const double* st, const double* g, const double* gd, int64_t b,
+                           int64_t y, double* weight, int64_t* offset, double* num, int64_t* labels) {
+  argmax_row<double>(s, st, g, gd, b, y, weight, offset, num, labels);
+}
 
 template <typename T>
 void jbu_argmax_cpu_impl(const JbuShape<T>& s,
@@ -24,28 +61,11 @@ void jbu_argmax_cpu_impl(const JbuShape<T>& s,
                          int64_t* labels)  // [B, H, W]
 {
   const int taps = (2 * s.radius + 1) * (2 * s.radius + 1);
-  const int64_t hw = s.h * s.w, HW = s.H * s.W, C = s.C;
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<T> weight(taps), num(C);
+    std::vector<T> weight(taps), num(s.C);
     std::vector<int64_t> offset(taps);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / s.H, y = r % s.H;
-      for (int64_t x = 0; x < s.W; ++x) {
-        T den;
-        const int n = jbu_pixel_taps(s, g + b * 3 * HW, gd + b * 3 * hw, y, x, weight.data(), offset.data(), &den);
-        jbu_pixel_numerators(st + b * hw * C, weight.data(), offset.data(), n, C, num.data());
-        T best = neg_inf<T>();
-        int64_t arg = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          const T v = num[c] / den;
-          if (argmax_better(v, best)) {
-            best = v;
-            arg = c;
-          }
-        }
-        labels[r * s.W + x] = arg;
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      argmax_row_any(s, st, g, gd, r / s.H, r % s.H, weight.data(), offset.data(), num.data(), labels + r * s.W);
   });
 }
 

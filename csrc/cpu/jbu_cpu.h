@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "common/jbu_math.h"
+#include "cpu/cpu_simd.h"
 
 namespace ovss_fast {
 
@@ -13,7 +14,7 @@ namespace ovss_fast {
 // low-res flat indices, in the reference's tap order (dy outer, dx inner). Returns
 // the tap count; *den receives the weights' sum.
 template <typename T>
-int jbu_pixel_taps(const JbuShape<T>& s,
+OVSS_INLINE int jbu_pixel_taps(const JbuShape<T>& s,
                    const T* g,   // [3, H, W] of image b
                    const T* gd,  // [3, h, w] of image b
                    int64_t y, int64_t x, T* weight, int64_t* offset, T* den) {
@@ -51,7 +52,7 @@ int jbu_pixel_taps(const JbuShape<T>& s,
 
 // num[c] = sum over taps of w * S[c, q] (with the -inf rule), for every class
 template <typename T>
-void jbu_pixel_numerators(const T* __restrict st,  // [h*w, C] of image b, channels-last
+OVSS_INLINE void jbu_pixel_numerators(const T* __restrict st,  // [h*w, C] of image b, channels-last
                           const T* weight, const int64_t* offset, int n, int64_t C, T* __restrict num) {
   for (int64_t c = 0; c < C; ++c) num[c] = T(0);
   for (int t = 0; t < n; ++t) {

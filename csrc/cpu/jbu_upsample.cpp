@@ -11,10 +11,42 @@
 #include <vector>
 
 #include "common/jbu_prepare.h"
+#include "cpu/cpu_simd.h"
 #include "cpu/jbu_cpu.h"
 
 namespace ovss_fast {
 namespace {
+
+// one output row: per pixel the taps, then all classes; written back channel-first
+template <typename T>
+OVSS_INLINE void upsample_row(const JbuShape<T>& s, const T* st, const T* g, const T* gd, int64_t b, int64_t y,
+                         T* weight, int64_t* offset, T* row, T* out) {
+  const int64_t hw = s.h * s.w, HW = s.H * s.W, C = s.C;
+  for (int64_t x = 0; x < s.W; ++x) {
+    T den;
+    const int n = jbu_pixel_taps(s, g + b * 3 * HW, gd + b * 3 * hw, y, x, weight, offset, &den);
+    T* num = row + x * C;
+    jbu_pixel_numerators(st + b * hw * C, weight, offset, n, C, num);
+    for (int64_t c = 0; c < C; ++c) num[c] = num[c] / den;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    T* o = out + ((b * C + c) * s.H + y) * s.W;
+    for (int64_t x = 0; x < s.W; ++x) o[x] = row[x * C + c];
+  }
+}
+
+OVSS_CPU_CLONES void upsample_row_f32(const JbuShape<float>& s, const float* st, const float* g, const float* gd,
+                                      int64_t b, int64_t y, float* weight, int64_t* offset, float* row, float* out) {
+  upsample_row<float>(s, st, g, gd, b, y, weight, offset, row, out);
+}
+inline void upsample_row_any(const JbuShape<float>& s, const float* st, const float* g, const float* gd, int64_t b,
+                             int64_t y, float* weight, int64_t* offset, float* row, float* out) {
+  upsample_row_f32(s, st, g, gd, b, y, weight, offset, row, out);
+}
+inline void upsample_row_any(const JbuShape<double>& s, const double* st, const double* g, const double* gd,
+                             int64_t b, int64_t y, double* weight, int64_t* offset, double* row, double* out) {
+  upsample_row<double>(s, st, g, gd, b, y, weight, offset, row, out);
+}
 
 template <typename T>
 void jbu_upsample_cpu_impl(const JbuShape<T>& s,
@@ -23,24 +55,11 @@ void jbu_upsample_cpu_impl(const JbuShape<T>& s,
                            const T* gd,  // [B, 3, h, w]
                            T* out) {     // [B, C, H, W]
   const int taps = (2 * s.radius + 1) * (2 * s.radius + 1);
-  const int64_t hw = s.h * s.w, HW = s.H * s.W, C = s.C;
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<T> weight(taps), row(s.W * C);
+    std::vector<T> weight(taps), row(s.W * s.C);
     std::vector<int64_t> offset(taps);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / s.H, y = r % s.H;
-      for (int64_t x = 0; x < s.W; ++x) {
-        T den;
-        const int n = jbu_pixel_taps(s, g + b * 3 * HW, gd + b * 3 * hw, y, x, weight.data(), offset.data(), &den);
-        T* num = row.data() + x * C;
-        jbu_pixel_numerators(st + b * hw * C, weight.data(), offset.data(), n, C, num);
-        for (int64_t c = 0; c < C; ++c) num[c] = num[c] / den;
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        T* o = out + ((b * C + c) * s.H + y) * s.W;
-        for (int64_t x = 0; x < s.W; ++x) o[x] = row[x * C + c];
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      upsample_row_any(s, st, g, gd, r / s.H, r % s.H, weight.data(), offset.data(), row.data(), out);
   });
 }
 

@@ -10,9 +10,26 @@
 
 #include "common/checks.h"
 #include "common/kl_scores_math.h"
+#include "cpu/cpu_simd.h"
 
 namespace ovss_fast {
 namespace {
+
+template <typename T>
+OVSS_INLINE void kl_row(const T* q, const uint8_t* alive, T* out, int64_t C, int64_t N) {
+  const T n = static_cast<T>(N);
+  for (int64_t c = 0; c < C; ++c) out[c] = kl_term(q[c], n, alive[c] != 0);
+}
+
+OVSS_CPU_CLONES void kl_row_f32(const float* q, const uint8_t* alive, float* out, int64_t C, int64_t N) {
+  kl_row<float>(q, alive, out, C, N);
+}
+inline void kl_row_any(const float* q, const uint8_t* alive, float* out, int64_t C, int64_t N) {
+  kl_row_f32(q, alive, out, C, N);
+}
+inline void kl_row_any(const double* q, const uint8_t* alive, double* out, int64_t C, int64_t N) {
+  kl_row<double>(q, alive, out, C, N);
+}
 
 template <typename T>
 void kl_scores_cpu_impl(const T* q,  // [B, N, C]
@@ -29,12 +46,8 @@ void kl_scores_cpu_impl(const T* q,  // [B, N, C]
       }
     }
   });
-  const T n = static_cast<T>(N);
   at::parallel_for(0, B * N, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* a = alive.data() + (r / N) * C;
-      for (int64_t c = 0; c < C; ++c) out[r * C + c] = kl_term(q[r * C + c], n, a[c] != 0);
-    }
+    for (int64_t r = r0; r < r1; ++r) kl_row_any(q + r * C, alive.data() + (r / N) * C, out + r * C, C, N);
   });
 }
 

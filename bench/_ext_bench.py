@@ -1,0 +1,106 @@
+"""Helpers for the CPU benchmarks of the compiled ops (bench/bench_class_distributions.py,
+bench/bench_gibbs_kernel.py, bench/bench_jbu_argmax.py).
+
+- timing: ``torch.utils.benchmark`` (blocked_autorange) median, or a median of whole
+  runs for calls that take seconds;
+- peak memory: each (case, backend) runs once in a fresh subprocess; the peak is
+  the resident set's high-water mark during the call minus the resident set just
+  before it (VmHWM is reset through /proc/self/clear_refs where the kernel allows,
+  else the lifetime peak is used, which can only over-count). So that memory freed
+  earlier in the process (input construction) cannot hide the call's allocations,
+  the subprocess runs with glibc's MALLOC_MMAP_THRESHOLD_=128 KiB (large blocks are
+  mapped and unmapped, never cached in the heap) and malloc_trim(0) runs first;
+- rows go to bench/results.csv and tables to bench/RESULTS.md through bench/_results_io.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=False).stdout.strip()
+    except OSError:
+        out = ""
+    return out or "?"
+
+
+def median_ms(fn: Callable[[], object], *, min_run_time: float = 1.0, slow_runs: int = 0) -> float:
+    """Median wall time of fn() in ms. slow_runs > 0: that many whole runs (for calls of seconds)."""
+    if slow_runs > 0:
+        times = []
+        for _ in range(slow_runs):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        return 1e3 * times[len(times) // 2]
+    from torch.utils import benchmark
+
+    fn()  # warm-up
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return 1e3 * m.median
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak_here(fn: Callable[[], object]) -> float:
+    """Peak resident-set growth (MiB) while fn() runs, in this process."""
+    import gc
+
+    gc.collect()
+    try:  # hand freed heap memory back, so reusing it cannot hide new allocations
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    except OSError:
+        pass
+    before = _rss_kb("VmRSS")
+    out = fn()
+    peak = _rss_kb("VmHWM")
+    del out
+    return max(0, peak - before) / 1024.0
+
+
+def peak_mem_mb(module: str, case: dict, backend: str) -> float:
+    """Peak growth (MiB) of ``bench.<module>.run(make_inputs(case), backend)`` in a fresh interpreter."""
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); import importlib; "
+        f"from bench import _ext_bench as eb; m = importlib.import_module('bench.' + {module!r}); "
+        f"inputs = m.make_inputs(json.loads({json.dumps(case)!r})); "
+        f"print('PEAK', eb.measure_peak_here(lambda: m.run(inputs, {backend!r})))"
+    )
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False, env=env)
+    match = re.search(r"PEAK ([0-9.eE+-]+)", res.stdout)
+    if not match:
+        raise RuntimeError(f"peak-memory subprocess failed:\n{res.stdout}\n{res.stderr}")
+    return float(match.group(1))

@@ -190,6 +190,28 @@ def test_kl_scores_cpu(dtype, B, N, C):
         assert bool((s[:, :, 1] == float("-inf")).all())
 
 
+def test_kl_scores_elementwise_accuracy_over_magnitudes():
+    """The kernels' float32 log (common/hostdevice.h) holds ~1e-6 relative error per entry, subnormals included."""
+    exps = torch.linspace(-44.0, 0.0, 400, dtype=torch.float64)
+    q = (10.0**exps).to(torch.float32).reshape(1, 400, 1).repeat(1, 1, 3)  # values from 1e-44 (subnormal) to 1
+    for n_keep in (400, 1):
+        qq = q[:, :n_keep]
+        s = CPU_BACKEND.kl_scores(qq).double()
+        ref = R.kl_scores(qq.double())
+        big = ref.abs() > 1e-30
+        assert bool(((s - ref).abs()[big] <= 2e-6 * ref.abs()[big]).all())
+
+
+def test_gibbs_kernel_elementwise_accuracy_small_eps():
+    """exp over a wide range (eps = 0.01: exponents down to -100) stays accurate per entry where not underflowing."""
+    a = torch.rand(1, 70, 70, generator=_gen("gibbs-eps")) ** 4
+    _, k = CPU_BACKEND.gibbs_kernel(a, eps=0.01)
+    _, rk = R.gibbs_kernel(a.double(), eps=0.01)
+    normal = rk > 1.2e-38
+    assert bool(((k.double() - rk).abs()[normal] <= 2e-4 * rk[normal]).all())  # cost's float32 rounding x 100
+    assert bool((k.double()[~normal] <= 1.2e-38).all())
+
+
 def test_kl_scores_noncontiguous():
     q = torch.rand(2, 6, 33, generator=_gen("kl-nc"), dtype=torch.float64).transpose(1, 2)
     assert rel_err(CPU_BACKEND.kl_scores(q), R.kl_scores(q)) <= 1e-10

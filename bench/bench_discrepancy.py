@@ -168,9 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="N=784 only, fewer repeats")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cell on the CPU (median)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for the CPU run (1 gives steadier numbers on a shared machine)")
     p.add_argument("--no-write", action="store_true", help="print only; leave results.csv / RESULTS.md alone")
     args = p.parse_args(argv)
     dev = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes_n = SIZES_N[:1] if args.quick else SIZES_N
     repeats = 1 if args.quick else args.repeats
     card, vers = device_name(dev), versions()
@@ -249,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"Correctness checked first against the float64 reference (rel. error <= {TOL:g}). "
                 "The last column compares the rate of the products alone with torch.mm at [N, N] x [N, C] "
                 "on the same machine (its fastest of 50 calls on the CPU).\n\n" + md)
-        where = "CPU" if dev == "cpu" else "GPU"
+        where = f"CPU, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}" if dev == "cpu" \
+            else "GPU"
         write_section(f"Discrepancy scores (op, mv) on {where}", body)
         append_rows(rows)
     return 0

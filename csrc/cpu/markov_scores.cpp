@@ -44,9 +44,15 @@ void rows_times(const T* K,       // [B, N, N]
     for (int64_t bi = lo; bi < hi; ++bi) {
       const T* row = K + bi * N;
       const double* xb = x + (bi / N) * N;
-      double acc = 0.0;
-      for (int64_t j = 0; j < N; ++j) acc += static_cast<double>(row[j]) * xb[j];
-      out[bi] = acc;
+      // 8 independent partial sums: the compiler may not reorder one floating-point
+      // reduction, and a single accumulator runs at one add per add-latency
+      double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+      int64_t j = 0;
+      for (; j + 8 <= N; j += 8) {
+        for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(row[j + u]) * xb[j + u];
+      }
+      for (; j < N; ++j) acc[0] += static_cast<double>(row[j]) * xb[j];
+      out[bi] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     }
   });
 }

@@ -25,6 +25,8 @@ from ._backends import OPS, Backend
 
 #: dtypes the kernels take (half and bfloat16 are computed in float32 by the C++ wrappers)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the JBU kernels take at most this radius ((2r+1)^2 taps per pixel; csrc/common/jbu_prepare.h)
+MAX_JBU_RADIUS = 64
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
@@ -60,6 +62,8 @@ class ExtensionBackend(Backend):
             if t.dtype not in KERNEL_DTYPES:
                 reasons.append(f"{self.name} backend does not take dtype {t.dtype} (input {i})")
                 break
+        if op.startswith("jbu_") and int(params.get("radius", 0)) > MAX_JBU_RADIUS:
+            reasons.append(f"{self.name} backend takes radius <= {MAX_JBU_RADIUS}, got {params['radius']}")
         return reasons
 
     # method.md section 1

@@ -315,6 +315,9 @@ def test_unsupported_reasons():
     assert CPU_BACKEND.unsupported_reasons("kl_scores", [x], {}) == []
     assert CPU_BACKEND.unsupported_reasons("no_such_op", [x], {})
     assert CPU_BACKEND.unsupported_reasons("kl_scores", [x.to(torch.int32)], {})
+    big = {"sigma_spatial": 1.0, "sigma_range": 0.1, "radius": 65}
+    assert any("radius" in r for r in CPU_BACKEND.unsupported_reasons("jbu_argmax", [x, x], big))
+    assert CPU_BACKEND.unsupported_reasons("jbu_argmax", [x, x], dict(big, radius=64)) == []
     cuda_reasons = CUDA_BACKEND.unsupported_reasons("kl_scores", [x], {})
     assert any("cuda" in r.lower() for r in cuda_reasons)
     if not torch.cuda.is_available():

@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{SK_ITERS} SK iterations, {STEPS} steps, integrated readout. Median of "
                 f"{f'at least {repeats} runs and 2 s' if dev == 'cpu' else 'do_bench'}; "
                 f"memory: {mem_note}. "
-                f"Correctness checked first against the float64 reference (rel. error <= {TOL:g}). "
+                f"Correctness checked first against the float64 reference (rel. error <= {TOL:g}; the "
+                "reference eager rows show the float32 reference's own error, for comparison). "
                 "The last column compares the rate of the products alone with torch.mm at [N, N] x [N, C] "
                 "on the same machine (its fastest of 50 calls on the CPU).\n\n" + md)
         where = f"CPU, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}" if dev == "cpu" \

@@ -45,7 +45,8 @@ at::Tensor markov_scores_cuda(const at::Tensor& q,       // [B, N, C]
   p.scratch = scratch.data_ptr();
   const cudaError_t err = launch_markov_scores(p, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
   TORCH_CHECK(err == cudaSuccess, "markov_scores (CUDA): kernel launch failed: ", cudaGetErrorString(err),
-              " (B=", p.B, ", N=", p.N, ", C=", p.C, ")");
+              " (B=", p.B, ", N=", p.N, ", C=", p.C, "); where cooperative launches are refused ",
+              "(e.g. under MPS), OVSS_FAST_CUDA_DISCREPANCY=tile selects the other CUDA schedule");
   return out;
 }
 

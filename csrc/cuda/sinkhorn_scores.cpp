@@ -44,7 +44,8 @@ at::Tensor sinkhorn_scores_cuda(const at::Tensor& q,       // [B, N, C]
   }
   const cudaError_t err = launch_sinkhorn_scores(p, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
   TORCH_CHECK(err == cudaSuccess, "sinkhorn_scores (CUDA): kernel launch failed: ", cudaGetErrorString(err),
-              " (B=", p.B, ", N=", p.N, ", C=", p.C, ")");
+              " (B=", p.B, ", N=", p.N, ", C=", p.C, "); where cooperative launches are refused ",
+              "(e.g. under MPS), OVSS_FAST_CUDA_DISCREPANCY=tile selects the other CUDA schedule");
   return out;
 }
 

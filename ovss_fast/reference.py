@@ -164,20 +164,24 @@ def markov_scores(
     n = q.shape[1]
     tt = doubly_stochastic(kernel, sk_iters=sk_iters).transpose(1, 2)  # f(l) = T^T f(l-1)
     f0 = n * q
-    f = f0
+    # The chain is carried as its deviation d = f - 1 from the uniform level:
+    # d(l) = T^T d(l-1) + (T^T 1 - 1). The same numbers in exact arithmetic, but f - 1
+    # cancels badly in float32 as the chain mixes (past 1e-4 of float64 at N ~ 800).
+    drift = tt.sum(dim=2, keepdim=True) - 1.0  # [B, N, 1]: T's column sums - 1 (~0 after SK)
+    d = f0 - 1.0
     if readout == "integrated":
         acc = torch.zeros_like(q)
         for _ in range(steps):
-            f = torch.bmm(tt, f)
-            acc = acc + (f - 1.0)
+            d = torch.bmm(tt, d) + drift
+            acc = acc + d
         s = acc
     elif readout == "velocity":
         lstar = torch.full_like(q, float(steps + 1))
         for step in range(1, steps + 1):
-            nxt = torch.bmm(tt, f)
-            settled = ((nxt - f).abs() <= tau) & (lstar > steps)
+            nxt = torch.bmm(tt, d) + drift
+            settled = ((nxt - d).abs() <= tau) & (lstar > steps)
             lstar = torch.where(settled, torch.full_like(lstar, float(step)), lstar)
-            f = nxt
+            d = nxt
         s = -lstar + 1e-3 * f0
     else:
         raise ValueError(f"readout must be 'integrated' or 'velocity', got {readout!r}")

@@ -104,3 +104,40 @@ def peak_mem_mb(module: str, case: dict, backend: str) -> float:
     if not match:
         raise RuntimeError(f"peak-memory subprocess failed:\n{res.stdout}\n{res.stderr}")
     return float(match.group(1))
+
+
+def compare_with_reference(*, name: str, module: str, cases: list[dict], make_inputs: Callable[[dict], object],
+                           run: Callable[[object, str], object], check: Callable[[object], float],
+                           shape_of: Callable[[dict], str], method: str) -> None:
+    """Time ``run(inputs, backend)`` for the reference and the compiled CPU backend on each case.
+
+    ``check(inputs)`` returns the float32 error against float64 (and asserts the tolerance)
+    before anything is timed; each backend's peak memory is measured in a fresh process.
+    Rows go to bench/results.csv and a table, under ``f"{name} on CPU"``, to bench/RESULTS.md.
+    """
+    from bench._results_io import append_rows, device_name, markdown_table, now, versions, write_section
+
+    backends = ("reference", "cpu")
+    rows, table = [], []
+    for case in cases:
+        inputs = make_inputs(case)
+        err = check(inputs)
+        shape = shape_of(case)
+        ms = {b: min(median_ms(lambda b=b, x=inputs: run(x, b)) for _ in range(2)) for b in backends}
+        peak = {b: peak_mem_mb(module, case, b) for b in backends}
+        for b in backends:
+            rows.append({"date": now(), "bench": name, "device": device_name("cpu"), "op": name, "dtype": "float32",
+                         "versions": f"{versions()}, ovss_fast {commit()}",
+                         "shape": shape, "backend": b, "median_ms": f"{ms[b]:.3f}", "peak_mem_mb": f"{peak[b]:.1f}",
+                         "note": f"rel err {err:.1e}; load {load_average()}"})
+        table.append([shape, f"{ms['reference']:.2f}", f"{ms['cpu']:.2f}", f"{ms['reference'] / ms['cpu']:.2f}x",
+                      f"{peak['reference']:.1f}", f"{peak['cpu']:.1f}", f"{err:.1e}"])
+        print(table[-1], flush=True)
+    append_rows(rows)
+    body = (f"{now()}; {device_name('cpu')}; {versions()}, ovss_fast {commit()}; "
+            f"load average at the end {load_average()}.\n\n"
+            f"{method} Median wall time (torch.utils.benchmark, best of two blocked_autorange medians); "
+            "peak = resident-set growth during one call in a fresh process.\n\n"
+            + markdown_table(["shape", "reference ms", "cpu ms", "speed-up", "reference peak MiB",
+                              "cpu peak MiB", "cpu rel. err"], table))
+    write_section(f"{name} on CPU", body)

@@ -15,13 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 
 from bench import _ext_bench as eb  # noqa: E402
-from bench._results_io import append_rows, device_name, markdown_table, now, versions, write_section  # noqa: E402
 from ovss_fast import reference as R  # noqa: E402
 from ovss_fast._ext_backend import CPU_BACKEND  # noqa: E402
 
 NAME = "class_distributions"
 CASES = [{"B": 1, "N": n, "C": c, "D": 512} for n in (784, 1024, 2304) for c in (21, 171)]
-BACKENDS = ("reference", "cpu")
 
 
 def make_inputs(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,29 +44,9 @@ def check(inputs) -> float:
 
 
 def main() -> None:
-    rows, table = [], []
-    for case in CASES:
-        inputs = make_inputs(case)
-        err = check(inputs)
-        shape = f"B={case['B']} N={case['N']} C={case['C']} D={case['D']}"
-        ms = {b: min(eb.median_ms(lambda b=b, x=inputs: run(x, b)) for _ in range(2)) for b in BACKENDS}
-        peak = {b: eb.peak_mem_mb("bench_class_distributions", case, b) for b in BACKENDS}
-        for b in BACKENDS:
-            rows.append({"date": now(), "bench": NAME, "device": device_name("cpu"), "op": NAME, "dtype": "float32",
-                         "versions": f"{versions()}, ovss_fast {eb.commit()}",
-                         "shape": shape, "backend": b, "median_ms": f"{ms[b]:.3f}", "peak_mem_mb": f"{peak[b]:.1f}",
-                         "note": f"rel err {err:.1e}; load {eb.load_average()}"})
-        table.append([shape, f"{ms['reference']:.2f}", f"{ms['cpu']:.2f}", f"{ms['reference'] / ms['cpu']:.2f}x",
-                      f"{peak['reference']:.1f}", f"{peak['cpu']:.1f}", f"{err:.1e}"])
-        print(table[-1], flush=True)
-    append_rows(rows)
-    body = (f"{now()}; {device_name('cpu')}; {versions()}, ovss_fast {eb.commit()}; "
-            f"load average at the end {eb.load_average()}.\n\n"
-            "float32, scale 100, no NMS. Median wall time (torch.utils.benchmark, best of two blocked_autorange "
-            "medians); peak = resident-set growth during one call in a fresh process.\n\n"
-            + markdown_table(["shape", "reference ms", "cpu ms", "speed-up", "reference peak MiB",
-                                 "cpu peak MiB", "cpu rel. err"], table))
-    write_section("class_distributions on CPU", body)
+    eb.compare_with_reference(
+        name=NAME, module="bench_class_distributions", cases=CASES, make_inputs=make_inputs, run=run, check=check,
+        shape_of=lambda c: f"B={c['B']} N={c['N']} C={c['C']} D={c['D']}", method="float32, scale 100, no NMS.")
 
 
 if __name__ == "__main__":

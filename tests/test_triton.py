@@ -319,6 +319,25 @@ def test_split_schedule(B, N, C, dead, layout, readout):
         assert torch.equal(got[robust], fused[robust])
 
 
+@interpreted
+@pytest.mark.parametrize("schedule", ["fused", "split"])
+def test_markov_scores_float32_chain_accuracy(schedule):
+    """The chain is carried as d = f - 1 (method.md section 3, mv): carrying f itself cancels in
+    f - 1 as the chain mixes. On this case the literal float32 form is 2.2e-4 of float64 under the
+    interpreter (both schedules); carrying d gives 1.8e-6. Default sk_iters = 15, steps = 50."""
+    from ovss_fast.triton import markov_scores as mk
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(1, 192, 512, generator=g)
+    text = torch.randn(2, 512, generator=g)
+    aff = torch.rand(1, 192, 192, generator=g)
+    q = R.class_distributions(feats.double(), text.double())
+    _, k = R.gibbs_kernel(aff.double())
+    got = mk.markov_scores(q.float(), k.float(), schedule=schedule)
+    assert got.dtype == torch.float32
+    assert rel_err(got, R.markov_scores(q, k)) <= TOL
+
+
 # --------------------------------------------------------------------------- section 4
 def _jbu_inputs(B: int, C: int, h: int, w: int, H: int, W: int, *, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -470,6 +489,7 @@ def test_kernels_compile_for_h100():
 
     floats = {"scale", "nms", "inv_eps", "a", "eps", "tau", "inv_s", "inv_r"}
     ints = {"cy_ptr": "*i32", "cx_ptr": "*i32", "label_ptr": "*i64"}
+    scales64 = {"r_ptr": "*fp64", "c_ptr": "*fp64"}  # mv's Sinkhorn-Knopp scale vectors
     cases = [
         (cd._class_distributions_kernel, {"BLOCK_N": 64, "BLOCK_C": 256, "BLOCK_D": 32}, 8, {"x_ptr": "*fp16"}),
         (cd._normalize_columns_kernel, {"BLOCK_N": 16, "BLOCK_C": 256}, 4, {}),
@@ -482,8 +502,9 @@ def test_kernels_compile_for_h100():
         (sk._center_potential_kernel, {"BLOCK_N": 64, "BLOCK_C": 32}, 4, {}),
         (mk._markov_step_kernel, {"VELOCITY": True, "BLOCK_R": 32, "BLOCK_S": 64, "BLOCK_C": 32}, 4, {}),
         (mk._markov_finish_kernel, {"VELOCITY": True, "BLOCK_N": 64, "BLOCK_C": 32}, 4, {}),
-        (mk._sk_rows_kernel, {"BLOCK_I": 32, "BLOCK_J": 128}, 4, {}),
-        (mk._sk_cols_kernel, {"BLOCK_I": 64, "BLOCK_J": 64}, 4, {}),
+        (mk._sk_rows_kernel, {"BLOCK_I": 32, "BLOCK_J": 128}, 4, scales64),
+        (mk._sk_cols_kernel, {"BLOCK_I": 64, "BLOCK_J": 64}, 4, scales64),
+        (mk._drift_kernel, {"BLOCK_I": 64, "BLOCK_J": 64}, 4, scales64),
         (mk._markov_scores_kernel, {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 32, "VELOCITY": True}, 4, {}),
         (jbu._jbu_upsample_kernel, {"BLOCK_P": 128, "BLOCK_C": 16}, 4, ints),
         (jbu._jbu_argmax_kernel, {"BLOCK_P": 128, "BLOCK_C": 16}, 4, ints),

@@ -4,8 +4,18 @@ T is never materialised: T = diag(r) K diag(c), with the scale vectors r, c [B, 
 Sinkhorn-Knopp, which is exactly "normalise the rows of T, then its columns" of the reference:
 the row sums of T are r_i (K c)_i and its column sums c_j (K^T r)_j.
 
+The chain is carried as its deviation d = f - 1 from the uniform level, as in the reference:
+d(0) = N q - 1, d(l) = T^T d(l-1) + e with e_j = c_j (K^T r)_j - 1 (T's column sums - 1, ~0
+after SK), S = sum_l d(l). Carrying f itself loses accuracy in float32 (f - 1 cancels as the
+chain mixes: 2.2e-4 of float64 at N = 192, C = 2 under the interpreter, ~1.5e-3 at N = 2304,
+C = 21 in a PyTorch emulation). The scale vectors and e are computed in float64: the drift
+enters S about l times over, and float32 column sums (rounding noise ~1e-7; c itself off by
+~3e-6 at N = 2304) would put 1.4e-4 back in at N = 2304. The chain runs in float32 with r, c
+rounded to float32 once (the e of the float64 scales stands in for theirs).
+
 Launches per call: 2 * sk_iters small ones (``_sk_rows_kernel``, ``_sk_cols_kernel``; each
-parallel over row / column blocks of every image), then the chain in one of two schedules
+parallel over row / column blocks of every image), one ``_drift_kernel``, then the chain in
+one of two schedules
 (as for sinkhorn_scores, chosen by ``fused_is_better`` or forced with ``schedule=``):
 
 * fused: ONE ``_markov_scores_kernel`` launch runs all ``steps`` chain steps, a program per
@@ -36,22 +46,23 @@ DENOM_FLOOR = tl.constexpr(_DENOM_FLOOR)
 @triton.jit
 def _sk_rows_kernel(
     k_ptr,  # [B, N, N] kernel (any float dtype, any strides)
-    r_ptr, c_ptr,  # [B, N] float32 scale vectors; r updated in place
+    r_ptr, c_ptr,  # [B, N] float64 scale vectors; r updated in place
     N,
     skb, ski, skj,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """Row step of Sinkhorn-Knopp: r_i <- r_i / max(r_i * sum_j K_ij c_j, 1e-30) (method.md section 3, mv)."""
+    """Row step of Sinkhorn-Knopp: r_i <- r_i / max(r_i * sum_j K_ij c_j, 1e-30), in float64
+    (method.md section 3, mv)."""
     pid_b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     rmask = rows < N
     k_base = k_ptr + pid_b * skb
-    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float64)
     for j0 in range(0, N, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         jmask = cols < N
         k = tl.load(k_base + rows[:, None] * ski + cols[None, :] * skj,
-                    mask=rmask[:, None] & jmask[None, :], other=0.0).to(tl.float32)
+                    mask=rmask[:, None] & jmask[None, :], other=0.0).to(tl.float64)
         c = tl.load(c_ptr + pid_b * N + cols, mask=jmask, other=0.0)
         acc += k * c[None, :]
     r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=1.0)
@@ -61,22 +72,23 @@ def _sk_rows_kernel(
 @triton.jit
 def _sk_cols_kernel(
     k_ptr,  # [B, N, N] kernel
-    r_ptr, c_ptr,  # [B, N] float32 scale vectors; c updated in place
+    r_ptr, c_ptr,  # [B, N] float64 scale vectors; c updated in place
     N,
     skb, ski, skj,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """Column step of Sinkhorn-Knopp: c_j <- c_j / max(c_j * sum_i r_i K_ij, 1e-30) (method.md section 3, mv)."""
+    """Column step of Sinkhorn-Knopp: c_j <- c_j / max(c_j * sum_i r_i K_ij, 1e-30), in float64
+    (method.md section 3, mv)."""
     pid_b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     jmask = cols < N
     k_base = k_ptr + pid_b * skb
-    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float64)
     for i0 in range(0, N, BLOCK_I):
         rows = i0 + tl.arange(0, BLOCK_I)
         rmask = rows < N
         k = tl.load(k_base + rows[:, None] * ski + cols[None, :] * skj,
-                    mask=rmask[:, None] & jmask[None, :], other=0.0).to(tl.float32)
+                    mask=rmask[:, None] & jmask[None, :], other=0.0).to(tl.float64)
         r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=0.0)
         acc += k * r[:, None]
     c = tl.load(c_ptr + pid_b * N + cols, mask=jmask, other=1.0)
@@ -84,12 +96,39 @@ def _sk_cols_kernel(
 
 
 @triton.jit
+def _drift_kernel(
+    k_ptr,  # [B, N, N] kernel
+    r_ptr, c_ptr,  # [B, N] float64 scale vectors
+    e_ptr,  # [B, N] float32 out: e_j = c_j sum_i r_i K_ij - 1
+    N,
+    skb, ski, skj,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """T's column sums minus 1, in float64 (the chain's drift d(l) = T^T d(l-1) + e; method.md section 3, mv)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    jmask = cols < N
+    k_base = k_ptr + pid_b * skb
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float64)
+    for i0 in range(0, N, BLOCK_I):
+        rows = i0 + tl.arange(0, BLOCK_I)
+        rmask = rows < N
+        k = tl.load(k_base + rows[:, None] * ski + cols[None, :] * skj,
+                    mask=rmask[:, None] & jmask[None, :], other=0.0).to(tl.float64)
+        r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=0.0)
+        acc += k * r[:, None]
+    c = tl.load(c_ptr + pid_b * N + cols, mask=jmask, other=0.0)
+    tl.store(e_ptr + pid_b * N + cols, (c * tl.sum(acc, axis=0) - 1.0).to(tl.float32), mask=jmask)
+
+
+@triton.jit
 def _markov_scores_kernel(
     q_ptr,  # [B, N, C] (any float dtype, any strides)
     k_ptr,  # [B, N, N] kernel
-    r_ptr, c_ptr,  # [B, N] float32: T = diag(r) K diag(c)
+    r_ptr, c_ptr,  # [B, N] float32: T = diag(r) K diag(c) (the float64 SK scales, rounded)
+    e_ptr,  # [B, N] float32: T's column sums - 1
     out_ptr,  # [B, N, C] float32 out (contiguous); holds the running sum / lstar during the chain
-    f_ptr,  # [2, B, N, CP] float32 scratch: f(l-1) and f(l); plane = B * N * CP
+    f_ptr,  # [2, B, N, CP] float32 scratch: d(l-1) and d(l); plane = B * N * CP
     B, N, C, CP, plane,
     sqb, sqn, sqc,
     skb, ski, skj,
@@ -97,9 +136,10 @@ def _markov_scores_kernel(
     VELOCITY: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """f(0) = N q; f(l)[j] = c_j sum_i K_ij r_i f(l-1)[i] (= (T^T f(l-1))[j]), l = 1..steps.
+    """The chain as its deviation d = f - 1: d(0) = N q - 1;
+    d(l)[j] = c_j sum_i K_ij r_i d(l-1)[i] + e_j (= (T^T f(l-1))[j] - 1), l = 1..steps.
 
-    integrated: S = sum_l (f(l) - 1).  velocity: lstar = first l with |f(l) - f(l-1)| <= tau
+    integrated: S = sum_l d(l).  velocity: lstar = first l with |d(l) - d(l-1)| <= tau
     (steps + 1 if never), S = -lstar + 1e-3 f(0).  S = -inf for a dead class (sum_i q = 0).
     method.md section 3, mv. Products run in IEEE float32 (no tf32).
     """
@@ -119,7 +159,7 @@ def _markov_scores_kernel(
         mask = (rows < N)[:, None] & cmask[None, :]
         q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
         qsum += tl.sum(q, axis=0)
-        tl.store(f_base + rows[:, None] * CP + cls[None, :], N * q, mask=mask)
+        tl.store(f_base + rows[:, None] * CP + cls[None, :], N * q - 1.0, mask=mask)
         if VELOCITY:
             init = tl.zeros((BLOCK_J, BLOCK_C), dtype=tl.float32) + (steps + 1)
         else:
@@ -144,7 +184,8 @@ def _markov_scores_kernel(
                             mask=rmask[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
                 acc = tl.dot(tl.trans(k), f * r[:, None], acc, input_precision="ieee")
             c = tl.load(c_ptr + pid_b * N + cols, mask=jmask, other=0.0)
-            fnew = acc * c[:, None]
+            e = tl.load(e_ptr + pid_b * N + cols, mask=jmask, other=0.0)
+            fnew = acc * c[:, None] + e[:, None]
             mask = jmask[:, None] & cmask[None, :]
             tl.store(dst + cols[:, None] * CP + cls[None, :], fnew, mask=mask)
             o_ptrs = o_base + cols[:, None] * C + cls[None, :]
@@ -154,7 +195,7 @@ def _markov_scores_kernel(
                 settled = (tl.abs(fnew - fold) <= tau) & (held > steps)
                 held = tl.where(settled, step * 1.0, held)
             else:
-                held = held + (fnew - 1.0)
+                held = held + fnew
             tl.store(o_ptrs, held, mask=mask)
         tl.debug_barrier()
 
@@ -174,8 +215,9 @@ def _markov_scores_kernel(
 @triton.jit(do_not_specialize=["step", "steps"])
 def _markov_step_kernel(
     k_ptr,  # [B, N, N] kernel
-    r_ptr, c_ptr,  # [B, N] float32: T = diag(r) K diag(c)
-    src_ptr, dst_ptr,  # [B, N, CP] float32: f(l-1) in, f(l) out
+    r_ptr, c_ptr,  # [B, N] float32: T = diag(r) K diag(c) (the float64 SK scales, rounded)
+    e_ptr,  # [B, N] float32: T's column sums - 1
+    src_ptr, dst_ptr,  # [B, N, CP] float32: d(l-1) in, d(l) out (d = f - 1)
     out_ptr,  # [B, N, C] float32: running sum (integrated) or lstar (velocity), updated in place
     N, C, CP,
     skb, ski, skj,
@@ -184,8 +226,8 @@ def _markov_step_kernel(
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Chain step l for BLOCK_R patches j and BLOCK_C classes (the split schedule):
-    f(l)[j] = c_j sum_i K_ij r_i f(l-1)[i]; integrated: out += f(l) - 1; velocity: out = l where
-    out > steps and |f(l) - f(l-1)| <= tau. method.md section 3, mv. IEEE float32 products (no tf32).
+    d(l)[j] = c_j sum_i K_ij r_i d(l-1)[i] + e_j; integrated: out += d(l); velocity: out = l where
+    out > steps and |d(l) - d(l-1)| <= tau. method.md section 3, mv. IEEE float32 products (no tf32).
     """
     pid_b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -204,7 +246,8 @@ def _markov_step_kernel(
         f = tl.load(src + rows[:, None] * CP + cls[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(tl.trans(k), f * r[:, None], acc, input_precision="ieee")
     c = tl.load(c_ptr + pid_b * N + cols, mask=jmask, other=0.0)
-    fnew = acc * c[:, None]
+    e = tl.load(e_ptr + pid_b * N + cols, mask=jmask, other=0.0)
+    fnew = acc * c[:, None] + e[:, None]
     mask = jmask[:, None] & cmask[None, :]
     tl.store(dst_ptr + pid_b * N * CP + cols[:, None] * CP + cls[None, :], fnew, mask=mask)
     o_ptrs = out_ptr + pid_b * N * C + cols[:, None] * C + cls[None, :]
@@ -214,7 +257,7 @@ def _markov_step_kernel(
         settled = (tl.abs(fnew - fold) <= tau) & (held > steps)
         held = tl.where(settled, step * 1.0, held)
     else:
-        held = held + (fnew - 1.0)
+        held = held + fnew
     tl.store(o_ptrs, held, mask=mask)
 
 
@@ -286,9 +329,9 @@ _INTERPRET_STEP = {"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_C": 16}
 
 
 def doubly_stochastic_scales(kernel: Tensor, *, sk_iters: int = 15) -> tuple[Tensor, Tensor]:
-    """kernel: [B, N, N] -> (r [B, N], c [B, N]) float32 with diag(r) K diag(c) = reference.doubly_stochastic(K)."""
+    """kernel: [B, N, N] -> (r [B, N], c [B, N]) float64 with diag(r) K diag(c) = reference.doubly_stochastic(K)."""
     B, N, _ = kernel.shape
-    r = torch.ones((B, N), dtype=torch.float32, device=kernel.device)
+    r = torch.ones((B, N), dtype=torch.float64, device=kernel.device)
     c = torch.ones_like(r)
     strides = kernel.stride()
     with device_guard(kernel):
@@ -300,6 +343,16 @@ def doubly_stochastic_scales(kernel: Tensor, *, sk_iters: int = 15) -> tuple[Ten
                 _rows_tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_I"]))](kernel, r, c, N, *strides)
                 _cols_tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_J"]))](kernel, r, c, N, *strides)
     return r, c
+
+
+def column_drift(kernel: Tensor, r: Tensor, c: Tensor) -> Tensor:
+    """kernel [B, N, N], scales r, c [B, N] float64 -> e [B, N] float32: column sums of diag(r) K diag(c) - 1."""
+    B, N, _ = kernel.shape
+    e = torch.empty((B, N), dtype=torch.float32, device=kernel.device)
+    blocks = _INTERPRET if interpreting() else {"BLOCK_I": 64, "BLOCK_J": 64}
+    with device_guard(kernel):
+        _drift_kernel[(B, triton.cdiv(N, blocks["BLOCK_J"]))](kernel, r, c, e, N, *kernel.stride(), **blocks)
+    return e
 
 
 def markov_scores(
@@ -326,12 +379,14 @@ def markov_scores(
     if out.numel() == 0:
         return out
     r, c = doubly_stochastic_scales(kernel, sk_iters=sk_iters)
+    e = column_drift(kernel, r, c)
     cp = triton.cdiv(C, SCRATCH_PAD) * SCRATCH_PAD
     f = torch.empty((2, B, N, cp), dtype=torch.float32, device=q.device)
-    args = (q, kernel, r, c, out, f, B, N, C, cp, B * N * cp, *q.stride(), *kernel.stride(), int(steps), float(tau))
+    r, c = r.float(), c.float()
+    args = (q, kernel, r, c, e, out, f, B, N, C, cp, B * N * cp, *q.stride(), *kernel.stride(), int(steps), float(tau))
     velocity = readout == "velocity"
     if schedule == "split" or (schedule == "auto" and not fused_is_better(B, N, C, q.device)):
-        return _chain_split(q, kernel, r, c, out, f, int(steps), float(tau), velocity)
+        return _chain_split(q, kernel, r, c, e, out, f, int(steps), float(tau), velocity)
     with device_guard(q):
         if interpreting():
             _markov_scores_kernel[(B, triton.cdiv(C, 16))](*args, VELOCITY=velocity, BLOCK_C=16, **_INTERPRET)
@@ -340,17 +395,17 @@ def markov_scores(
     return out
 
 
-def _chain_split(q: Tensor, kernel: Tensor, r: Tensor, c: Tensor, out: Tensor, f: Tensor, steps: int, tau: float,
-                 velocity: bool) -> Tensor:
+def _chain_split(q: Tensor, kernel: Tensor, r: Tensor, c: Tensor, e: Tensor, out: Tensor, f: Tensor, steps: int,
+                 tau: float, velocity: bool) -> Tensor:
     """The row-parallel schedule: one launch per chain step, then one to finish the readout."""
     B, N, C = q.shape
     cp = f.shape[3]
-    f[0, :, :, :C] = N * q.to(torch.float32)  # f(0), as the fused kernel computes it
+    f[0, :, :, :C] = N * q.to(torch.float32) - 1.0  # d(0) = f(0) - 1, as the fused kernel computes it
     out.fill_(float(steps + 1) if velocity else 0.0)
     interp = interpreting()
     with device_guard(q):
         for step in range(1, steps + 1):
-            args = (kernel, r, c, f[(step - 1) % 2], f[step % 2], out, N, C, cp, *kernel.stride(), step, steps, tau)
+            args = (kernel, r, c, e, f[(step - 1) % 2], f[step % 2], out, N, C, cp, *kernel.stride(), step, steps, tau)
             if interp:
                 grid = (B, triton.cdiv(N, _INTERPRET_STEP["BLOCK_R"]), triton.cdiv(C, _INTERPRET_STEP["BLOCK_C"]))
                 _markov_step_kernel[grid](*args, VELOCITY=velocity, **_INTERPRET_STEP)

@@ -162,12 +162,16 @@ def markov_scores(
     dt = compute_dtype(q, kernel)
     q = q.to(dt)
     n = q.shape[1]
-    tt = doubly_stochastic(kernel, sk_iters=sk_iters).transpose(1, 2)  # f(l) = T^T f(l-1)
+    # f(l) = T^T f(l-1). Sinkhorn-Knopp runs in float64 whatever the compute dtype: the
+    # chain adds T's column-sum drift about `steps` times, and a float32 T cannot see it
+    # (float32 SK alone costs ~1e-4 of float64 at N = 2304). The C++ and Triton
+    # backends likewise keep their SK scalings in float64.
+    tt = doubly_stochastic(kernel.double(), sk_iters=sk_iters).transpose(1, 2).to(dt)
     f0 = n * q
     # The chain is carried as its deviation d = f - 1 from the uniform level:
     # d(l) = T^T d(l-1) + (T^T 1 - 1). The same numbers in exact arithmetic, but f - 1
     # cancels badly in float32 as the chain mixes (past 1e-4 of float64 at N ~ 800).
-    drift = tt.sum(dim=2, keepdim=True) - 1.0  # [B, N, 1]: T's column sums - 1 (~0 after SK)
+    drift = (tt.double().sum(dim=2, keepdim=True) - 1.0).to(dt)  # [B, N, 1]: T's column sums - 1
     d = f0 - 1.0
     if readout == "integrated":
         acc = torch.zeros_like(q)

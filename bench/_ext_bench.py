@@ -1,4 +1,4 @@
-"""Helpers for the CPU benchmarks of the compiled ops (bench/bench_class_distributions.py,
+"""Helpers for the benchmarks (bench/bench_class_distributions.py, bench/gpu_check.py,
 bench/bench_gibbs_kernel.py, bench/bench_jbu_argmax.py).
 
 - timing: ``torch.utils.benchmark`` (blocked_autorange) median, or a median of whole
@@ -141,3 +141,19 @@ def compare_with_reference(*, name: str, module: str, cases: list[dict], make_in
             + markdown_table(["shape", "reference ms", "cpu ms", "speed-up", "reference peak MiB",
                               "cpu peak MiB", "cpu rel. err"], table))
     write_section(f"{name} on CPU", body)
+
+
+def time_gpu(fn: Callable[[], object], rep_ms: int) -> tuple[float, float]:
+    """(median ms from triton.testing.do_bench, peak allocated above the baseline in MB)."""
+    import torch
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
+    return float(ms), peak

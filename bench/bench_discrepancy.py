@@ -36,7 +36,7 @@ import torch
 from ovss_fast import reference as R
 from ovss_fast._backends import UnavailableBackend, get_backend
 
-from ._ext_bench import peak_mem_mb
+from ._ext_bench import peak_mem_mb, time_gpu
 from ._results_io import append_rows, device_name, markdown_table, now, versions, write_section
 
 TOL = 1e-4
@@ -118,21 +118,6 @@ def run(inputs: tuple[str, torch.Tensor, torch.Tensor], backend: str) -> torch.T
     fn = score_fns(mode, "cpu")[backend]
     assert not isinstance(fn, str), fn
     return fn(q, k)
-
-
-def time_gpu(fn: Callable[[], object], rep_ms: int) -> tuple[float, float]:
-    """(median ms from triton.testing.do_bench, peak allocated above the baseline in MB)."""
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    ms = triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
-    return float(ms), peak
 
 
 def score_fns(mode: str, device: str) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str]:

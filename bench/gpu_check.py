@@ -47,6 +47,7 @@ import torch
 from ovss_fast import reference as R
 from ovss_fast._backends import OPS, UnavailableBackend, get_backend
 
+from ._ext_bench import time_gpu
 from ._results_io import append_rows, device_name, markdown_table, now, versions, write_section
 
 TOL = 1e-4
@@ -341,20 +342,6 @@ def run_sanitizer(quick: bool) -> tuple[list[list[str]], bool]:
 
 
 # --------------------------------------------------------------------------- timing
-def _bench(fn: Callable[[], object], rep: int) -> tuple[float, float]:
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    ms = triton.testing.do_bench(fn, warmup=max(25, rep // 4), rep=rep, return_mode="median")
-    return float(ms), peak
-
-
 def run_timing(quick: bool) -> list[list[str]]:
     rows: list[list[str]] = []
     rep = 100 if quick else 400
@@ -406,7 +393,7 @@ def run_timing(quick: bool) -> list[list[str]]:
                     fn(q, aff)
                     torch.cuda.synchronize()
                     first = time.perf_counter() - t0
-                    ms, mem = _bench(lambda fn=fn: fn(q, aff), rep)
+                    ms, mem = time_gpu(lambda fn=fn: fn(q, aff), rep)
                 rows.append([f"discrepancy {mode}", shape, label, f"{ms:.3f}", f"{mem:.1f}",
                              f"first call {first:.1f} s"])
             except Exception as exc:
@@ -429,7 +416,7 @@ def run_timing(quick: bool) -> list[list[str]]:
             continue
         try:
             with torch.no_grad():
-                ms, mem = _bench(fn, rep)
+                ms, mem = time_gpu(fn, rep)
             rows.append(["jbu_argmax", shape, label, f"{ms:.3f}", f"{mem:.1f}", ""])
         except Exception as exc:
             rows.append(["jbu_argmax", shape, label, "-", "-",

@@ -23,9 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``backends``: print each backend and why it cannot load, if it cannot."""
+    import torch
+
     from ._backends import available_backends
 
+    gpu = torch.cuda.is_available()
     for name, state in available_backends().items():
+        if state == "ok" and name in ("cuda", "triton") and not gpu:
+            state = "ok (loads; runs on CUDA tensors, and no GPU is visible here)"
         print(f"{name:10s} {state}")
     return 0
 

@@ -141,6 +141,16 @@ inline cudaError_t cooperative_grid(const void* kernel, int* grid) {
   return cudaSuccess;
 }
 
+// Cooperative launch of `kernel(args)` (one by-value argument struct) on its co-resident grid.
+template <typename Args>
+inline cudaError_t launch_cooperative(const void* kernel, Args& args, cudaStream_t stream) {
+  int grid = 0;
+  const cudaError_t err = cooperative_grid(kernel, &grid);
+  if (err != cudaSuccess) return err;
+  void* kargs[] = {&args};
+  return cudaLaunchCooperativeKernel(kernel, dim3(grid), dim3(kThreads), kargs, 0, stream);
+}
+
 // Bytes rounded up to 256 so each scratch array starts aligned.
 inline size_t aligned_bytes(size_t n) { return (n + 255) & ~size_t{255}; }
 

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "../common/discrepancy_checks.h"
+#include "discrepancy_launch.h"
 #include "markov_scores_kernel.h"
 
 namespace ovss_fast {
@@ -43,10 +44,8 @@ at::Tensor markov_scores_cuda(const at::Tensor& q,       // [B, N, C]
   const size_t scratch_bytes = markov_scores_scratch_bytes(p);
   at::Tensor scratch = at::empty({static_cast<int64_t>(scratch_bytes)}, qc.options().dtype(at::kByte));
   p.scratch = scratch.data_ptr();
-  const cudaError_t err = launch_markov_scores(p, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
-  TORCH_CHECK(err == cudaSuccess, "markov_scores (CUDA): kernel launch failed: ", cudaGetErrorString(err),
-              " (B=", p.B, ", N=", p.N, ", C=", p.C, "); where cooperative launches are refused ",
-              "(e.g. under MPS), OVSS_FAST_CUDA_DISCREPANCY=tile selects the other CUDA schedule");
+  check_discrepancy_launch(launch_markov_scores(p, c10::cuda::getCurrentCUDAStream(q.device().index()).stream()),
+                           "markov_scores", p.B, p.N, p.C);
   return out;
 }
 

@@ -415,12 +415,7 @@ cudaError_t launch_coop(const MarkovScoresParams& p, cudaStream_t stream) {
   args.steps = p.steps;
   args.readout = p.readout;
   args.tau = static_cast<T>(p.tau);
-  const void* fn = reinterpret_cast<const void*>(&markov_scores_coop_kernel<T>);
-  int grid = 0;
-  cudaError_t err = coop::cooperative_grid(fn, &grid);
-  if (err != cudaSuccess) return err;
-  void* kargs[] = {&args};
-  return cudaLaunchCooperativeKernel(fn, dim3(grid), dim3(coop::kThreads), kargs, 0, stream);
+  return coop::launch_cooperative(reinterpret_cast<const void*>(&markov_scores_coop_kernel<T>), args, stream);
 }
 
 // ---------------------------------------------------------------- tile schedule

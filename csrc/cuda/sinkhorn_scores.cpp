@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "../common/discrepancy_checks.h"
+#include "discrepancy_launch.h"
 #include "sinkhorn_scores_kernel.h"
 
 namespace ovss_fast {
@@ -42,10 +43,8 @@ at::Tensor sinkhorn_scores_cuda(const at::Tensor& q,       // [B, N, C]
     scratch = at::empty({static_cast<int64_t>(scratch_bytes)}, qc.options().dtype(at::kByte));
     p.scratch = scratch.data_ptr();
   }
-  const cudaError_t err = launch_sinkhorn_scores(p, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
-  TORCH_CHECK(err == cudaSuccess, "sinkhorn_scores (CUDA): kernel launch failed: ", cudaGetErrorString(err),
-              " (B=", p.B, ", N=", p.N, ", C=", p.C, "); where cooperative launches are refused ",
-              "(e.g. under MPS), OVSS_FAST_CUDA_DISCREPANCY=tile selects the other CUDA schedule");
+  check_discrepancy_launch(launch_sinkhorn_scores(p, c10::cuda::getCurrentCUDAStream(q.device().index()).stream()),
+                           "sinkhorn_scores", p.B, p.N, p.C);
   return out;
 }
 

@@ -260,12 +260,7 @@ cudaError_t launch_coop(const SinkhornScoresParams& p, cudaStream_t stream) {
   args.C = p.C;
   args.iters = p.iters;
   args.eps = static_cast<T>(p.eps);
-  const void* fn = reinterpret_cast<const void*>(&sinkhorn_scores_coop_kernel<T>);
-  int grid = 0;
-  cudaError_t err = coop::cooperative_grid(fn, &grid);
-  if (err != cudaSuccess) return err;
-  void* kargs[] = {&args};
-  return cudaLaunchCooperativeKernel(fn, dim3(grid), dim3(coop::kThreads), kargs, 0, stream);
+  return coop::launch_cooperative(reinterpret_cast<const void*>(&sinkhorn_scores_coop_kernel<T>), args, stream);
 }
 
 // ---------------------------------------------------------------- tile schedule

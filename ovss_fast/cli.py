@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "demo": ("ovss_fast.demo", "run a synthetic scene through every mode (no weights, no network)"),
     "segment": ("ovss_fast.segment_cli", "segment images with open_clip and a list of class names"),
+    "eval": ("ovss_fast.eval.cli", "mIoU on a benchmark (voc21, ade, ...) or --synthetic; torchrun for many GPUs"),
     "backends": ("ovss_fast.cli", "list the backends and whether each can load"),
 }
 

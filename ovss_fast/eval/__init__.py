@@ -1,0 +1,48 @@
+"""Evaluation on the standard training-free OVSS benchmarks: readers, protocol, mIoU, torch.distributed.
+
+``ovss-fast eval --dataset NAME --root PATH`` (see :mod:`ovss_fast.eval.cli`) is the command;
+the pieces are importable for scripts:
+
+    from ovss_fast.eval import SegmentationDataset, SegmenterPredictor, run_loop, make_report
+"""
+
+from .datasets import (
+    DATASETS,
+    IGNORE_INDEX,
+    LONG_SIDE_CAP,
+    DatasetSpec,
+    SegmentationDataset,
+    dataset_spec,
+    load_class_names,
+)
+from .distributed import DistContext
+from .harness import (
+    EvalOutcome,
+    SegmenterPredictor,
+    SyntheticScenes,
+    make_report,
+    protocol_size,
+    run_loop,
+    synthetic_predictor,
+)
+from .metrics import confusion_matrix, scores_from_confusion
+
+__all__ = [
+    "DATASETS",
+    "IGNORE_INDEX",
+    "LONG_SIDE_CAP",
+    "DatasetSpec",
+    "DistContext",
+    "EvalOutcome",
+    "SegmentationDataset",
+    "SegmenterPredictor",
+    "SyntheticScenes",
+    "confusion_matrix",
+    "dataset_spec",
+    "load_class_names",
+    "make_report",
+    "protocol_size",
+    "run_loop",
+    "scores_from_confusion",
+    "synthetic_predictor",
+]

@@ -1,0 +1,189 @@
+"""``ovss-fast eval``: mIoU of the Segmenter on a benchmark (or on synthetic scenes), one or many processes.
+
+    ovss-fast eval --dataset voc21 --root /data/VOCdevkit --out results.json
+    torchrun --nproc_per_node=8 -m ovss_fast eval --dataset ade --root /data/ade --out ade.json
+    ovss-fast eval --synthetic --out synthetic.json          (no dataset, no weights)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from .datasets import DATASETS, LONG_SIDE_CAP
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    table = "\n".join(f"  {s.name:<12} {s.short_side:>5} {s.window:>6} {s.stride:>6}   {s.title}"
+                      for s in DATASETS.values())
+    parser.epilog = (
+        "protocol defaults (pixels):\n  dataset      short window stride\n" + table + "\n"
+        f"long side capped at {LONG_SIDE_CAP}; labels predicted at the annotation's size (JBU), 255 ignored.\n\n"
+        "examples:\n"
+        "  ovss-fast eval --dataset voc21 --root /data/VOCdevkit --out voc21.json\n"
+        "  torchrun --nproc_per_node=4 -m ovss_fast eval --dataset coco_stuff --root /data/coco_stuff164k "
+        "--out coco.json\n"
+        "  ovss-fast eval --synthetic --out synthetic.json      (no dataset, no weights)\n"
+        "offline smoke test (random weights, meaningless mIoU):\n"
+        "  ovss-fast eval --dataset voc21 --root /data/VOCdevkit --limit 4 --model ovss-fast-tiny --pretrained none"
+    )
+    parser.add_argument("--dataset", default=None, help=f"benchmark: {', '.join(DATASETS)}")
+    parser.add_argument("--root", default=None, help="the dataset folder (e.g. the one holding VOCdevkit)")
+    parser.add_argument("--split", default=None, help="split (default: val, val2017 for COCO, validation for ADE)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="evaluate seeded synthetic scenes instead (no dataset, no weights; --limit scenes, "
+                             "default 16)")
+    parser.add_argument("--difficulty", default="easy", choices=["easy", "hard"], help="synthetic scenes only")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds torch before the model is built (random weights are then the same on every "
+                             "rank) and is the first synthetic scene's seed (default 0)")
+    parser.add_argument("--out", default=None, help="results JSON to write (rank 0); default: print only")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--model", default="ViT-B-16",
+                        help="open_clip model name (default ViT-B-16) or local-dir:/folder; 'ovss-fast-tiny' with "
+                             "--pretrained none for offline smoke tests")
+    parser.add_argument("--pretrained", default="openai",
+                        help="open_clip weights tag (default openai), a local checkpoint file, or 'none' (RANDOM)")
+    parser.add_argument("--affinity", default="clip", choices=["clip", "sd2", "dino"], help="patch affinity")
+    parser.add_argument("--affinity-weights", default=None, help="local weights for --affinity sd2 or dino")
+    parser.add_argument("--mode", default="mv", choices=["mv", "op", "kl"], help="discrepancy (default mv)")
+    parser.add_argument("--features", default="clip", choices=["clip", "self_self"], help="dense CLIP features")
+    parser.add_argument("--short-side", type=int, default=None, help="resize short side (default: per dataset)")
+    parser.add_argument("--long-side", type=int, default=LONG_SIDE_CAP,
+                        help=f"cap on the resized long side (default {LONG_SIDE_CAP})")
+    parser.add_argument("--window", type=int, default=None,
+                        help="sliding window in pixels (default: per dataset; 0 = whole image)")
+    parser.add_argument("--stride", type=int, default=None, help="window stride in pixels (default: per dataset)")
+    parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda:LOCAL_RANK if available)")
+    parser.add_argument("--backend", default="auto", help="ops backend: auto, cuda, triton, cpu or reference")
+    parser.add_argument("--memory-budget", type=float, default=4.0, help="GiB for one window's N x N tensors")
+    parser.add_argument("--workers", type=int, default=2, help="image-reading worker processes (default 2)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-class table")
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"ovss-fast eval: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.memory_budget <= 0:
+        raise ValueError(f"--memory-budget must be positive, got {args.memory_budget}")
+    for flag in ("short_side", "long_side", "stride"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.window is not None and args.window < 0:
+        raise ValueError(f"--window must be >= 0 (0 = whole image), got {args.window}")
+    if args.synthetic:
+        if args.dataset or args.root:
+            raise ValueError("--synthetic evaluates generated scenes; leave out --dataset and --root")
+        return
+    if not args.dataset:
+        raise ValueError(f"--dataset is required (one of {', '.join(DATASETS)}), or pass --synthetic")
+    if args.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {args.dataset!r}; valid names: {', '.join(DATASETS)}")
+    if not args.root:
+        raise ValueError(f"--root is required: the {args.dataset} folder ({DATASETS[args.dataset].layout})")
+    if args.out and os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a folder; give a file name such as results.json")
+
+
+def _synthetic(args: argparse.Namespace, ctx: DistContext) -> tuple:
+    from .harness import SyntheticScenes, synthetic_predictor
+
+    dataset = SyntheticScenes(args.limit or 16, seed=args.seed, difficulty=args.difficulty)
+    predict = synthetic_predictor(args.mode, args.backend, ctx.device)
+    config = {"dataset": "synthetic", "scenes": len(dataset), "seed": args.seed, "difficulty": args.difficulty,
+              "grid": list(dataset.grid), "image_size": list(dataset.image_size), "mode": args.mode,
+              "backend": args.backend, "device": str(ctx.device), "ignore_index": 255}
+    return dataset, predict, config, 0
+
+
+def _benchmark(args: argparse.Namespace, ctx: DistContext) -> tuple:
+    from .datasets import SegmentationDataset
+    from .harness import SegmenterPredictor, segmenter_config
+
+    dataset = SegmentationDataset(args.dataset, args.root, args.split)
+    spec = dataset.spec
+    window = spec.window if args.window is None else (args.window or None)
+    stride = None if window is None else (args.stride if args.stride is not None else
+                                          spec.stride if args.window is None else None)
+    short = args.short_side or spec.short_side
+
+    import torch
+
+    from ..segmenter import Segmenter
+
+    pretrained = None if args.pretrained.lower() == "none" else args.pretrained
+    torch.manual_seed(args.seed)  # with --pretrained none every rank must build the same random model
+    seg = Segmenter(model=args.model, pretrained=pretrained, affinity=args.affinity, mode=args.mode,
+                    device=ctx.device, window=window, stride=stride, features=args.features,
+                    affinity_weights=args.affinity_weights, memory_budget=args.memory_budget * 2**30,
+                    backend=args.backend)
+    seg.text_features(dataset.class_names)  # embed the class names before the clock starts
+    config = {
+        "dataset": spec.name, "title": spec.title, "root": os.path.abspath(args.root), "split": dataset.split,
+        "images_in_split": len(dataset), "limit": args.limit, "short_side": short, "long_side": args.long_side,
+        "resize": "bilinear antialiased to the protocol size, rounded to whole patches",
+        "prediction_to_annotation": "joint bilateral upsampling of the patch-grid scores guided by the original "
+                                    "image to the annotation size, then argmax",
+        "ignore_index": 255, "seed": args.seed, "pretrained": pretrained, "affinity_weights": args.affinity_weights,
+        "class_names": dataset.class_names, **segmenter_config(seg),
+    }
+    predict = SegmenterPredictor(seg, dataset.class_names, short, args.long_side)
+    return dataset, predict, config, args.workers
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        _validate(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+
+    from .distributed import setup
+    from .harness import format_report, make_report, run_loop
+
+    try:
+        ctx = setup(args.device)
+    except (ValueError, RuntimeError) as exc:
+        return _fail(str(exc))
+    try:
+        try:
+            build = _synthetic if args.synthetic else _benchmark
+            dataset, predict, config, workers = build(args, ctx)
+        except (ValueError, TypeError, RuntimeError, OSError, ImportError) as exc:
+            return _fail(str(exc))
+        try:
+            outcome = run_loop(dataset, predict, dataset.num_classes, ctx=ctx, limit=args.limit, workers=workers,
+                               progress=not args.quiet, desc=config["dataset"])
+        except (ValueError, RuntimeError, OSError) as exc:
+            return _fail(str(exc), code=1)
+        if not ctx.is_main:
+            return 0
+        report = make_report(outcome, dataset.class_names, config, ctx)
+        if not args.quiet:
+            print(format_report(report))
+        else:
+            print(f"mIoU {report['mIoU']}  ({report['images']} images)")
+        if args.out:
+            parent = os.path.dirname(os.path.abspath(args.out))
+            os.makedirs(parent, exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+                f.write("\n")
+            print(f"wrote {args.out}")
+        return 0
+    finally:
+        ctx.close()

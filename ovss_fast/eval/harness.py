@@ -1,0 +1,264 @@
+"""The evaluation protocol: resize, predict, compare with the annotation, accumulate, all-reduce.
+
+Per image (a benchmark of :mod:`ovss_fast.eval.datasets`):
+
+    image [3, H, W], annotation [H, W]
+      -> resized (bilinear, antialiased) so the short side is the dataset's short side and
+         the long side at most 2048 (aspect kept; mmseg's Resize(scale=(2048, short),
+         keep_ratio=True)), then rounded to whole patches
+      -> Segmenter scores on the patch grid, sliding windows of the dataset's window / stride
+      -> joint bilateral upsampling guided by the ORIGINAL image straight to the annotation's
+         [H, W], argmax (the method's own upsampler stands in for the usual bilinear resize
+         of scores; nothing is predicted at an intermediate size)
+      -> confusion matrix against the annotation (255 ignored), summed over images and ranks.
+
+``--synthetic`` runs seeded scenes of :mod:`ovss_fast.synthetic` (CLIP-like features,
+affinity, guide and ground truth) through :func:`ovss_fast.segment_features` instead:
+the same loop, sharding, metrics and report with no dataset and no weights.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import __version__
+from ..ops import jbu_argmax, segment_features
+from ..synthetic import make_scene
+from .datasets import IGNORE_INDEX, LONG_SIDE_CAP
+from .distributed import DistContext
+from .metrics import confusion_matrix, scores_from_confusion
+
+
+def protocol_size(height: int, width: int, short_side: int, long_side: int = LONG_SIDE_CAP) -> tuple[int, int]:
+    """(height, width) after resizing the short side to ``short_side`` with the long side capped, aspect kept.
+
+    The scale is min(short_side / short, long_side / long), sizes rounded half up (as mmseg).
+    """
+    if short_side <= 0 or long_side <= 0:
+        raise ValueError(f"short_side and long_side must be positive, got {short_side} and {long_side}")
+    scale = min(short_side / min(height, width), long_side / max(height, width))
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+class SegmenterPredictor:
+    """item {"image": uint8 [3, H, W]} -> labels int64 [H, W] on the segmenter's device, by the protocol above."""
+
+    def __init__(self, segmenter: Any, class_names: Sequence[str], short_side: int,
+                 long_side: int = LONG_SIDE_CAP) -> None:
+        self.segmenter = segmenter
+        self.class_names = list(class_names)
+        self.short_side = int(short_side)
+        self.long_side = int(long_side)
+
+    def __call__(self, item: dict) -> Tensor:
+        seg = self.segmenter
+        img = item["image"].to(seg.device, non_blocking=True).float().div_(255.0)  # [3, H, W]
+        H, W = img.shape[1:]
+        h, w = protocol_size(H, W, self.short_side, self.long_side)
+        ph, pw = seg.patch
+        size = (max(1, round(h / ph)) * ph, max(1, round(w / pw)) * pw)
+        x = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+        scores = seg.scores(x[0], self.class_names, upsample=False)  # [C, gh, gw]
+        return jbu_argmax(scores[None], img[None], backend=seg.backend, **seg.jbu_params)[0]
+
+
+class SyntheticScenes(torch.utils.data.Dataset):
+    """Seeded synthetic scenes as a dataset: ``ds[i]`` -> {"scene": Scene, "label": [H, W], "name": str}."""
+
+    def __init__(self, num_scenes: int = 16, *, seed: int = 0, difficulty: str = "easy", num_classes: int = 6,
+                 grid: tuple[int, int] = (24, 24), image_size: tuple[int, int] = (96, 96)) -> None:
+        if num_scenes < 1:
+            raise ValueError(f"num_scenes must be >= 1, got {num_scenes}")
+        self.num_scenes, self.seed, self.difficulty = int(num_scenes), int(seed), difficulty
+        self.num_classes, self.grid, self.image_size = int(num_classes), tuple(grid), tuple(image_size)
+        self.class_names = [f"class{c}" for c in range(self.num_classes)]
+        make_scene(self.seed, grid=(2, 2), image_size=(2, 2), difficulty=difficulty)  # validates difficulty early
+
+    def __len__(self) -> int:
+        return self.num_scenes
+
+    def __getitem__(self, index: int) -> dict:
+        scene = make_scene(self.seed + index, grid=self.grid, image_size=self.image_size,
+                           num_classes=self.num_classes, num_regions=max(self.num_classes + 3, 9),
+                           difficulty=self.difficulty)
+        return {"scene": scene, "label": scene.labels_full[0], "name": f"scene{self.seed + index}"}
+
+
+def synthetic_predictor(mode: str = "mv", backend: str = "auto", device: torch.device | str = "cpu",
+                        **params: Any) -> Callable[[dict], Tensor]:
+    """item {"scene": Scene} -> labels [H, W]: the scene's features, text and affinity through segment_features."""
+    def predict(item: dict) -> Tensor:
+        s = item["scene"]
+        feats, text, aff, guide = (t.to(device) for t in (s.feats, s.text, s.affinity, s.guide))
+        return segment_features(feats, text, aff, grid=s.grid, guide=guide, mode=mode, backend=backend, **params)[0]
+
+    return predict
+
+
+# --------------------------------------------------------------------------- the loop
+class _Progress:
+    """A progress bar on stderr with the running mIoU of this rank (tqdm when installed)."""
+
+    def __init__(self, total: int, enabled: bool, desc: str) -> None:
+        self.total, self.enabled, self.desc, self.done = total, enabled, desc, 0
+        self.start = time.monotonic()
+        self.bar = None
+        self.last = 0.0
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="image", file=sys.stderr)
+            except ImportError:
+                pass
+
+    def update(self, miou: float) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        shown = "-" if math.isnan(miou) else f"{100 * miou:.1f}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"mIoU {shown}", refresh=False)
+            self.bar.update(1)
+            return
+        now = time.monotonic()
+        if now - self.last < 0.5 and self.done < self.total:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        filled = int(30 * self.done / max(self.total, 1))
+        sys.stderr.write(f"\r{self.desc} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
+                         f"{rate:.2f} image/s mIoU {shown}   ")
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class EvalOutcome:
+    confusion: Tensor  # [K, K] int64 on the CPU, summed over ranks
+    images: int  # evaluated over all ranks
+    seconds: float  # the slowest rank's wall time of the loop
+
+
+def _items(dataset: torch.utils.data.Dataset, indices: list[int], workers: int, pin: bool) -> Iterator[dict]:
+    if workers <= 0:
+        for i in indices:
+            yield dataset[i]
+        return
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=None,
+                                         num_workers=workers, pin_memory=pin)
+    yield from loader
+
+
+def run_loop(dataset: torch.utils.data.Dataset, predict: Callable[[dict], Tensor], num_classes: int, *,
+             ctx: DistContext | None = None, limit: int | None = None, workers: int = 0,
+             progress: bool = False, desc: str = "eval") -> EvalOutcome:
+    """Predict this rank's share of the first ``limit`` items, accumulate the confusion matrix, reduce over ranks.
+
+    Item i goes to rank i % world_size; the confusion matrices (int64) are summed, so the
+    outcome does not depend on the number of ranks.
+    """
+    ctx = ctx or DistContext()
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    n = len(dataset) if limit is None else min(int(limit), len(dataset))
+    sizes = ctx.all_reduce(torch.tensor([n, -n], dtype=torch.int64), op="max")
+    if int(sizes[0]) != -int(sizes[1]):
+        raise RuntimeError(f"ranks see different numbers of images ({-int(sizes[1])} to {int(sizes[0])}); "
+                           "every node must hold the same dataset")
+    indices = ctx.shard(n)
+    device = ctx.device
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    bar = _Progress(len(indices), progress and ctx.is_main, desc)
+    start = time.perf_counter()
+    try:
+        for item in _items(dataset, indices, workers, pin=device.type == "cuda"):
+            labels = predict(item)
+            target = item["label"].to(device, non_blocking=True)
+            cm += confusion_matrix(labels, target, num_classes, ignore_index=IGNORE_INDEX)
+            bar.update(scores_from_confusion(cm)["mIoU"] if bar.enabled else math.nan)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    cm = ctx.all_reduce(cm)
+    images = int(ctx.all_reduce(torch.tensor([len(indices)], dtype=torch.int64))[0])
+    seconds = float(ctx.all_reduce(torch.tensor([seconds], dtype=torch.float64), op="max")[0])
+    return EvalOutcome(confusion=cm.cpu(), images=images, seconds=seconds)
+
+
+# --------------------------------------------------------------------------- the report
+def _num(x: float, digits: int = 2) -> float | None:
+    return None if math.isnan(x) else round(100.0 * x, digits)
+
+
+def segmenter_config(seg: Any) -> dict:
+    """The Segmenter settings that decide its predictions (for the results file)."""
+    px = None if seg.window is None else [seg.window[0] * seg.patch[0], seg.window[1] * seg.patch[1]]
+    stride = None if seg.stride is None else [seg.stride[0] * seg.patch[0], seg.stride[1] * seg.patch[1]]
+    return {
+        "model": seg.model_name, "affinity": seg.affinity_name, "mode": seg.mode, "features": seg.features,
+        "window_px": px, "stride_px": stride, "patch": list(seg.patch), "dtype": str(seg.dtype).replace("torch.", ""),
+        "device": str(seg.device), "backend": seg.backend, "templates": len(seg.templates),
+        "memory_budget_gib": seg.memory_budget / 2**30, **seg.op_params, **seg.jbu_params,
+    }
+
+
+def make_report(outcome: EvalOutcome, class_names: Sequence[str], config: dict, ctx: DistContext | None = None) -> dict:
+    """The results file: metrics in percent (None where undefined), per-class rows, config, confusion matrix."""
+    ctx = ctx or DistContext()
+    s = scores_from_confusion(outcome.confusion)
+    gt = outcome.confusion.sum(dim=1)
+    per_class = [{"class": name, "IoU": _num(float(iou)), "Acc": _num(float(acc)), "gt_pixels": int(n)}
+                 for name, iou, acc, n in zip(class_names, s["IoU"], s["Acc"], gt, strict=True)]
+    device = ctx.device
+    return {
+        "mIoU": _num(s["mIoU"]), "mAcc": _num(s["mAcc"]), "aAcc": _num(s["aAcc"]),
+        "images": outcome.images, "seconds": round(outcome.seconds, 3),
+        "images_per_second": round(outcome.images / outcome.seconds, 4) if outcome.seconds > 0 else None,
+        "per_class": per_class,
+        "config": config,
+        "environment": {
+            "ovss_fast": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "world_size": ctx.world_size, "process_group_backend": ctx.backend,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "confusion_matrix": outcome.confusion.tolist(),
+    }
+
+
+def format_report(report: dict) -> str:
+    """Per-class IoU in three columns, then the headline numbers."""
+    rows = [f"{r['class'].split(';')[0][:22]:<22} {'-' if r['IoU'] is None else format(r['IoU'], '6.2f'):>6}"
+            for r in report["per_class"]]
+    lines = ["   ".join(rows[i:i + 3]) for i in range(0, len(rows), 3)]
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    ips = report["images_per_second"]
+    lines.append(f"mIoU {fmt(report['mIoU'])}  mAcc {fmt(report['mAcc'])}  aAcc {fmt(report['aAcc'])}  "
+                 f"({report['images']} images, {report['seconds']:.1f} s, {fmt(ips)} images/s, "
+                 f"{report['environment']['world_size']} process(es))")
+    return "\n".join(lines)
+
+
+__all__ = ["EvalOutcome", "SegmenterPredictor", "SyntheticScenes", "format_report", "make_report",
+           "protocol_size", "run_loop", "segmenter_config", "synthetic_predictor"]

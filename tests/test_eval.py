@@ -379,3 +379,36 @@ def test_sharding_covers_every_item_once():
     shards = [ctx.shard(10) for ctx in ranks]
     assert sorted(i for s in shards for i in s) == list(range(10))
     assert shards[1] == [1, 4, 7]
+
+
+# --------------------------------------------------------------------------- README and the results table
+def test_readme_protocol_table_is_the_code_table():
+    section = (ROOT / "README.md").read_text().split("## Evaluation\n", 1)[1].split("\n## ", 1)[0]
+    got = {}
+    for line in section.splitlines():
+        if line.startswith("| `") and not line.startswith("| `--"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            got[cells[0].strip("`")] = tuple(int(c) for c in cells[2:6])
+    assert got == {s.name: (s.num_classes, s.short_side, s.window, s.stride) for s in DATASETS.values()}
+
+
+def test_results_table(tmp_path, capsys):
+    from ovss_fast.eval.table import main as table_main
+
+    def report(dataset, miou, mode="mv", limit=None, images=10):
+        cfg = {"dataset": dataset, "model": "ViT-B-16", "affinity": "clip", "mode": mode, "limit": limit,
+               "images_in_split": 10}
+        return {"mIoU": miou, "images": images, "config": cfg}
+
+    files = []
+    for k, r in enumerate([report("ade", 20.0), report("voc21", 60.0), report("voc21", 50.0, mode="op"),
+                           report("ade", 10.0, mode="op", limit=2, images=2)]):
+        files.append(tmp_path / f"{k}.json")
+        files[-1].write_text(json.dumps(r))
+    assert table_main([str(f) for f in files]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| model | affinity | mode | voc21 | ade | avg |"  # columns in DATASETS order
+    assert lines[2] == "| ViT-B-16 | clip | mv | 60.0 | 20.0 | 40.0 |"
+    assert lines[3] == "| ViT-B-16 | clip | op | 50.0 | 10.0* | 30.0 |"  # * = --limit
+    files[0].write_text("{}")
+    assert table_main([str(files[0])]) == 2 and "not an ovss-fast eval results file" in capsys.readouterr().err

@@ -1,0 +1,70 @@
+"""A Markdown table of mIoU from ``ovss-fast eval`` results files: ``python -m ovss_fast.eval.table results/*.json``.
+
+One row per (model, affinity, mode), one column per dataset, in the order of
+:data:`ovss_fast.eval.DATASETS` (synthetic last), plus the average over the columns a
+row has. A cell evaluated on fewer images than its split holds (``--limit``) is marked
+with ``*``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+from .datasets import DATASETS
+
+
+def _row_key(config: dict) -> tuple[str, str, str]:
+    return (str(config.get("model", "-")), str(config.get("affinity", "-")), str(config.get("mode", "-")))
+
+
+def format_table(reports: Sequence[dict]) -> str:
+    """Reports (the JSON objects written by ``ovss-fast eval``) -> a Markdown table of mIoU."""
+    if not reports:
+        raise ValueError("no results to tabulate")
+    order = [*DATASETS, "synthetic"]
+    rows: dict[tuple[str, str, str], dict[str, str]] = {}
+    values: dict[tuple[str, str, str], list[float]] = {}
+    seen = set()
+    for r in reports:
+        cfg = r.get("config", {})
+        name = cfg.get("dataset")
+        if name not in order or "mIoU" not in r:
+            raise ValueError(f"not an ovss-fast eval results file (dataset {name!r})")
+        key = _row_key(cfg)
+        partial = cfg.get("limit") is not None and r.get("images", 0) < cfg.get("images_in_split", 0)
+        miou = r["mIoU"]
+        rows.setdefault(key, {})[name] = "n/a" if miou is None else f"{miou:.1f}" + ("*" if partial else "")
+        if miou is not None:
+            values.setdefault(key, []).append(miou)
+        seen.add(name)
+    cols = [c for c in order if c in seen]
+    lines = ["| model | affinity | mode | " + " | ".join(cols) + " | avg |",
+             "| --- | --- | --- | " + " | ".join("---:" for _ in cols) + " | ---: |"]
+    for key, cells in rows.items():
+        vals = values.get(key, [])
+        avg = f"{sum(vals) / len(vals):.1f}" if vals else "n/a"
+        lines.append("| " + " | ".join(key) + " | " + " | ".join(cells.get(c, "") for c in cols) + f" | {avg} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    paths = list(sys.argv[1:] if argv is None else argv)
+    if not paths:
+        print("usage: python -m ovss_fast.eval.table RESULTS.json [RESULTS.json ...]", file=sys.stderr)
+        return 2
+    try:
+        reports = []
+        for p in paths:
+            with open(p) as f:
+                reports.append(json.load(f))
+        print(format_table(reports))
+    except (OSError, ValueError) as exc:
+        print(f"ovss_fast.eval.table: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

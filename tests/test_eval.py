@@ -355,6 +355,7 @@ def free_port() -> int:
 
 
 def test_two_gloo_processes_give_the_one_process_confusion_matrix(tmp_path):
+    """Two ranks (reading through DataLoader workers) == one process reading in the loop."""
     make_layout(tmp_path, "voc21", [0, 1, 7, 15, 20, 255])
     # gloo on the CPU also where a GPU is visible (two ranks cannot share one GPU under NCCL)
     args = ["eval", "--dataset", "voc21", "--root", str(tmp_path), *TINY, "--quiet", "--window", "64",
@@ -366,7 +367,7 @@ def test_two_gloo_processes_give_the_one_process_confusion_matrix(tmp_path):
                GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", "-m", "ovss_fast", *args, "--out", str(two)],
+         f"--master_port={free_port()}", "-m", "ovss_fast", *args, "--workers", "1", "--out", str(two)],
         capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())

@@ -40,6 +40,7 @@ namespace {
 constexpr int kClassTile = 4;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+constexpr int kSumChunk = 64;  // rows per partial sum in the K^T u column pass
 
 template <typename T>
 __device__ inline T warp_sum(T x) {
@@ -110,10 +111,19 @@ sinkhorn_scores_kernel(const T* __restrict__ q,       // [B, N, C]
       T acc[kClassTile];
 #pragma unroll
       for (int c = 0; c < kClassTile; ++c) acc[c] = T(0);
-      for (int64_t i = 0; i < N; ++i) {
-        const T kij = K[i * N + j];
+      // partial sums over chunks of kSumChunk rows bound the rounding error's growth
+      for (int64_t i0 = 0; i0 < N; i0 += kSumChunk) {
+        const int64_t i1 = i0 + kSumChunk < N ? i0 + kSumChunk : N;
+        T part[kClassTile];
 #pragma unroll
-        for (int c = 0; c < kClassTile; ++c) acc[c] += kij * u[c * N + i];
+        for (int c = 0; c < kClassTile; ++c) part[c] = T(0);
+        for (int64_t i = i0; i < i1; ++i) {
+          const T kij = K[i * N + j];
+#pragma unroll
+          for (int c = 0; c < kClassTile; ++c) part[c] += kij * u[c * N + i];
+        }
+#pragma unroll
+        for (int c = 0; c < kClassTile; ++c) acc[c] += part[c];
       }
 #pragma unroll
       for (int c = 0; c < kClassTile; ++c) v[c * N + j] = sinkhorn_v(q_at(j, c), acc[c]);

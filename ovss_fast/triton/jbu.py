@@ -63,8 +63,9 @@ def _jbu_upsample_kernel(
     e(q) = -|q - p'|^2 / (2 ss^2) - |G[p] - Gd[q]|^2 / (2 sr^2), q over the (2R+1)^2 taps on the grid;
     a -inf score at an on-grid tap makes out[c, p] = -inf (method.md section 4).
     """
-    pid_b = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # pixel blocks on grid axis 0: axes 1 and 2 stop at 65535 blocks (2048 x 2048 px is 65536 of 64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < H * W
     y = p // W
     x = p % W
@@ -121,8 +122,9 @@ def _jbu_argmax_kernel(
     """label[p] = argmax_c out[c, p] of the joint bilateral upsampling (see _jbu_upsample_kernel),
     ties to the lowest class; the running best over class tiles replaces [B, C, H, W] (method.md section 4).
     """
-    pid_b = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # pixel blocks on grid axis 0: axes 1 and 2 stop at 65535 blocks (2048 x 2048 px is 65536 of 64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < H * W
     y = p // W
     x = p % W
@@ -212,10 +214,10 @@ def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, s
     ptrs, scalars = _prepare(scores, guide, sigma_spatial, sigma_range, radius)
     with device_guard(scores):
         if interpreting():
-            grid = (B, triton.cdiv(H * W, _INTERPRET["BLOCK_P"]), triton.cdiv(C, _INTERPRET["BLOCK_C"]))
+            grid = (triton.cdiv(H * W, _INTERPRET["BLOCK_P"]), B, triton.cdiv(C, _INTERPRET["BLOCK_C"]))
             _jbu_upsample_kernel[grid](*ptrs, out, *scalars, **_INTERPRET)
         else:
-            _up_tuned[lambda m: (B, triton.cdiv(H * W, m["BLOCK_P"]), triton.cdiv(C, m["BLOCK_C"]))](
+            _up_tuned[lambda m: (triton.cdiv(H * W, m["BLOCK_P"]), B, triton.cdiv(C, m["BLOCK_C"]))](
                 *ptrs, out, *scalars)
     return out
 
@@ -231,7 +233,7 @@ def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, sig
     ptrs, scalars = _prepare(scores, guide, sigma_spatial, sigma_range, radius)
     with device_guard(scores):
         if interpreting():
-            _jbu_argmax_kernel[(B, triton.cdiv(H * W, _INTERPRET["BLOCK_P"]))](*ptrs, labels, *scalars, **_INTERPRET)
+            _jbu_argmax_kernel[(triton.cdiv(H * W, _INTERPRET["BLOCK_P"]), B)](*ptrs, labels, *scalars, **_INTERPRET)
         else:
-            _argmax_tuned[lambda m: (B, triton.cdiv(H * W, m["BLOCK_P"]))](*ptrs, labels, *scalars)
+            _argmax_tuned[lambda m: (triton.cdiv(H * W, m["BLOCK_P"]), B)](*ptrs, labels, *scalars)
     return labels

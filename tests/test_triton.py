@@ -588,3 +588,51 @@ def test_gpu_schedules_real_sizes(schedule):
             robust = (_velocity_margin(q, k, 15, 50, 0.3) > 1e-3) & torch.isfinite(want)
             assert torch.equal(torch.isinf(got), torch.isinf(want))
             assert float((got.double() - want)[robust].abs().max()) <= TOL * float(want[robust].abs().max())
+
+
+@pytest.mark.cuda
+@needs_triton
+def test_gpu_graph_replay_matches_eager(monkeypatch):
+    """The CUDA-graph replay of sinkhorn/markov gives the eager numbers on fresh inputs of one shape,
+    keeps one graph per signature, and stays eager while the caller captures."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("compiled kernels only")
+    from ovss_fast.triton import TRITON_BACKEND as T
+    from ovss_fast.triton._runtime import GRAPHS
+
+    GRAPHS.clear()
+    dev = torch.device("cuda")
+    for seed in range(3):  # one capture, then two replays on new inputs
+        q = _q(2, 300, 7, dead=(3,), seed=seed).to(dev)
+        _, k = R.gibbs_kernel(torch.rand(2, 300, 300, generator=torch.Generator().manual_seed(seed)).double())
+        k = k.float().to(dev)
+        got_op = T.sinkhorn_scores(q, k, eps=0.1, iters=20)
+        got_mv = T.markov_scores(q, k, sk_iters=5, steps=20)
+        monkeypatch.setenv("OVSS_FAST_TRITON_GRAPHS", "0")
+        assert torch.equal(got_op, T.sinkhorn_scores(q, k, eps=0.1, iters=20))
+        assert torch.equal(got_mv, T.markov_scores(q, k, sk_iters=5, steps=20))
+        monkeypatch.delenv("OVSS_FAST_TRITON_GRAPHS")
+        assert rel_err(got_op, R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=20)) <= TOL
+    assert len(GRAPHS) == 2
+    T.sinkhorn_scores(q, k, eps=0.1, iters=21)  # another signature, another graph
+    assert len(GRAPHS) == 3
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = T.sinkhorn_scores(q, k, eps=0.1, iters=20)
+    g.replay()
+    assert torch.equal(captured, got_op)
+    GRAPHS.clear()
+
+
+@pytest.mark.cuda
+@needs_triton
+def test_gpu_jbu_argmax_2048():
+    """2048 x 2048 px is 65536 pixel blocks of 64: more than a grid's second axis holds."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("compiled kernels only")
+    scores, guide = _jbu_inputs(1, 5, 32, 32, 2048, 2048)
+    scores, guide = scores.cuda(), guide.cuda()
+    labels = ops.jbu_argmax(scores, guide, backend="triton")
+    up = R.jbu_upsample(scores.double(), guide.double())
+    close = _top2_gap(up) <= TOL * float(up.abs().amax())
+    assert torch.equal(labels[~close], up.argmax(dim=1)[~close])

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .._backends import Backend
-from ._runtime import MAX_CLASSES, interpret_requested, interpreting
+from ._runtime import GRAPHS, MAX_CLASSES, interpret_requested, interpreting
 
 _CPU_REASON = ("CPU tensors: Triton runs on CUDA (set TRITON_INTERPRET=1 before importing triton and pass "
                "backend='triton' to use the interpreter)")
@@ -91,14 +91,19 @@ class TritonBackend(Backend):
         """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32."""
         from . import sinkhorn_scores as mod
 
-        return mod.sinkhorn_scores(q, kernel, eps=eps, iters=iters)
+        params = (float(eps), int(iters))
+        return GRAPHS.run(lambda q, k: mod.sinkhorn_scores(q, k, eps=params[0], iters=params[1]),
+                          "sinkhorn_scores", params, q, kernel)
 
     def markov_scores(self, q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int = 50,
                       readout: str = "integrated", tau: float = 0.3) -> Tensor:
         """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32."""
         from . import markov_scores as mod
 
-        return mod.markov_scores(q, kernel, sk_iters=sk_iters, steps=steps, readout=readout, tau=tau)
+        params = (int(sk_iters), int(steps), str(readout), float(tau))
+        return GRAPHS.run(lambda q, k: mod.markov_scores(q, k, sk_iters=params[0], steps=params[1],
+                                                         readout=params[2], tau=params[3]),
+                          "markov_scores", params, q, kernel)
 
     def jbu_upsample(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, sigma_range: float = 0.1,
                      radius: int = 2) -> Tensor:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+from collections.abc import Callable
 
 import torch
 
@@ -62,3 +64,74 @@ class device_guard:  # noqa: N801 - used like torch.cuda.device
     def __exit__(self, *exc: object) -> None:
         if self._ctx is not None:
             self._ctx.__exit__(*exc)
+
+
+class GraphCache:
+    """Replay multi-launch schedules from CUDA graphs, one graph per call signature.
+
+    sinkhorn_scores and markov_scores launch a kernel per iteration (up to 2 * iters + 2, or
+    2 * sk_iters + steps + 2): at N = 1024 the Python launch cost of those launches exceeds
+    the GPU time. The first call with a new signature (op, parameters, input shapes and
+    dtypes, device) runs eagerly on static copies of the inputs (which also autotunes),
+    then captures the same call in a CUDA graph; every later call copies its inputs into
+    the static buffers, replays the graph and returns a clone of the output. The numbers
+    are those of the eager call: the graph holds the same launches.
+
+    Eager instead: when OVSS_FAST_TRITON_GRAPHS=0, in the interpreter, off CUDA, and while
+    the caller is itself capturing a graph. At most ``capacity`` graphs are kept (least
+    recently used first out); each holds its static inputs, scratch and output.
+    """
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self._entries: dict[tuple, tuple] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def enabled(*tensors: torch.Tensor) -> bool:
+        if os.environ.get("OVSS_FAST_TRITON_GRAPHS", "1").strip().lower() in ("0", "false", "off", "no"):
+            return False
+        if interpreting() or any(t.device.type != "cuda" for t in tensors):
+            return False
+        return not torch.cuda.is_current_stream_capturing()
+
+    def clear(self) -> None:
+        """Drop every cached graph and its buffers."""
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def run(self, fn: Callable[..., torch.Tensor], name: str, params: tuple, *inputs: torch.Tensor) -> torch.Tensor:
+        """``fn(*inputs)``, replayed from a graph when :meth:`enabled`; ``params`` must hold every
+        argument of ``fn`` besides the tensors (they are baked into the graph)."""
+        if not self.enabled(*inputs):
+            return fn(*inputs)
+        dev = inputs[0].device
+        key = (name, params, os.environ.get("OVSS_FAST_TRITON_SCHEDULE", ""), dev.index,
+               tuple((tuple(t.shape), t.dtype) for t in inputs))
+        with self._lock, torch.cuda.device(dev):
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                static = tuple(torch.empty(t.shape, dtype=t.dtype, device=dev) for t in inputs)
+                for s, t in zip(static, inputs, strict=True):
+                    s.copy_(t)
+                fn(*static)  # compile and autotune outside the capture
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = fn(*static)
+                entry = (graph, static, out)
+                if len(self._entries) >= self.capacity:
+                    self._entries.pop(next(iter(self._entries)))
+            else:
+                for s, t in zip(entry[1], inputs, strict=True):
+                    s.copy_(t)
+            self._entries[key] = entry  # most recently used last
+            entry[0].replay()
+            return entry[2].clone()
+
+
+#: the graphs of the Triton backend's iterative ops
+GRAPHS = GraphCache()

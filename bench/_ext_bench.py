@@ -157,3 +157,17 @@ def time_gpu(fn: Callable[[], object], rep_ms: int) -> tuple[float, float]:
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     ms = triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
     return float(ms), peak
+
+
+def time_gpu_graph(fn: Callable[[], object], rep_ms: int) -> str:
+    """Median ms of CUDA-graph replays of ``fn`` (the device time without Python launch
+    overhead), formatted; or why ``fn`` cannot be captured (it synchronises, say)."""
+    import torch
+    import triton.testing
+
+    try:
+        ms = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+    except Exception as exc:  # capture refuses host syncs and some allocator calls
+        torch.cuda.synchronize()
+        return f"not capturable ({type(exc).__name__})"
+    return f"{ms:.3f}"

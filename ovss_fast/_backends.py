@@ -3,7 +3,8 @@
 A backend implements every op in :data:`OPS` with the signature of the function of
 the same name in :mod:`ovss_fast.reference`, and says through
 :meth:`Backend.unsupported_reasons` which calls it cannot serve. ``auto`` takes the
-first backend in :data:`AUTO_ORDER` whose reasons are empty (the reference serves
+first backend in :func:`auto_order` (:data:`AUTO_ORDER`, except where :data:`AUTO_ORDER_BY_OP`
+says otherwise) whose reasons are empty (the reference serves
 everything, so ``auto`` always finds one); a forced backend that cannot serve a
 call raises with its reasons.
 
@@ -34,6 +35,17 @@ OPS = (
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 #: the order ``backend="auto"`` tries; the first that can serve the call wins
 AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
+#: ops whose auto order differs: on an H100 (bench/RESULTS.md, "GPU check") the Triton op / mv
+#: ran 3.4 / 2.3 ms at N = 1024, C = 171 against 8.6 / 4.8 ms for the CUDA extension
+AUTO_ORDER_BY_OP = {
+    "sinkhorn_scores": ("triton", "cuda", "cpu", "reference"),
+    "markov_scores": ("triton", "cuda", "cpu", "reference"),
+}
+
+
+def auto_order(op: str) -> tuple[str, ...]:
+    """The backends ``backend="auto"`` tries for ``op``, in order."""
+    return AUTO_ORDER_BY_OP.get(op, AUTO_ORDER)
 
 
 class Backend:
@@ -101,7 +113,7 @@ def available_backends() -> dict[str, str]:
 
 
 def select(op: str, backend: str, tensors: Sequence[Tensor], params: Mapping[str, Any]) -> Backend:
-    """The backend that runs ``op``: the forced one, or the first of AUTO_ORDER that can."""
+    """The backend that runs ``op``: the forced one, or the first of :func:`auto_order` that can."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend != "auto":
@@ -111,7 +123,7 @@ def select(op: str, backend: str, tensors: Sequence[Tensor], params: Mapping[str
             raise ValueError(f"backend={backend!r} cannot run {op}: " + "; ".join(reasons))
         return chosen
     every: dict[str, list[str]] = {}
-    for name in AUTO_ORDER:
+    for name in auto_order(op):
         candidate = get_backend(name)
         reasons = candidate.unsupported_reasons(op, tensors, params)
         if not reasons:

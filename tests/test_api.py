@@ -124,6 +124,21 @@ def test_auto_takes_the_first_backend_without_reasons(monkeypatch):
     assert select("jbu_argmax", "auto", (), {}).name == "triton"
 
 
+def test_auto_prefers_triton_for_the_iterative_ops(monkeypatch):
+    from ovss_fast import _backends
+
+    class Accepts(Backend):
+        def __init__(self, name):
+            self.name = name
+
+    monkeypatch.setitem(_backends._CACHE, "cuda", Accepts("cuda"))
+    monkeypatch.setitem(_backends._CACHE, "triton", Accepts("triton"))
+    for op in _backends.OPS:
+        want = "triton" if op in ("sinkhorn_scores", "markov_scores") else "cuda"
+        assert select(op, "auto", (), {}).name == want, op
+        assert _backends.auto_order(op)[-1] == "reference"
+
+
 # ----------------------------------------------------------------------------- errors (method.md section 5)
 def expect(exc, match, fn, *args, **kwargs):
     with pytest.raises(exc, match=match):

@@ -523,6 +523,29 @@ def test_kernels_compile_for_h100():
         assert compiled.metadata.shared <= 227 * 1024, kernel.__name__
 
 
+@needs_triton
+def test_autotune_results_kept_on_disk(monkeypatch):
+    """Every autotuned kernel keeps its choices in Triton's cache (where this Triton supports it)."""
+    import inspect
+
+    import triton
+
+    from ovss_fast.triton import _runtime, jbu
+    from ovss_fast.triton import class_distributions as cd
+    from ovss_fast.triton import gibbs_kernel as gk
+    from ovss_fast.triton import kl_scores as kl
+    from ovss_fast.triton import markov_scores as mk
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    if "cache_results" not in inspect.signature(triton.autotune).parameters:
+        pytest.skip("this Triton has no cache_results")
+    tuners = [v for m in (cd, gk, jbu, kl, mk, sk) for v in vars(m).values() if isinstance(v, triton.runtime.Autotuner)]
+    assert len(tuners) == 13
+    assert all(t.cache_results for t in tuners)
+    monkeypatch.setenv("OVSS_FAST_TRITON_AUTOTUNE_CACHE", "0")
+    assert not _runtime.autotune(sk._CONFIGS, ["N"])(sk._sinkhorn_scores_kernel).cache_results
+
+
 # --------------------------------------------------------------------------- GPU, real sizes
 @pytest.mark.cuda
 @needs_triton

@@ -135,3 +135,18 @@ class GraphCache:
 
 #: the graphs of the Triton backend's iterative ops
 GRAPHS = GraphCache()
+
+
+def autotune(configs: list, key: list[str], **kwargs: object) -> Callable:
+    """``triton.autotune`` that keeps its choices on disk where this Triton can (``cache_results``,
+    in Triton's cache folder), so a new process skips the timing runs for shapes seen before;
+    OVSS_FAST_TRITON_AUTOTUNE_CACHE=0 turns that off. Called by the kernel modules, which have
+    imported triton already."""
+    import inspect
+
+    import triton
+
+    off = os.environ.get("OVSS_FAST_TRITON_AUTOTUNE_CACHE", "1").strip().lower() in ("0", "false", "off", "no")
+    if not off and "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs["cache_results"] = True
+    return triton.autotune(configs=configs, key=key, **kwargs)

@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._runtime import DENOM_FLOOR as _DENOM_FLOOR
-from ._runtime import MAX_CLASSES, device_guard, interpreting, next_pow2
+from ._runtime import MAX_CLASSES, autotune, device_guard, interpreting, next_pow2
 
 __all__ = ["MAX_CLASSES", "class_distributions"]
 
@@ -118,7 +118,7 @@ _CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
 ]
-_tuned = triton.autotune(configs=_CONFIGS, key=["N", "C", "D"], reset_to_zero=["colsum_ptr"],
+_tuned = autotune(configs=_CONFIGS, key=["N", "C", "D"], reset_to_zero=["colsum_ptr"],
                          prune_configs_by={"early_config_prune": _prune})(_class_distributions_kernel)
 #: the interpreter runs one small configuration (several blocks and masks on tiny tests)
 _INTERPRET = {"BLOCK_N": 16, "BLOCK_D": 16}

@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._runtime import LOG_FLOOR as _LOG_FLOOR
-from ._runtime import device_guard, interpreting, next_pow2
+from ._runtime import autotune, device_guard, interpreting, next_pow2
 
 #: rows per program of the range pass (fixes the number of partials per image)
 RANGE_ROWS = 32
@@ -110,8 +110,8 @@ _TILE_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8),
 ]
-_range_tuned = triton.autotune(configs=_RANGE_CONFIGS, key=["N"])(_cost_range_kernel)
-_tile_tuned = triton.autotune(configs=_TILE_CONFIGS, key=["N"])(_gibbs_kernel_kernel)
+_range_tuned = autotune(configs=_RANGE_CONFIGS, key=["N"])(_cost_range_kernel)
+_tile_tuned = autotune(configs=_TILE_CONFIGS, key=["N"])(_gibbs_kernel_kernel)
 
 
 def gibbs_kernel(affinity: Tensor, *, eps: float = 0.1) -> tuple[Tensor, Tensor]:

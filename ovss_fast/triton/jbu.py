@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from ._runtime import device_guard, interpreting
+from ._runtime import autotune, device_guard, interpreting
 
 
 @triton.jit
@@ -185,8 +185,8 @@ _ARGMAX_CONFIGS = [
     triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=8),
     triton.Config({"BLOCK_P": 256, "BLOCK_C": 16}, num_warps=8),
 ]
-_up_tuned = triton.autotune(configs=_UP_CONFIGS, key=["C", "h", "w", "H", "W", "R"])(_jbu_upsample_kernel)
-_argmax_tuned = triton.autotune(configs=_ARGMAX_CONFIGS, key=["C", "h", "w", "H", "W", "R"])(_jbu_argmax_kernel)
+_up_tuned = autotune(configs=_UP_CONFIGS, key=["C", "h", "w", "H", "W", "R"])(_jbu_upsample_kernel)
+_argmax_tuned = autotune(configs=_ARGMAX_CONFIGS, key=["C", "h", "w", "H", "W", "R"])(_jbu_argmax_kernel)
 _INTERPRET = {"BLOCK_P": 128, "BLOCK_C": 4}
 
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._runtime import device_guard, interpreting
+from ._runtime import autotune, device_guard, interpreting
 
 
 @triton.jit
@@ -65,8 +65,8 @@ _CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_C": 64}, num_warps=8),
     triton.Config({"BLOCK_N": 128, "BLOCK_C": 32}, num_warps=8),
 ]
-_sums_tuned = triton.autotune(configs=_CONFIGS, key=["N", "C"], reset_to_zero=["colsum_ptr"])(_column_sums_kernel)
-_kl_tuned = triton.autotune(configs=_CONFIGS, key=["N", "C"])(_kl_scores_kernel)
+_sums_tuned = autotune(configs=_CONFIGS, key=["N", "C"], reset_to_zero=["colsum_ptr"])(_column_sums_kernel)
+_kl_tuned = autotune(configs=_CONFIGS, key=["N", "C"])(_kl_scores_kernel)
 _INTERPRET = {"BLOCK_N": 16, "BLOCK_C": 16}
 
 

@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._runtime import DENOM_FLOOR as _DENOM_FLOOR
-from ._runtime import device_guard, interpreting
+from ._runtime import autotune, device_guard, interpreting
 from .sinkhorn_scores import fused_is_better
 
 #: scratch rows are padded to a multiple of this many classes (the largest BLOCK_C)
@@ -312,9 +312,9 @@ _CHAIN_CONFIGS = [
     triton.Config({"BLOCK_I": 128, "BLOCK_J": 32, "BLOCK_C": 16}, num_warps=4, num_stages=3),
 ]
 # the SK kernels update r / c in place, so timing configs must start from the same vectors
-_rows_tuned = triton.autotune(configs=_SK_CONFIGS, key=["N"], restore_value=["r_ptr"])(_sk_rows_kernel)
-_cols_tuned = triton.autotune(configs=_SK_COL_CONFIGS, key=["N"], restore_value=["c_ptr"])(_sk_cols_kernel)
-_chain_tuned = triton.autotune(configs=_CHAIN_CONFIGS, key=["B", "N", "C", "VELOCITY"])(_markov_scores_kernel)
+_rows_tuned = autotune(configs=_SK_CONFIGS, key=["N"], restore_value=["r_ptr"])(_sk_rows_kernel)
+_cols_tuned = autotune(configs=_SK_COL_CONFIGS, key=["N"], restore_value=["c_ptr"])(_sk_cols_kernel)
+_chain_tuned = autotune(configs=_CHAIN_CONFIGS, key=["B", "N", "C", "VELOCITY"])(_markov_scores_kernel)
 _STEP_CONFIGS = [
     triton.Config({"BLOCK_R": 32, "BLOCK_S": 64, "BLOCK_C": 16}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_R": 32, "BLOCK_S": 64, "BLOCK_C": 32}, num_warps=4, num_stages=3),
@@ -322,7 +322,7 @@ _STEP_CONFIGS = [
     triton.Config({"BLOCK_R": 64, "BLOCK_S": 64, "BLOCK_C": 64}, num_warps=8, num_stages=3),
 ]
 # a step updates out in place, so timing configs must start from the same running values
-_step_tuned = triton.autotune(configs=_STEP_CONFIGS, key=["N", "C", "VELOCITY"],
+_step_tuned = autotune(configs=_STEP_CONFIGS, key=["N", "C", "VELOCITY"],
                               restore_value=["out_ptr"])(_markov_step_kernel)
 _INTERPRET = {"BLOCK_I": 16, "BLOCK_J": 16}
 _INTERPRET_STEP = {"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_C": 16}

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._runtime import DENOM_FLOOR as _DENOM_FLOOR
-from ._runtime import device_guard, interpreting
+from ._runtime import autotune, device_guard, interpreting
 
 #: scratch rows are padded to a multiple of this many classes (the largest BLOCK_C)
 SCRATCH_PAD = 64
@@ -155,7 +155,7 @@ _CONFIGS = [
     triton.Config({"BLOCK_I": 128, "BLOCK_J": 64, "BLOCK_C": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_I": 32, "BLOCK_J": 128, "BLOCK_C": 16}, num_warps=4, num_stages=3),
 ]
-_tuned = triton.autotune(configs=_CONFIGS, key=["B", "N", "C"])(_sinkhorn_scores_kernel)
+_tuned = autotune(configs=_CONFIGS, key=["B", "N", "C"])(_sinkhorn_scores_kernel)
 _INTERPRET = {"BLOCK_I": 16, "BLOCK_J": 16, "BLOCK_C": 16}
 
 
@@ -236,7 +236,7 @@ _STEP_CONFIGS = [
     triton.Config({"BLOCK_R": 64, "BLOCK_S": 64, "BLOCK_C": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_R": 16, "BLOCK_S": 128, "BLOCK_C": 16}, num_warps=4, num_stages=3),
 ]
-_step_tuned = triton.autotune(configs=_STEP_CONFIGS, key=["N", "C", "MODE"])(_sinkhorn_step_kernel)
+_step_tuned = autotune(configs=_STEP_CONFIGS, key=["N", "C", "MODE"])(_sinkhorn_step_kernel)
 _INTERPRET_STEP = {"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_C": 16}
 
 

@@ -1,0 +1,56 @@
+"""bench/run_all.py in its --smoke mode: the peer benchmark writes its tables, its plots
+and a row for every peer that is not installed (CI installs none of the optional ones
+but POT, so the rows must say how to get them instead of vanishing)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_all_smoke_writes_tables_plots_and_reports_missing_peers(tmp_path):
+    before = (ROOT / "bench" / "RESULTS.md").read_text()
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-m", "bench.run_all", "--smoke", "--out", str(tmp_path),
+                          "--without", "kornia"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = (tmp_path / "RESULTS.md").read_text()
+    for heading in ("Peers: Sinkhorn (op) on CPU", "Peers: Markov chain (mv) on CPU", "Peers: jbu_argmax on CPU",
+                    "Peers: summary"):
+        assert f"## {heading}" in text
+    # every table row names device-independent facts: shape, dtype, backend, median and spread
+    rows = [line for line in text.splitlines() if line.startswith("| B=")]
+    cpu_rows = [r for r in rows if "| cpu |" in r]
+    assert len(cpu_rows) == 8, cpu_rows  # 3 op + 3 mv + 2 jbu cells, our backend checked and timed in each
+    assert all("| float32 |" in r and ("ok, rel. err" in r or "labels identical" in r) for r in cpu_rows)
+    assert all("IQR" in r or "min-max" in r for r in cpu_rows)
+    # the missing peer is a row that says how to install it (two kornia settings per jbu cell)
+    kornia = [r for r in rows if "kornia" in r]
+    assert len(kornia) == 4 and all("not installed: pip install kornia" in r for r in kornia), kornia
+    pot = [r for r in rows if "POT sinkhorn, C histograms in one call" in r]
+    assert len(pot) == 3
+    if importlib.util.find_spec("ot") is None:
+        assert all("not installed: pip install pot" in r for r in pot)
+    else:
+        assert all("ok, rel. err" in r for r in pot), pot
+    if importlib.util.find_spec("geomloss") is None:
+        assert "not installed: pip install 'geomloss" in text
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "plots not written: matplotlib not installed: pip install matplotlib" in text
+    else:
+        for name in ("op", "mv", "jbu"):
+            png = tmp_path / "plots" / f"{name}_scaling.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert f"(plots/{name}_scaling.png)" in text
+    with (tmp_path / "results.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert any(r["backend"] == "cpu" and r["median_ms"] for r in csv_rows)
+    assert any(r["backend"].startswith("kornia") and "not installed" in r["note"] for r in csv_rows)
+    # the smoke run never touches the committed results
+    assert (ROOT / "bench" / "RESULTS.md").read_text() == before

@@ -5,8 +5,9 @@
 One test per (cell, backend or peer of bench/peers.py): correctness against the float64
 reference first (the same check as bench/run_all.py), then ``benchmark.pedantic`` over
 whole calls, grouped by cell. A peer that is not installed is skipped with the pip
-command in the reason (``-ra`` lists it); POT's per-class and batched log-domain solvers
-and GeomLoss only run on the small cell (tens of seconds per call on the large ones).
+command in the reason (``-ra`` lists it); POT's per-class and batched log-domain solvers,
+GeomLoss and kornia at the JBU's window only run on the small op cell (seconds to minutes
+per call on the others).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from bench.run_all import Check, shape_of, work
 
 CELLS = [{"mode": "op", "B": 1, "N": 196, "C": 21}, {"mode": "op", "B": 1, "N": 1024, "C": 171},
          {"mode": "mv", "B": 1, "N": 1024, "C": 21}, {"mode": "jbu", "B": 1, "C": 21, "H": 512}]
-SLOW = ("POT sinkhorn_log", "POT ot.batch", "GeomLoss")
+SLOW = ("POT sinkhorn_log", "POT ot.batch", "GeomLoss", "kornia: bilinear + joint_bilateral_blur, the JBU")
 _CACHE: dict[str, tuple[dict, Check]] = {}
 
 

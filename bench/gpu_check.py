@@ -346,6 +346,27 @@ def run_sanitizer(quick: bool) -> tuple[list[list[str]], bool]:
 
 
 # --------------------------------------------------------------------------- timing
+def _timed_row(what: str, shape: str, label: str, fn: Callable[[], object] | str, rep: int,
+               first_call: bool) -> list[str]:
+    """One row of TIME_COLUMNS for ``fn`` (or the reason it cannot run); ``first_call`` notes the
+    first call's wall time (compilation, autotuning, graph capture)."""
+    if isinstance(fn, str):
+        return [what, shape, label, "-", "-", "-", fn]
+    try:
+        with torch.no_grad():
+            note = ""
+            if first_call:
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                note = f"first call {time.perf_counter() - t0:.1f} s"
+            ms, mem = time_gpu(fn, rep)
+            graph = time_gpu_graph(fn, rep)
+        return [what, shape, label, f"{ms:.3f}", graph, f"{mem:.1f}", note]
+    except Exception as exc:
+        return [what, shape, label, "-", "-", "-", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]
+
+
 def run_timing(quick: bool) -> list[list[str]]:
     rows: list[list[str]] = []
     rep = 100 if quick else 400
@@ -388,22 +409,8 @@ def run_timing(quick: bool) -> list[list[str]]:
         cands["triton"] = backend_fn("triton", mode)
         shape = f"B=1 N={N} C={C}"
         for label, fn in cands.items():
-            if isinstance(fn, str):
-                rows.append([f"discrepancy {mode}", shape, label, "-", "-", "-", fn])
-                continue
-            try:
-                with torch.no_grad():
-                    t0 = time.perf_counter()
-                    fn(q, aff)
-                    torch.cuda.synchronize()
-                    first = time.perf_counter() - t0
-                    ms, mem = time_gpu(lambda fn=fn: fn(q, aff), rep)
-                    graph = time_gpu_graph(lambda fn=fn: fn(q, aff), rep)
-                rows.append([f"discrepancy {mode}", shape, label, f"{ms:.3f}", graph, f"{mem:.1f}",
-                             f"first call {first:.1f} s"])
-            except Exception as exc:
-                rows.append([f"discrepancy {mode}", shape, label, "-", "-", "-",
-                             f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"])
+            call = fn if isinstance(fn, str) else (lambda fn=fn: fn(q, aff))
+            rows.append(_timed_row(f"discrepancy {mode}", shape, label, call, rep, first_call=True))
             print("  " + " | ".join(rows[-1]), flush=True)
 
     s, guide = _scores_guide(1, 171, 64, 64, 2048, 2048, g, False)
@@ -416,17 +423,7 @@ def run_timing(quick: bool) -> list[list[str]]:
             "jbu_argmax", (s, guide), {})
         cands[name] = "; ".join(reasons) if reasons else (lambda b=b: b.jbu_argmax(s, guide))
     for label, fn in cands.items():
-        if isinstance(fn, str):
-            rows.append(["jbu_argmax", shape, label, "-", "-", "-", fn])
-            continue
-        try:
-            with torch.no_grad():
-                ms, mem = time_gpu(fn, rep)
-                graph = time_gpu_graph(fn, rep)
-            rows.append(["jbu_argmax", shape, label, f"{ms:.3f}", graph, f"{mem:.1f}", ""])
-        except Exception as exc:
-            rows.append(["jbu_argmax", shape, label, "-", "-", "-",
-                         f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"])
+        rows.append(_timed_row("jbu_argmax", shape, label, fn, rep, first_call=False))
         print("  " + " | ".join(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     return rows

@@ -23,6 +23,11 @@ LOG_FLOOR = 1e-12
 MAX_CLASSES = 1024
 
 
+def env_switch_off(name: str) -> bool:
+    """Whether the environment variable ``name`` turns a default-on feature off (0, false, off, no)."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "off", "no")
+
+
 def interpret_requested() -> bool:
     """True when the environment asks for the interpreter (the spellings triton accepts)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
@@ -89,7 +94,7 @@ class GraphCache:
 
     @staticmethod
     def enabled(*tensors: torch.Tensor) -> bool:
-        if os.environ.get("OVSS_FAST_TRITON_GRAPHS", "1").strip().lower() in ("0", "false", "off", "no"):
+        if env_switch_off("OVSS_FAST_TRITON_GRAPHS"):
             return False
         if interpreting() or any(t.device.type != "cuda" for t in tensors):
             return False
@@ -146,7 +151,7 @@ def autotune(configs: list, key: list[str], **kwargs: object) -> Callable:
 
     import triton
 
-    off = os.environ.get("OVSS_FAST_TRITON_AUTOTUNE_CACHE", "1").strip().lower() in ("0", "false", "off", "no")
-    if not off and "cache_results" in inspect.signature(triton.autotune).parameters:
+    supported = "cache_results" in inspect.signature(triton.autotune).parameters
+    if supported and not env_switch_off("OVSS_FAST_TRITON_AUTOTUNE_CACHE"):
         kwargs["cache_results"] = True
     return triton.autotune(configs=configs, key=key, **kwargs)

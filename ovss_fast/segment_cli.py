@@ -16,6 +16,8 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 
+from .clip_features import FEATURES
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local weights for --affinity sd2 (a diffusers folder) or dino (a checkpoint file)")
     parser.add_argument("--mode", default="mv", choices=["mv", "op", "kl"],
                         help="discrepancy: mv maximum velocity (default), op optimal path, kl no affinity")
-    parser.add_argument("--features", default="clip", choices=["clip", "self_self"],
+    parser.add_argument("--features", default="clip", choices=FEATURES,
                         help="dense CLIP features: plain patch tokens (default) or self-self attention "
                              "in the last block")
     parser.add_argument("--window", type=int, default=None,

@@ -25,9 +25,7 @@ are averaged unweighted (mmseg's sliding-window convention).
 
 from __future__ import annotations
 
-import difflib
 import os
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,21 +38,28 @@ from torch import Tensor, nn
 from . import _validate as check
 from .affinity import BUILTIN, AffinityFn, build_affinity, check_affinity
 from .clip_features import (
-    FEATURES,
-    TINY_MODEL,
     DenseCLIP,
+    check_features,
+    check_pos_interp,
     default_templates,
     normalise,
     parse_class_names,
     preprocess_stats,
-    register_tiny_config,
     text_embeddings,
+)
+from .models import (  # noqa: F401  (re-exported: these lived here before ovss_fast.models)
+    _CHECKPOINT_SUFFIXES,
+    _build_from_schema,
+    _default_tokenizer,
+    _looks_like_path,
+    build_open_clip,
+    load_model,
+    wrap_model,
 )
 from .ops import class_distributions, discrepancy, jbu_argmax, jbu_upsample
 
 ImageLike = Any  # PIL.Image.Image | np.ndarray | Tensor | str | os.PathLike, or a list of them
 
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 #: Default budget for the N x N tensors of one window (see ``Segmenter.memory_estimate``).
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 
@@ -203,120 +208,6 @@ def _pair(name: str, value: object, patch: tuple[int, int]) -> tuple[int, int] |
     return out[0], out[1]
 
 
-# --------------------------------------------------------------------------- model loading
-def _looks_like_path(value: str) -> bool:
-    return os.sep in value or "/" in value or value.lower().endswith(_CHECKPOINT_SUFFIXES) or os.path.exists(value)
-
-
-def build_open_clip(model: str, pretrained: str | os.PathLike | None, *, device: torch.device,
-                    dtype: torch.dtype, cache_dir: str | None = None) -> tuple[nn.Module, Callable]:
-    """open_clip model (eval mode) and tokenizer, with errors that say what to do."""
-    import open_clip
-
-    if not isinstance(model, str):
-        raise TypeError(f"model must be an open_clip model name or an nn.Module, got {type(model).__name__}")
-    if model == TINY_MODEL:
-        register_tiny_config()
-    if model.startswith(("local-dir:", "hf-hub:")):
-        return _build_from_schema(model, device=device, dtype=dtype, cache_dir=cache_dir)
-    names = open_clip.list_models()
-    if model not in names:
-        close = difflib.get_close_matches(model, names, n=5, cutoff=0.6)
-        hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
-        raise ValueError(
-            f"unknown open_clip model {model!r}; {hint}open_clip.list_models() lists the {len(names)} known "
-            f"names (e.g. 'ViT-B-16', 'ViT-L-14'); '{TINY_MODEL}' is a tiny config for tests with pretrained=None"
-        )
-    kwargs: dict[str, Any] = {}
-    source = "random"
-    if pretrained is not None and os.fspath(pretrained).lower() == "none":
-        pretrained = None
-    if pretrained is None:
-        warnings.warn(
-            f"pretrained=None: open_clip model {model!r} has RANDOM weights; its segmentations are meaningless "
-            "(use this for tests and smoke runs only)",
-            UserWarning,
-            stacklevel=3,
-        )
-    else:
-        pretrained = os.fspath(pretrained)
-        if _looks_like_path(pretrained):
-            if not os.path.isfile(pretrained):
-                raise FileNotFoundError(
-                    f"pretrained weights file {pretrained!r} not found; pass pretrained='/path/to/checkpoint.pt' "
-                    f"(an open_clip or OpenAI checkpoint of {model!r}), an open_clip tag such as 'openai' "
-                    "(downloaded by open_clip when online), or None for random weights"
-                )
-            source = "file"
-        else:
-            tags = open_clip.list_pretrained_tags_by_model(model)
-            if pretrained not in tags:
-                known = ", ".join(map(repr, tags)) if tags else "none"
-                raise ValueError(
-                    f"unknown pretrained tag {pretrained!r} for open_clip model {model!r} (known tags: {known}); "
-                    "or pass a local checkpoint file as pretrained='/path/to/checkpoint.pt'"
-                )
-            source = "tag"
-            tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
-            model_cfg = open_clip.get_model_config(model) or {}
-            if tag_cfg.get("quick_gelu", False) and not model_cfg.get("quick_gelu", False):
-                kwargs["force_quick_gelu"] = True  # e.g. OpenAI's ViT-B-16 weights were trained with QuickGELU
-    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
-    try:
-        clip = open_clip.create_model(model, pretrained=pretrained, precision=precision, device=device,
-                                      cache_dir=cache_dir, **kwargs)
-    except Exception as exc:  # open_clip raises RuntimeError, OSError, KeyError, hub errors ...
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if source == "tag":
-            raise RuntimeError(
-                f"could not get open_clip weights {model!r} / {pretrained!r}: {first}. If this machine is offline, "
-                "download them once when online (open_clip caches them), or pass a local file: "
-                f"pretrained='/path/to/checkpoint.pt' (an open_clip or OpenAI checkpoint of {model!r}; "
-                "for OpenAI's own .pt files use the '-quickgelu' model name, e.g. 'ViT-B-16-quickgelu')"
-            ) from None
-        if source == "file":
-            raise RuntimeError(
-                f"could not load weights file {pretrained!r} into open_clip model {model!r}: {first}. "
-                f"The file must be an open_clip or OpenAI checkpoint (state dict) of {model!r}"
-            ) from None
-        raise RuntimeError(f"could not build open_clip model {model!r}: {first}") from None
-    tokenizer = open_clip.get_tokenizer(model)
-    return clip.eval(), tokenizer
-
-
-def _build_from_schema(model: str, *, device: torch.device, dtype: torch.dtype,
-                       cache_dir: str | None) -> tuple[nn.Module, Callable]:
-    """open_clip's 'local-dir:/folder' (open_clip_config.json + weights) or 'hf-hub:org/repo' names."""
-    import open_clip
-
-    if model.startswith("local-dir:"):
-        folder = model[len("local-dir:"):]
-        if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
-            raise FileNotFoundError(
-                f"model={model!r}: {os.path.join(folder, 'open_clip_config.json')!r} not found; a 'local-dir:' "
-                "folder holds open_clip_config.json and the weights (e.g. open_clip_model.safetensors)"
-            )
-    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
-    try:
-        clip = open_clip.create_model(model, precision=precision, device=device, cache_dir=cache_dir,
-                                      require_pretrained=True)
-        tokenizer = open_clip.get_tokenizer(model, cache_dir=cache_dir)
-    except Exception as exc:  # hub, JSON and checkpoint errors of many kinds
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RuntimeError(
-            f"could not load open_clip model {model!r}: {first}. Offline, pass a folder you downloaded: "
-            "model='local-dir:/path/to/folder' (open_clip_config.json and weights), or a built-in name with "
-            "pretrained='/path/to/checkpoint.pt'"
-        ) from None
-    return clip.eval(), tokenizer
-
-
-def _default_tokenizer(model: nn.Module) -> Callable:
-    import open_clip
-
-    return open_clip.SimpleTokenizer(context_length=int(getattr(model, "context_length", 77) or 77))
-
-
 # --------------------------------------------------------------------------- Segmenter
 class Segmenter:
     """Open-vocabulary segmentation: open_clip dense features + an affinity + the DSLO head.
@@ -325,8 +216,11 @@ class Segmenter:
 
     model: an open_clip model name (``open_clip.list_models()``), an open_clip
     'local-dir:/folder' (open_clip_config.json + weights) or 'hf-hub:org/repo' name
-    (``pretrained`` is then ignored), or an already-built open_clip CLIP model
-    (nn.Module; then pass ``tokenizer`` too, or use :meth:`from_model`).
+    (``pretrained`` is then ignored), a HuggingFace transformers CLIP as
+    'hf:openai/clip-vit-base-patch16' (downloaded by transformers when online) or
+    'hf:/path/to/folder' (a save_pretrained folder; ``pip install 'ovss_fast[hf]'``),
+    or an already-built open_clip or transformers CLIP model (nn.Module; then pass
+    ``tokenizer`` too, or use :meth:`from_model`). See :mod:`ovss_fast.models`.
     pretrained: an open_clip tag (downloaded by open_clip when online), a local
     checkpoint path, or None (random weights, for tests; warns).
     affinity: "clip" (last-block self-attention, no extra weights), "sd2" (Stable
@@ -339,8 +233,10 @@ class Segmenter:
     the patch size; stride defaults to half the window); None processes the whole
     image as one window. resize: shorter side in pixels the image is resized to
     before windowing (None: native size, rounded to the patch size).
-    features: "clip" (plain patch tokens, the paper's) or "self_self" (see
-    :class:`~ovss_fast.clip_features.DenseCLIP`). templates: prompt templates
+    features: the dense-feature preset, "clip" (plain patch tokens, the paper's),
+    "maskclip", "sclip", "clearclip" or "naclip", each as its method publishes it
+    (:data:`~ovss_fast.clip_features.FEATURE_PRESETS`). pos_interp: "size" (default) or
+    "peers" (the peers' ``scale_factor=(g + 0.1) / g0`` positional interpolation). templates: prompt templates
     (callables or "{}" format strings; default open_clip's 80 OpenAI ImageNet ones).
     memory_budget: bytes allowed for one window's N x N tensors; over it, a
     ValueError says which window to use. Remaining keywords (scale, nms, eps, iters,
@@ -360,6 +256,7 @@ class Segmenter:
         stride: int | tuple[int, int] | None = None,
         *,
         features: str = "clip",
+        pos_interp: str = "size",
         resize: int | None = None,
         tokenizer: Callable | None = None,
         templates: Sequence[str | Callable[[str], str]] | None = None,
@@ -380,7 +277,8 @@ class Segmenter:
         radius: int = 2,
     ) -> None:
         check.choice("mode", mode, check.MODES)
-        check.choice("features", features, FEATURES)
+        check_features(features)
+        check_pos_interp(pos_interp)
         if not callable(affinity):
             check.choice("affinity", affinity, BUILTIN)
         if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -410,23 +308,18 @@ class Segmenter:
 
         if isinstance(model, nn.Module):
             self.dtype = dtype or next(model.parameters()).dtype
-            self.model = model.to(self.device).eval()
+            self.model, self.tokenizer, self.model_name = wrap_model(model, tokenizer)
+            self.model = self.model.to(self.device).eval()
             if dtype is not None:
                 self.model = self.model.to(dtype)
-            self.tokenizer = tokenizer or _default_tokenizer(model)
-            self.model_name = type(model).__name__
         else:
             self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-            self.model, tok = build_open_clip(model, pretrained, device=self.device, dtype=self.dtype,
-                                              cache_dir=cache_dir)
-            self.tokenizer = tokenizer or tok
-            self.model_name = model
+            self.model, self.tokenizer, self.model_name = load_model(
+                model, pretrained, device=self.device, dtype=self.dtype, cache_dir=cache_dir, tokenizer=tokenizer)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        visual = getattr(self.model, "visual", None)
-        if visual is None:
-            raise ValueError("model has no .visual image tower; pass an open_clip CLIP model")
-        self.dense = DenseCLIP(visual, features=features)
+        self.dense = DenseCLIP(self.model.visual, features=features, pos_interp=pos_interp)
+        self.pos_interp = pos_interp
         self.features = features
         self.patch = self.dense.patch
         self.mean, self.std = preprocess_stats(self.model)
@@ -452,7 +345,9 @@ class Segmenter:
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer: Callable | None = None, **kwargs: Any) -> Segmenter:
-        """A Segmenter on an already-built open_clip CLIP model (and its tokenizer)."""
+        """A Segmenter on an already-built model and its tokenizer: an open_clip CLIP model (tokenizer
+        optional) or a transformers ``CLIPModel`` (with its tokenizer, e.g. ``CLIPTokenizer``, or an
+        open_clip tokenizer of the same vocabulary)."""
         return cls(model=model, tokenizer=tokenizer, **kwargs)
 
     def __repr__(self) -> str:

@@ -44,11 +44,11 @@ def test_one_image_writes_a_palette_png_and_an_overlay(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_window_stride_mode_and_self_self_flags(tmp_path):
+def test_window_stride_mode_and_features_flags(tmp_path):
     img = write_image(tmp_path / "a.png", 100, 140)
     out = tmp_path / "l.png"
     rc = main(["segment", img, "--classes", "cat, dog", *TINY, "--window", "48", "--stride", "32",
-               "--mode", "op", "--features", "self_self", "--out", str(out)])
+               "--mode", "op", "--features", "sclip", "--out", str(out)])
     assert rc == 0 and Image.open(out).size == (140, 100)
 
 

@@ -94,11 +94,11 @@ def test_clip_affinity_is_nonnegative_on_the_patch_grid(tiny):
     assert dense._pos_embed((4, 4)) is model.visual.positional_embedding
 
 
-def test_self_self_features_differ_from_plain(tiny):
+def test_feature_presets_keep_the_clip_affinity(tiny):
     model, _ = tiny
     x = torch.randn(1, 3, 64, 64)
     plain, a1 = DenseCLIP(model.visual)(x)
-    ss, a2 = DenseCLIP(model.visual, features="self_self")(x)
+    ss, a2 = DenseCLIP(model.visual, features="sclip")(x)
     assert ss.shape == plain.shape and bool(torch.isfinite(ss).all())
     assert not torch.allclose(ss, plain)
     torch.testing.assert_close(a1, a2)  # the affinity is the same last-block attention
@@ -393,7 +393,9 @@ def test_bad_arguments(tiny):
     with pytest.raises(ValueError, match="affinity must be one of"):
         segmenter(tiny, affinity="sd3")
     with pytest.raises(ValueError, match="features must be one of"):
-        segmenter(tiny, features="maskclip")
+        segmenter(tiny, features="proxyclip")
+    with pytest.raises(ValueError, match="self_self.*removed.*sclip"):
+        segmenter(tiny, features="self_self")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from ..clip_features import FEATURES
 from .datasets import DATASETS, LONG_SIDE_CAP
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--affinity", default="clip", choices=["clip", "sd2", "dino"], help="patch affinity")
     parser.add_argument("--affinity-weights", default=None, help="local weights for --affinity sd2 or dino")
     parser.add_argument("--mode", default="mv", choices=["mv", "op", "kl"], help="discrepancy (default mv)")
-    parser.add_argument("--features", default="clip", choices=["clip", "self_self"], help="dense CLIP features")
+    parser.add_argument("--features", default="clip", choices=FEATURES, help="dense CLIP features")
     parser.add_argument("--short-side", type=int, default=None, help="resize short side (default: per dataset)")
     parser.add_argument("--long-side", type=int, default=LONG_SIDE_CAP,
                         help=f"cap on the resized long side (default {LONG_SIDE_CAP})")

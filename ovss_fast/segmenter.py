@@ -6,9 +6,10 @@ Pipeline for one image (method.md sections 1-4 on CLIP):
       -> resized so both sides are multiples of the patch size P (optionally to a
          given shorter side), giving a low-resolution patch grid (gh, gw)
       -> windows of (wh, ww) patches every (sh, sw) patches (one window when none is given);
-         per window: CLIP patch features [B, n, D] and affinity [B, n, n] (n = wh * ww),
-         class distributions Q over synonym-expanded names, discrepancy scores [B, n, S]
-      -> overlapping windows' scores averaged on the (gh, gw) grid
+         all windows of all images of one size, chunked to fit memory_budget, as one batch of
+         M crops: CLIP patch features [M, n, D] and affinity [M, n, n] (n = wh * ww),
+         class distributions Q over synonym-expanded names, discrepancy scores [M, n, S]
+      -> overlapping windows' scores scatter-added onto the (gh, gw) grid and averaged
       -> class score = max over its synonyms' scores                      [B, C, gh, gw]
       -> joint bilateral upsampling to (H, W) guided by the full-resolution image, argmax
 
@@ -28,6 +29,8 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,7 +63,10 @@ from .ops import class_distributions, discrepancy, jbu_argmax, jbu_upsample
 
 ImageLike = Any  # PIL.Image.Image | np.ndarray | Tensor | str | os.PathLike, or a list of them
 
-#: Default budget for the N x N tensors of one window (see ``Segmenter.memory_estimate``).
+#: float32 [heads, T, T] tensors alive in the last block per feature preset's attention (the q-k
+#: attention for the affinity included): scores + probabilities, plus a second pair for "qq+kk".
+_LAST_BLOCK_TENSORS = {"qk": 2, "qq+kk": 4, "qq": 3, "kk+gauss": 3, "identity": 2}
+#: Default budget for one chunk of windows (see ``Segmenter.memory_estimate``).
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 
 
@@ -185,6 +191,57 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return starts
 
 
+@dataclass(frozen=True)
+class WindowLayout:
+    """The sliding windows of one patch grid, as index tensors (no Python loop per window downstream).
+
+    grid (gh, gw) and cells (wh, ww) in patches; starts [nw, 2] the (row, column) of each
+    window's top-left patch, row-major; cell_index [nw, n] each window patch's flat grid
+    index y * gw + x (n = wh * ww, row-major in the window, as the features' patch order);
+    count [gh * gw] float32, how many windows cover each cell (>= 1 everywhere).
+    """
+
+    grid: tuple[int, int]
+    cells: tuple[int, int]
+    starts: Tensor
+    cell_index: Tensor
+    count: Tensor
+
+    @classmethod
+    def build(cls, grid: tuple[int, int], cells: tuple[int, int], stride: tuple[int, int],
+              device: torch.device | str = "cpu") -> WindowLayout:
+        (gh, gw), (wh, ww) = grid, cells
+        ys = torch.tensor(window_starts(gh, wh, stride[0]), dtype=torch.long)
+        xs = torch.tensor(window_starts(gw, ww, stride[1]), dtype=torch.long)
+        starts = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)  # [nw, 2]
+        rows = starts[:, :1, None] + torch.arange(wh).view(1, wh, 1)  # [nw, wh, 1]
+        cols = starts[:, 1:, None] + torch.arange(ww).view(1, 1, ww)  # [nw, 1, ww]
+        cell_index = (rows * gw + cols).reshape(len(starts), wh * ww)  # [nw, n]
+        count = torch.bincount(cell_index.reshape(-1), minlength=gh * gw).float()
+        return cls((gh, gw), (wh, ww), starts.to(device), cell_index.to(device), count.to(device))
+
+    @property
+    def num_windows(self) -> int:
+        return int(self.starts.shape[0])
+
+    def flat_index(self, items: Tensor) -> Tensor:
+        """items [M] (image b, window w) pairs numbered b * nw + w -> [M, n] rows of a [B * gh * gw, S] grid."""
+        nw = self.num_windows
+        return (items // nw)[:, None] * (self.grid[0] * self.grid[1]) + self.cell_index[items % nw]
+
+    def gather(self, x01: Tensor, items: Tensor, patch: tuple[int, int]) -> Tensor:
+        """The crops of ``items`` from x01 [B, 3, gh * ph, gw * pw] -> [M, 3, wh * ph, ww * pw] (one gather)."""
+        (wh, ww), (ph, pw), nw = self.cells, patch, self.num_windows
+        if nw == 1 and self.cells == self.grid:
+            return x01[items]  # one window covering the grid: the images themselves
+        start = self.starts[items % nw]  # [M, 2] in patches
+        rows = start[:, :1] * ph + torch.arange(wh * ph, device=x01.device)  # [M, wh * ph]
+        cols = start[:, 1:] * pw + torch.arange(ww * pw, device=x01.device)  # [M, ww * pw]
+        img = (items // nw)[:, None, None]
+        crops = x01.permute(0, 2, 3, 1)[img, rows[:, :, None], cols[:, None, :]]  # [M, wh * ph, ww * pw, 3]
+        return crops.permute(0, 3, 1, 2).contiguous()
+
+
 def _pair(name: str, value: object, patch: tuple[int, int]) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -238,8 +295,12 @@ class Segmenter:
     (:data:`~ovss_fast.clip_features.FEATURE_PRESETS`). pos_interp: "size" (default) or
     "peers" (the peers' ``scale_factor=(g + 0.1) / g0`` positional interpolation). templates: prompt templates
     (callables or "{}" format strings; default open_clip's 80 OpenAI ImageNet ones).
-    memory_budget: bytes allowed for one window's N x N tensors; over it, a
-    ValueError says which window to use. Remaining keywords (scale, nms, eps, iters,
+    memory_budget: bytes allowed for one chunk of windows going through together
+    (visual-tower activations and N x N tensors, :meth:`memory_estimate`); windows
+    are chunked to fit it, and when even one window does not fit, a ValueError says
+    which window to use. batch_windows: True (default) sends all windows of the
+    images of one size through the tower and the head in a few batched calls;
+    False runs one window at a time (the older path, kept for comparison). Remaining keywords (scale, nms, eps, iters,
     sk_iters, steps, readout, tau, sigma_spatial, sigma_range, radius, backend) go to
     the ops of :mod:`ovss_fast.ops`.
     """
@@ -262,6 +323,7 @@ class Segmenter:
         templates: Sequence[str | Callable[[str], str]] | None = None,
         affinity_weights: str | os.PathLike | None = None,
         memory_budget: float = DEFAULT_MEMORY_BUDGET,
+        batch_windows: bool = True,
         cache_dir: str | None = None,
         backend: str = "auto",
         scale: float = 100.0,
@@ -302,6 +364,12 @@ class Segmenter:
         self.mode = mode
         self.backend = backend
         self.memory_budget = check.positive("memory_budget", memory_budget)
+        if not isinstance(batch_windows, bool):
+            raise TypeError(f"batch_windows must be True or False, got {batch_windows!r}")
+        self.batch_windows = batch_windows
+        #: optional ``name -> context manager`` that times the pipeline's stages (visual, affinity,
+        #: class_distributions, discrepancy, jbu); None (default) times nothing
+        self.stage_timer: Callable[[str], AbstractContextManager] | None = None
         if resize is not None:
             resize = check.count("resize", resize, minimum=1)
         self.resize = resize
@@ -395,32 +463,66 @@ class Segmenter:
             return grid, grid
         return (min(self.window[0], grid[0]), min(self.window[1], grid[1])), self.stride
 
-    def memory_estimate(self, height: int, width: int, batch: int = 1) -> int:
-        """Bytes of the N x N tensors alive for one window of an image of height x width.
+    def memory_estimate(self, height: int, width: int, batch: int = 1, synonyms: int = 0) -> int:
+        """Bytes alive while ``batch`` windows of an image of height x width go through together.
 
-        float32 [B, N, N]: the attention probabilities of CLIP's last block (one per
-        head) and, for "op"/"mv", the affinity, cost, kernel and transition (4).
+        Per window (n = wh * ww patches, T = n + 1 tokens, width W, heads h, e bytes per
+        element of the visual tower's dtype, S = ``synonyms`` columns), the sum of:
+
+        - visual tower, one block alive at a time (inference keeps no earlier layer):
+          12 x T x W x e (the residual stream in and out, its layer norm, the MLP's 4W
+          hidden layer and its activation at the MLP's peak) and 2 x h x T x T x e (one
+          block's attention scores and probabilities);
+        - the last block, which DenseCLIP runs itself in float32: 2 x h x T x T x 4
+          (scores and probabilities; up to 4 for the feature presets, see
+          ``_LAST_BLOCK_TENSORS``) and the head-averaged
+          attention n x n x 4;
+        - the DSLO head for "op"/"mv": 6 float32 [n, n] (affinity, its symmetrised form,
+          cost, Gibbs kernel, and two for the transition or Sinkhorn temporaries); none for "kl";
+        - 8 float32 [n, S] (logits, softmax, Q, the scaling vectors or chain state, products, scores).
+
+        The image itself, the accumulated [B, S, gh, gw] scores and the weights of an
+        external affinity model ("sd2", "dino") are not counted.
         """
         (wh, ww), _ = self._window_cells(self.grid_for(height, width))
-        n = wh * ww
-        return int(batch) * n * n * 4 * self._nn_tensors()
+        return int(batch) * self._window_bytes(wh * ww, int(synonyms))
 
-    def _nn_tensors(self) -> int:
-        return self.dense.heads + (0 if self.mode == "kl" else 4)
+    def _window_bytes(self, n: int, synonyms: int) -> int:
+        """Bytes of one window of n patches (see :meth:`memory_estimate`)."""
+        t = n + 1
+        e = self.dense.dtype.itemsize
+        width, heads = self.dense.tower.conv.out_channels, self.dense.heads
+        last = _LAST_BLOCK_TENSORS[self.dense.preset.attention]
+        tower = 12 * t * width * e + 2 * heads * t * t * e
+        tower += last * heads * t * t * 4 + n * n * 4
+        head = (0 if self.mode == "kl" else 6) * n * n * 4 + 8 * n * synonyms * 4
+        return tower + head
 
-    def _check_memory(self, height: int, width: int, batch: int) -> None:
-        need = self.memory_estimate(height, width, batch)
-        if need <= self.memory_budget:
-            return
+    def _windows_per_chunk(self, height: int, width: int, synonyms: int) -> int:
+        """How many windows go through together so a chunk fits ``memory_budget``; raises if one does not."""
+        (wh, ww), _ = self._window_cells(self.grid_for(height, width))
+        one = self._window_bytes(wh * ww, synonyms)
+        if one > self.memory_budget:
+            self._refuse(height, width, 1, synonyms)
+        return max(1, int(self.memory_budget // one))
+
+    def _check_memory(self, height: int, width: int, batch: int, synonyms: int = 0) -> None:
+        """The per-window path holds ``batch`` windows (one per image) at once: refuse when they do not fit."""
+        if self.memory_estimate(height, width, batch, synonyms) > self.memory_budget:
+            self._refuse(height, width, batch, synonyms)
+
+    def _refuse(self, height: int, width: int, batch: int, synonyms: int) -> None:
+        need = self.memory_estimate(height, width, batch, synonyms)
         grid = self.grid_for(height, width)
         (wh, ww), _ = self._window_cells(grid)
-        per_cell2 = batch * 4 * self._nn_tensors()
-        side = int((self.memory_budget / per_cell2) ** 0.25)
+        side = 0  # the largest square window (in patches) whose batch fits
+        while side < 4096 and batch * self._window_bytes((side + 1) ** 2, synonyms) <= self.memory_budget:
+            side += 1
         what = "as one window" if self.window is None else f"with window {self._px(self.window)}"
         msg = (
             f"segmenting a {height}x{width} image {what} (a {wh}x{ww} patch window, N = {wh * ww}, batch {batch}) "
-            f"needs about {need / 2**30:.2f} GiB for its N x N tensors ({self._nn_tensors()} float32 [B, N, N]), "
-            f"over memory_budget = {self.memory_budget / 2**30:.2f} GiB; "
+            f"needs about {need / 2**30:.2f} GiB (visual tower activations and N x N tensors, see "
+            f"Segmenter.memory_estimate), over memory_budget = {self.memory_budget / 2**30:.2f} GiB; "
         )
         if side >= 1:
             win = side * self.patch[0]
@@ -434,58 +536,136 @@ class Segmenter:
         raise ValueError(msg)
 
     # ----------------------------------------------------------------------- the pipeline
-    @torch.no_grad()
-    def _grid_scores(self, img: Tensor, text: Tensor, groups: list[list[int]]) -> Tensor:
-        """img [B, 3, H, W] in [0, 1] on self.device -> class scores [B, C, gh, gw] (float32)."""
-        B, _, H, W = img.shape
-        self._check_memory(H, W, B)
+    def _stage(self, name: str) -> AbstractContextManager:
+        """Context for one pipeline stage; ``stage_timer`` (e.g. bench/bench_pipeline.py's) times it."""
+        return nullcontext() if self.stage_timer is None else self.stage_timer(name)
+
+    def _on_grid(self, img: Tensor) -> Tensor:
+        """img [B, 3, H, W] -> resized to whole patches of its patch grid, [B, 3, gh * ph, gw * pw] in [0, 1]."""
+        H, W = img.shape[-2:]
         gh, gw = self.grid_for(H, W)
         ph, pw = self.patch
-        x01 = img
-        if (gh * ph, gw * pw) != (H, W):
-            x01 = F.interpolate(img, size=(gh * ph, gw * pw), mode="bilinear", align_corners=False,
-                                antialias=True).clamp(0, 1)
-        (wh, ww), (sh, sw) = self._window_cells((gh, gw))
+        if (gh * ph, gw * pw) == (H, W):
+            return img
+        return F.interpolate(img, size=(gh * ph, gw * pw), mode="bilinear", align_corners=False,
+                             antialias=True).clamp(0, 1)
+
+    def window_layout(self, grid: tuple[int, int], device: torch.device | str = "cpu") -> WindowLayout:
+        """The windows of a (gh, gw) patch grid: their starts, patch indices and coverage counts."""
+        cells, stride = self._window_cells(grid)
+        return WindowLayout.build(grid, cells, stride, device)
+
+    def _window_features(self, crops01: Tensor) -> tuple[Tensor, Tensor | None]:
+        """crops01 [M, 3, wh * ph, ww * pw] in [0, 1] -> (feats [M, n, D] float32, affinity [M, n, n] or None).
+
+        One forward of the visual tower for all M windows; the affinity source is called
+        once with the whole batch (None for mode "kl").
+        """
+        M = crops01.shape[0]
+        grid = (crops01.shape[-2] // self.patch[0], crops01.shape[-1] // self.patch[1])
+        need_attention = self.mode != "kl" and self.affinity_fn is None
+        with self._stage("visual"):
+            feats, attention = self.dense(normalise(crops01, self.mean, self.std), need_attention=need_attention)
+            feats = feats.float()
+        if self.mode == "kl":
+            return feats, None
+        if self.affinity_fn is None:
+            return feats, attention
+        with self._stage("affinity"):
+            affinity = check_affinity(self.affinity_fn(crops01, grid), grid[0] * grid[1], M,
+                                      repr(self.affinity_name))
+            return feats, affinity.to(crops01.device)
+
+    def _window_scores(self, feats: Tensor, affinity: Tensor | None, text: Tensor) -> Tensor:
+        """The DSLO head on M windows: feats [M, n, D], affinity [M, n, n] | None, text [S, D] -> [M, n, S]."""
+        with self._stage("class_distributions"):
+            q = class_distributions(feats, text, scale=self.op_params["scale"], nms=self.op_params["nms"],
+                                    backend=self.backend)
+        with self._stage("discrepancy"):
+            return discrepancy(q, affinity, mode=self.mode, eps=self.op_params["eps"],
+                               iters=self.op_params["iters"], sk_iters=self.op_params["sk_iters"],
+                               steps=self.op_params["steps"], readout=self.op_params["readout"],
+                               tau=self.op_params["tau"], backend=self.backend).float()
+
+    @staticmethod
+    def _class_scores(syn: Tensor, groups: list[list[int]]) -> Tensor:
+        """Synonym scores [B, S, gh, gw] -> class scores [B, C, gh, gw]: the max over each class's synonyms."""
+        return torch.stack([syn[:, g].amax(dim=1) for g in groups], dim=1)
+
+    @torch.no_grad()
+    def _grid_scores(self, img: Tensor, text: Tensor, groups: list[list[int]]) -> Tensor:
+        """img [B, 3, H, W] in [0, 1] on self.device -> class scores [B, C, gh, gw] (float32).
+
+        All B x nw windows (nw per image, one size) go through in chunks of as many as
+        ``memory_budget`` allows: one visual-tower forward, one affinity call, one
+        class_distributions and one discrepancy per chunk; each chunk's scores are
+        scatter-added onto the grid (index_add_ with precomputed patch indices), then
+        divided by the number of windows covering each cell. ``batch_windows=False``
+        runs the per-window path instead (:meth:`_grid_scores_per_window`).
+        """
+        if not self.batch_windows:
+            return self._grid_scores_per_window(img, text, groups)
+        B, _, H, W = img.shape
         S = text.shape[0]
+        chunk = self._windows_per_chunk(H, W, S)
+        x01 = self._on_grid(img)
+        gh, gw = self.grid_for(H, W)
+        layout = self.window_layout((gh, gw), img.device)
+        total = B * layout.num_windows
+        acc = torch.zeros(B * gh * gw, S, device=img.device, dtype=torch.float32)  # [B * gh * gw, S]
+        for start in range(0, total, chunk):
+            items = torch.arange(start, min(total, start + chunk), device=img.device)  # (image, window) pairs
+            crops01 = layout.gather(x01, items, self.patch)
+            feats, affinity = self._window_features(crops01)
+            s = self._window_scores(feats, affinity, text)  # [M, n, S]
+            acc.index_add_(0, layout.flat_index(items).reshape(-1), s.reshape(-1, S))
+        syn = (acc.view(B, gh * gw, S) / layout.count.view(1, -1, 1)).transpose(1, 2).reshape(B, S, gh, gw)
+        return self._class_scores(syn, groups)
+
+    @torch.no_grad()
+    def _grid_scores_per_window(self, img: Tensor, text: Tensor, groups: list[list[int]]) -> Tensor:
+        """The per-window path: one tower forward and one head call per window (the B images together)."""
+        B, _, H, W = img.shape
+        S = text.shape[0]
+        self._check_memory(H, W, B, S)
+        x01 = self._on_grid(img)
+        gh, gw = self.grid_for(H, W)
+        ph, pw = self.patch
+        (wh, ww), (sh, sw) = self._window_cells((gh, gw))
         acc = torch.zeros(B, S, gh, gw, device=img.device, dtype=torch.float32)
         count = torch.zeros(1, 1, gh, gw, device=img.device, dtype=torch.float32)
-        need_attention = self.mode != "kl" and self.affinity_fn is None
         for y0 in window_starts(gh, wh, sh):
             for x0 in window_starts(gw, ww, sw):
                 crop01 = x01[:, :, y0 * ph:(y0 + wh) * ph, x0 * pw:(x0 + ww) * pw]
-                feats, attention = self.dense(normalise(crop01, self.mean, self.std), need_attention=need_attention)
-                if self.mode == "kl":
-                    affinity = None
-                elif self.affinity_fn is None:
-                    affinity = attention
-                else:
-                    affinity = check_affinity(self.affinity_fn(crop01, (wh, ww)), wh * ww, B,
-                                              repr(self.affinity_name))
-                    affinity = affinity.to(img.device)
-                q = class_distributions(feats.float(), text, scale=self.op_params["scale"],
-                                        nms=self.op_params["nms"], backend=self.backend)
-                s = discrepancy(q, affinity, mode=self.mode, eps=self.op_params["eps"],
-                                iters=self.op_params["iters"], sk_iters=self.op_params["sk_iters"],
-                                steps=self.op_params["steps"], readout=self.op_params["readout"],
-                                tau=self.op_params["tau"], backend=self.backend)  # [B, n, S]
-                acc[:, :, y0:y0 + wh, x0:x0 + ww] += s.float().transpose(1, 2).reshape(B, S, wh, ww)
+                feats, affinity = self._window_features(crop01)
+                s = self._window_scores(feats, affinity, text)  # [B, n, S]
+                acc[:, :, y0:y0 + wh, x0:x0 + ww] += s.transpose(1, 2).reshape(B, S, wh, ww)
                 count[:, :, y0:y0 + wh, x0:x0 + ww] += 1
-        syn = acc / count
-        return torch.stack([syn[:, g].amax(dim=1) for g in groups], dim=1)  # max over synonyms
+        return self._class_scores(acc / count, groups)
 
     def _run(self, image: ImageLike, class_names: str | Sequence[str], want: str) -> Tensor | list[Tensor]:
         text, groups = self.text_features(class_names)
+        text = text.to(self.device)
         batches, kind = as_image_batches(image)
-        outs = []
-        for b in batches:
-            img = b.to(self.device)
-            scores = self._grid_scores(img, text.to(self.device), groups)
+        # images of one size go through together (a list's entries are grouped by size, order kept)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, b in enumerate(batches):
+            by_size.setdefault(tuple(b.shape[-2:]), []).append(i)
+        outs: list[Tensor | None] = [None] * len(batches)
+        for members in by_size.values():
+            img = torch.cat([batches[i].to(self.device) for i in members])
+            scores = self._grid_scores(img, text, groups)
             if want == "grid":
-                outs.append(scores)
-            elif want == "scores":
-                outs.append(jbu_upsample(scores, img, backend=self.backend, **self.jbu_params))
+                out = scores
             else:
-                outs.append(jbu_argmax(scores, img, backend=self.backend, **self.jbu_params))
+                with self._stage("jbu"):
+                    if want == "scores":
+                        out = jbu_upsample(scores, img, backend=self.backend, **self.jbu_params)
+                    else:
+                        out = jbu_argmax(scores, img, backend=self.backend, **self.jbu_params)
+            sizes = [batches[i].shape[0] for i in members]
+            for i, o in zip(members, out.split(sizes), strict=True):
+                outs[i] = o
         if kind == "single":
             return outs[0][0]
         if kind == "batch":
@@ -517,4 +697,4 @@ class Segmenter:
         return self._run(image, class_names, "scores" if upsample else "grid")
 
 
-__all__ = ["Segmenter", "as_image_batches", "build_open_clip", "load_image", "window_starts"]
+__all__ = ["Segmenter", "WindowLayout", "as_image_batches", "build_open_clip", "load_image", "window_starts"]

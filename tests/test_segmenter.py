@@ -267,17 +267,18 @@ def test_random_weights_warn(tiny):
 
 
 def test_callable_affinity(tiny):
-    seen = {}
+    calls = []
 
     def uniform(img, grid):
-        seen["shape"], seen["grid"] = tuple(img.shape), grid
+        calls.append((tuple(img.shape), grid))
         assert float(img.min()) >= 0 and float(img.max()) <= 1
         n = grid[0] * grid[1]
         return torch.ones(img.shape[0], n, n)
 
     seg = segmenter(tiny, affinity=uniform, window=48, stride=32)
     assert seg.seg(image(64, 96), CLASSES).shape == (64, 96)
-    assert seen["shape"] == (1, 3, 48, 48) and seen["grid"] == (3, 3)
+    # grid 4 x 6, 3 x 3 windows: rows start at 0, 1 and columns at 0, 2, 3 -> the 6 crops in one call
+    assert calls == [((6, 3, 48, 48), (3, 3))]
 
     with pytest.raises(ValueError, match=r"expected \[B, N, N\]"):
         segmenter(tiny, affinity=lambda img, grid: torch.ones(1, 3, 3)).seg(image(), CLASSES)
@@ -288,8 +289,13 @@ def test_callable_affinity(tiny):
 # --------------------------------------------------------------------------- memory estimate
 def test_memory_estimate_refuses_and_suggests_a_window(tiny):
     seg = segmenter(tiny, memory_budget=2**20)  # 1 MiB
-    # 256 x 256 -> 16 x 16 = 256 patches; (2 heads + 4) * 256^2 * 4 bytes = 1.5 MiB
-    assert seg.memory_estimate(256, 256) == 256 * 256 * 4 * 6
+    # 256 x 256 -> 16 x 16 = 256 patches, T = 257 tokens; tiny tower: width 64, 2 heads, float32;
+    # memory_estimate's docstring: tower 12 T W e + 2 h T^2 e, last block 2 h T^2 4 + n^2 4, mv head 6 n^2 4 + 8 n S 4
+    n, t = 256, 257
+    per_window = 12 * t * 64 * 4 + 2 * 2 * t * t * 4 + 2 * 2 * t * t * 4 + n * n * 4 + 6 * n * n * 4
+    assert seg.memory_estimate(256, 256) == per_window  # about 4.5 MiB
+    assert seg.memory_estimate(256, 256, batch=3, synonyms=4) == 3 * (per_window + 8 * n * 4 * 4)
+    assert segmenter(tiny, mode="kl").memory_estimate(256, 256) == per_window - 6 * n * n * 4
     with pytest.raises(ValueError, match=r"pass window=(\d+), stride=(\d+)") as info:
         seg.seg(image(256, 256), CLASSES)
     import re

@@ -30,6 +30,7 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 HF_PREFIX = "hf:"
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
 # --------------------------------------------------------------------------- open_clip
@@ -242,22 +243,29 @@ def load_hf(spec: str, *, device: torch.device, dtype: torch.dtype, cache_dir: s
         "model='hf:/path/to/folder'"
     )
     try:
-        clip = transformers.CLIPModel.from_pretrained(source, torch_dtype=dtype, cache_dir=cache_dir)
+        dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        clip = transformers.CLIPModel.from_pretrained(source, cache_dir=cache_dir, **{dtype_kw: dtype})
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RuntimeError(f"could not load transformers CLIPModel {source!r}: {first}. {offline_hint}") from None
     wrapped = HFCLIP(clip)
     if tokenizer is None:
-        try:
-            tok = transformers.AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise RuntimeError(
-                f"could not load the tokenizer of {source!r}: {first}. The folder needs the tokenizer files "
-                "(vocab.json, merges.txt, tokenizer_config.json: tokenizer.save_pretrained(folder)), or pass "
+        def no_tokenizer(why: str) -> RuntimeError:
+            return RuntimeError(
+                f"could not load the tokenizer of {source!r}: {why}. The folder needs the tokenizer files "
+                "(tokenizer.json or vocab.json + merges.txt: tokenizer.save_pretrained(folder)), or pass "
                 f"tokenizer=... (a transformers CLIPTokenizer or open_clip.get_tokenizer('ViT-B-16')). {offline_hint}"
-            ) from None
-        tokenizer = tok
+            )
+
+        if local and not any(os.path.isfile(os.path.join(source, f)) for f in _TOKENIZER_FILES):
+            raise no_tokenizer(f"none of {', '.join(_TOKENIZER_FILES)} is in the folder")
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise no_tokenizer(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        vocab = int(getattr(clip.config.text_config, "vocab_size", 0) or 0)
+        if len(tokenizer) < vocab // 2:  # transformers 5 builds an empty tokenizer when the files are missing
+            raise no_tokenizer(f"it has {len(tokenizer)} tokens but the text model has {vocab}")
     return wrapped.to(device).eval(), _hf_tokenizer(tokenizer, wrapped.context_length), f"{HF_PREFIX}{source}"
 
 

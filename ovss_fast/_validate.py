@@ -15,6 +15,14 @@ from torch import Tensor
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MODES = ("kl", "op", "mv")
 READOUTS = ("integrated", "velocity")
+#: Segmenter heads: the DSLO discrepancy scores, or the peers' plain logits argmax.
+HEADS = ("dslo", "logits")
+#: How overlapping windows are combined: on the patch grid then JBU (ours), or upsampled bilinearly to
+#: pixels and averaged, then bilinear to the output (the peers').
+AGGREGATIONS = ("grid", "pixels")
+#: Pixel-aggregation crops not a multiple of the patch: "floor" (the conv drops the remainder, the logits
+#: are upsampled to the whole crop; SCLIP, NACLIP) or "pad" (padded to whole patches, logits cut back; ClearCLIP).
+CROPS = ("floor", "pad")
 
 
 def has_values(x: Tensor) -> bool:
@@ -75,6 +83,23 @@ def count(name: str, value: int, *, minimum: int = 0) -> int:
 def choice(name: str, value: str, options: Sequence[str]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    return value
+
+
+def threshold(name: str, value: float | None) -> float | None:
+    """None (off) or a probability in (0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in (0, 1] or None (off), got {type(value).__name__}")
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"{name} must lie in (0, 1] (or be None for off), got {value}")
+    return float(value)
+
+
+def flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
 
 

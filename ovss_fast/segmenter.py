@@ -293,7 +293,19 @@ class Segmenter:
     features: the dense-feature preset, "clip" (plain patch tokens, the paper's),
     "maskclip", "sclip", "clearclip" or "naclip", each as its method publishes it
     (:data:`~ovss_fast.clip_features.FEATURE_PRESETS`). pos_interp: "size" (default) or
-    "peers" (the peers' ``scale_factor=(g + 0.1) / g0`` positional interpolation). templates: prompt templates
+    "peers" (the peers' ``scale_factor=(g + 0.1) / g0`` positional interpolation).
+    head: "dslo" (the discrepancy scores, default) or "logits" (the peers' plain
+    argmax of softmax(scale * cos) over synonyms, max over a class's synonyms; no
+    affinity is computed). bg_threshold: None (default, off) or the peers' prob_thd:
+    pixels whose highest class probability (softmax over synonyms of scale * cos, max
+    over a class's synonyms, brought to pixels by the same upsampling as the scores)
+    is below it become class 0, so the first class must be the background.
+    aggregation: "grid" (default: overlapping windows averaged on the patch grid, then
+    joint bilateral upsampling) or "pixels" (the peers': each window's maps upsampled
+    bilinearly to its pixels, averaged where windows overlap, then bilinear to the
+    output; the image is not snapped to whole patches, and crops that are not whole
+    patches follow ``crop``: "floor" or "pad"). antialias: whether internal resizes
+    (to whole patches, to ``resize``) antialias. templates: prompt templates
     (callables or "{}" format strings; default open_clip's 80 OpenAI ImageNet ones).
     memory_budget: bytes allowed for one chunk of windows going through together
     (visual-tower activations and N x N tensors, :meth:`memory_estimate`); windows
@@ -318,6 +330,11 @@ class Segmenter:
         *,
         features: str = "clip",
         pos_interp: str = "size",
+        head: str = "dslo",
+        bg_threshold: float | None = None,
+        aggregation: str = "grid",
+        crop: str = "floor",
+        antialias: bool = True,
         resize: int | None = None,
         tokenizer: Callable | None = None,
         templates: Sequence[str | Callable[[str], str]] | None = None,
@@ -341,6 +358,11 @@ class Segmenter:
         check.choice("mode", mode, check.MODES)
         check_features(features)
         check_pos_interp(pos_interp)
+        self.head = check.choice("head", head, check.HEADS)
+        self.bg_threshold = check.threshold("bg_threshold", bg_threshold)
+        self.aggregation = check.choice("aggregation", aggregation, check.AGGREGATIONS)
+        self.crop = check.choice("crop", crop, check.CROPS)
+        self.antialias = check.flag("antialias", antialias)
         if not callable(affinity):
             check.choice("affinity", affinity, BUILTIN)
         if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -408,7 +430,7 @@ class Segmenter:
         self.affinity_name = affinity if isinstance(affinity, str) else getattr(affinity, "__name__", "callable")
         self.affinity_fn = build_affinity(
             affinity, weights=None if affinity_weights is None else os.fspath(affinity_weights),
-            device=self.device, dtype=self.dtype) if mode != "kl" else None
+            device=self.device, dtype=self.dtype) if mode != "kl" and head == "dslo" else None
         self._text_cache: OrderedDict[tuple, Tensor] = OrderedDict()
 
     @classmethod
@@ -548,7 +570,7 @@ class Segmenter:
         if (gh * ph, gw * pw) == (H, W):
             return img
         return F.interpolate(img, size=(gh * ph, gw * pw), mode="bilinear", align_corners=False,
-                             antialias=True).clamp(0, 1)
+                             antialias=self.antialias).clamp(0, 1)
 
     def window_layout(self, grid: tuple[int, int], device: torch.device | str = "cpu") -> WindowLayout:
         """The windows of a (gh, gw) patch grid: their starts, patch indices and coverage counts."""
@@ -563,11 +585,12 @@ class Segmenter:
         """
         M = crops01.shape[0]
         grid = (crops01.shape[-2] // self.patch[0], crops01.shape[-1] // self.patch[1])
-        need_attention = self.mode != "kl" and self.affinity_fn is None
+        need_affinity = self.mode != "kl" and self.head == "dslo"
+        need_attention = need_affinity and self.affinity_fn is None
         with self._stage("visual"):
             feats, attention = self.dense(normalise(crops01, self.mean, self.std), need_attention=need_attention)
             feats = feats.float()
-        if self.mode == "kl":
+        if not need_affinity:
             return feats, None
         if self.affinity_fn is None:
             return feats, attention
@@ -587,6 +610,24 @@ class Segmenter:
                                steps=self.op_params["steps"], readout=self.op_params["readout"],
                                tau=self.op_params["tau"], backend=self.backend).float()
 
+    def _map_kinds(self) -> tuple[str, ...]:
+        """The per-synonym maps each window contributes, in column order: "dslo" (discrepancy scores)
+        for the DSLO head, "cos" (cosine to each synonym) for the logits head or the background threshold."""
+        kinds = ("dslo",) if self.head == "dslo" else ()
+        if self.head == "logits" or self.bg_threshold is not None:
+            kinds += ("cos",)
+        return kinds
+
+    def _window_maps(self, feats: Tensor, affinity: Tensor | None, text: Tensor) -> Tensor:
+        """[M, n, K * S]: the maps of :meth:`_map_kinds` side by side (K of them), per window patch."""
+        maps = []
+        for kind in self._map_kinds():
+            if kind == "dslo":
+                maps.append(self._window_scores(feats, affinity, text))
+            else:
+                maps.append(F.normalize(feats, dim=-1) @ text.t().to(feats.dtype))
+        return maps[0] if len(maps) == 1 else torch.cat(maps, dim=-1)
+
     @staticmethod
     def _class_scores(syn: Tensor, groups: list[list[int]]) -> Tensor:
         """Synonym scores [B, S, gh, gw] -> class scores [B, C, gh, gw]: the max over each class's synonyms."""
@@ -596,73 +637,197 @@ class Segmenter:
     def _grid_scores(self, img: Tensor, text: Tensor, groups: list[list[int]]) -> Tensor:
         """img [B, 3, H, W] in [0, 1] on self.device -> class scores [B, C, gh, gw] (float32).
 
+        The DSLO head's scores, max over synonyms (for head "logits": the class
+        probabilities); see :meth:`_grid_maps`.
+        """
+        return self._class_maps(self._grid_maps(img, text), groups)[0]
+
+    @torch.no_grad()
+    def _grid_maps(self, img: Tensor, text: Tensor) -> Tensor:
+        """img [B, 3, H, W] in [0, 1] on self.device -> per-synonym maps [B, K * S, gh, gw] (float32).
+
         All B x nw windows (nw per image, one size) go through in chunks of as many as
         ``memory_budget`` allows: one visual-tower forward, one affinity call, one
-        class_distributions and one discrepancy per chunk; each chunk's scores are
-        scatter-added onto the grid (index_add_ with precomputed patch indices), then
-        divided by the number of windows covering each cell. ``batch_windows=False``
-        runs the per-window path instead (:meth:`_grid_scores_per_window`).
+        class_distributions and one discrepancy per chunk; each chunk's maps
+        (:meth:`_window_maps`) are scatter-added onto the grid (index_add_ with
+        precomputed patch indices), then divided by the number of windows covering each
+        cell. ``batch_windows=False`` runs the per-window path instead
+        (:meth:`_grid_maps_per_window`).
         """
         if not self.batch_windows:
-            return self._grid_scores_per_window(img, text, groups)
+            return self._grid_maps_per_window(img, text)
         B, _, H, W = img.shape
         S = text.shape[0]
-        chunk = self._windows_per_chunk(H, W, S)
+        K = len(self._map_kinds()) * S
+        chunk = self._windows_per_chunk(H, W, K)
         x01 = self._on_grid(img)
         gh, gw = self.grid_for(H, W)
         layout = self.window_layout((gh, gw), img.device)
         total = B * layout.num_windows
-        acc = torch.zeros(B * gh * gw, S, device=img.device, dtype=torch.float32)  # [B * gh * gw, S]
+        acc = torch.zeros(B * gh * gw, K, device=img.device, dtype=torch.float32)  # [B * gh * gw, K]
         for start in range(0, total, chunk):
             items = torch.arange(start, min(total, start + chunk), device=img.device)  # (image, window) pairs
             crops01 = layout.gather(x01, items, self.patch)
             feats, affinity = self._window_features(crops01)
-            s = self._window_scores(feats, affinity, text)  # [M, n, S]
-            acc.index_add_(0, layout.flat_index(items).reshape(-1), s.reshape(-1, S))
-        syn = (acc.view(B, gh * gw, S) / layout.count.view(1, -1, 1)).transpose(1, 2).reshape(B, S, gh, gw)
-        return self._class_scores(syn, groups)
+            m = self._window_maps(feats, affinity, text)  # [M, n, K]
+            acc.index_add_(0, layout.flat_index(items).reshape(-1), m.reshape(-1, K))
+        return (acc.view(B, gh * gw, K) / layout.count.view(1, -1, 1)).transpose(1, 2).reshape(B, K, gh, gw)
 
     @torch.no_grad()
-    def _grid_scores_per_window(self, img: Tensor, text: Tensor, groups: list[list[int]]) -> Tensor:
+    def _grid_maps_per_window(self, img: Tensor, text: Tensor) -> Tensor:
         """The per-window path: one tower forward and one head call per window (the B images together)."""
         B, _, H, W = img.shape
-        S = text.shape[0]
-        self._check_memory(H, W, B, S)
+        K = len(self._map_kinds()) * text.shape[0]
+        self._check_memory(H, W, B, K)
         x01 = self._on_grid(img)
         gh, gw = self.grid_for(H, W)
         ph, pw = self.patch
         (wh, ww), (sh, sw) = self._window_cells((gh, gw))
-        acc = torch.zeros(B, S, gh, gw, device=img.device, dtype=torch.float32)
+        acc = torch.zeros(B, K, gh, gw, device=img.device, dtype=torch.float32)
         count = torch.zeros(1, 1, gh, gw, device=img.device, dtype=torch.float32)
         for y0 in window_starts(gh, wh, sh):
             for x0 in window_starts(gw, ww, sw):
                 crop01 = x01[:, :, y0 * ph:(y0 + wh) * ph, x0 * pw:(x0 + ww) * pw]
                 feats, affinity = self._window_features(crop01)
-                s = self._window_scores(feats, affinity, text)  # [B, n, S]
-                acc[:, :, y0:y0 + wh, x0:x0 + ww] += s.transpose(1, 2).reshape(B, S, wh, ww)
+                m = self._window_maps(feats, affinity, text)  # [B, n, K]
+                acc[:, :, y0:y0 + wh, x0:x0 + ww] += m.transpose(1, 2).reshape(B, K, wh, ww)
                 count[:, :, y0:y0 + wh, x0:x0 + ww] += 1
-        return self._class_scores(acc / count, groups)
+        return acc / count
 
-    def _run(self, image: ImageLike, class_names: str | Sequence[str], want: str) -> Tensor | list[Tensor]:
+    # ----------------------------------------------------------------------- the peers' pixel aggregation
+    def _pixel_size(self, height: int, width: int) -> tuple[int, int]:
+        """The processed size for aggregation "pixels": ``resize`` on the short side (half up), not snapped."""
+        if self.resize is None:
+            return height, width
+        s = self.resize / min(height, width)
+        return max(1, int(height * s + 0.5)), max(1, int(width * s + 0.5))
+
+    def _crop_grid(self, hc: int, wc: int) -> tuple[int, int]:
+        ph, pw = self.patch
+        if self.crop == "pad":
+            return -(-hc // ph), -(-wc // pw)
+        if hc < ph or wc < pw:
+            raise ValueError(f"a {hc}x{wc} crop is smaller than one {ph}x{pw} patch; use crop='pad' or a larger "
+                             "image / resize")
+        return hc // ph, wc // pw
+
+    @torch.no_grad()
+    def _pixel_maps(self, img: Tensor, text: Tensor) -> Tensor:
+        """img [B, 3, H, W] in [0, 1] -> per-synonym maps [B, K * S, h, w] at the processed size (peers' slide
+        inference): windows of the window size in pixels every stride pixels (the last shifted back to the
+        border), each window's patch maps upsampled bilinearly to the window's pixels and averaged where
+        windows overlap."""
+        B, _, H, W = img.shape
+        h, w = self._pixel_size(H, W)
+        x01 = img if (h, w) == (H, W) else F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False,
+                                                          antialias=self.antialias).clamp(0, 1)
+        ph, pw = self.patch
+        if self.window is None:
+            (hc, wc), (sy, sx) = (h, w), (h, w)
+        else:
+            hc, wc = min(self.window[0] * ph, h), min(self.window[1] * pw, w)
+            sy, sx = self.stride[0] * ph, self.stride[1] * pw
+        fh, fw = self._crop_grid(hc, wc)
+        S = text.shape[0]
+        K = len(self._map_kinds()) * S
+        one = self._window_bytes(fh * fw, K)
+        if one > self.memory_budget:
+            self._refuse(H, W, 1, K)
+        chunk = max(1, int(self.memory_budget // one))
+        items = [(b, y, x) for b in range(B) for y in window_starts(h, hc, sy) for x in window_starts(w, wc, sx)]
+        acc = torch.zeros(B, K, h, w, device=img.device, dtype=torch.float32)
+        count = torch.zeros(1, 1, h, w, device=img.device, dtype=torch.float32)
+        mean = torch.tensor(self.mean, device=img.device, dtype=x01.dtype).view(1, 3, 1, 1)
+        for start in range(0, len(items), chunk):
+            part = items[start:start + chunk]
+            crops = torch.stack([x01[b, :, y:y + hc, x:x + wc] for b, y, x in part])  # [M, 3, hc, wc]
+            if self.crop == "pad" and (fh * ph, fw * pw) != (hc, wc):
+                # pad with the mean colour: zeros once normalised, as the peers pad the normalised image
+                padded = mean.expand(len(part), 3, fh * ph, fw * pw).clone()
+                padded[:, :, :hc, :wc] = crops
+                crops = padded
+            else:
+                crops = crops[:, :, :fh * ph, :fw * pw]
+            feats, affinity = self._window_features(crops)
+            m = self._window_maps(feats, affinity, text).transpose(1, 2).reshape(len(part), K, fh, fw)
+            if self.crop == "pad":
+                m = F.interpolate(m, size=(fh * ph, fw * pw), mode="bilinear", align_corners=False)[:, :, :hc, :wc]
+            else:
+                m = F.interpolate(m, size=(hc, wc), mode="bilinear", align_corners=False)
+            for (b, y, x), mi in zip(part, m, strict=True):
+                acc[b, :, y:y + hc, x:x + wc] += mi
+                if b == 0:
+                    count[:, :, y:y + hc, x:x + wc] += 1
+        return acc / count
+
+    # ----------------------------------------------------------------------- maps -> classes -> pixels
+    def _class_maps(self, maps: Tensor, groups: list[list[int]]) -> tuple[Tensor, Tensor | None]:
+        """Per-synonym maps [B, K * S, ...] -> (class scores [B, C, ...], class probabilities [B, C, ...] or None).
+
+        Scores: the DSLO scores' max over a class's synonyms (head "dslo"), or the class
+        probabilities (head "logits"). Probabilities: softmax over all synonyms of
+        scale * cos, then the max over a class's synonyms (None unless head "logits" or
+        bg_threshold need them).
+        """
+        kinds = self._map_kinds()
+        S = maps.shape[1] // len(kinds)
+        probs = None
+        if "cos" in kinds:
+            cos = maps[:, -S:]
+            probs = self._class_scores(torch.softmax(self.op_params["scale"] * cos, dim=1), groups)
+        scores = self._class_scores(maps[:, :S], groups) if self.head == "dslo" else probs
+        return scores, probs
+
+    def _labels(self, scores: Tensor, probs: Tensor | None) -> Tensor:
+        """argmax over classes, with the background threshold applied (class 0 where the best probability is low)."""
+        labels = scores.argmax(dim=1)
+        if self.bg_threshold is not None:
+            labels = labels.masked_fill(probs.amax(dim=1) < self.bg_threshold, 0)
+        return labels
+
+    def _finish(self, img: Tensor, guide: Tensor, text: Tensor, groups: list[list[int]], want: str) -> Tensor:
+        """img [B, 3, H, W] -> "grid" class scores at the aggregation's resolution, or "scores" / "labels"
+        at the guide's size (JBU guided by it for aggregation "grid", bilinear for "pixels")."""
+        if self.aggregation == "pixels":
+            maps = self._pixel_maps(img, text)
+            if want != "grid" and tuple(maps.shape[-2:]) != tuple(guide.shape[-2:]):
+                maps = F.interpolate(maps, size=tuple(guide.shape[-2:]), mode="bilinear", align_corners=False)
+            scores, probs = self._class_maps(maps, groups)
+            return scores if want in ("grid", "scores") else self._labels(scores, probs)
+        scores, probs = self._class_maps(self._grid_maps(img, text), groups)
+        if want == "grid":
+            return scores
+        with self._stage("jbu"):
+            if want == "labels" and self.bg_threshold is None:
+                return jbu_argmax(scores, guide, backend=self.backend, **self.jbu_params)
+            up = jbu_upsample(scores, guide, backend=self.backend, **self.jbu_params)
+            if want == "scores":
+                return up
+            if probs is not None and probs is not scores:
+                probs = jbu_upsample(probs, guide, backend=self.backend, **self.jbu_params)
+            return self._labels(up, up if probs is scores else probs)
+
+    def _run(self, image: ImageLike, class_names: str | Sequence[str], want: str,
+             guide: ImageLike | None = None) -> Tensor | list[Tensor]:
         text, groups = self.text_features(class_names)
         text = text.to(self.device)
         batches, kind = as_image_batches(image)
+        guides = None
+        if guide is not None:
+            guides, gkind = as_image_batches(guide)
+            if gkind != kind or [g.shape[0] for g in guides] != [b.shape[0] for b in batches]:
+                raise ValueError("guide must match image: one guide image per image (the same kind: single, batch "
+                                 "or list of the same length)")
         # images of one size go through together (a list's entries are grouped by size, order kept)
-        by_size: dict[tuple[int, int], list[int]] = {}
+        by_size: dict[tuple, list[int]] = {}
         for i, b in enumerate(batches):
-            by_size.setdefault(tuple(b.shape[-2:]), []).append(i)
+            key = tuple(b.shape[-2:]) + (() if guides is None else tuple(guides[i].shape[-2:]))
+            by_size.setdefault(key, []).append(i)
         outs: list[Tensor | None] = [None] * len(batches)
         for members in by_size.values():
             img = torch.cat([batches[i].to(self.device) for i in members])
-            scores = self._grid_scores(img, text, groups)
-            if want == "grid":
-                out = scores
-            else:
-                with self._stage("jbu"):
-                    if want == "scores":
-                        out = jbu_upsample(scores, img, backend=self.backend, **self.jbu_params)
-                    else:
-                        out = jbu_argmax(scores, img, backend=self.backend, **self.jbu_params)
+            g = img if guides is None else torch.cat([guides[i].to(self.device) for i in members])
+            out = self._finish(img, g, text, groups, want)
             sizes = [batches[i].shape[0] for i in members]
             for i, o in zip(members, out.split(sizes), strict=True):
                 outs[i] = o
@@ -672,7 +837,8 @@ class Segmenter:
             return outs[0]
         return [o[0] for o in outs]
 
-    def seg(self, image: ImageLike, class_names: str | Sequence[str]) -> Tensor | list[Tensor]:
+    def seg(self, image: ImageLike, class_names: str | Sequence[str], *,
+            guide: ImageLike | None = None) -> Tensor | list[Tensor]:
         """Labels: index into ``class_names`` per pixel, int64.
 
         image: a PIL image, numpy array ([H, W(, 3)] uint8 or float in [0, 1]), tensor
@@ -680,21 +846,26 @@ class Segmenter:
         tensor -> [B, H, W]; a list of images -> a list of [H_i, W_i].
         class_names: one class per entry, synonyms separated by ";" (or one string with
         classes separated by ","). Labels are on ``self.device``.
+        guide: the labels' size and JBU guide, when ``image`` is a resized copy (the
+        evaluation protocol resizes, then predicts at the annotation's size guided by
+        the original image); default the image itself.
         """
-        return self._run(image, class_names, "labels")
+        return self._run(image, class_names, "labels", guide)
 
     __call__ = seg
 
-    def scores(self, image: ImageLike, class_names: str | Sequence[str], *,
-               upsample: bool = True) -> Tensor | list[Tensor]:
+    def scores(self, image: ImageLike, class_names: str | Sequence[str], *, upsample: bool = True,
+               guide: ImageLike | None = None) -> Tensor | list[Tensor]:
         """Class scores (float32; larger means "this pixel is that class") for post-processing.
 
         upsample=True: joint-bilaterally upsampled to the image, [C, H, W] per image
         (argmax over C gives :meth:`seg`'s labels, ties aside). upsample=False: the
         window-averaged low-resolution scores on the patch grid, [C, gh, gw]. Batches
-        and lists as in :meth:`seg`. Scores are on the scale of the chosen mode.
+        and lists as in :meth:`seg`. Scores are on the scale of the chosen mode (head
+        "logits": class probabilities). With aggregation "pixels", upsample=False gives
+        the maps at the processed image's pixels. guide: as in :meth:`seg`.
         """
-        return self._run(image, class_names, "scores" if upsample else "grid")
+        return self._run(image, class_names, "scores" if upsample else "grid", guide)
 
 
 __all__ = ["Segmenter", "WindowLayout", "as_image_batches", "build_open_clip", "load_image", "window_starts"]

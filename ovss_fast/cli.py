@@ -1,6 +1,7 @@
 """Command line: ``ovss-fast COMMAND`` (also ``python -m ovss_fast COMMAND``).
 
-Each command lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``.
+Each command lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``; the flags
+they share and the one way they fail (``ovss-fast COMMAND: error: ...``, exit 2) are in :mod:`ovss_fast._cli`.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     mod = modules[args.command]
     if isinstance(mod, ImportError):
-        print(f"ovss-fast {args.command}: unavailable: {mod}", file=sys.stderr)
-        return 2
+        from ._cli import fail
+
+        return fail(f"ovss-fast {args.command}", f"unavailable: {mod}")
     return int(mod.run(args) or 0)
 
 

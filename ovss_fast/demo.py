@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from ._cli import USER_ERRORS, add_backend_arguments, fail
 from .synthetic import make_scene, miou
 
 MODES = ("kl", "op", "mv")
@@ -41,8 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", type=int, default=32, help="patch grid side h = w (default: 32)")
     parser.add_argument("--size", type=int, default=256, help="image side H = W (default: 256)")
     parser.add_argument("--classes", type=int, default=6, help="number of classes (default: 6)")
-    parser.add_argument("--backend", default="auto", help="auto, reference, cpu, cuda or triton (default: auto)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_backend_arguments(parser, device_default="cpu")
 
 
 def run_demo(*, seed: int = 0, difficulty: str = "easy", grid: int = 32, size: int = 256, classes: int = 6,
@@ -92,8 +92,11 @@ def save_panel(panels: list[np.ndarray], titles: list[str], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rows, panels = run_demo(seed=args.seed, difficulty=args.difficulty, grid=args.grid, size=args.size,
-                            classes=args.classes, backend=args.backend, device=args.device)
+    try:
+        rows, panels = run_demo(seed=args.seed, difficulty=args.difficulty, grid=args.grid, size=args.size,
+                                classes=args.classes, backend=args.backend, device=args.device)
+    except USER_ERRORS as exc:
+        return fail("ovss-fast demo", exc)
     print(f"synthetic scene: seed {args.seed}, {args.difficulty}, {args.classes} classes, "
           f"{args.grid}x{args.grid} patches -> {args.size}x{args.size} pixels, backend {args.backend}")
     print(f"{'method':<12}{'mIoU':>8}{'ms':>10}")

@@ -66,7 +66,7 @@ def build_open_clip(model: str, pretrained: str | os.PathLike | None, *, device:
             f"pretrained=None: open_clip model {model!r} has RANDOM weights; its segmentations are meaningless "
             "(use this for tests and smoke runs only)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of Segmenter(...): Segmenter -> load_model -> build_open_clip
         )
     else:
         pretrained = os.fspath(pretrained)

@@ -16,7 +16,15 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 
-from .clip_features import FEATURES
+from ._cli import (
+    USER_ERRORS,
+    add_method_arguments,
+    add_model_arguments,
+    check_method_arguments,
+    fail,
+    method_kwargs,
+    segmenter_from_args,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -28,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  ovss-fast segment photo.jpg --classes \"cat; kitten, dog, grass\" --out labels.png --overlay overlay.png\n"
         "  ovss-fast segment photos/ --classes \"person; people, car, road, sky\" --window 448 --stride 224 "
         "--out labels/\n"
+        "  ovss-fast segment photo.jpg --classes \"sky, cat, dog\" --features sclip --head logits --bg-threshold 0.1 "
+        "--out l.png\n"
+        "  ovss-fast segment photo.jpg --classes \"cat, dog\" --model hf:/path/to/clip-vit-base-patch16 --out l.png\n"
         "  ovss-fast segment photo.jpg --classes \"cat, dog\" --model ViT-B-16-quickgelu "
         "--pretrained /path/to/open_clip_pytorch_model.bin --out l.png   (OpenAI weights from a local file)\n"
         "offline smoke test (random weights, meaningless labels):\n"
@@ -42,34 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="label PNG to write (a folder when there are several images)")
     parser.add_argument("--overlay", default=None,
                         help="overlay PNG with a legend of class names (a folder when there are several images)")
-    parser.add_argument("--model", default="ViT-B-16",
-                        help="open_clip model name (default ViT-B-16; see open_clip.list_models()), or "
-                             "local-dir:/folder with open_clip_config.json and weights; 'ovss-fast-tiny' is a tiny "
-                             "config for offline tests with --pretrained none")
-    parser.add_argument("--pretrained", default="openai",
-                        help="open_clip weights tag (default openai; downloaded by open_clip when online), a local "
-                             "checkpoint file, or 'none' for RANDOM weights (tests only: the labels are meaningless)")
-    parser.add_argument("--affinity", default="clip", choices=["clip", "sd2", "dino"],
-                        help="patch affinity: clip (CLIP's last-block attention, default), sd2 (Stable Diffusion 2 "
-                             "self-attention, needs ovss_fast[sd]), dino (DINO ViT features, needs timm)")
-    parser.add_argument("--affinity-weights", default=None,
-                        help="local weights for --affinity sd2 (a diffusers folder) or dino (a checkpoint file)")
-    parser.add_argument("--mode", default="mv", choices=["mv", "op", "kl"],
-                        help="discrepancy: mv maximum velocity (default), op optimal path, kl no affinity")
-    parser.add_argument("--features", default="clip", choices=FEATURES,
-                        help="dense CLIP features: plain patch tokens (default) or self-self attention "
-                             "in the last block")
+    add_model_arguments(parser)
     parser.add_argument("--window", type=int, default=None,
                         help="sliding window in pixels, a multiple of the patch size (default: whole image)")
     parser.add_argument("--stride", type=int, default=None, help="window stride in pixels (default: window / 2)")
     parser.add_argument("--resize", type=int, default=None,
                         help="resize the shorter side to this many pixels before windowing (default: native size)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--backend", default="auto", help="ops backend: auto, cuda, triton, cpu or reference")
-    parser.add_argument("--memory-budget", type=float, default=4.0,
-                        help="GiB allowed for one window's N x N tensors (default 4)")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay label opacity in [0, 1] (default 0.5)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_method_arguments(parser)
 
 
 def expand_inputs(paths: Iterable[str]) -> list[str]:
@@ -122,11 +114,10 @@ def progress(items: list[str], enabled: bool) -> Iterator[str]:
     sys.stderr.write(f"\rsegment [{'#' * 30}] {n}/{n} in {time.monotonic() - start:.1f} s{' ' * 40}\n")
 
 
-def run(args: argparse.Namespace) -> int:
-    def fail(msg: str, code: int = 2) -> int:
-        print(f"ovss-fast segment: error: {msg}", file=sys.stderr)
-        return code
+PROG = "ovss-fast segment"
 
+
+def run(args: argparse.Namespace) -> int:
     try:
         from .clip_features import parse_class_names
 
@@ -134,16 +125,15 @@ def run(args: argparse.Namespace) -> int:
         files = expand_inputs(args.images)
         if not 0.0 <= args.alpha <= 1.0:
             raise ValueError(f"--alpha must lie in [0, 1], got {args.alpha}")
-        if args.memory_budget <= 0:
-            raise ValueError(f"--memory-budget must be positive, got {args.memory_budget}")
+        check_method_arguments(args)
     except (ValueError, TypeError, OSError) as exc:
-        return fail(str(exc))
+        return fail(PROG, exc)
     many = len(files) > 1 or any(os.path.isdir(p) for p in args.images)
     if many:
         for folder in (args.out, args.overlay):
             if folder is not None:
                 if os.path.exists(folder) and not os.path.isdir(folder):
-                    return fail(f"{folder!r} must be a folder when segmenting several images")
+                    return fail(PROG, f"{folder!r} must be a folder when segmenting several images")
                 os.makedirs(folder, exist_ok=True)
         outs = [os.path.join(args.out, n) for n in _output_names(files)]
         overlays = [os.path.join(args.overlay, n) for n in _output_names(files)] if args.overlay else None
@@ -152,16 +142,10 @@ def run(args: argparse.Namespace) -> int:
         overlays = [args.overlay] if args.overlay else None
 
     try:
-        from .segmenter import Segmenter
-
-        pretrained = None if args.pretrained.lower() == "none" else args.pretrained
-        segmenter = Segmenter(
-            model=args.model, pretrained=pretrained, affinity=args.affinity, mode=args.mode, device=args.device,
-            window=args.window, stride=args.stride, features=args.features, resize=args.resize,
-            affinity_weights=args.affinity_weights, memory_budget=args.memory_budget * 2**30, backend=args.backend,
-        )
-    except (ValueError, TypeError, RuntimeError, OSError, ImportError) as exc:
-        return fail(str(exc))
+        segmenter = segmenter_from_args(args, window=args.window, stride=args.stride, resize=args.resize,
+                                        **method_kwargs(args))
+    except USER_ERRORS as exc:
+        return fail(PROG, exc)
 
     from PIL import Image
 
@@ -181,10 +165,10 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, TypeError, RuntimeError, OSError) as exc:
             failures += 1
             if not many:
-                return fail(str(exc))
+                return fail(PROG, exc)
             print(f"\novss-fast segment: skipping {path}: {exc}", file=sys.stderr)
     if failures:
-        return fail(f"{failures} of {len(files)} images failed", code=1)
+        return fail(PROG, f"{failures} of {len(files)} images failed", code=1)
     if not many:
         print(f"wrote {outs[0]}" + (f" and {overlays[0]}" if overlays else ""))
     else:

@@ -287,13 +287,17 @@ def test_predictor_resizes_by_the_protocol_and_answers_at_annotation_size(tmp_pa
     seg = Segmenter(model="ovss-fast-tiny", pretrained=None, device="cpu", backend="reference",
                     templates=("a {}.",), window=32, stride=16)
     seen = []
-    scores = seg.scores
-    seg.scores = lambda x, names, upsample: seen.append(tuple(x.shape)) or scores(x, names, upsample=upsample)
+    segment = seg.seg
+    seg.seg = lambda x, names, guide: seen.append((tuple(x.shape), tuple(guide.shape))) or segment(x, names,
+                                                                                                   guide=guide)
     predict = SegmenterPredictor(seg, ["cat; kitten", "dog"], short_side=64)
     image = torch.randint(0, 256, (3, 70, 100), dtype=torch.uint8)
     labels = predict({"image": image})
-    assert seen == [(3, 64, 96)]  # 70x100 -> 64x91 -> whole patches
+    assert seen == [((3, 64, 96), (3, 70, 100))]  # 70x100 -> 64x91 -> whole patches; guided by the original
     assert labels.shape == (70, 100) and labels.dtype == torch.int64 and int(labels.max()) <= 1
+    # the peers' flavour: no snapping to whole patches
+    SegmenterPredictor(seg, ["cat; kitten", "dog"], short_side=64, antialias=False, snap=False)({"image": image})
+    assert seen[-1] == ((3, 64, 91), (3, 70, 100))
 
 
 # --------------------------------------------------------------------------- the command
@@ -409,8 +413,14 @@ def test_results_table(tmp_path, capsys):
         files[-1].write_text(json.dumps(r))
     assert table_main([str(f) for f in files]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "| model | affinity | mode | voc21 | ade | avg |"  # columns in DATASETS order
-    assert lines[2] == "| ViT-B-16 | clip | mv | 60.0 | 20.0 | 40.0 |"
-    assert lines[3] == "| ViT-B-16 | clip | op | 50.0 | 10.0* | 30.0 |"  # * = --limit
+    # columns in DATASETS order; files without features / head / protocol are DSLO's defaults
+    assert lines[0] == "| model | affinity | mode | features | head | protocol | voc21 | ade | avg |"
+    assert lines[2] == "| ViT-B-16 | clip | mv | clip | dslo | dslo | 60.0 | 20.0 | 40.0 |"
+    assert lines[3] == "| ViT-B-16 | clip | op | clip | dslo | dslo | 50.0 | 10.0* | 30.0 |"  # * = --limit
+    peer = report("voc21", 40.0)
+    peer["config"].update(features="sclip", head="logits", protocol={"protocol": "sclip", "overridden": ["scale"]})
+    files[1].write_text(json.dumps(peer))
+    assert table_main([str(f) for f in files[1:2]]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == "| ViT-B-16 | clip | mv | sclip | logits | sclip* | 40.0 | 40.0 |"
     files[0].write_text("{}")
     assert table_main([str(files[0])]) == 2 and "not an ovss-fast eval results file" in capsys.readouterr().err

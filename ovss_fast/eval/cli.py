@@ -13,8 +13,18 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from ..clip_features import FEATURES
+from .._cli import (
+    USER_ERRORS,
+    add_method_arguments,
+    add_model_arguments,
+    check_method_arguments,
+    fail,
+    method_kwargs,
+    pretrained_arg,
+    segmenter_from_args,
+)
 from .datasets import DATASETS, LONG_SIDE_CAP
+from .protocols import BACKGROUND_DATASETS, PROTOCOLS, resolve_protocol
 
 if TYPE_CHECKING:
     from .distributed import DistContext
@@ -32,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  torchrun --nproc_per_node=4 -m ovss_fast eval --dataset coco_stuff --root /data/coco_stuff164k "
         "--out coco.json\n"
         "  ovss-fast eval --synthetic --out synthetic.json      (no dataset, no weights)\n"
+        "  ovss-fast eval --dataset voc21 --root /data/VOCdevkit --protocol sclip --features sclip  (SCLIP's setup)\n"
+        "  ovss-fast eval --dataset ade --root /data/ade --protocol naclip --features naclip --head dslo --mode op\n"
         "offline smoke test (random weights, meaningless mIoU):\n"
         "  ovss-fast eval --dataset voc21 --root /data/VOCdevkit --limit 4 --model ovss-fast-tiny --pretrained none"
     )
@@ -47,31 +59,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "rank) and is the first synthetic scene's seed (default 0)")
     parser.add_argument("--out", default=None, help="results JSON to write (rank 0); default: print only")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    parser.add_argument("--model", default="ViT-B-16",
-                        help="open_clip model name (default ViT-B-16) or local-dir:/folder; 'ovss-fast-tiny' with "
-                             "--pretrained none for offline smoke tests")
-    parser.add_argument("--pretrained", default="openai",
-                        help="open_clip weights tag (default openai), a local checkpoint file, or 'none' (RANDOM)")
-    parser.add_argument("--affinity", default="clip", choices=["clip", "sd2", "dino"], help="patch affinity")
-    parser.add_argument("--affinity-weights", default=None, help="local weights for --affinity sd2 or dino")
-    parser.add_argument("--mode", default="mv", choices=["mv", "op", "kl"], help="discrepancy (default mv)")
-    parser.add_argument("--features", default="clip", choices=FEATURES, help="dense CLIP features")
+    parser.add_argument("--protocol", default="dslo", choices=list(PROTOCOLS),
+                        help="evaluation protocol: dslo (ours, default), sclip, clearclip, naclip; per dataset it sets "
+                             "the short side, window / stride, logit scale, bg threshold, resize flavour, aggregation, "
+                             "positional interpolation and head (flags given here override it)")
+    add_model_arguments(parser)
     parser.add_argument("--short-side", type=int, default=None, help="resize short side (default: per dataset)")
     parser.add_argument("--long-side", type=int, default=LONG_SIDE_CAP,
                         help=f"cap on the resized long side (default {LONG_SIDE_CAP})")
     parser.add_argument("--window", type=int, default=None,
                         help="sliding window in pixels (default: per dataset; 0 = whole image)")
     parser.add_argument("--stride", type=int, default=None, help="window stride in pixels (default: per dataset)")
-    parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda:LOCAL_RANK if available)")
-    parser.add_argument("--backend", default="auto", help="ops backend: auto, cuda, triton, cpu or reference")
-    parser.add_argument("--memory-budget", type=float, default=4.0, help="GiB for one window's N x N tensors")
     parser.add_argument("--workers", type=int, default=2, help="image-reading worker processes (default 2)")
+    parser.add_argument("--snap", default=None, action=argparse.BooleanOptionalAction,
+                        help="round the resized image to whole patches (default: the protocol's; dslo on)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-class table")
+    add_method_arguments(parser, protocol_note="--protocol sets scale, bg-threshold, head, aggregation, crop, "
+                                               "pos-interp and antialias")
 
 
-def _fail(msg: str, code: int = 2) -> int:
-    print(f"ovss-fast eval: error: {msg}", file=sys.stderr)
-    return code
+PROG = "ovss-fast eval"
+
+
+def _fail(msg: object, code: int = 2) -> int:
+    return fail(PROG, msg, code)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -79,8 +90,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    if args.memory_budget <= 0:
-        raise ValueError(f"--memory-budget must be positive, got {args.memory_budget}")
+    check_method_arguments(args)
+    given_bg = isinstance(args.bg_threshold, float)
     for flag in ("short_side", "long_side", "stride"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
@@ -90,6 +101,9 @@ def _validate(args: argparse.Namespace) -> None:
     if args.synthetic:
         if args.dataset or args.root:
             raise ValueError("--synthetic evaluates generated scenes; leave out --dataset and --root")
+        if given_bg:
+            raise ValueError("--bg-threshold applies to datasets with a background class only; synthetic scenes "
+                             "have none")
         return
     if not args.dataset:
         raise ValueError(f"--dataset is required (one of {', '.join(DATASETS)}), or pass --synthetic")
@@ -97,18 +111,57 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown dataset {args.dataset!r}; valid names: {', '.join(DATASETS)}")
     if not args.root:
         raise ValueError(f"--root is required: the {args.dataset} folder ({DATASETS[args.dataset].layout})")
+    if given_bg and args.dataset not in BACKGROUND_DATASETS:
+        raise ValueError(f"--bg-threshold applies to datasets with a background class only "
+                         f"({', '.join(BACKGROUND_DATASETS)}); {args.dataset} has none")
     if args.out and os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is a folder; give a file name such as results.json")
+
+
+#: flags that only mean something when a CLIP model runs on images (synthetic scenes have features already)
+_MODEL_ONLY = ("features", "aggregation", "crop", "pos_interp", "antialias", "snap", "short_side", "window", "stride")
+
+
+def _resolved(args: argparse.Namespace, dataset: str | None) -> tuple[dict, dict, list[str]]:
+    """(the protocol with the flags applied, Segmenter keywords, the flags that overrode the protocol)."""
+    proto = resolve_protocol(args.protocol, dataset)
+    defaults = {k: proto[k] for k in ("scale", "bg_threshold", "head", "aggregation", "crop", "pos_interp",
+                                      "antialias")}
+    kwargs = method_kwargs(args, defaults)
+    overridden = sorted(k for k in defaults if kwargs[k] != defaults[k])
+    for key in ("short_side", "window", "stride", "snap"):
+        value = getattr(args, key)
+        if value is not None:
+            overridden.append(key)
+            proto[key] = (value or None) if key in ("window", "stride") else value
+    if args.window is not None and args.stride is None:
+        proto["stride"] = None  # a window given without a stride: half the window (the API's default)
+    proto.update({k: kwargs[k] for k in defaults})
+    proto["features"] = kwargs.get("features", "clip")
+    return proto, kwargs, overridden
 
 
 def _synthetic(args: argparse.Namespace, ctx: DistContext) -> tuple:
     from .harness import SyntheticScenes, synthetic_predictor
 
+    proto, kwargs, overridden = _resolved(args, None)
+    not_applied = [k for k in _MODEL_ONLY if getattr(args, k, None) is not None]
+    if not_applied:
+        print(f"{PROG}: note: --synthetic scenes carry synthetic CLIP-like patch features, affinity and guide (no "
+              "images for a CLIP model), so these flags do not apply: "
+              f"{', '.join('--' + k.replace('_', '-') for k in not_applied)}; the head, mode and op/JBU flags do",
+              file=sys.stderr)
     dataset = SyntheticScenes(args.limit or 16, seed=args.seed, difficulty=args.difficulty)
-    predict = synthetic_predictor(args.mode, args.backend, ctx.device)
+    params = {k: v for k, v in kwargs.items() if k not in _MODEL_ONLY and k not in ("head", "bg_threshold")}
+    predict = synthetic_predictor(args.mode, args.backend, ctx.device, head=kwargs["head"], **params)
+    applied = {k: proto[k] for k in ("protocol", "head", "scale")}
     config = {"dataset": "synthetic", "scenes": len(dataset), "seed": args.seed, "difficulty": args.difficulty,
               "grid": list(dataset.grid), "image_size": list(dataset.image_size), "mode": args.mode,
-              "backend": args.backend, "device": str(ctx.device), "ignore_index": 255}
+              "backend": args.backend, "device": str(ctx.device), "ignore_index": 255,
+              "features": "synthetic", "head": kwargs["head"], "protocol": {**applied, "overridden": overridden},
+              "not_applied": [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in not_applied]
+              + [f"protocol {k}" for k in _MODEL_ONLY if k != "features"],
+              "op_params": params}
     return dataset, predict, config, 0
 
 
@@ -118,40 +171,39 @@ def _benchmark(args: argparse.Namespace, ctx: DistContext) -> tuple:
 
     dataset = SegmentationDataset(args.dataset, args.root, args.split)
     spec = dataset.spec
-    window = spec.window if args.window is None else (args.window or None)
-    stride = None if window is None else (args.stride if args.stride is not None else
-                                          spec.stride if args.window is None else None)
-    short = args.short_side or spec.short_side
+    proto, kwargs, overridden = _resolved(args, spec.name)
+    window = proto["window"]
+    stride = None if window is None else proto["stride"]
+    short = proto["short_side"]
 
     import torch
 
-    from ..segmenter import Segmenter
-
-    pretrained = None if args.pretrained.lower() == "none" else args.pretrained
     torch.manual_seed(args.seed)  # with --pretrained none every rank must build the same random model
-    seg = Segmenter(model=args.model, pretrained=pretrained, affinity=args.affinity, mode=args.mode,
-                    device=ctx.device, window=window, stride=stride, features=args.features,
-                    affinity_weights=args.affinity_weights, memory_budget=args.memory_budget * 2**30,
-                    backend=args.backend)
+    seg = segmenter_from_args(args, device=ctx.device, window=window, stride=stride, **kwargs)
     seg.text_features(dataset.class_names)  # embed the class names before the clock starts
+    flavour = "bilinear " + ("antialiased" if proto["antialias"] else "without antialias")
     config = {
         "dataset": spec.name, "title": spec.title, "root": os.path.abspath(args.root), "split": dataset.split,
         "images_in_split": len(dataset), "limit": args.limit, "short_side": short, "long_side": args.long_side,
-        "resize": "bilinear antialiased to the protocol size, rounded to whole patches",
-        "prediction_to_annotation": "joint bilateral upsampling of the patch-grid scores guided by the original "
-                                    "image to the annotation size, then argmax",
-        "ignore_index": 255, "seed": args.seed, "pretrained": pretrained, "affinity_weights": args.affinity_weights,
-        "class_names": dataset.class_names, **segmenter_config(seg),
+        "resize": f"{flavour} to the protocol size" + (", rounded to whole patches" if proto["snap"] else ""),
+        "prediction_to_annotation": (
+            "joint bilateral upsampling of the patch-grid scores guided by the original image to the annotation "
+            "size, then argmax" if seg.aggregation == "grid" else
+            "window maps upsampled bilinearly to pixels and averaged, bilinear to the annotation size, then argmax"),
+        "protocol": {**proto, "overridden": overridden},
+        "ignore_index": 255, "seed": args.seed, "pretrained": pretrained_arg(args.pretrained),
+        "affinity_weights": args.affinity_weights, "class_names": dataset.class_names, **segmenter_config(seg),
     }
-    predict = SegmenterPredictor(seg, dataset.class_names, short, args.long_side)
+    predict = SegmenterPredictor(seg, dataset.class_names, short, args.long_side, antialias=proto["antialias"],
+                                 snap=proto["snap"])
     return dataset, predict, config, args.workers
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         _validate(args)
-    except ValueError as exc:
-        return _fail(str(exc))
+    except (ValueError, TypeError) as exc:
+        return _fail(exc)
 
     from .distributed import setup
     from .harness import format_report, make_report, run_loop
@@ -164,8 +216,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             build = _synthetic if args.synthetic else _benchmark
             dataset, predict, config, workers = build(args, ctx)
-        except (ValueError, TypeError, RuntimeError, OSError, ImportError) as exc:
-            return _fail(str(exc))
+        except USER_ERRORS as exc:
+            return _fail(exc)
         try:
             outcome = run_loop(dataset, predict, dataset.num_classes, ctx=ctx, limit=args.limit, workers=workers,
                                progress=not args.quiet, desc=config["dataset"])

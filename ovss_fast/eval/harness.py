@@ -1,6 +1,7 @@
 """The evaluation protocol: resize, predict, compare with the annotation, accumulate, all-reduce.
 
-Per image (a benchmark of :mod:`ovss_fast.eval.datasets`):
+Per image (a benchmark of :mod:`ovss_fast.eval.datasets`), with the DSLO protocol
+(``--protocol dslo``, the default; :mod:`ovss_fast.eval.protocols` has the peers'):
 
     image [3, H, W], annotation [H, W]
       -> resized (bilinear, antialiased) so the short side is the dataset's short side and
@@ -11,6 +12,11 @@ Per image (a benchmark of :mod:`ovss_fast.eval.datasets`):
          [H, W], argmax (the method's own upsampler stands in for the usual bilinear resize
          of scores; nothing is predicted at an intermediate size)
       -> confusion matrix against the annotation (255 ignored), summed over images and ranks.
+
+The peers' protocols resize without antialias and without snapping, upsample each
+window's logits bilinearly to pixels and average them, resize bilinearly to the
+annotation, take the logits argmax and apply their background threshold (the
+Segmenter's ``aggregation="pixels"``, ``head="logits"``, ``bg_threshold``).
 
 ``--synthetic`` runs seeded scenes of :mod:`ovss_fast.synthetic` (CLIP-like features,
 affinity, guide and ground truth) through :func:`ovss_fast.segment_features` instead:
@@ -33,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import __version__
+from .. import _validate as check
 from ..ops import jbu_argmax, segment_features
 from ..synthetic import make_scene
 from .datasets import IGNORE_INDEX, LONG_SIDE_CAP
@@ -52,25 +59,32 @@ def protocol_size(height: int, width: int, short_side: int, long_side: int = LON
 
 
 class SegmenterPredictor:
-    """item {"image": uint8 [3, H, W]} -> labels int64 [H, W] on the segmenter's device, by the protocol above."""
+    """item {"image": uint8 [3, H, W]} -> labels int64 [H, W] on the segmenter's device, by the protocol above.
+
+    antialias: whether the protocol resize antialiases (DSLO's does, the peers' cv2 resize does not);
+    snap: whether the resized size is rounded to whole patches (DSLO's) or kept (the peers').
+    """
 
     def __init__(self, segmenter: Any, class_names: Sequence[str], short_side: int,
-                 long_side: int = LONG_SIDE_CAP) -> None:
+                 long_side: int = LONG_SIDE_CAP, *, antialias: bool = True, snap: bool = True) -> None:
         self.segmenter = segmenter
         self.class_names = list(class_names)
         self.short_side = int(short_side)
         self.long_side = int(long_side)
+        self.antialias = bool(antialias)
+        self.snap = bool(snap)
 
     def __call__(self, item: dict) -> Tensor:
         seg = self.segmenter
         img = item["image"].to(seg.device, non_blocking=True).float().div_(255.0)  # [3, H, W]
         H, W = img.shape[1:]
-        h, w = protocol_size(H, W, self.short_side, self.long_side)
-        ph, pw = seg.patch
-        size = (max(1, round(h / ph)) * ph, max(1, round(w / pw)) * pw)
-        x = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
-        scores = seg.scores(x[0], self.class_names, upsample=False)  # [C, gh, gw]
-        return jbu_argmax(scores[None], img[None], backend=seg.backend, **seg.jbu_params)[0]
+        size = protocol_size(H, W, self.short_side, self.long_side)
+        if self.snap:
+            ph, pw = seg.patch
+            size = (max(1, round(size[0] / ph)) * ph, max(1, round(size[1] / pw)) * pw)
+        x = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False,
+                          antialias=self.antialias).clamp_(0, 1)
+        return seg.seg(x[0], self.class_names, guide=img)  # at the annotation's size, guided by the original
 
 
 class SyntheticScenes(torch.utils.data.Dataset):
@@ -95,12 +109,22 @@ class SyntheticScenes(torch.utils.data.Dataset):
         return {"scene": scene, "label": scene.labels_full[0], "name": f"scene{self.seed + index}"}
 
 
-def synthetic_predictor(mode: str = "mv", backend: str = "auto", device: torch.device | str = "cpu",
-                        **params: Any) -> Callable[[dict], Tensor]:
-    """item {"scene": Scene} -> labels [H, W]: the scene's features, text and affinity through segment_features."""
+def synthetic_predictor(mode: str = "mv", backend: str = "auto", device: torch.device | str = "cpu", *,
+                        head: str = "dslo", **params: Any) -> Callable[[dict], Tensor]:
+    """item {"scene": Scene} -> labels [H, W]: the scene's features, text and affinity through segment_features
+    (head "dslo"), or the argmax of the joint-bilaterally upsampled class probabilities softmax(scale * cos)
+    (head "logits"). params: segment_features' keywords (scale, nms, eps, ..., sigma_range, radius)."""
+    check.choice("head", head, check.HEADS)
+    jbu = {k: params[k] for k in ("sigma_spatial", "sigma_range", "radius") if k in params}
+
     def predict(item: dict) -> Tensor:
         s = item["scene"]
         feats, text, aff, guide = (t.to(device) for t in (s.feats, s.text, s.affinity, s.guide))
+        if head == "logits":
+            cos = F.normalize(feats.float(), dim=-1) @ F.normalize(text.float(), dim=-1).t()  # [1, N, C]
+            probs = torch.softmax(params.get("scale", 100.0) * cos, dim=-1)
+            probs = probs.transpose(1, 2).reshape(1, -1, *s.grid)
+            return jbu_argmax(probs, guide, backend=backend, **jbu)[0]
         return segment_features(feats, text, aff, grid=s.grid, guide=guide, mode=mode, backend=backend, **params)[0]
 
     return predict
@@ -215,6 +239,8 @@ def segmenter_config(seg: Any) -> dict:
     stride = None if seg.stride is None else [seg.stride[0] * seg.patch[0], seg.stride[1] * seg.patch[1]]
     return {
         "model": seg.model_name, "affinity": seg.affinity_name, "mode": seg.mode, "features": seg.features,
+        "head": seg.head, "bg_threshold": seg.bg_threshold, "aggregation": seg.aggregation, "crop": seg.crop,
+        "pos_interp": seg.pos_interp, "antialias": seg.antialias,
         "window_px": px, "stride_px": stride, "patch": list(seg.patch), "dtype": str(seg.dtype).replace("torch.", ""),
         "device": str(seg.device), "backend": seg.backend, "templates": len(seg.templates),
         "memory_budget_gib": seg.memory_budget / 2**30, **seg.op_params, **seg.jbu_params,

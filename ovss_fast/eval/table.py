@@ -1,9 +1,10 @@
 """A Markdown table of mIoU from ``ovss-fast eval`` results files: ``python -m ovss_fast.eval.table results/*.json``.
 
-One row per (model, affinity, mode), one column per dataset, in the order of
+One row per (model, affinity, mode, features, head, protocol), one column per dataset, in the order of
 :data:`ovss_fast.eval.DATASETS` (synthetic last), plus the average over the columns a
 row has. A cell evaluated on fewer images than its split holds (``--limit``) is marked
-with ``*``.
+with ``*``; a protocol some of whose values were overridden by flags is marked
+"dslo*" (the results file's ``config.protocol.overridden`` lists them).
 """
 
 from __future__ import annotations
@@ -14,9 +15,16 @@ from collections.abc import Sequence
 
 from .datasets import DATASETS
 
+COLUMNS = ("model", "affinity", "mode", "features", "head", "protocol")
 
-def _row_key(config: dict) -> tuple[str, str, str]:
-    return (str(config.get("model", "-")), str(config.get("affinity", "-")), str(config.get("mode", "-")))
+
+def _row_key(config: dict) -> tuple[str, ...]:
+    proto = config.get("protocol")
+    proto = proto.get("protocol", "-") if isinstance(proto, dict) else (proto or "dslo")  # older files: dslo
+    if isinstance(config.get("protocol"), dict) and config["protocol"].get("overridden"):
+        proto += "*"  # some of the protocol's values were overridden by flags (see the results file)
+    return (str(config.get("model", "-")), str(config.get("affinity", "-")), str(config.get("mode", "-")),
+            str(config.get("features", "clip")), str(config.get("head", "dslo")), proto)
 
 
 def format_table(reports: Sequence[dict]) -> str:
@@ -24,8 +32,8 @@ def format_table(reports: Sequence[dict]) -> str:
     if not reports:
         raise ValueError("no results to tabulate")
     order = [*DATASETS, "synthetic"]
-    rows: dict[tuple[str, str, str], dict[str, str]] = {}
-    values: dict[tuple[str, str, str], list[float]] = {}
+    rows: dict[tuple[str, ...], dict[str, str]] = {}
+    values: dict[tuple[str, ...], list[float]] = {}
     seen = set()
     for r in reports:
         cfg = r.get("config", {})
@@ -40,8 +48,8 @@ def format_table(reports: Sequence[dict]) -> str:
             values.setdefault(key, []).append(miou)
         seen.add(name)
     cols = [c for c in order if c in seen]
-    lines = ["| model | affinity | mode | " + " | ".join(cols) + " | avg |",
-             "| --- | --- | --- | " + " | ".join("---:" for _ in cols) + " | ---: |"]
+    lines = ["| " + " | ".join(COLUMNS) + " | " + " | ".join(cols) + " | avg |",
+             "| " + " | ".join("---" for _ in COLUMNS) + " | " + " | ".join("---:" for _ in cols) + " | ---: |"]
     for key, cells in rows.items():
         vals = values.get(key, [])
         avg = f"{sum(vals) / len(vals):.1f}" if vals else "n/a"

@@ -1,0 +1,112 @@
+"""Evaluation protocols: DSLO's own and the SCLIP / ClearCLIP / NACLIP codebases' (values from peers.md).
+
+A protocol fixes, per dataset, everything besides the method itself (the dense features
+and the affinity): the resize (short side, antialias or not, snapped to whole patches or
+not), the sliding window and stride, the logit scale, the background threshold
+(prob_thd), how overlapping windows are combined, the positional-embedding
+interpolation, the head, and how crops that are not whole patches are handled.
+
+    resolve_protocol("sclip", "voc21") -> {"protocol": "sclip", "short_side": 336, "window": 224, ...}
+
+What the peers do that ovss_fast does not reproduce is listed in each protocol's
+``not_reproduced`` (SCLIP's area_thd, NACLIP's PAMR post-processing, fp16 softmaxes), and
+goes into the results file with the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .datasets import DATASETS
+
+#: datasets with a background class (index 0): the only ones a background threshold applies to
+BACKGROUND_DATASETS = ("voc21", "context60", "coco_object")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One codebase's evaluation settings; per-dataset values fall back to ``default_*``."""
+
+    name: str
+    title: str
+    head: str
+    aggregation: str
+    pos_interp: str
+    antialias: bool
+    snap: bool
+    crop: str
+    default_short: int
+    default_window: int | None
+    default_stride: int | None
+    default_scale: float
+    short_side: dict[str, int] = field(default_factory=dict)
+    window: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
+    scale: dict[str, float] = field(default_factory=dict)
+    bg_threshold: dict[str, float] = field(default_factory=dict)
+    not_reproduced: tuple[str, ...] = ()
+
+    def resolve(self, dataset: str) -> dict:
+        """The protocol's values for one dataset (``dataset=None``: the defaults, for synthetic scenes)."""
+        window, stride = self.window.get(dataset, (self.default_window, self.default_stride))
+        return {
+            "protocol": self.name, "short_side": self.short_side.get(dataset, self.default_short),
+            "window": window, "stride": stride, "scale": self.scale.get(dataset, self.default_scale),
+            "bg_threshold": self.bg_threshold.get(dataset), "antialias": self.antialias, "snap": self.snap,
+            "aggregation": self.aggregation, "crop": self.crop, "pos_interp": self.pos_interp, "head": self.head,
+            "not_reproduced": list(self.not_reproduced),
+        }
+
+
+def _dslo() -> Protocol:
+    return Protocol(
+        "dslo", "DSLO (ours): patch-grid window averaging, joint bilateral upsampling to the annotation",
+        head="dslo", aggregation="grid", pos_interp="size", antialias=True, snap=True, crop="floor",
+        default_short=336, default_window=224, default_stride=112, default_scale=100.0,
+        short_side={n: s.short_side for n, s in DATASETS.items()},
+        window={n: (s.window, s.stride) for n, s in DATASETS.items()},
+    )
+
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
+    _dslo(),
+    Protocol(
+        "sclip", "SCLIP (wangf3014/SCLIP): mmseg slide inference, logits argmax, prob_thd",
+        head="logits", aggregation="pixels", pos_interp="peers", antialias=False, snap=False, crop="floor",
+        default_short=336, default_window=224, default_stride=112, default_scale=40.0,
+        short_side={"coco_stuff": 448, "cityscapes": 560},
+        scale={"voc21": 65.0, "context60": 50.0, "coco_object": 50.0},
+        bg_threshold={"voc21": 0.1, "context60": 0.1, "coco_object": 0.1},
+        not_reproduced=("area_thd 0.1 on voc21", "fp16 weights and softmax on CUDA (ours: float32 softmax)",
+                        "cv2 bilinear resize (ours: torch bilinear, no antialias)"),
+    ),
+    Protocol(
+        "clearclip", "ClearCLIP (mc-lan/ClearCLIP): 448 short side, 448 / 224 windows padded to whole patches",
+        head="logits", aggregation="pixels", pos_interp="peers", antialias=False, snap=False, crop="pad",
+        default_short=448, default_window=448, default_stride=224, default_scale=50.0,
+        window={"cityscapes": (224, 112)},
+        bg_threshold={"voc21": 0.5, "context60": 0.15, "coco_object": 0.4},
+        not_reproduced=("fp16 throughout (ours: the model's dtype, float32 softmax)",
+                        "cv2 bilinear resize (ours: torch bilinear, no antialias)"),
+    ),
+    Protocol(
+        "naclip", "NACLIP (sinahmr/NACLIP): SCLIP's protocol, whole image on voc20/voc21",
+        head="logits", aggregation="pixels", pos_interp="peers", antialias=False, snap=False, crop="floor",
+        default_short=336, default_window=224, default_stride=112, default_scale=40.0,
+        short_side={"cityscapes": 560},
+        window={"voc21": (None, None), "voc20": (None, None)},
+        bg_threshold={"voc21": 0.1, "context60": 0.1, "coco_object": 0.1},
+        not_reproduced=("PAMR post-processing (10 steps, dilations 8 and 16)",
+                        "fp16 weights and softmax on CUDA (ours: float32 softmax)",
+                        "cv2 bilinear resize (ours: torch bilinear, no antialias)"),
+    ),
+)}
+
+
+def resolve_protocol(name: str, dataset: str | None) -> dict:
+    """A protocol's values for a dataset; an unknown name lists the valid ones."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; valid names: {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name].resolve(dataset)
+
+
+__all__ = ["BACKGROUND_DATASETS", "PROTOCOLS", "Protocol", "resolve_protocol"]

@@ -443,7 +443,9 @@ class Segmenter:
     def __repr__(self) -> str:
         win = "whole image" if self.window is None else f"{self._px(self.window)} / {self._px(self.stride)}"
         return (f"Segmenter(model={self.model_name!r}, affinity={self.affinity_name!r}, mode={self.mode!r}, "
-                f"features={self.features!r}, window/stride={win}, device={str(self.device)!r}, dtype={self.dtype})")
+                f"features={self.features!r}, head={self.head!r}, bg_threshold={self.bg_threshold!r}, "
+                f"aggregation={self.aggregation!r}, window/stride={win}, device={str(self.device)!r}, "
+                f"dtype={self.dtype})")
 
     def _px(self, cells: tuple[int, int]) -> str:
         h, w = cells[0] * self.patch[0], cells[1] * self.patch[1]

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     table = "\n".join(f"  {s.name:<12} {s.short_side:>5} {s.window:>6} {s.stride:>6}   {s.title}"
                       for s in DATASETS.values())
     parser.epilog = (
-        "protocol defaults (pixels):\n  dataset      short window stride\n" + table + "\n"
+        "--protocol dslo sizes (pixels; sclip, clearclip, naclip: see README \"Protocols\"):\n"
+        "  dataset      short window stride\n" + table + "\n"
         f"long side capped at {LONG_SIDE_CAP}; labels predicted at the annotation's size (JBU), 255 ignored.\n\n"
         "examples:\n"
         "  ovss-fast eval --dataset voc21 --root /data/VOCdevkit --out voc21.json\n"

@@ -1,4 +1,4 @@
-"""``Segmenter``: open-vocabulary segmentation of images with open_clip and the DSLO head.
+"""``Segmenter``: open-vocabulary segmentation of images with CLIP (open_clip or transformers) and the DSLO head.
 
 Pipeline for one image (method.md sections 1-4 on CLIP):
 
@@ -22,6 +22,13 @@ Windows: every window has the same patch count (the last window in a row or
 column is shifted back to end at the border), so the discrepancy scores of
 different windows, whose scale depends on n, share one scale; overlapping scores
 are averaged unweighted (mmseg's sliding-window convention).
+
+Variants (keywords of :class:`Segmenter`): ``features`` picks the last ViT block of
+MaskCLIP / SCLIP / ClearCLIP / NACLIP instead of plain CLIP's; ``head="logits"``
+replaces the discrepancy scores by the peers' class probabilities softmax(scale * cos);
+``bg_threshold`` turns low-probability pixels into class 0; ``aggregation="pixels"``
+replaces the grid averaging and JBU by the peers' bilinear slide inference (each
+window's maps upsampled to its pixels and averaged, bilinear to the output).
 """
 
 from __future__ import annotations
@@ -267,7 +274,7 @@ def _pair(name: str, value: object, patch: tuple[int, int]) -> tuple[int, int] |
 
 # --------------------------------------------------------------------------- Segmenter
 class Segmenter:
-    """Open-vocabulary segmentation: open_clip dense features + an affinity + the DSLO head.
+    """Open-vocabulary segmentation: CLIP dense features + an affinity + the DSLO head (or the peers' logits).
 
     ``Segmenter(model="ViT-B-16", pretrained="openai", affinity="clip", mode="mv")``
 

@@ -227,3 +227,33 @@ def test_stage_timer_sees_every_stage(tiny):
     assert seen == ["visual", "affinity", "class_distributions", "discrepancy", "jbu"]
     with pytest.raises(TypeError, match="batch_windows"):
         segmenter(tiny, batch_windows="yes")
+
+
+# --------------------------------------------------------------------------- the eval loop's clock
+def test_run_loop_times_the_loader_wait_and_predicts_in_inference_mode():
+    import time
+
+    from ovss_fast.eval.harness import format_report, make_report, run_loop
+
+    class Slow(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            time.sleep(0.05)  # a slow image decoder
+            return {"label": torch.zeros(4, 4, dtype=torch.int64)}
+
+    modes = []
+
+    def predict(item):
+        modes.append(torch.is_inference_mode_enabled())
+        time.sleep(0.02)
+        return torch.zeros(4, 4, dtype=torch.int64)
+
+    out = run_loop(Slow(), predict, 2)
+    assert modes == [True] * 3
+    assert out.wait_seconds >= 3 * 0.05 and out.predict_seconds >= 3 * 0.02
+    assert out.wait_seconds + out.predict_seconds <= out.seconds
+    report = make_report(out, ["a", "b"], {})
+    assert 0.5 < report["loader_wait_share"] < 1 and report["loader_wait_seconds"] >= 0.15
+    assert "waiting on the data loader" in format_report(report)

@@ -444,7 +444,8 @@ def run_pipeline(quick: bool, results_dir: str | None, write: bool) -> bool:
     from .bench_pipeline import run
 
     try:
-        ok, _ = run("cuda", images=2 if quick else None, loader_images=4 if quick else None,
+        # few images: the whole GPU check, build included, must stay well under the session's device time
+        ok, _ = run("cuda", images=2 if quick else 3, loader_images=2 if quick else 4,
                     out_dir=Path(results_dir) if results_dir else None, write=write)
     except Exception:
         traceback.print_exc()

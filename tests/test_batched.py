@@ -51,6 +51,7 @@ def images(batch, h, w, seed=0):
 def per_window(seg: Segmenter, img: torch.Tensor, class_names, affinity=None) -> torch.Tensor:
     """Synonym-max class scores [B, C, gh, gw] computed one window and one image at a time, spelled out."""
     text, groups = seg.text_features(class_names)
+    text = text.to(img.device)
     B, _, H, W = img.shape
     gh, gw = seg.grid_for(H, W)
     ph, pw = seg.patch
@@ -58,8 +59,8 @@ def per_window(seg: Segmenter, img: torch.Tensor, class_names, affinity=None) ->
         img, size=(gh * ph, gw * pw), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
     wh, ww = (gh, gw) if seg.window is None else (min(seg.window[0], gh), min(seg.window[1], gw))
     sh, sw = (gh, gw) if seg.window is None else seg.stride
-    total = torch.zeros(B, text.shape[0], gh, gw, dtype=torch.float64)
-    count = torch.zeros(gh, gw, dtype=torch.float64)
+    total = torch.zeros(B, text.shape[0], gh, gw, dtype=torch.float64, device=img.device)
+    count = torch.zeros(gh, gw, dtype=torch.float64, device=img.device)
     for y0 in window_starts(gh, wh, sh):
         for x0 in window_starts(gw, ww, sw):
             count[y0:y0 + wh, x0:x0 + ww] += 1
@@ -257,3 +258,23 @@ def test_run_loop_times_the_loader_wait_and_predicts_in_inference_mode():
     report = make_report(out, ["a", "b"], {})
     assert 0.5 < report["loader_wait_share"] < 1 and report["loader_wait_seconds"] >= 0.15
     assert "waiting on the data loader" in format_report(report)
+
+
+# --------------------------------------------------------------------------- on a GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("mode", ["mv", "op"])
+def test_batched_equals_per_window_on_cuda(tiny, mode, dtype, tol):
+    model, tok = tiny
+    import copy
+
+    gpu = copy.deepcopy(model)
+    seg = Segmenter.from_model(gpu, tok, templates=TEMPLATES, device="cuda", dtype=dtype, mode=mode, window=48,
+                               stride=32)
+    x = images(2, 80, 112, seed=9).cuda()
+    got = seg.scores(x, CLASSES, upsample=False)
+    assert got.is_cuda and got.dtype == torch.float32
+    assert rel_err(got, per_window(seg, x, CLASSES)) <= tol
+    loop = Segmenter.from_model(gpu, tok, templates=TEMPLATES, device="cuda", dtype=dtype, mode=mode, window=48,
+                                stride=32, batch_windows=False)
+    assert rel_err(loop.scores(x, CLASSES, upsample=False), got) <= tol

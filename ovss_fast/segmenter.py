@@ -754,7 +754,8 @@ class Segmenter:
             by_size.setdefault(tuple(b.shape[-2:]), []).append(i)
         outs: list[Tensor | None] = [None] * len(batches)
         for members in by_size.values():
-            img = torch.cat([batches[i].to(self.device) for i in members])
+            parts = [batches[i].to(self.device) for i in members]
+            img = parts[0] if len(parts) == 1 else torch.cat(parts)
             scores = self._grid_scores(img, text, groups)
             if want == "grid":
                 out = scores

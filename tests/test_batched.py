@@ -278,3 +278,47 @@ def test_batched_equals_per_window_on_cuda(tiny, mode, dtype, tol):
     loop = Segmenter.from_model(gpu, tok, templates=TEMPLATES, device="cuda", dtype=dtype, mode=mode, window=48,
                                 stride=32, batch_windows=False)
     assert rel_err(loop.scores(x, CLASSES, upsample=False), got) <= tol
+
+
+# --------------------------------------------------------------------------- affinity sources that declare their memory
+def test_affinity_memory_per_crop_is_counted_in_the_chunks(tiny):
+    class Heavy(Recorder):
+        def memory_per_crop(self, grid):
+            assert grid == (3, 3)
+            return 10**6
+
+    x = images(1, 80, 112, seed=10)
+    plain = segmenter(tiny, window=48, stride=32, affinity=Recorder()).memory_estimate(80, 112, synonyms=8)
+    rec = Heavy()
+    seg = segmenter(tiny, window=48, stride=32, affinity=rec, memory_budget=3 * (plain + 10**6) + 1)
+    assert seg.memory_estimate(80, 112, synonyms=8) == plain + 10**6
+    got = seg.scores(x, CLASSES, upsample=False)
+    assert [c[0][0] for c in rec.calls] == [3, 3]  # without the 1 MB per crop, 6 windows would fit in one call
+    assert rel_err(got, per_window(seg, x, CLASSES, affinity=Recorder())) <= TOL
+
+
+def test_dino_declares_its_memory_per_crop():
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install 'ovss_fast[dino]')")
+    from ovss_fast.affinity import DinoAffinity
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
+                              depth=2)
+    dino = DinoAffinity(model=model, device="cpu")
+    n, t, d, heads = 9, 10, 192, 3  # vit_tiny: width 192, 3 heads, one class token
+    assert dino.memory_per_crop((3, 3)) == 12 * t * d * 4 + 2 * heads * t * t * 4 + n * d * 4 + n * n * 4
+
+
+def test_sd2_memory_per_crop_arithmetic():
+    # the formula alone (diffusers is optional): an object with the attributes memory_per_crop reads
+    from types import SimpleNamespace
+
+    from ovss_fast.affinity import SD2Affinity
+
+    sd2 = SD2Affinity.__new__(SD2Affinity)
+    sd2.dtype, sd2.layers = torch.float16, 6
+    sd2.unet = SimpleNamespace(config=SimpleNamespace(attention_head_dim=[5, 10, 20, 20]))
+    pixels = (32 * 14) ** 2  # a 14 x 14 grid (224 px window) is resized to 448 x 448
+    tokens = pixels // 64
+    expected = 4 * 128 * pixels * 2 + 2 * 5 * tokens**2 * 2 + 30 * tokens * 320 * 2 + 6 * tokens**2 * 4
+    assert sd2.memory_per_crop((14, 14)) == expected  # about 0.5 GB per 224 px window
+    assert sd2.memory_per_crop((3, 5)) == SD2Affinity.memory_per_crop(sd2, (4, 6))  # rounded up to even

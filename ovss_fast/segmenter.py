@@ -401,9 +401,9 @@ class Segmenter:
     are chunked to fit it, and when even one window does not fit, a ValueError says
     which window to use. batch_windows: True (default) sends all windows of the
     images of one size through the tower and the head in a few batched calls;
-    False runs one window at a time (the older path, kept for comparison). Remaining keywords (scale, nms, eps, iters,
-    sk_iters, steps, readout, tau, sigma_spatial, sigma_range, radius, backend) go to
-    the ops of :mod:`ovss_fast.ops`.
+    False runs one window at a time (the older path, kept for comparison).
+    Remaining keywords (scale, nms, eps, iters, sk_iters, steps, readout, tau,
+    sigma_spatial, sigma_range, radius, backend) go to the ops of :mod:`ovss_fast.ops`.
     """
 
     def __init__(

@@ -39,6 +39,7 @@ protocols, one image, into ``--out``. ``python -m bench.gpu_check`` runs this on
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 import time
@@ -324,7 +325,9 @@ def run(device: str = "cpu", *, smoke: bool = False, images: int | None = None, 
                              "speedup": res[PATHS[0]]["total"] / r["total"]})
                 print(f"    {p:<22} {1 / r['total']:8.3f} images/s  " + "  ".join(
                     f"{k} {1e3 * v:.0f}" for k, v in r["stages"].items()) + " ms", flush=True)
-        if n_loader > 0 and "mv" in modes:
+        if n_loader > 0 and "mv" in modes and importlib.util.find_spec("PIL") is None:
+            loader_rows.append([proto.name, "-", "-", str(workers), "-", "not run: Pillow not installed"])
+        elif n_loader > 0 and "mv" in modes:
             seg = Segmenter.from_model(model, tok, affinity="clip", mode="mv", device=dev, window=proto.window,
                                        stride=proto.stride, templates=("a photo of a {}.",))
             seg._text_cache = cache

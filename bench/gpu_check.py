@@ -19,6 +19,8 @@ package there with ``pip install --no-build-isolation --no-deps -e .``. It
    (torch.cuda.max_memory_allocated), timed with triton.testing.do_bench;
 4. writes the tables into bench/RESULTS.md under "GPU check" (naming the card and the
    versions) and the timings into bench/results.csv.
+5. runs the end-to-end pipeline benchmark (bench/bench_pipeline.py) on CUDA when open_clip is
+   installed (``--skip-pipeline`` skips it): its own "Pipeline (cuda)" section and rows.
 
 Exit status: 0 when every correctness case and every sanitizer run that could run passed.
 
@@ -429,6 +431,29 @@ def run_timing(quick: bool) -> list[list[str]]:
     return rows
 
 
+# --------------------------------------------------------------------------- pipeline
+def run_pipeline(quick: bool, results_dir: str | None, write: bool) -> bool:
+    """bench/bench_pipeline.py on CUDA (ViT-B-16 random weights; needs open_clip): True when its checks pass."""
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        print("  pipeline: not run (open_clip not installed: pip install open_clip_torch)")
+        return True
+    from pathlib import Path
+
+    from .bench_pipeline import run
+
+    try:
+        # few images: the whole GPU check, build included, must stay well under the session's device time
+        ok, _ = run("cuda", images=2 if quick else 3, loader_images=2 if quick else 4,
+                    out_dir=Path(results_dir) if results_dir else None, write=write)
+    except Exception:
+        traceback.print_exc()
+        print("  pipeline: FAILED (see the log)")
+        return False
+    return ok
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="ovss_fast GPU check: correctness, compute-sanitizer, timings")
@@ -437,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="cpu: dry run of the correctness part against the cpu backend (no GPU needed)")
     p.add_argument("--skip-sanitizer", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--skip-pipeline", action="store_true", help="skip the end-to-end pipeline benchmark")
     p.add_argument("--no-write", action="store_true", help="leave bench/RESULTS.md and results.csv alone")
     p.add_argument("--results-dir", default=None, help="write RESULTS.md / results.csv here instead of bench/")
     p.add_argument("--sanitizer-payload", action="store_true", help=argparse.SUPPRESS)
@@ -503,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
                      "note": f"graph replay {r[4]} ms; {r[6]}"} for r in time_rows if r[3] != "-"]
         if csv_rows:
             append_rows(csv_rows, None if out_dir is None else out_dir / "results.csv")
+    if device == "cuda" and not args.skip_pipeline:
+        print("== pipeline (bench/bench_pipeline.py)")
+        ok &= run_pipeline(args.quick, args.results_dir, write=not args.no_write)
     return 0 if ok else 1
 
 

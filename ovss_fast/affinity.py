@@ -11,7 +11,9 @@ Every source returns a non-negative affinity [B, N, N] on the CLIP patch grid
 - "dino" (:class:`DinoAffinity`, needs timm): cosine affinity of DINO ViT patch
   features, clamped at 0.
 - any callable ``fn(image, grid) -> [B, N, N]``, where ``image`` is the crop as
-  [B, 3, H, W] float32 RGB in [0, 1] (not normalised) and ``grid`` is (h, w).
+  [B, 3, H, W] float32 RGB in [0, 1] (not normalised) and ``grid`` is (h, w). The
+  Segmenter calls it once per chunk of windows (B = the chunk's crops); a source with a
+  ``memory_per_crop(grid) -> bytes`` method has that counted when chunks are sized.
 """
 
 from __future__ import annotations
@@ -213,6 +215,22 @@ class SD2Affinity:
                     tb.attn1.set_processor(_CaptureSelfAttention(self._store))
                     self.layers += 1
 
+    def memory_per_crop(self, grid: tuple[int, int]) -> int:
+        """Rough, conservative bytes one crop holds in one call (Segmenter sizes its window chunks with it).
+
+        VAE encoder: 4 x 128 channels at the resized crop's P pixels; UNet at the latent's L
+        tokens: attention scores and probabilities of the first block's heads (2 x heads x L x L)
+        and 30 x L x 320 activations; all in the models' dtype; plus the float32 maps kept.
+        """
+        h, w = grid
+        pixels = 32 * (h + h % 2) * 32 * (w + w % 2)
+        tokens = pixels // 64  # the latent is 1/8 of the crop on each side
+        e = torch.empty((), dtype=self.dtype).element_size()
+        heads = getattr(self.unet.config, "attention_head_dim", None) or 5
+        heads = int(heads[0] if isinstance(heads, (list, tuple)) else heads)
+        return (4 * 128 * pixels * e + 2 * heads * tokens * tokens * e + 30 * tokens * 320 * e
+                + self.layers * tokens * tokens * 4)
+
     @staticmethod
     def _empty_prompt_embedding(weights: str | None) -> Tensor:
         try:
@@ -306,6 +324,16 @@ class DinoAffinity:
         self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
         ps = model.patch_embed.patch_size
         self.patch = (ps, ps) if isinstance(ps, int) else tuple(ps)
+
+    def memory_per_crop(self, grid: tuple[int, int]) -> int:
+        """Rough bytes one crop holds in one call (Segmenter sizes its window chunks with it): as for the
+        CLIP tower, 12 x T x D + 2 x heads x T x T in the model's dtype, plus the float32 features and N x N."""
+        n = grid[0] * grid[1]
+        t = n + int(getattr(self.model, "num_prefix_tokens", 1))
+        d = int(getattr(self.model, "embed_dim", 768))
+        heads = int(self.model.blocks[0].attn.num_heads) if hasattr(self.model, "blocks") else 12
+        e = torch.empty((), dtype=self.dtype).element_size()
+        return 12 * t * d * e + 2 * heads * t * t * e + n * d * 4 + n * n * 4
 
     @torch.no_grad()
     def __call__(self, image: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -319,9 +319,9 @@ class Segmenter:
     are chunked to fit it, and when even one window does not fit, a ValueError says
     which window to use. batch_windows: True (default) sends all windows of the
     images of one size through the tower and the head in a few batched calls;
-    False runs one window at a time (the older path, kept for comparison). Remaining keywords (scale, nms, eps, iters,
-    sk_iters, steps, readout, tau, sigma_spatial, sigma_range, radius, backend) go to
-    the ops of :mod:`ovss_fast.ops`.
+    False runs one window at a time (the older path, kept for comparison).
+    Remaining keywords (scale, nms, eps, iters, sk_iters, steps, readout, tau,
+    sigma_spatial, sigma_range, radius, backend) go to the ops of :mod:`ovss_fast.ops`.
     """
 
     def __init__(
@@ -510,16 +510,18 @@ class Segmenter:
           attention n x n x 4;
         - the DSLO head for "op"/"mv": 6 float32 [n, n] (affinity, its symmetrised form,
           cost, Gibbs kernel, and two for the transition or Sinkhorn temporaries); none for "kl";
-        - 8 float32 [n, S] (logits, softmax, Q, the scaling vectors or chain state, products, scores).
+        - 8 float32 [n, S] (logits, softmax, Q, the scaling vectors or chain state, products, scores);
+        - an affinity source's own ``memory_per_crop((wh, ww))`` when it has one ("sd2" and
+          "dino" do: rough estimates of their models' activations; a callable without it counts 0).
 
-        The image itself, the accumulated [B, S, gh, gw] scores and the weights of an
-        external affinity model ("sd2", "dino") are not counted.
+        The image itself, the accumulated [B, S, gh, gw] scores and model weights are not counted.
         """
         (wh, ww), _ = self._window_cells(self.grid_for(height, width))
-        return int(batch) * self._window_bytes(wh * ww, int(synonyms))
+        return int(batch) * self._window_bytes((wh, ww), int(synonyms))
 
-    def _window_bytes(self, n: int, synonyms: int) -> int:
-        """Bytes of one window of n patches (see :meth:`memory_estimate`)."""
+    def _window_bytes(self, cells: tuple[int, int], synonyms: int) -> int:
+        """Bytes of one window of (wh, ww) patches (see :meth:`memory_estimate`)."""
+        n = cells[0] * cells[1]
         t = n + 1
         e = self.dense.dtype.itemsize
         width, heads = self.dense.tower.conv.out_channels, self.dense.heads
@@ -527,12 +529,17 @@ class Segmenter:
         tower = 12 * t * width * e + 2 * heads * t * t * e
         tower += last * heads * t * t * 4 + n * n * 4
         head = (0 if self.mode == "kl" else 6) * n * n * 4 + 8 * n * synonyms * 4
-        return tower + head
+        return tower + head + self._affinity_bytes(cells)
+
+    def _affinity_bytes(self, cells: tuple[int, int]) -> int:
+        """An affinity source's ``memory_per_crop(cells)`` (0 for "clip", "kl" and callables without one)."""
+        per_crop = getattr(self.affinity_fn, "memory_per_crop", None)
+        return 0 if per_crop is None else int(per_crop(cells))
 
     def _windows_per_chunk(self, height: int, width: int, synonyms: int) -> int:
         """How many windows go through together so a chunk fits ``memory_budget``; raises if one does not."""
         (wh, ww), _ = self._window_cells(self.grid_for(height, width))
-        one = self._window_bytes(wh * ww, synonyms)
+        one = self._window_bytes((wh, ww), synonyms)
         if one > self.memory_budget:
             self._refuse(height, width, 1, synonyms)
         return max(1, int(self.memory_budget // one))
@@ -547,7 +554,7 @@ class Segmenter:
         grid = self.grid_for(height, width)
         (wh, ww), _ = self._window_cells(grid)
         side = 0  # the largest square window (in patches) whose batch fits
-        while side < 4096 and batch * self._window_bytes((side + 1) ** 2, synonyms) <= self.memory_budget:
+        while side < 4096 and batch * self._window_bytes((side + 1, side + 1), synonyms) <= self.memory_budget:
             side += 1
         what = "as one window" if self.window is None else f"with window {self._px(self.window)}"
         msg = (
@@ -739,7 +746,7 @@ class Segmenter:
         fh, fw = self._crop_grid(hc, wc)
         S = text.shape[0]
         K = len(self._map_kinds()) * S
-        one = self._window_bytes(fh * fw, K)
+        one = self._window_bytes((fh, fw), K)
         if one > self.memory_budget:
             self._refuse(H, W, 1, K)
         chunk = max(1, int(self.memory_budget // one))
@@ -834,8 +841,13 @@ class Segmenter:
             by_size.setdefault(key, []).append(i)
         outs: list[Tensor | None] = [None] * len(batches)
         for members in by_size.values():
-            img = torch.cat([batches[i].to(self.device) for i in members])
-            g = img if guides is None else torch.cat([guides[i].to(self.device) for i in members])
+            parts = [batches[i].to(self.device) for i in members]
+            img = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if guides is None:
+                g = img
+            else:
+                gparts = [guides[i].to(self.device) for i in members]
+                g = gparts[0] if len(gparts) == 1 else torch.cat(gparts)
             out = self._finish(img, g, text, groups, want)
             sizes = [batches[i].shape[0] for i in members]
             for i, o in zip(members, out.split(sizes), strict=True):

@@ -51,6 +51,7 @@ def images(batch, h, w, seed=0):
 def per_window(seg: Segmenter, img: torch.Tensor, class_names, affinity=None) -> torch.Tensor:
     """Synonym-max class scores [B, C, gh, gw] computed one window and one image at a time, spelled out."""
     text, groups = seg.text_features(class_names)
+    text = text.to(img.device)
     B, _, H, W = img.shape
     gh, gw = seg.grid_for(H, W)
     ph, pw = seg.patch
@@ -58,8 +59,8 @@ def per_window(seg: Segmenter, img: torch.Tensor, class_names, affinity=None) ->
         img, size=(gh * ph, gw * pw), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
     wh, ww = (gh, gw) if seg.window is None else (min(seg.window[0], gh), min(seg.window[1], gw))
     sh, sw = (gh, gw) if seg.window is None else seg.stride
-    total = torch.zeros(B, text.shape[0], gh, gw, dtype=torch.float64)
-    count = torch.zeros(gh, gw, dtype=torch.float64)
+    total = torch.zeros(B, text.shape[0], gh, gw, dtype=torch.float64, device=img.device)
+    count = torch.zeros(gh, gw, dtype=torch.float64, device=img.device)
     for y0 in window_starts(gh, wh, sh):
         for x0 in window_starts(gw, ww, sw):
             count[y0:y0 + wh, x0:x0 + ww] += 1
@@ -227,3 +228,97 @@ def test_stage_timer_sees_every_stage(tiny):
     assert seen == ["visual", "affinity", "class_distributions", "discrepancy", "jbu"]
     with pytest.raises(TypeError, match="batch_windows"):
         segmenter(tiny, batch_windows="yes")
+
+
+# --------------------------------------------------------------------------- the eval loop's clock
+def test_run_loop_times_the_loader_wait_and_predicts_in_inference_mode():
+    import time
+
+    from ovss_fast.eval.harness import format_report, make_report, run_loop
+
+    class Slow(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            time.sleep(0.05)  # a slow image decoder
+            return {"label": torch.zeros(4, 4, dtype=torch.int64)}
+
+    modes = []
+
+    def predict(item):
+        modes.append(torch.is_inference_mode_enabled())
+        time.sleep(0.02)
+        return torch.zeros(4, 4, dtype=torch.int64)
+
+    out = run_loop(Slow(), predict, 2)
+    assert modes == [True] * 3
+    assert out.wait_seconds >= 3 * 0.05 and out.predict_seconds >= 3 * 0.02
+    assert out.wait_seconds + out.predict_seconds <= out.seconds
+    report = make_report(out, ["a", "b"], {})
+    assert 0.5 < report["loader_wait_share"] < 1 and report["loader_wait_seconds"] >= 0.15
+    assert "waiting on the data loader" in format_report(report)
+
+
+# --------------------------------------------------------------------------- on a GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("mode", ["mv", "op"])
+def test_batched_equals_per_window_on_cuda(tiny, mode, dtype, tol):
+    model, tok = tiny
+    import copy
+
+    gpu = copy.deepcopy(model)
+    seg = Segmenter.from_model(gpu, tok, templates=TEMPLATES, device="cuda", dtype=dtype, mode=mode, window=48,
+                               stride=32)
+    x = images(2, 80, 112, seed=9).cuda()
+    got = seg.scores(x, CLASSES, upsample=False)
+    assert got.is_cuda and got.dtype == torch.float32
+    assert rel_err(got, per_window(seg, x, CLASSES)) <= tol
+    loop = Segmenter.from_model(gpu, tok, templates=TEMPLATES, device="cuda", dtype=dtype, mode=mode, window=48,
+                                stride=32, batch_windows=False)
+    assert rel_err(loop.scores(x, CLASSES, upsample=False), got) <= tol
+
+
+# --------------------------------------------------------------------------- affinity sources that declare their memory
+def test_affinity_memory_per_crop_is_counted_in_the_chunks(tiny):
+    class Heavy(Recorder):
+        def memory_per_crop(self, grid):
+            assert grid == (3, 3)
+            return 10**6
+
+    x = images(1, 80, 112, seed=10)
+    plain = segmenter(tiny, window=48, stride=32, affinity=Recorder()).memory_estimate(80, 112, synonyms=8)
+    rec = Heavy()
+    seg = segmenter(tiny, window=48, stride=32, affinity=rec, memory_budget=3 * (plain + 10**6) + 1)
+    assert seg.memory_estimate(80, 112, synonyms=8) == plain + 10**6
+    got = seg.scores(x, CLASSES, upsample=False)
+    assert [c[0][0] for c in rec.calls] == [3, 3]  # without the 1 MB per crop, 6 windows would fit in one call
+    assert rel_err(got, per_window(seg, x, CLASSES, affinity=Recorder())) <= TOL
+
+
+def test_dino_declares_its_memory_per_crop():
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install 'ovss_fast[dino]')")
+    from ovss_fast.affinity import DinoAffinity
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
+                              depth=2)
+    dino = DinoAffinity(model=model, device="cpu")
+    n, t, d, heads = 9, 10, 192, 3  # vit_tiny: width 192, 3 heads, one class token
+    assert dino.memory_per_crop((3, 3)) == 12 * t * d * 4 + 2 * heads * t * t * 4 + n * d * 4 + n * n * 4
+
+
+def test_sd2_memory_per_crop_arithmetic():
+    # the formula alone (diffusers is optional): an object with the attributes memory_per_crop reads
+    from types import SimpleNamespace
+
+    from ovss_fast.affinity import SD2Affinity
+
+    sd2 = SD2Affinity.__new__(SD2Affinity)
+    sd2.dtype, sd2.layers = torch.float16, 6
+    sd2.unet = SimpleNamespace(config=SimpleNamespace(attention_head_dim=[5, 10, 20, 20]))
+    pixels = (32 * 14) ** 2  # a 14 x 14 grid (224 px window) is resized to 448 x 448
+    tokens = pixels // 64
+    expected = 4 * 128 * pixels * 2 + 2 * 5 * tokens**2 * 2 + 30 * tokens * 320 * 2 + 6 * tokens**2 * 4
+    assert sd2.memory_per_crop((14, 14)) == expected  # about 0.5 GB per 224 px window
+    assert sd2.memory_per_crop((3, 5)) == SD2Affinity.memory_per_crop(sd2, (4, 6))  # rounded up to even

@@ -57,3 +57,31 @@ def test_run_all_smoke_writes_tables_plots_and_reports_missing_peers(tmp_path):
     assert any(r["backend"].startswith("kornia") and "not installed" in r["note"] for r in csv_rows)
     # the smoke run never touches the committed results
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before
+
+
+def test_pipeline_smoke_writes_its_section_plot_and_rows(tmp_path):
+    before = (ROOT / "bench" / "RESULTS.md").read_text()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "bench.bench_pipeline", "--smoke", "--out", str(tmp_path), "--threads", "1"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Pipeline (cpu)" in text and "checks passed" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| voc21:", "| cityscapes:"))]
+    # 2 protocols x (mv, op) x (per-window reference, batched auto), the batched rows carry the check
+    assert len(rows) == 8, rows
+    batched = [r for r in rows if "| batched auto" in r]
+    assert len(batched) == 4 and all("ok: scores rel. err" in r for r in batched)
+    assert all(r.count("|") == 17 for r in rows)  # 16 columns: every stage has a number
+    loader = [line for line in text.splitlines() if line.startswith(("| voc21 |", "| cityscapes |"))]
+    assert len(loader) == 2 and all(line.rstrip(" |").endswith("%") for line in loader)
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "plot not written: matplotlib not installed" in text
+    else:
+        assert (tmp_path / "plots" / "pipeline_breakdown.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "(plots/pipeline_breakdown.png)" in text
+    with (tmp_path / "results.csv").open() as f:
+        csv_rows = [r for r in csv.DictReader(f) if r["bench"] == "pipeline"]
+    assert len(csv_rows) == 8 and {r["backend"] for r in csv_rows} == {"per-window reference", "batched auto"}
+    assert all(float(r["median_ms"]) > 0 for r in csv_rows)
+    assert (ROOT / "bench" / "RESULTS.md").read_text() == before

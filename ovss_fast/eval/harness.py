@@ -178,6 +178,41 @@ class EvalOutcome:
     confusion: Tensor  # [K, K] int64 on the CPU, summed over ranks
     images: int  # evaluated over all ranks
     seconds: float  # the slowest rank's wall time of the loop
+    wait_seconds: float = 0.0  # the slowest rank's time blocked waiting for the next item (reading, decoding)
+    predict_seconds: float = 0.0  # the slowest rank's time in predict (synchronised on CUDA)
+
+
+class _Clock:
+    """Seconds spent waiting on the items and in predict, for the report's loader-wait share."""
+
+    def __init__(self) -> None:
+        self.wait = 0.0
+        self.predict = 0.0
+
+    def items(self, items: Iterator[dict]) -> Iterator[dict]:
+        it = iter(items)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.wait += time.perf_counter() - t0
+            yield item
+
+    def predictor(self, predict: Callable[[dict], Tensor], device: torch.device) -> Callable[[dict], Tensor]:
+        """predict under torch.inference_mode, timed; on CUDA synchronised so the time is the GPU's too."""
+        def timed(item: dict) -> Tensor:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                labels = predict(item)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.predict += time.perf_counter() - t0
+            return labels
+
+        return timed
 
 
 def _items(dataset: torch.utils.data.Dataset, indices: list[int], workers: int, pin: bool) -> Iterator[dict]:
@@ -210,9 +245,11 @@ def run_loop(dataset: torch.utils.data.Dataset, predict: Callable[[dict], Tensor
     device = ctx.device
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     bar = _Progress(len(indices), progress and ctx.is_main, desc)
+    clock = _Clock()
+    predict = clock.predictor(predict, device)
     start = time.perf_counter()
     try:
-        for item in _items(dataset, indices, workers, pin=device.type == "cuda"):
+        for item in clock.items(_items(dataset, indices, workers, pin=device.type == "cuda")):
             labels = predict(item)
             target = item["label"].to(device, non_blocking=True)
             cm += confusion_matrix(labels, target, num_classes, ignore_index=IGNORE_INDEX)
@@ -224,8 +261,9 @@ def run_loop(dataset: torch.utils.data.Dataset, predict: Callable[[dict], Tensor
     seconds = time.perf_counter() - start
     cm = ctx.all_reduce(cm)
     images = int(ctx.all_reduce(torch.tensor([len(indices)], dtype=torch.int64))[0])
-    seconds = float(ctx.all_reduce(torch.tensor([seconds], dtype=torch.float64), op="max")[0])
-    return EvalOutcome(confusion=cm.cpu(), images=images, seconds=seconds)
+    times = ctx.all_reduce(torch.tensor([seconds, clock.wait, clock.predict], dtype=torch.float64), op="max")
+    seconds, wait, pred = (float(t) for t in times)
+    return EvalOutcome(confusion=cm.cpu(), images=images, seconds=seconds, wait_seconds=wait, predict_seconds=pred)
 
 
 # --------------------------------------------------------------------------- the report
@@ -259,6 +297,8 @@ def make_report(outcome: EvalOutcome, class_names: Sequence[str], config: dict, 
         "mIoU": _num(s["mIoU"]), "mAcc": _num(s["mAcc"]), "aAcc": _num(s["aAcc"]),
         "images": outcome.images, "seconds": round(outcome.seconds, 3),
         "images_per_second": round(outcome.images / outcome.seconds, 4) if outcome.seconds > 0 else None,
+        "loader_wait_seconds": round(outcome.wait_seconds, 3), "predict_seconds": round(outcome.predict_seconds, 3),
+        "loader_wait_share": round(outcome.wait_seconds / outcome.seconds, 4) if outcome.seconds > 0 else None,
         "per_class": per_class,
         "config": config,
         "environment": {
@@ -283,6 +323,9 @@ def format_report(report: dict) -> str:
     lines.append(f"mIoU {fmt(report['mIoU'])}  mAcc {fmt(report['mAcc'])}  aAcc {fmt(report['aAcc'])}  "
                  f"({report['images']} images, {report['seconds']:.1f} s, {fmt(ips)} images/s, "
                  f"{report['environment']['world_size']} process(es))")
+    share = report.get("loader_wait_share")
+    if share is not None:
+        lines.append(f"{100 * share:.0f}% of the loop waiting on the data loader (raise --workers if this is large)")
     return "\n".join(lines)
 
 

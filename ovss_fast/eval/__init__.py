@@ -26,14 +26,17 @@ from .harness import (
     synthetic_predictor,
 )
 from .metrics import confusion_matrix, scores_from_confusion
+from .protocols import PROTOCOLS, Protocol, resolve_protocol
 
 __all__ = [
     "DATASETS",
     "IGNORE_INDEX",
     "LONG_SIDE_CAP",
+    "PROTOCOLS",
     "DatasetSpec",
     "DistContext",
     "EvalOutcome",
+    "Protocol",
     "SegmentationDataset",
     "SegmenterPredictor",
     "SyntheticScenes",
@@ -42,6 +45,7 @@ __all__ = [
     "load_class_names",
     "make_report",
     "protocol_size",
+    "resolve_protocol",
     "run_loop",
     "scores_from_confusion",
     "synthetic_predictor",

@@ -8,11 +8,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import TYPE_CHECKING
 
+from .checkpoint import BadItem, Interrupted, RunState, check_writable, write_json_atomic
 from .datasets import DATASETS, LONG_SIDE_CAP
 
 if TYPE_CHECKING:
@@ -66,6 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget", type=float, default=4.0, help="GiB for one window's N x N tensors")
     parser.add_argument("--workers", type=int, default=2, help="image-reading worker processes (default 2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-class table")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint file (default OUT.ckpt with --out, none without): the confusion matrix and "
+                             "the processed images, written every --checkpoint-every images and on SIGINT/SIGTERM")
+    parser.add_argument("--checkpoint-every", type=int, default=50,
+                        help="images between checkpoints (default 50; 0 = only on interruption or failure)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint of an interrupted run with the same settings")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip unreadable images / annotations (counted and named in the report) instead of "
+                             "stopping at the first")
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -76,6 +86,10 @@ def _fail(msg: str, code: int = 2) -> int:
 def _validate(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.resume and not (args.out or args.checkpoint):
+        raise ValueError("--resume needs the checkpoint of the run to continue: pass the same --out (or --checkpoint)")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.memory_budget <= 0:
@@ -86,6 +100,9 @@ def _validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     if args.window is not None and args.window < 0:
         raise ValueError(f"--window must be >= 0 (0 = whole image), got {args.window}")
+    for flag, path in (("--out", args.out), ("--checkpoint", args.checkpoint)):
+        if path:
+            check_writable(path, flag)  # before any work, so nothing is computed for nothing
     if args.synthetic:
         if args.dataset or args.root:
             raise ValueError("--synthetic evaluates generated scenes; leave out --dataset and --root")
@@ -96,8 +113,6 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown dataset {args.dataset!r}; valid names: {', '.join(DATASETS)}")
     if not args.root:
         raise ValueError(f"--root is required: the {args.dataset} folder ({DATASETS[args.dataset].layout})")
-    if args.out and os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out!r} is a folder; give a file name such as results.json")
 
 
 def _synthetic(args: argparse.Namespace, ctx: DistContext) -> tuple:
@@ -146,6 +161,24 @@ def _benchmark(args: argparse.Namespace, ctx: DistContext) -> tuple:
     return dataset, predict, config, args.workers
 
 
+def _run_state(args: argparse.Namespace, config: dict, num_classes: int, ctx: DistContext) -> RunState:
+    """Checkpoints (OUT.ckpt by default), --resume and --skip-bad for run_loop; the fingerprint is
+    everything that decides the numbers, so a checkpoint of other settings is refused."""
+    path = args.checkpoint or (f"{args.out}.ckpt" if args.out else None)
+    fingerprint = {**config, "limit": args.limit, "long_side": args.long_side}
+    state = RunState(num_classes, path=path, every=args.checkpoint_every, fingerprint=fingerprint,
+                     resume=args.resume, skip_bad=args.skip_bad, rank=ctx.rank, world_size=ctx.world_size)
+    if args.resume and ctx.is_main and not args.quiet:
+        print(f"resuming: {state.resumed} images done in {state.path}" if state.resumed or state.bad
+              else f"--resume: no checkpoint at {state.path}; starting from the first image", file=sys.stderr)
+    return state
+
+
+def _write_results(path: str, report: dict) -> None:
+    write_json_atomic(path, report)
+    print(f"wrote {path}")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         _validate(args)
@@ -166,24 +199,37 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, TypeError, RuntimeError, OSError, ImportError) as exc:
             return _fail(str(exc))
         try:
+            state = _run_state(args, config, dataset.num_classes, ctx)
+        except ValueError as exc:
+            return _fail(str(exc))
+        try:
             outcome = run_loop(dataset, predict, dataset.num_classes, ctx=ctx, limit=args.limit, workers=workers,
-                               progress=not args.quiet, desc=config["dataset"])
+                               progress=not args.quiet, desc=config["dataset"], state=state)
+        except Interrupted as exc:
+            return _fail(f"interrupted by {exc}", code=130)
+        except KeyboardInterrupt:
+            return _fail("interrupted (a second signal stopped the image in progress)", code=130)
+        except BadItem as exc:
+            return _fail(f"{exc} (pass --skip-bad to skip such items)", code=1)
         except (ValueError, RuntimeError, OSError) as exc:
             return _fail(str(exc), code=1)
         if not ctx.is_main:
+            state.remove()
             return 0
         report = make_report(outcome, dataset.class_names, config, ctx)
         if not args.quiet:
             print(format_report(report))
         else:
             print(f"mIoU {report['mIoU']}  ({report['images']} images)")
+        for bad in outcome.skipped:
+            print(f"skipped: {bad['error']}", file=sys.stderr)
         if args.out:
-            parent = os.path.dirname(os.path.abspath(args.out))
-            os.makedirs(parent, exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
-                f.write("\n")
-            print(f"wrote {args.out}")
+            try:
+                _write_results(args.out, report)
+            except OSError as exc:
+                return _fail(f"could not write --out {args.out!r} ({exc}); the checkpoint {state.path!r} "
+                             "keeps the run: fix the path and rerun with --resume", code=1)
+        state.remove()
         return 0
     finally:
         ctx.close()

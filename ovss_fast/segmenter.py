@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from . import _image
 from . import _validate as check
+from ._backends import BACKENDS
 from .affinity import BUILTIN, AffinityFn, build_affinity, check_affinity
 from .clip_features import (
     FEATURES,
@@ -387,6 +388,7 @@ class Segmenter:
         radius: int = 2,
     ) -> None:
         check.choice("mode", mode, check.MODES)
+        check.choice("backend", backend, ("auto", *BACKENDS))  # before the model is built and the text embedded
         check.choice("features", features, FEATURES)
         if not callable(affinity):
             check.choice("affinity", affinity, BUILTIN)
@@ -398,7 +400,8 @@ class Segmenter:
             raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu'")
         self.op_params: dict[str, Any] = {
             "scale": check.positive("scale", scale), "nms": check.nms_ratio(nms), "eps": check.positive("eps", eps),
-            "iters": check.count("iters", iters, minimum=1), "sk_iters": check.count("sk_iters", sk_iters),
+            "iters": check.count("iters", iters, minimum=1),
+            "sk_iters": check.count("sk_iters", sk_iters, minimum=1, why=check.SK_ITERS_WHY),
             "steps": check.count("steps", steps, minimum=1),
             "readout": check.choice("readout", readout, check.READOUTS),
             "tau": check.positive("tau", tau),
@@ -406,7 +409,7 @@ class Segmenter:
         self.jbu_params: dict[str, Any] = {
             "sigma_spatial": check.positive("sigma_spatial", sigma_spatial),
             "sigma_range": check.positive("sigma_range", sigma_range),
-            "radius": check.count("radius", radius),
+            "radius": check.radius(radius),
         }
         self.mode = mode
         self.backend = backend

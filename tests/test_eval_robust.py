@@ -174,3 +174,26 @@ def test_dataset_reading_errors_name_the_file(tmp_path):
     p.write_bytes(b"not a png")
     with pytest.raises(BadItem, match=p.name):
         run_loop(ds, lambda item: item["label"], 21, workers=2)
+
+
+def test_two_gloo_ranks_checkpoint_per_rank_and_gather_the_skipped_items(tmp_path):
+    """Each rank checkpoints its own shard; skipped items of every rank reach the report; checkpoints go at the end."""
+    from test_eval import free_port
+
+    make_layout(tmp_path, "voc21", [0, 1, 7, 15, 20, 255])
+    bad = tmp_path / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000033.jpg"  # item 1: rank 1's
+    bad.write_bytes(b"")
+    out = tmp_path / "two.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", "-m", "ovss_fast", "eval", "--dataset", "voc21", "--root", str(tmp_path),
+         *TINY, "--quiet", "--window", "64", "--stride", "32", "--short-side", "64", "--device", "cpu",
+         "--workers", "1", "--skip-bad", "--checkpoint-every", "1", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["images"] == 2 and r["skipped"]["count"] == 1 and r["skipped"]["items"][0]["index"] == 1
+    assert "2007_000033.jpg" in r["skipped"]["items"][0]["error"]
+    assert not list(tmp_path.glob("two.json.ckpt*"))

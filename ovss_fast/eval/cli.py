@@ -174,9 +174,26 @@ def _run_state(args: argparse.Namespace, config: dict, num_classes: int, ctx: Di
     return state
 
 
-def _write_results(path: str, report: dict) -> None:
-    write_json_atomic(path, report)
-    print(f"wrote {path}")
+def _report(args: argparse.Namespace, outcome: object, class_names: list, config: dict, ctx: DistContext,
+            state: RunState) -> int:
+    """Rank 0: print the report, name the skipped items, write --out atomically; the exit code."""
+    from .harness import format_report, make_report
+
+    report = make_report(outcome, class_names, config, ctx)
+    if not args.quiet:
+        print(format_report(report))
+    else:
+        print(f"mIoU {report['mIoU']}  ({report['images']} images)")
+    for bad in report["skipped"]["items"]:
+        print(f"skipped: {bad['error']}", file=sys.stderr)
+    if args.out:
+        try:
+            write_json_atomic(args.out, report)
+        except OSError as exc:
+            return _fail(f"could not write --out {args.out!r} ({exc}); the checkpoint {state.path!r} "
+                         "keeps the run: fix the path and rerun with --resume", code=1)
+        print(f"wrote {args.out}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
     from .distributed import setup
-    from .harness import format_report, make_report, run_loop
+    from .harness import run_loop
 
     try:
         ctx = setup(args.device)
@@ -213,23 +230,12 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"{exc} (pass --skip-bad to skip such items)", code=1)
         except (ValueError, RuntimeError, OSError) as exc:
             return _fail(str(exc), code=1)
-        if not ctx.is_main:
+        code = _report(args, outcome, dataset.class_names, config, ctx, state) if ctx.is_main else 0
+        # every rank keeps its checkpoint until rank 0 has written the results
+        import torch
+
+        if int(ctx.all_reduce(torch.tensor([code], dtype=torch.int64), op="max")[0]) == 0:
             state.remove()
-            return 0
-        report = make_report(outcome, dataset.class_names, config, ctx)
-        if not args.quiet:
-            print(format_report(report))
-        else:
-            print(f"mIoU {report['mIoU']}  ({report['images']} images)")
-        for bad in outcome.skipped:
-            print(f"skipped: {bad['error']}", file=sys.stderr)
-        if args.out:
-            try:
-                _write_results(args.out, report)
-            except OSError as exc:
-                return _fail(f"could not write --out {args.out!r} ({exc}); the checkpoint {state.path!r} "
-                             "keeps the run: fix the path and rerun with --resume", code=1)
-        state.remove()
-        return 0
+        return code
     finally:
         ctx.close()

@@ -197,3 +197,17 @@ def test_two_gloo_ranks_checkpoint_per_rank_and_gather_the_skipped_items(tmp_pat
     assert r["images"] == 2 and r["skipped"]["count"] == 1 and r["skipped"]["items"][0]["index"] == 1
     assert "2007_000033.jpg" in r["skipped"]["items"][0]["error"]
     assert not list(tmp_path.glob("two.json.ckpt*"))
+
+
+def test_a_signal_that_also_killed_the_workers_still_reads_as_an_interruption(tmp_path, capsys, monkeypatch):
+    import ovss_fast.eval.harness as harness
+
+    def dying_loop(*args, state, **kw):
+        state.stop_signal = signal.SIGINT  # what the handler records, then the workers die of the same SIGINT
+        raise RuntimeError("DataLoader worker (pid 123) exited unexpectedly")
+
+    monkeypatch.setattr(harness, "run_loop", dying_loop)
+    rc = main(["eval", "--synthetic", "--limit", "1", "--backend", "reference", "--quiet",
+               "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 130 and "interrupted by SIGINT" in err and "--resume" in err and "DataLoader" not in err

@@ -169,10 +169,14 @@ class RunState:
     def _check_stop(self, confusion: Tensor) -> None:
         if self.stop_signal is not None:
             self.save(confusion)
-            name = signal.Signals(self.stop_signal).name
-            where = f"; checkpoint {self.path!r}, rerun with --resume to continue" if self.path else \
-                " (no checkpoint: pass --out or --checkpoint to keep progress)"
-            raise Interrupted(f"{name} after {len(self.done)} images of this process{where}")
+            raise self.interrupted()
+
+    def interrupted(self) -> Interrupted:
+        """The error for a stop by signal (also when the signal killed DataLoader workers first)."""
+        name = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "a signal"
+        where = f"; checkpoint {self.path!r}, rerun with --resume to continue" if self.path else \
+            " (no checkpoint: pass --out or --checkpoint to keep progress)"
+        return Interrupted(f"{name} after {len(self.done)} images of this process{where}")
 
     def save(self, confusion: Tensor) -> None:
         """Write the checkpoint now (atomically); a no-op without a path."""

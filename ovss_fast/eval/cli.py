@@ -229,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
         except BadItem as exc:
             return _fail(f"{exc} (pass --skip-bad to skip such items)", code=1)
         except (ValueError, RuntimeError, OSError) as exc:
+            if state.stop_signal is not None:  # e.g. the signal also reached the DataLoader workers
+                return _fail(f"interrupted by {state.interrupted()}", code=130)
             return _fail(str(exc), code=1)
         code = _report(args, outcome, dataset.class_names, config, ctx, state) if ctx.is_main else 0
         # every rank keeps its checkpoint until rank 0 has written the results

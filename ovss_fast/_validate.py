@@ -7,6 +7,7 @@ value) with a message that names the argument and what was seen.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -65,19 +66,37 @@ def same_device(**tensors: Tensor) -> torch.device:
 
 
 def positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return float(value)
 
 
-def count(name: str, value: int, *, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+def count(name: str, value: int, *, minimum: int = 0, maximum: int | None = None, why: str = "") -> int:
+    """An integral number (int, numpy integer, ...; not bool) in [minimum, maximum], returned as int.
+
+    why: appended to the range error (what goes wrong outside it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = int(value)
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be >= {minimum}, got {value}{why}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}{why}")
     return value
+
+
+#: the compiled backends' cap on the JBU radius (csrc/common/jbu_prepare.h), applied to every backend
+MAX_RADIUS = 64
+
+
+def radius(value: int) -> int:
+    """The JBU radius: 0..64, the compiled backends' cap and message, for every backend."""
+    r = count("radius", value, minimum=0)
+    if r > MAX_RADIUS:
+        raise ValueError(f"radius must be <= {MAX_RADIUS} ({(2 * r + 1) * (2 * r + 1)} taps per pixel), got {r}")
+    return r
 
 
 def choice(name: str, value: str, options: Sequence[str]) -> str:
@@ -104,7 +123,7 @@ def flag(name: str, value: object) -> bool:
 
 
 def nms_ratio(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"nms must be a number, got {type(value).__name__}")
     if not (0.0 <= value <= 1.0):
         raise ValueError(f"nms must lie in [0, 1], got {value}")
@@ -163,13 +182,29 @@ def grid(n: int, grid: object) -> tuple[int, int]:
     if (
         not isinstance(grid, (tuple, list))
         or len(grid) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in grid)
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in grid)
     ):
         raise TypeError(f"grid must be a pair of ints (h, w), got {grid!r}")
-    h, w = grid
+    h, w = int(grid[0]), int(grid[1])
     if h <= 0 or w <= 0 or h * w != n:
         raise ValueError(f"grid {tuple(grid)} does not match N = {n} patches (h * w must equal N)")
     return h, w
+
+
+def finite_scores(scores: Tensor, mode: str, affinity: Tensor, eps: float) -> Tensor:
+    """Discrepancy scores computed from a (valid) affinity must be finite (-inf marks a dead class):
+    a NaN or +Inf there comes from the affinity's range, so the error names the affinity."""
+    if has_values(scores) and bool(torch.isnan(scores).any() | (scores == float("inf")).any()):
+        lo, hi = float(affinity.min()), float(affinity.max())
+        raise ValueError(
+            f"mode={mode!r} gave NaN or +Inf scores for this affinity (shape {tuple(affinity.shape)}, values in "
+            f"[{lo:g}, {hi:g}], eps={eps:g}): its range defeats float32 arithmetic; rescale the affinity "
+            "(e.g. affinity / affinity.amax()) or raise eps")
+    return scores
+
+
+SK_ITERS_WHY = (" (mode 'mv' runs its chain on the kernel made doubly stochastic; with sk_iters = 0 it runs on the "
+                "unnormalised Gibbs kernel, whose rows sum to ~N, and overflows float32 within a few steps)")
 
 
 def scores_and_guide(scores: object, guide: object) -> tuple[Tensor, Tensor]:

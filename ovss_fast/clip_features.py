@@ -91,7 +91,25 @@ def parse_class_names(class_names: str | Sequence[str]) -> list[list[str]]:
         if not synonyms:
             raise ValueError(f"class_names[{i}] = {entry!r} names no class (empty after splitting on ';')")
         classes.append(synonyms)
+    _reject_duplicates(classes, entries)
     return classes
+
+
+def _reject_duplicates(classes: list[list[str]], entries: list[str]) -> None:
+    """A name (case and inner spaces ignored, as CLIP's tokenizer does) may appear once: a second
+    copy splits the softmax with the first and, its score equal, could never win (ties go to the
+    lower class)."""
+    seen: dict[str, int] = {}
+    for i, synonyms in enumerate(classes):
+        for name in synonyms:
+            key = " ".join(name.casefold().split())
+            if key in seen:
+                j = seen[key]
+                where = (f"twice in class_names[{i}] = {entries[i]!r}" if j == i else
+                         f"in class_names[{j}] = {entries[j]!r} and class_names[{i}] = {entries[i]!r}")
+                raise ValueError(f"class_names has a duplicate name {name!r} ({where}); each name must belong to "
+                                 "one class (a duplicate's score equals the first's, so it could never win)")
+            seen[key] = i
 
 
 def default_templates() -> tuple[Callable[[str], str], ...]:

@@ -71,39 +71,43 @@ def discrepancy(
     """
     q = check.class_scores(q)
     check.choice("mode", mode, check.MODES)
+    # every parameter is checked, also those this mode does not use (a typo should not wait for a mode switch)
+    eps = check.positive("eps", eps)
+    op_params: dict[str, Any] = {"eps": eps, "iters": check.count("iters", iters, minimum=1)}
+    mv_params: dict[str, Any] = {
+        "sk_iters": check.count("sk_iters", sk_iters, minimum=1, why=check.SK_ITERS_WHY),
+        "steps": check.count("steps", steps, minimum=1),
+        "readout": check.choice("readout", readout, check.READOUTS),
+        "tau": check.positive("tau", tau),
+    }
     B, N, _ = q.shape
+    if affinity is not None:
+        affinity = check.affinity(affinity, n=N, batch=B)
+        check.same_device(q=q, affinity=affinity)
     if mode == "kl":
         impl = select("kl_scores", backend, (q,), {})
         with torch.no_grad():
             return impl.kl_scores(q)
     if affinity is None:
         raise ValueError(f"mode={mode!r} needs an affinity [B, N, N]; got None")
-    affinity = check.affinity(affinity, n=N, batch=B)
-    check.same_device(q=q, affinity=affinity)
-    eps = check.positive("eps", eps)
     if mode == "op":
-        params: dict[str, Any] = {"eps": eps, "iters": check.count("iters", iters, minimum=1)}
-        impl = select("sinkhorn_scores", backend, (q, affinity), params)
+        impl = select("sinkhorn_scores", backend, (q, affinity), op_params)
         with torch.no_grad():
             _, kernel = impl.gibbs_kernel(affinity, eps=eps)
-            return impl.sinkhorn_scores(q, kernel, **params)
-    params = {
-        "sk_iters": check.count("sk_iters", sk_iters, minimum=0),
-        "steps": check.count("steps", steps, minimum=1),
-        "readout": check.choice("readout", readout, check.READOUTS),
-        "tau": check.positive("tau", tau),
-    }
-    impl = select("markov_scores", backend, (q, affinity), params)
-    with torch.no_grad():
-        _, kernel = impl.gibbs_kernel(affinity, eps=eps)
-        return impl.markov_scores(q, kernel, **params)
+            s = impl.sinkhorn_scores(q, kernel, **op_params)
+    else:
+        impl = select("markov_scores", backend, (q, affinity), mv_params)
+        with torch.no_grad():
+            _, kernel = impl.gibbs_kernel(affinity, eps=eps)
+            s = impl.markov_scores(q, kernel, **mv_params)
+    return check.finite_scores(s, mode, affinity, eps)
 
 
 def _jbu_params(sigma_spatial: float, sigma_range: float, radius: int) -> dict[str, Any]:
     return {
         "sigma_spatial": check.positive("sigma_spatial", sigma_spatial),
         "sigma_range": check.positive("sigma_range", sigma_range),
-        "radius": check.count("radius", radius, minimum=0),
+        "radius": check.radius(radius),
     }
 
 
@@ -166,6 +170,7 @@ def segment_features(
     feats, text = check.features_and_text(feats, text)
     B, N, _ = feats.shape
     h, w = check.grid(N, grid)
+    jbu = _jbu_params(sigma_spatial, sigma_range, radius)  # checked with or without a guide
     if guide is not None:
         check.tensor("guide", guide, 4)
         check.same_device(feats=feats, guide=guide)
@@ -174,12 +179,11 @@ def segment_features(
     q = class_distributions(feats, text, scale=scale, nms=nms, backend=backend)
     s = discrepancy(q, affinity, mode=mode, eps=eps, iters=iters, sk_iters=sk_iters, steps=steps,
                     readout=readout, tau=tau, backend=backend)
-    scores = s.transpose(1, 2).reshape(B, -1, h, w)  # [B, C, h, w]
+    scores = s.transpose(1, 2).reshape(B, text.shape[0], h, w)  # [B, C, h, w]; B = 0 gives empty results
     if guide is None:
         labels = scores.argmax(dim=1)
     else:
-        labels = jbu_argmax(scores, guide, sigma_spatial=sigma_spatial, sigma_range=sigma_range,
-                            radius=radius, backend=backend)
+        labels = jbu_argmax(scores, guide, backend=backend, **jbu)
     return (labels, scores) if return_scores else labels
 
 

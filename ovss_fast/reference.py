@@ -35,11 +35,9 @@ def class_distributions(feats: Tensor, text: Tensor, *, scale: float = 100.0, nm
     feats: [B, N, D]; text: [C, D] -> Q: [B, N, C].
     """
     dt = compute_dtype(feats, text)
-    x = feats.to(dt)
-    t = text.to(dt)
     # cosine: normalise both sides; a zero vector gets cosine 0 rather than NaN
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(DENOM_FLOOR)
-    t = t / t.norm(dim=-1, keepdim=True).clamp_min(DENOM_FLOOR)
+    x = unit_vectors(feats.to(dt))
+    t = unit_vectors(text.to(dt))
     logits = scale * torch.einsum("bnd,cd->bnc", x, t)
     p = torch.softmax(logits, dim=-1)
     if nms > 0:
@@ -48,6 +46,15 @@ def class_distributions(feats: Tensor, text: Tensor, *, scale: float = 100.0, nm
     colsum = p.sum(dim=1, keepdim=True)  # [B, 1, C]
     q = torch.where(colsum > 0, p / colsum.clamp_min(DENOM_FLOOR), torch.zeros_like(p))
     return q
+
+
+def unit_vectors(v: Tensor) -> Tensor:
+    """v / |v| along the last axis, computed on v / max|v| (cos is scale-invariant): the sum of
+    squares neither overflows (|v| near 1e30 in float32) nor underflows (near 1e-30). A zero
+    vector stays zero (its norm is floored at 1e-30)."""
+    m = v.abs().amax(dim=-1, keepdim=True)
+    v = v / torch.where(m > 0, m, torch.ones_like(m))
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(DENOM_FLOOR)
 
 
 def dead_classes(q: Tensor) -> Tensor:
@@ -63,7 +70,7 @@ def gibbs_kernel(affinity: Tensor, *, eps: float = 0.1) -> tuple[Tensor, Tensor]
     """
     dt = compute_dtype(affinity)
     a = affinity.to(dt)
-    sym = 0.5 * (a + a.transpose(1, 2))
+    sym = 0.5 * a + 0.5 * a.transpose(1, 2)  # halved first: (A + A^T) overflows near the float32 maximum
     craw = -torch.log(sym + LOG_FLOOR)
     lo = craw.amin(dim=(1, 2), keepdim=True)
     hi = craw.amax(dim=(1, 2), keepdim=True)
@@ -203,16 +210,27 @@ def _tap_geometry(h: int, w: int, H: int, W: int, radius: int, device: torch.dev
     return py, px, cy, cx
 
 
-def _jbu_taps(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_range: float, radius: int):
-    """Per tap: exponent [B, H, W] (-inf off the grid), valid [H, W], clamped rows qy [H], cols qx [W]."""
+def lowres_guide(guide: Tensor, h: int, w: int, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Gd = the guide area-averaged to [h, w] (adaptive average pooling) in float64, as hi + lo in ``dt``.
+
+    A small sigma_r amplifies Gd's rounding: rounding it to one float32 alone moves the
+    upsampled scores by 1e-4 at sigma_r = 1e-3; hi + lo carries it to ~1e-14.
+    """
+    gd = torch.nn.functional.adaptive_avg_pool2d(guide.to(torch.float64), (h, w))
+    hi = gd.to(dt)
+    return hi, (gd - hi.to(torch.float64)).to(dt)
+
+
+def _jbu_taps(scores: Tensor, guide: Tensor, radius: int):
+    """Per tap, in tap order (dy outer, dx inner): valid [H, W], rows qy [H] and columns qx [W] (unclamped),
+    their clamped copies, offsets dy = qy - p'y [H], dx = qx - p'x [W], Gd at the taps [B, 3, H, W] as
+    hi and lo, and a = G - Gd = (G - hi) - lo."""
     B, C, h, w = scores.shape
     H, W = guide.shape[-2:]
     dt = compute_dtype(scores, guide)
     g = guide.to(dt)
-    gd = torch.nn.functional.adaptive_avg_pool2d(g, (h, w))  # [B, 3, h, w]
+    gd_hi, gd_lo = lowres_guide(g, h, w, dt)  # [B, 3, h, w] each
     py, px, cy, cx = _tap_geometry(h, w, H, W, radius, g.device, dt)
-    inv_s = 1.0 / (2.0 * sigma_spatial**2)
-    inv_r = 1.0 / (2.0 * sigma_range**2)
     for dy in range(-radius, radius + 1):
         qy = cy + dy  # [H]
         vy = (qy >= 0) & (qy < h)
@@ -222,12 +240,49 @@ def _jbu_taps(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_range: 
             vx = (qx >= 0) & (qx < w)
             qxc = qx.clamp(0, w - 1)
             valid = vy[:, None] & vx[None, :]  # [H, W]
-            ds = (qy.to(dt) - py)[:, None] ** 2 + (qx.to(dt) - px)[None, :] ** 2  # [H, W]
-            gq = gd[:, :, qyc][:, :, :, qxc]  # [B, 3, H, W]
-            dr = ((g - gq) ** 2).sum(dim=1)  # [B, H, W]
-            expo = -ds * inv_s - dr * inv_r
-            expo = torch.where(valid, expo, torch.full_like(expo, float("-inf")))
-            yield expo, valid, qyc, qxc
+            hi = gd_hi[:, :, qyc][:, :, :, qxc]  # [B, 3, H, W]
+            lo = gd_lo[:, :, qyc][:, :, :, qxc]
+            yield valid, qy, qx, qyc, qxc, qy.to(dt) - py, qx.to(dt) - px, hi, lo, (g - hi) - lo
+
+
+def _jbu_relative_exponents(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_range: float, radius: int):
+    """Per tap: r = e(q) - e(m) [B, H, W] (-inf off the grid), valid, qyc, qxc; m is the pixel's tap of the
+    largest exponent e(q) = -|q - p'|^2 / (2 sigma_s^2) - |G[p] - Gd[q]|^2 / (2 sigma_r^2).
+
+    r is formed from differences of squares written as products, (a^2 - b^2) = (a - b)(a + b),
+    whose factors are differences of nearby numbers: subtracting two large exponents in
+    float32 (sigma_r = 1e-3 makes them ~1e5) would cancel to a few correct digits.
+    """
+    dt = compute_dtype(scores, guide)
+    g = guide.to(dt)
+    inv_s = 1.0 / (2.0 * sigma_spatial**2)
+    inv_r = 1.0 / (2.0 * sigma_range**2)
+    B, H, W = g.shape[0], g.shape[2], g.shape[3]
+    # the peak tap m of every pixel (the first of the largest exponents, in tap order)
+    emax = torch.full((B, H, W), float("-inf"), dtype=dt, device=g.device)
+    mqy = torch.zeros((B, H, W), dtype=dt, device=g.device)
+    mqx, mdy, mdx = torch.zeros_like(mqy), torch.zeros_like(mqy), torch.zeros_like(mqy)
+    mhi, mlo, ma = torch.zeros_like(g), torch.zeros_like(g), torch.zeros_like(g)
+    for valid, qy, qx, _, _, dyq, dxq, hi, lo, a in _jbu_taps(scores, guide, radius):
+        ds = dyq[:, None] ** 2 + dxq[None, :] ** 2  # [H, W]
+        dr = (a**2).sum(dim=1)  # [B, H, W]
+        expo = torch.where(valid, -ds * inv_s - dr * inv_r, torch.full_like(dr, float("-inf")))
+        better = expo > emax
+        emax = torch.where(better, expo, emax)
+        mqy = torch.where(better, qy.to(dt)[:, None], mqy)
+        mqx = torch.where(better, qx.to(dt)[None, :], mqx)
+        mdy = torch.where(better, dyq[:, None], mdy)
+        mdx = torch.where(better, dxq[None, :], mdx)
+        mhi = torch.where(better[:, None], hi, mhi)
+        mlo = torch.where(better[:, None], lo, mlo)
+        ma = torch.where(better[:, None], a, ma)
+    for valid, qy, qx, qyc, qxc, dyq, dxq, hi, lo, a in _jbu_taps(scores, guide, radius):
+        # |q - p'|^2 - |m - p'|^2 = (qy - my)(dyq + dym) + (qx - mx)(dxq + dxm)
+        ds = (qy.to(dt)[:, None] - mqy) * (dyq[:, None] + mdy) + (qx.to(dt)[None, :] - mqx) * (dxq[None, :] + mdx)
+        # |G - Gd[q]|^2 - |G - Gd[m]|^2 = sum over RGB of (Gd[m] - Gd[q]) (a_q + a_m)
+        dr = (((mhi - hi) + (mlo - lo)) * (a + ma)).sum(dim=1)
+        r = torch.where(valid, -ds * inv_s - dr * inv_r, torch.full_like(dr, float("-inf")))
+        yield r, valid, qyc, qxc
 
 
 def jbu_upsample(
@@ -246,15 +301,16 @@ def jbu_upsample(
     s = scores.to(dt)
     B, C, h, w = s.shape
     H, W = guide.shape[-2:]
-    # the exponent's max over taps first (stabilises exp), then the weighted sums
-    emax = torch.full((B, H, W), float("-inf"), dtype=dt, device=s.device)
-    for expo, _, _, _ in _jbu_taps(s, guide, sigma_spatial, sigma_range, radius):
-        emax = torch.maximum(emax, expo)
+    # the exponents relative to each pixel's peak tap; their max (0 up to rounding) stabilises exp
+    args = (s, guide, sigma_spatial, sigma_range, radius)
+    rmax = torch.full((B, H, W), float("-inf"), dtype=dt, device=s.device)
+    for r, _, _, _ in _jbu_relative_exponents(*args):
+        rmax = torch.maximum(rmax, r)
     num = torch.zeros((B, C, H, W), dtype=dt, device=s.device)
     den = torch.zeros((B, H, W), dtype=dt, device=s.device)
     neg_inf = torch.tensor(float("-inf"), dtype=dt, device=s.device)
-    for expo, valid, qyc, qxc in _jbu_taps(s, guide, sigma_spatial, sigma_range, radius):
-        wgt = torch.exp(expo - emax)  # [B, H, W]; taps off the grid: exp(-inf) = 0
+    for r, valid, qyc, qxc in _jbu_relative_exponents(*args):
+        wgt = torch.exp(r - rmax)  # [B, H, W]; taps off the grid: exp(-inf) = 0
         sq = s[:, :, qyc][:, :, :, qxc]  # [B, C, H, W]
         # a -inf score (a dead class) at any tap on the grid makes the pixel -inf, even
         # where its weight underflowed to 0; taps off the grid contribute nothing

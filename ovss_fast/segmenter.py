@@ -45,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _image
 from . import _validate as check
+from ._backends import BACKENDS
 from .affinity import BUILTIN, AffinityFn, build_affinity, check_affinity
 from .clip_features import (
     DenseCLIP,
@@ -78,8 +80,12 @@ DEFAULT_MEMORY_BUDGET = 4 * 2**30
 
 
 # --------------------------------------------------------------------------- images
-def load_image(path: str | os.PathLike) -> Tensor:
-    """Read an image file -> [3, H, W] float32 RGB in [0, 1]; clear errors for missing or corrupt files."""
+def load_image(path: str | os.PathLike, *, exif: bool = True) -> Tensor:
+    """Read an image file -> [3, H, W] float32 RGB in [0, 1]; clear errors for missing or corrupt files.
+
+    Decoding follows :mod:`ovss_fast._image` (16-bit scaled, alpha composited on black);
+    ``exif=True`` applies the file's EXIF orientation, so the image is the one a viewer shows.
+    """
     from PIL import Image, UnidentifiedImageError
 
     path = os.fspath(path)
@@ -88,7 +94,7 @@ def load_image(path: str | os.PathLike) -> Tensor:
     try:
         with Image.open(path) as im:
             im.load()
-            return pil_to_tensor(im)
+            return pil_to_tensor(im, exif=exif)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(
             f"could not read image file {path!r} ({exc.__class__.__name__}: {exc}); is it a complete "
@@ -96,9 +102,9 @@ def load_image(path: str | os.PathLike) -> Tensor:
         ) from None
 
 
-def pil_to_tensor(im: Any) -> Tensor:
-    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+def pil_to_tensor(im: Any, *, exif: bool = False) -> Tensor:
+    """A PIL image -> [3, H, W] float32 RGB in [0, 1] (the rules of :mod:`ovss_fast._image`)."""
+    return _image.to_float(_image.decode(im, exif=exif))
 
 
 def _float01(name: str, t: Tensor) -> Tensor:
@@ -132,7 +138,7 @@ def as_image_batches(image: ImageLike) -> tuple[list[Tensor], str]:
     [B, H, W]) or "list" (a list -> a list of [H, W], sizes may differ).
 
     Accepted: a PIL image; a path to an image file; a numpy array [H, W], [H, W, 3],
-    [H, W, 4] (alpha dropped) or [B, H, W, 3]; a tensor [3, H, W] or [B, 3, H, W];
+    [H, W, 4] (alpha composited on black) or [B, H, W, 3]; a tensor [3, H, W] or [B, 3, H, W];
     uint8 (0-255) or float (0-1); a list of any of these.
     """
     if isinstance(image, (list, tuple)):
@@ -158,8 +164,10 @@ def as_image_batches(image: ImageLike) -> tuple[list[Tensor], str]:
         arr = image
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=-1)
-        if arr.ndim == 3 and arr.shape[-1] == 4:
-            arr = arr[..., :3]
+        if arr.ndim == 3 and arr.shape[-1] == 4:  # alpha composited on black, as for files
+            scale = 255.0 if arr.dtype == np.uint8 else 1.0
+            rgb = arr[..., :3].astype(np.float32) * (arr[..., 3:].astype(np.float32) / np.float32(scale))
+            arr = np.rint(rgb).astype(np.uint8) if arr.dtype == np.uint8 else rgb
         if arr.ndim == 3 and arr.shape[-1] == 3:
             t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
             return [_check_size("image", _float01("image", t))], "single"
@@ -363,6 +371,7 @@ class Segmenter:
         radius: int = 2,
     ) -> None:
         check.choice("mode", mode, check.MODES)
+        check.choice("backend", backend, ("auto", *BACKENDS))  # before the model is built and the text embedded
         check_features(features)
         check_pos_interp(pos_interp)
         self.head = check.choice("head", head, check.HEADS)
@@ -380,7 +389,8 @@ class Segmenter:
             raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu'")
         self.op_params: dict[str, Any] = {
             "scale": check.positive("scale", scale), "nms": check.nms_ratio(nms), "eps": check.positive("eps", eps),
-            "iters": check.count("iters", iters, minimum=1), "sk_iters": check.count("sk_iters", sk_iters),
+            "iters": check.count("iters", iters, minimum=1),
+            "sk_iters": check.count("sk_iters", sk_iters, minimum=1, why=check.SK_ITERS_WHY),
             "steps": check.count("steps", steps, minimum=1),
             "readout": check.choice("readout", readout, check.READOUTS),
             "tau": check.positive("tau", tau),
@@ -388,7 +398,7 @@ class Segmenter:
         self.jbu_params: dict[str, Any] = {
             "sigma_spatial": check.positive("sigma_spatial", sigma_spatial),
             "sigma_range": check.positive("sigma_range", sigma_range),
-            "radius": check.count("radius", radius),
+            "radius": check.radius(radius),
         }
         self.mode = mode
         self.backend = backend

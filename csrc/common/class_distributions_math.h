@@ -5,7 +5,9 @@
 //   NMS:  P[i, c] = 0 where P[i, c] < nms * max_c P[i, c]
 //   Q[:, c] = P[:, c] / sum_i P[i, c]   (a column that sums to 0 stays 0)
 //
-// cos uses norms floored at 1e-30, so a zero vector gets cosine 0, not NaN.
+// cos is scale-invariant, so each vector is divided by its largest |entry| before its sum
+// of squares (norm_scale): norms near 1e30 or 1e-30 neither overflow nor underflow float32.
+// The scaled norm is floored at 1e-30, so a zero vector gets cosine 0, not NaN.
 // No torch headers.
 #pragma once
 
@@ -13,16 +15,23 @@
 
 namespace ovss_fast {
 
-// ||x|| from its sum of squares, floored like every denominator
+// what a vector is divided by before its sum of squares: its max |entry| (1 for a zero vector)
+template <typename T>
+HOSTDEVICE T norm_scale(T max_abs) {
+  return max_abs > T(0) ? max_abs : T(1);
+}
+
+// ||x / s|| from the sum of squares of x / s, floored like every denominator
 template <typename T>
 HOSTDEVICE T feature_norm(T sum_of_squares) {
   return clamp_denominator(math_sqrt(sum_of_squares));
 }
 
-// scale * cos from the dot product of the raw feature with the unit text vector
+// scale * cos from the dot product of the raw feature with the unit text vector, the
+// feature's norm_scale s and the norm of x / s
 template <typename T>
-HOSTDEVICE T class_logit(T dot_with_unit_text, T feature_norm_value, T scale) {
-  return scale * (dot_with_unit_text / feature_norm_value);
+HOSTDEVICE T class_logit(T dot_with_unit_text, T feature_scale, T feature_norm_value, T scale) {
+  return scale * ((dot_with_unit_text / feature_scale) / feature_norm_value);
 }
 
 // one softmax entry: exp(l - max) / sum_c exp(l_c - max)

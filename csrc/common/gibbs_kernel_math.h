@@ -1,7 +1,7 @@
 // method.md section 2: cost and Gibbs kernel from the affinity, shared by
 // csrc/cpu/gibbs_kernel.cpp and csrc/cuda/gibbs_kernel_kernel.cu.
 //
-//   Sym = (A + A^T) / 2,  Craw = -log(Sym + 1e-12)
+//   Sym = A / 2 + A^T / 2 (halved first: A + A^T overflows near the float32 maximum),  Craw = -log(Sym + 1e-12)
 //   C = (Craw - min Craw) / (max Craw - min Craw)   per image; 0 everywhere if max == min
 //   K = exp(-C / eps)
 //
@@ -16,7 +16,7 @@ namespace ovss_fast {
 
 template <typename T>
 HOSTDEVICE T symmetric_affinity(T a_ij, T a_ji) {
-  return T(0.5) * (a_ij + a_ji);
+  return T(0.5) * a_ij + T(0.5) * a_ji;
 }
 
 template <typename T>

@@ -6,6 +6,14 @@
 // its taps are q = (floor(p'y + 0.5) + dy, floor(p'x + 0.5) + dx), dy, dx in -r..r, those off
 // the [h, w] grid skipped. Tap exponent e(q) = -|q - p'|^2 / (2 sigma_s^2) - |G[p] - Gd[q]|^2 / (2 sigma_r^2);
 // weight = exp(e(q) - max_q e(q)), so one tap keeps weight 1 and float32 never divides 0 by 0.
+//
+// Precision (a small sigma_r makes the exponents large: ~1e5 at sigma_r = 1e-3):
+//   - Gd is area-averaged in double and carried as two floats, hi + lo ([B, 6, h, w]: channels
+//     0-2 hi, 3-5 lo); rounding Gd to one float32 alone moves the result by 1e-4 there;
+//   - e(q) - e(m), m the pixel's peak tap (the first of the largest e in tap order), is not
+//     formed by subtracting two large exponents but from differences of squares written as
+//     products, a^2 - b^2 = (a - b)(a + b), whose factors are differences of nearby numbers:
+//     jbu_relative_exponent. The weights are exp(r - max r), r the relative exponents.
 //   out[c, p] = sum_q w(q) S[c, q] / sum_q w(q)
 // A -inf score at any on-grid tap makes out[c, p] = -inf (even where the weight underflowed).
 // Labels: argmax over c, ties to the lowest class, NaN counted largest (torch.argmax's rule).
@@ -52,6 +60,55 @@ HOSTDEVICE T jbu_range_sq(T g0, T g1, T g2, T d0, T d1, T d2) {
 template <typename T>
 HOSTDEVICE T jbu_exponent(T spatial_sq, T range_sq, T inv_s, T inv_r) {
   return -spatial_sq * inv_s - range_sq * inv_r;
+}
+
+// One on-grid tap q of one output pixel: its cell, its offsets from p', Gd[q] as hi + lo
+// and the colour differences a = G[p] - Gd[q] = (G - hi) - lo.
+template <typename T>
+struct JbuTap {
+  int64_t qy, qx;
+  T dy, dx;
+  T hi0, hi1, hi2, lo0, lo1, lo2;
+  T a0, a1, a2;
+};
+
+// gd: [6, h, w] of the pixel's image (hi then lo), k = qy * w + qx, hw = h * w
+template <typename T>
+HOSTDEVICE JbuTap<T> jbu_tap(int64_t qy, T py, int64_t qx, T px, T g0, T g1, T g2, const T* gd, int64_t k,
+                             int64_t hw) {
+  JbuTap<T> t;
+  t.qy = qy;
+  t.qx = qx;
+  t.dy = static_cast<T>(qy) - py;
+  t.dx = static_cast<T>(qx) - px;
+  t.hi0 = gd[k];
+  t.hi1 = gd[hw + k];
+  t.hi2 = gd[2 * hw + k];
+  t.lo0 = gd[3 * hw + k];
+  t.lo1 = gd[4 * hw + k];
+  t.lo2 = gd[5 * hw + k];
+  t.a0 = (g0 - t.hi0) - t.lo0;
+  t.a1 = (g1 - t.hi1) - t.lo1;
+  t.a2 = (g2 - t.hi2) - t.lo2;
+  return t;
+}
+
+// e(q) itself: only to find the peak tap
+template <typename T>
+HOSTDEVICE T jbu_tap_exponent(const JbuTap<T>& t, T inv_s, T inv_r) {
+  return jbu_exponent(t.dy * t.dy + t.dx * t.dx, t.a0 * t.a0 + t.a1 * t.a1 + t.a2 * t.a2, inv_s, inv_r);
+}
+
+// e(q) - e(m):  |q - p'|^2 - |m - p'|^2 = (qy - my)(dy_q + dy_m) + (qx - mx)(dx_q + dx_m)
+//               |G - Gd[q]|^2 - |G - Gd[m]|^2 = sum_k (Gd[m]_k - Gd[q]_k)(a_q,k + a_m,k)
+template <typename T>
+HOSTDEVICE T jbu_relative_exponent(const JbuTap<T>& q, const JbuTap<T>& m, T inv_s, T inv_r) {
+  const T ds = static_cast<T>(q.qy - m.qy) * (q.dy + m.dy) + static_cast<T>(q.qx - m.qx) * (q.dx + m.dx);
+  const T d0 = (m.hi0 - q.hi0) + (m.lo0 - q.lo0);
+  const T d1 = (m.hi1 - q.hi1) + (m.lo1 - q.lo1);
+  const T d2 = (m.hi2 - q.hi2) + (m.lo2 - q.lo2);
+  const T dr = d0 * (q.a0 + m.a0) + d1 * (q.a1 + m.a1) + d2 * (q.a2 + m.a2);
+  return -ds * inv_s - dr * inv_r;
 }
 
 template <typename T>

@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/adaptive_avg_pool2d.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/sub.h>
 
 #include "checks.h"
 #include "jbu_math.h"
@@ -14,7 +16,7 @@ namespace ovss_fast {
 struct JbuInputs {
   at::Tensor scores;  // [B, C, h, w], compute dtype, contiguous
   at::Tensor guide;   // [B, 3, H, W], compute dtype, contiguous
-  at::Tensor gd;      // [B, 3, h, w], the guide area-averaged to the score grid
+  at::Tensor gd;      // [B, 6, h, w]: the guide area-averaged to the score grid in double, as hi (0-2) + lo (3-5)
   at::ScalarType dtype;
   int64_t B, C, h, w, H, W;
 };
@@ -54,7 +56,11 @@ inline JbuInputs prepare_jbu(const at::Tensor& scores, const at::Tensor& guide, 
   if (need_data) {
     in.scores = prepare(scores, in.dtype);
     in.guide = prepare(guide, in.dtype);
-    in.gd = at::adaptive_avg_pool2d(in.guide, {in.h, in.w}).contiguous();
+    // Gd in double, carried as two values of the compute dtype (common/jbu_math.h, "Precision")
+    const at::Tensor gd64 = at::adaptive_avg_pool2d(in.guide.to(at::kDouble), {in.h, in.w});
+    const at::Tensor hi = gd64.to(in.dtype);
+    const at::Tensor lo = at::sub(gd64, hi.to(at::kDouble)).to(in.dtype);
+    in.gd = at::cat({hi, lo}, 1).contiguous();
   }
   return in;
 }

@@ -21,17 +21,20 @@
 namespace ovss_fast {
 namespace {
 
-// text rows divided by their floored norms, as the reference does (a division, not a reciprocal)
+// text rows divided by their max |entry|, then by their floored norms, as the reference does
 template <typename T>
 void unit_text(const T* text,  // [C, D]
                T* unit,        // [C, D]
                int64_t C, int64_t D) {
   for (int64_t c = 0; c < C; ++c) {
     const T* t = text + c * D;
+    T m = 0;
+    for (int64_t d = 0; d < D; ++d) m = (t[d] < T(0) ? -t[d] : t[d]) > m ? (t[d] < T(0) ? -t[d] : t[d]) : m;
+    const T sc = norm_scale(m);
     T ss = 0;
-    for (int64_t d = 0; d < D; ++d) ss += t[d] * t[d];
+    for (int64_t d = 0; d < D; ++d) ss += (t[d] / sc) * (t[d] / sc);
     const T nrm = feature_norm(ss);
-    for (int64_t d = 0; d < D; ++d) unit[c * D + d] = t[d] / nrm;
+    for (int64_t d = 0; d < D; ++d) unit[c * D + d] = (t[d] / sc) / nrm;
   }
 }
 
@@ -41,8 +44,9 @@ template <typename T>
 OVSS_INLINE void patch_softmax(const T* x,  // [D]
                           T* p,        // [C]: dot products with the unit text vectors in, P out
                           int64_t C, int64_t D, T scale, T nms) {
-  const T xn = feature_norm(lane_sum_of_squares(x, D));
-  for (int64_t c = 0; c < C; ++c) p[c] = class_logit(p[c], xn, scale);
+  const T xs = norm_scale(lane_max_abs(x, D));
+  const T xn = feature_norm(lane_scaled_sum_of_squares(x, D, xs));
+  for (int64_t c = 0; c < C; ++c) p[c] = class_logit(p[c], xs, xn, scale);
   const T lmax = lane_max(p, C, neg_inf<T>());
   for (int64_t c = 0; c < C; ++c) p[c] = softmax_numerator(p[c], lmax);
   const T sum = lane_sum(p, C);

@@ -39,6 +39,44 @@ OVSS_INLINE T lane_sum_of_squares(const T* x, int64_t n) {
   return s;
 }
 
+// sum of (x / scale)^2 (class_distributions_math.h: vectors are scaled by their max |x| first)
+template <typename T>
+OVSS_INLINE T lane_scaled_sum_of_squares(const T* x, int64_t n, T scale) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      const T v = x[i + k] / scale;
+      acc[k] += v * v;
+    }
+  for (int k = 0; i < n; ++i, ++k) {
+    const T v = x[i] / scale;
+    acc[k] += v * v;
+  }
+  T s = 0;
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  return s;
+}
+
+// max |x| (0 for an empty range)
+template <typename T>
+OVSS_INLINE T lane_max_abs(const T* x, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      const T v = x[i + k] < T(0) ? -x[i + k] : x[i + k];
+      acc[k] = v > acc[k] ? v : acc[k];
+    }
+  for (int k = 0; i < n; ++i, ++k) {
+    const T v = x[i] < T(0) ? -x[i] : x[i];
+    acc[k] = v > acc[k] ? v : acc[k];
+  }
+  T m = 0;
+  for (int k = 0; k < kLanes; ++k) m = acc[k] > m ? acc[k] : m;
+  return m;
+}
+
 template <typename T>
 OVSS_INLINE T lane_sum(const T* x, int64_t n) {
   T acc[kLanes] = {};

@@ -24,7 +24,7 @@ OVSS_INLINE void argmax_row(const JbuShape<T>& s, const T* st, const T* g, const
   const int64_t hw = s.h * s.w, HW = s.H * s.W, C = s.C;
   for (int64_t x = 0; x < s.W; ++x) {
     T den;
-    const int n = jbu_pixel_taps(s, g + b * 3 * HW, gd + b * 3 * hw, y, x, weight, offset, &den);
+    const int n = jbu_pixel_taps(s, g + b * 3 * HW, gd + b * 6 * hw, y, x, weight, offset, &den);
     jbu_pixel_numerators(st + b * hw * C, weight, offset, n, C, num);
     T best = neg_inf<T>();
     int64_t arg = 0;
@@ -57,7 +57,7 @@ template <typename T>
 void jbu_argmax_cpu_impl(const JbuShape<T>& s,
                          const T* st,      // [B, h*w, C] channels-last scores
                          const T* g,       // [B, 3, H, W]
-                         const T* gd,      // [B, 3, h, w]
+                         const T* gd,      // [B, 6, h, w] (hi, lo)
                          int64_t* labels)  // [B, H, W]
 {
   const int taps = (2 * s.radius + 1) * (2 * s.radius + 1);

@@ -25,10 +25,13 @@ __global__ void unit_text_kernel(const T* __restrict__ text,  // [C, D]
   __shared__ T red[32];
   const int64_t c = blockIdx.x;
   const T* t = text + c * D;
+  T m = 0;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) m = fabs(t[d]) > m ? fabs(t[d]) : m;
+  const T sc = norm_scale(block_reduce(m, MaxOp(), red));
   T ss = 0;
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) ss += t[d] * t[d];
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) ss += (t[d] / sc) * (t[d] / sc);
   const T nrm = feature_norm(block_reduce(ss, SumOp(), red));
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) unit_t[d * C + c] = t[d] / nrm;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) unit_t[d * C + c] = (t[d] / sc) / nrm;
 }
 
 template <typename T>
@@ -42,18 +45,21 @@ __global__ void patch_softmax_kernel(const T* __restrict__ feats,   // [B, N, D]
   __shared__ T red[32];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* x = feats + r * D;
-    T ss = 0;
+    T m = 0;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
       const T v = x[d];
       xs[d] = v;
-      ss += v * v;
+      m = fabs(v) > m ? fabs(v) : m;
     }
-    const T xn = feature_norm(block_reduce(ss, SumOp(), red));  // also publishes xs
+    const T sc = norm_scale(block_reduce(m, MaxOp(), red));  // also publishes xs
+    T ss = 0;
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) ss += (xs[d] / sc) * (xs[d] / sc);
+    const T xn = feature_norm(block_reduce(ss, SumOp(), red));
     T lmax = neg_inf<T>();
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
       T dot = 0;
       for (int64_t d = 0; d < D; ++d) dot += xs[d] * unit_t[d * C + c];
-      const T l = class_logit(dot, xn, scale);
+      const T l = class_logit(dot, sc, xn, scale);
       ls[c] = l;
       lmax = l > lmax ? l : lmax;
     }

@@ -24,19 +24,26 @@ template <typename T>
 struct JbuPixel {
   T py, px, g0, g1, g2;
   int64_t cy, cx;
-  const T* gd;  // [3, h, w] of the pixel's image
+  const T* gd;  // [6, h, w] of the pixel's image (hi, lo)
   int64_t h, w;
   T inv_s, inv_r;
+  JbuTap<T> peak;  // the tap of the largest exponent (set by the first pass)
 
-  // exponent and flat low-res index of tap (dy, dx); false when it is off the grid
-  __device__ __forceinline__ bool tap(int dy, int dx, T* e, int* q) const {
+  // tap (dy, dx) and its flat low-res index; false when it is off the grid
+  __device__ __forceinline__ bool tap(int dy, int dx, JbuTap<T>* t, int* q) const {
     const int64_t qy = cy + dy, qx = cx + dx;
     if (qy < 0 || qy >= h || qx < 0 || qx >= w) return false;
-    const int64_t k = qy * w + qx, hw = h * w;
-    const T ds = jbu_spatial_sq(qy, py, qx, px);
-    const T dr = jbu_range_sq(g0, g1, g2, gd[k], gd[hw + k], gd[2 * hw + k]);
-    *e = jbu_exponent(ds, dr, inv_s, inv_r);
+    const int64_t k = qy * w + qx;
+    *t = jbu_tap(qy, py, qx, px, g0, g1, g2, gd, k, h * w);
     *q = static_cast<int>(k);
+    return true;
+  }
+
+  // exponent of tap (dy, dx) relative to the peak (common/jbu_math.h, "Precision")
+  __device__ __forceinline__ bool relative(int dy, int dx, T* r, int* q) const {
+    JbuTap<T> t;
+    if (!tap(dy, dx, &t, q)) return false;
+    *r = jbu_relative_exponent(t, peak, inv_s, inv_r);
     return true;
   }
 };
@@ -66,41 +73,54 @@ __global__ void jbu_kernel(const T* __restrict__ scores,  // [B, C, h, w]
     px.g0 = g[yx];
     px.g1 = g[HW + yx];
     px.g2 = g[2 * HW + yx];
-    px.gd = gd + b * 3 * hw;
+    px.gd = gd + b * 6 * hw;
     px.h = h;
     px.w = w;
     px.inv_s = inv_s;
     px.inv_r = inv_r;
 
-    // the largest exponent over the taps, then the weights and their sum, in tap order
+    // the peak tap, the exponents relative to it and their max, then the weights and their sum
     T emax = neg_inf<T>();
+    for (int dy = -radius; dy <= radius; ++dy) {
+      for (int dx = -radius; dx <= radius; ++dx) {
+        JbuTap<T> t;
+        int q;
+        if (!px.tap(dy, dx, &t, &q)) continue;
+        const T e = jbu_tap_exponent(t, inv_s, inv_r);
+        if (e > emax) {
+          emax = e;
+          px.peak = t;
+        }
+      }
+    }
+    T rmax = neg_inf<T>();
     int n = 0;
     for (int dy = -radius; dy <= radius; ++dy) {
       for (int dx = -radius; dx <= radius; ++dx) {
-        T e;
+        T r;
         int q;
-        if (!px.tap(dy, dx, &e, &q)) continue;
+        if (!px.relative(dy, dx, &r, &q)) continue;
         if (kSharedWeights) {
-          wbuf[n * bd + tid] = e;
+          wbuf[n * bd + tid] = r;
           obuf[n * bd + tid] = q;
         }
-        emax = e > emax ? e : emax;
+        rmax = r > rmax ? r : rmax;
         ++n;
       }
     }
     T den = 0;
     if (kSharedWeights) {
       for (int t = 0; t < n; ++t) {
-        const T wt = jbu_weight(wbuf[t * bd + tid], emax);
+        const T wt = jbu_weight(wbuf[t * bd + tid], rmax);
         wbuf[t * bd + tid] = wt;
         den += wt;
       }
     } else {
       for (int dy = -radius; dy <= radius; ++dy)
         for (int dx = -radius; dx <= radius; ++dx) {
-          T e;
+          T r;
           int q;
-          if (px.tap(dy, dx, &e, &q)) den += jbu_weight(e, emax);
+          if (px.relative(dy, dx, &r, &q)) den += jbu_weight(r, rmax);
         }
     }
 
@@ -115,9 +135,9 @@ __global__ void jbu_kernel(const T* __restrict__ scores,  // [B, C, h, w]
       } else {
         for (int dy = -radius; dy <= radius; ++dy)
           for (int dx = -radius; dx <= radius; ++dx) {
-            T e;
+            T r;
             int q;
-            if (px.tap(dy, dx, &e, &q)) num = jbu_accumulate(num, jbu_weight(e, emax), sc[q]);
+            if (px.relative(dy, dx, &r, &q)) num = jbu_accumulate(num, jbu_weight(r, rmax), sc[q]);
           }
       }
       const T v = num / den;

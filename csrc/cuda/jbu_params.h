@@ -9,7 +9,7 @@ namespace ovss_fast {
 struct JbuParams {
   const void* scores;  // [B, C, h, w] contiguous, float or double
   const void* guide;   // [B, 3, H, W] contiguous, same dtype
-  const void* gd;      // [B, 3, h, w] the guide area-averaged to the score grid, same dtype
+  const void* gd;      // [B, 6, h, w] the guide area-averaged to the score grid: hi (0-2) + lo (3-5)
   void* out;           // jbu_upsample: [B, C, H, W] same dtype; jbu_argmax: labels [B, H, W] int64
   int64_t B, C, h, w, H, W;
   int radius;

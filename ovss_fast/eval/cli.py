@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -23,6 +22,7 @@ from .._cli import (
     pretrained_arg,
     segmenter_from_args,
 )
+from .checkpoint import BadItem, Interrupted, RunState, check_writable, write_json_atomic
 from .datasets import DATASETS, LONG_SIDE_CAP
 from .protocols import BACKGROUND_DATASETS, PROTOCOLS, resolve_protocol
 
@@ -75,6 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snap", default=None, action=argparse.BooleanOptionalAction,
                         help="round the resized image to whole patches (default: the protocol's; dslo on)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-class table")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint file (default OUT.ckpt with --out, none without): the confusion matrix and "
+                             "the processed images, written every --checkpoint-every images and on SIGINT/SIGTERM")
+    parser.add_argument("--checkpoint-every", type=int, default=50,
+                        help="images between checkpoints (default 50; 0 = only on interruption or failure)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint of an interrupted run with the same settings")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip unreadable images / annotations (counted and named in the report) instead of "
+                             "stopping at the first")
     add_method_arguments(parser, protocol_note="--protocol sets scale, bg-threshold, head, aggregation, crop, "
                                                "pos-interp and antialias")
 
@@ -89,6 +99,10 @@ def _fail(msg: object, code: int = 2) -> int:
 def _validate(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.resume and not (args.out or args.checkpoint):
+        raise ValueError("--resume needs the checkpoint of the run to continue: pass the same --out (or --checkpoint)")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     check_method_arguments(args)
@@ -99,6 +113,9 @@ def _validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     if args.window is not None and args.window < 0:
         raise ValueError(f"--window must be >= 0 (0 = whole image), got {args.window}")
+    for flag, path in (("--out", args.out), ("--checkpoint", args.checkpoint)):
+        if path:
+            check_writable(path, flag)  # before any work, so nothing is computed for nothing
     if args.synthetic:
         if args.dataset or args.root:
             raise ValueError("--synthetic evaluates generated scenes; leave out --dataset and --root")
@@ -115,8 +132,6 @@ def _validate(args: argparse.Namespace) -> None:
     if given_bg and args.dataset not in BACKGROUND_DATASETS:
         raise ValueError(f"--bg-threshold applies to datasets with a background class only "
                          f"({', '.join(BACKGROUND_DATASETS)}); {args.dataset} has none")
-    if args.out and os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out!r} is a folder; give a file name such as results.json")
 
 
 #: flags that only mean something when a CLIP model runs on images (synthetic scenes have features already)
@@ -200,6 +215,41 @@ def _benchmark(args: argparse.Namespace, ctx: DistContext) -> tuple:
     return dataset, predict, config, args.workers
 
 
+def _run_state(args: argparse.Namespace, config: dict, num_classes: int, ctx: DistContext) -> RunState:
+    """Checkpoints (OUT.ckpt by default), --resume and --skip-bad for run_loop; the fingerprint is
+    everything that decides the numbers, so a checkpoint of other settings is refused."""
+    path = args.checkpoint or (f"{args.out}.ckpt" if args.out else None)
+    fingerprint = {**config, "limit": args.limit, "long_side": args.long_side}
+    state = RunState(num_classes, path=path, every=args.checkpoint_every, fingerprint=fingerprint,
+                     resume=args.resume, skip_bad=args.skip_bad, rank=ctx.rank, world_size=ctx.world_size)
+    if args.resume and ctx.is_main and not args.quiet:
+        print(f"resuming: {state.resumed} images done in {state.path}" if state.resumed or state.bad
+              else f"--resume: no checkpoint at {state.path}; starting from the first image", file=sys.stderr)
+    return state
+
+
+def _report(args: argparse.Namespace, outcome: object, class_names: list, config: dict, ctx: DistContext,
+            state: RunState) -> int:
+    """Rank 0: print the report, name the skipped items, write --out atomically; the exit code."""
+    from .harness import format_report, make_report
+
+    report = make_report(outcome, class_names, config, ctx)
+    if not args.quiet:
+        print(format_report(report))
+    else:
+        print(f"mIoU {report['mIoU']}  ({report['images']} images)")
+    for bad in report["skipped"]["items"]:
+        print(f"skipped: {bad['error']}", file=sys.stderr)
+    if args.out:
+        try:
+            write_json_atomic(args.out, report)
+        except OSError as exc:
+            return _fail(f"could not write --out {args.out!r} ({exc}); the checkpoint {state.path!r} "
+                         "keeps the run: fix the path and rerun with --resume", code=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         _validate(args)
@@ -207,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(exc)
 
     from .distributed import setup
-    from .harness import format_report, make_report, run_loop
+    from .harness import run_loop
 
     try:
         ctx = setup(args.device)
@@ -220,24 +270,28 @@ def run(args: argparse.Namespace) -> int:
         except USER_ERRORS as exc:
             return _fail(exc)
         try:
+            state = _run_state(args, config, dataset.num_classes, ctx)
+        except ValueError as exc:
+            return _fail(str(exc))
+        try:
             outcome = run_loop(dataset, predict, dataset.num_classes, ctx=ctx, limit=args.limit, workers=workers,
-                               progress=not args.quiet, desc=config["dataset"])
+                               progress=not args.quiet, desc=config["dataset"], state=state)
+        except Interrupted as exc:
+            return _fail(f"interrupted by {exc}", code=130)
+        except KeyboardInterrupt:
+            return _fail("interrupted (a second signal stopped the image in progress)", code=130)
+        except BadItem as exc:
+            return _fail(f"{exc} (pass --skip-bad to skip such items)", code=1)
         except (ValueError, RuntimeError, OSError) as exc:
+            if state.stop_signal is not None:  # e.g. the signal also reached the DataLoader workers
+                return _fail(f"interrupted by {state.interrupted()}", code=130)
             return _fail(str(exc), code=1)
-        if not ctx.is_main:
-            return 0
-        report = make_report(outcome, dataset.class_names, config, ctx)
-        if not args.quiet:
-            print(format_report(report))
-        else:
-            print(f"mIoU {report['mIoU']}  ({report['images']} images)")
-        if args.out:
-            parent = os.path.dirname(os.path.abspath(args.out))
-            os.makedirs(parent, exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
-                f.write("\n")
-            print(f"wrote {args.out}")
-        return 0
+        code = _report(args, outcome, dataset.class_names, config, ctx, state) if ctx.is_main else 0
+        # every rank keeps its checkpoint until rank 0 has written the results
+        import torch
+
+        if int(ctx.all_reduce(torch.tensor([code], dtype=torch.int64), op="max")[0]) == 0:
+            state.remove()
+        return code
     finally:
         ctx.close()

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._image import decode, to_uint8
+
 IGNORE_INDEX = 255
 #: the long side of a resized image is capped at this many pixels (mmseg's Resize(scale=(2048, short))).
 LONG_SIDE_CAP = 2048
@@ -243,15 +245,19 @@ _READERS: dict[str, Callable[[Path, DatasetSpec, str], tuple[list[Sample], np.nd
 
 # --------------------------------------------------------------------------- reading
 def read_image(path: str) -> Tensor:
-    """An image file -> uint8 [3, H, W] RGB; a clear error for a corrupt file."""
+    """An image file -> uint8 [3, H, W] RGB, as stored (no EXIF rotation: the annotation is not rotated either).
+
+    Decoded by :mod:`ovss_fast._image`: 16-bit images scaled (then rounded to 8 bits), alpha
+    composited on black; a clear error for a corrupt file.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            arr = decode(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"could not read image file {path!r} ({exc.__class__.__name__}: {exc})") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    return to_uint8(arr)
 
 
 def read_label(path: str, lut: np.ndarray, dataset: str) -> Tensor:

@@ -42,6 +42,14 @@ class DistContext:
         dist.all_reduce(comm, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return comm.to(t.device)
 
+    def gather_objects(self, items: list) -> list:
+        """Concatenate a picklable list from every rank (rank order); the list itself in one process."""
+        if self.world_size == 1:
+            return list(items)
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, list(items))
+        return [x for part in out for x in part]
+
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()

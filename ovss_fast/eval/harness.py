@@ -31,7 +31,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ from .. import __version__
 from .. import _validate as check
 from ..ops import jbu_argmax, segment_features
 from ..synthetic import make_scene
+from .checkpoint import Guarded, RunState
 from .datasets import IGNORE_INDEX, LONG_SIDE_CAP
 from .distributed import DistContext
 from .metrics import confusion_matrix, scores_from_confusion
@@ -177,7 +178,9 @@ class _Progress:
 class EvalOutcome:
     confusion: Tensor  # [K, K] int64 on the CPU, summed over ranks
     images: int  # evaluated over all ranks
-    seconds: float  # the slowest rank's wall time of the loop
+    seconds: float  # the slowest rank's wall time of the loop (this run's, without resumed work)
+    skipped: list = field(default_factory=list)  # [{"index", "error"}] of unreadable items (--skip-bad)
+    resumed: int = 0  # images taken from checkpoints (counted in ``images``)
     wait_seconds: float = 0.0  # the slowest rank's time blocked waiting for the next item (reading, decoding)
     predict_seconds: float = 0.0  # the slowest rank's time in predict (synchronised on CUDA)
 
@@ -216,6 +219,7 @@ class _Clock:
 
 
 def _items(dataset: torch.utils.data.Dataset, indices: list[int], workers: int, pin: bool) -> Iterator[dict]:
+    dataset = Guarded(dataset)  # unreadable items arrive as {"error": ...}, also from worker processes
     if workers <= 0:
         for i in indices:
             yield dataset[i]
@@ -227,11 +231,16 @@ def _items(dataset: torch.utils.data.Dataset, indices: list[int], workers: int, 
 
 def run_loop(dataset: torch.utils.data.Dataset, predict: Callable[[dict], Tensor], num_classes: int, *,
              ctx: DistContext | None = None, limit: int | None = None, workers: int = 0,
-             progress: bool = False, desc: str = "eval") -> EvalOutcome:
+             progress: bool = False, desc: str = "eval", state: RunState | None = None) -> EvalOutcome:
     """Predict this rank's share of the first ``limit`` items, accumulate the confusion matrix, reduce over ranks.
 
     Item i goes to rank i % world_size; the confusion matrices (int64) are summed, so the
     outcome does not depend on the number of ranks.
+
+    state (:class:`~ovss_fast.eval.checkpoint.RunState`): checkpoints, resume and bad items;
+    default: none kept, and an unreadable item raises :class:`~ovss_fast.eval.checkpoint.BadItem`
+    naming it. SIGINT / SIGTERM stop the loop at an image boundary with
+    :class:`~ovss_fast.eval.checkpoint.Interrupted` once the checkpoint is written.
     """
     ctx = ctx or DistContext()
     if limit is not None and limit < 1:
@@ -241,29 +250,39 @@ def run_loop(dataset: torch.utils.data.Dataset, predict: Callable[[dict], Tensor
     if int(sizes[0]) != -int(sizes[1]):
         raise RuntimeError(f"ranks see different numbers of images ({-int(sizes[1])} to {int(sizes[0])}); "
                            "every node must hold the same dataset")
-    indices = ctx.shard(n)
+    state = state or RunState(num_classes, rank=ctx.rank, world_size=ctx.world_size)
+    indices = state.todo(ctx.shard(n))
     device = ctx.device
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    cm = state.confusion.to(device)
     bar = _Progress(len(indices), progress and ctx.is_main, desc)
     clock = _Clock()
     predict = clock.predictor(predict, device)
     start = time.perf_counter()
     try:
-        for item in clock.items(_items(dataset, indices, workers, pin=device.type == "cuda")):
-            labels = predict(item)
-            target = item["label"].to(device, non_blocking=True)
-            cm += confusion_matrix(labels, target, num_classes, ignore_index=IGNORE_INDEX)
-            bar.update(scores_from_confusion(cm)["mIoU"] if bar.enabled else math.nan)
+        with state.guard(cm):
+            for index, item in zip(indices, clock.items(_items(dataset, indices, workers, pin=device.type == "cuda")),
+                                   strict=True):
+                if "error" in item:
+                    state.item_bad(index, item["error"], cm)
+                    continue
+                labels = predict(item)
+                target = item["label"].to(device, non_blocking=True)
+                cm += confusion_matrix(labels, target, num_classes, ignore_index=IGNORE_INDEX)
+                bar.update(scores_from_confusion(cm)["mIoU"] if bar.enabled else math.nan)
+                state.item_done(index, cm)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
         bar.close()
     seconds = time.perf_counter() - start
     cm = ctx.all_reduce(cm)
-    images = int(ctx.all_reduce(torch.tensor([len(indices)], dtype=torch.int64))[0])
+    images = int(ctx.all_reduce(torch.tensor([len(state.done)], dtype=torch.int64))[0])
+    resumed = int(ctx.all_reduce(torch.tensor([state.resumed], dtype=torch.int64))[0])
     times = ctx.all_reduce(torch.tensor([seconds, clock.wait, clock.predict], dtype=torch.float64), op="max")
     seconds, wait, pred = (float(t) for t in times)
-    return EvalOutcome(confusion=cm.cpu(), images=images, seconds=seconds, wait_seconds=wait, predict_seconds=pred)
+    bad = sorted(ctx.gather_objects(state.bad), key=lambda b: b["index"])
+    return EvalOutcome(confusion=cm.cpu(), images=images, seconds=seconds, skipped=bad, resumed=resumed,
+                       wait_seconds=wait, predict_seconds=pred)
 
 
 # --------------------------------------------------------------------------- the report
@@ -296,7 +315,10 @@ def make_report(outcome: EvalOutcome, class_names: Sequence[str], config: dict, 
     return {
         "mIoU": _num(s["mIoU"]), "mAcc": _num(s["mAcc"]), "aAcc": _num(s["aAcc"]),
         "images": outcome.images, "seconds": round(outcome.seconds, 3),
-        "images_per_second": round(outcome.images / outcome.seconds, 4) if outcome.seconds > 0 else None,
+        "images_per_second": (round((outcome.images - outcome.resumed) / outcome.seconds, 4)
+                              if outcome.seconds > 0 else None),
+        "resumed_images": outcome.resumed,
+        "skipped": {"count": len(outcome.skipped), "items": outcome.skipped},
         "loader_wait_seconds": round(outcome.wait_seconds, 3), "predict_seconds": round(outcome.predict_seconds, 3),
         "loader_wait_share": round(outcome.wait_seconds / outcome.seconds, 4) if outcome.seconds > 0 else None,
         "per_class": per_class,
@@ -326,6 +348,9 @@ def format_report(report: dict) -> str:
     share = report.get("loader_wait_share")
     if share is not None:
         lines.append(f"{100 * share:.0f}% of the loop waiting on the data loader (raise --workers if this is large)")
+    skipped = report.get("skipped", {}).get("count", 0)
+    if skipped:
+        lines.append(f"{skipped} unreadable item(s) skipped (--skip-bad; listed in the results file)")
     return "\n".join(lines)
 
 

@@ -51,7 +51,7 @@ def _cost_range_kernel(
         a = tl.load(base + rows[:, None] * sai + cols[None, :] * saj, mask=mask, other=0.0).to(tl.float32)
         at = tl.load(base + cols[:, None] * sai + rows[None, :] * saj,
                      mask=cmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
-        craw = -tl.log(0.5 * (a + tl.trans(at)) + LOG_FLOOR)
+        craw = -tl.log((0.5 * a + 0.5 * tl.trans(at)) + LOG_FLOOR)  # halved first: no overflow
         lo = tl.minimum(lo, tl.where(mask, craw, float("inf")))
         hi = tl.maximum(hi, tl.where(mask, craw, float("-inf")))
     tl.store(lo_ptr + pid_b * n_strips + pid_s, tl.min(tl.min(lo, axis=1), axis=0))
@@ -89,7 +89,7 @@ def _gibbs_kernel_kernel(
     a = tl.load(base + rows[:, None] * sai + cols[None, :] * saj, mask=mask, other=0.0).to(tl.float32)
     at = tl.load(base + cols[:, None] * sai + rows[None, :] * saj,
                  mask=cmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
-    craw = -tl.log(0.5 * (a + tl.trans(at)) + LOG_FLOOR)
+    craw = -tl.log((0.5 * a + 0.5 * tl.trans(at)) + LOG_FLOOR)  # halved first: no overflow
     cost = tl.where(span > 0, (craw - lo) / tl.where(span > 0, span, 1.0), 0.0)
     kern = tl.exp(-cost * inv_eps)
     out = pid_b * N * N + rows[:, None] * N + cols[None, :]

@@ -23,10 +23,10 @@ from ._runtime import autotune, device_guard, interpreting
 
 
 @triton.jit
-def _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask):
-    """Tap t (0 <= t < (2R+1)^2) of every pixel: ds = |q - p'|^2, dr = |G[p] - Gd[q]|^2 (float32),
-    valid (q on the grid), and q's row / column clamped onto the grid (safe addresses off it).
-    The caller forms the exponent -ds/(2 ss^2) - dr/(2 sr^2) in the reference's order.
+def _tap(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask):
+    """Tap t (0 <= t < (2R+1)^2) of every pixel: its cell qy, qx, offsets dy = qy - p'y, dx = qx - p'x,
+    valid (q on the grid), the cell clamped onto the grid (safe addresses off it), Gd[q] as hi + lo
+    (gd [6, h, w]: hi in channels 0-2, lo in 3-5) and a = G[p] - Gd[q] = (G - hi) - lo (float32).
     """
     span = 2 * R + 1
     qy = cyv + (t // span - R)
@@ -36,20 +36,71 @@ def _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask):
     qxc = tl.minimum(tl.maximum(qx, 0), w - 1)
     dy = qy.to(tl.float32) - pyv
     dx = qx.to(tl.float32) - pxv
-    ds = dy * dy + dx * dx
     cell = qyc * w + qxc
-    e0 = g0 - tl.load(gd_base + cell, mask=valid, other=0.0)
-    e1 = g1 - tl.load(gd_base + h * w + cell, mask=valid, other=0.0)
-    e2 = g2 - tl.load(gd_base + 2 * h * w + cell, mask=valid, other=0.0)
-    dr = e0 * e0 + e1 * e1 + e2 * e2
-    return ds, dr, valid, qyc, qxc
+    hw = h * w
+    hi0 = tl.load(gd_base + cell, mask=valid, other=0.0)
+    hi1 = tl.load(gd_base + hw + cell, mask=valid, other=0.0)
+    hi2 = tl.load(gd_base + 2 * hw + cell, mask=valid, other=0.0)
+    lo0 = tl.load(gd_base + 3 * hw + cell, mask=valid, other=0.0)
+    lo1 = tl.load(gd_base + 4 * hw + cell, mask=valid, other=0.0)
+    lo2 = tl.load(gd_base + 5 * hw + cell, mask=valid, other=0.0)
+    a0 = (g0 - hi0) - lo0
+    a1 = (g1 - hi1) - lo1
+    a2 = (g2 - hi2) - lo2
+    return qy, qx, dy, dx, valid, qyc, qxc, hi0, hi1, hi2, lo0, lo1, lo2, a0, a1, a2
+
+
+@triton.jit
+def _peak(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, h, w, R, pmask, inv_s, inv_r, BLOCK_P: tl.constexpr):
+    """Every pixel's peak tap m: the first tap of the largest exponent
+    e = -|q - p'|^2 / (2 ss^2) - |G[p] - Gd[q]|^2 / (2 sr^2); returns its cell, offsets, Gd (hi, lo) and a."""
+    emax = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    zf = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    mqy = tl.zeros((BLOCK_P,), dtype=tl.int32)
+    mqx = tl.zeros((BLOCK_P,), dtype=tl.int32)
+    mdy, mdx = zf, zf
+    mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2 = zf, zf, zf, zf, zf, zf, zf, zf, zf
+    for t in range(0, (2 * R + 1) * (2 * R + 1)):
+        qy, qx, dy, dx, valid, qyc, qxc, hi0, hi1, hi2, lo0, lo1, lo2, a0, a1, a2 = _tap(
+            g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
+        e = -(dy * dy + dx * dx) * inv_s - (a0 * a0 + a1 * a1 + a2 * a2) * inv_r
+        better = valid & (e > emax)
+        emax = tl.where(better, e, emax)
+        mqy = tl.where(better, qy, mqy)
+        mqx = tl.where(better, qx, mqx)
+        mdy = tl.where(better, dy, mdy)
+        mdx = tl.where(better, dx, mdx)
+        mh0 = tl.where(better, hi0, mh0)
+        mh1 = tl.where(better, hi1, mh1)
+        mh2 = tl.where(better, hi2, mh2)
+        ml0 = tl.where(better, lo0, ml0)
+        ml1 = tl.where(better, lo1, ml1)
+        ml2 = tl.where(better, lo2, ml2)
+        ma0 = tl.where(better, a0, ma0)
+        ma1 = tl.where(better, a1, ma1)
+        ma2 = tl.where(better, a2, ma2)
+    return mqy, mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2
+
+
+@triton.jit
+def _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask,
+                  mqy, mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s, inv_r):
+    """Tap t's exponent relative to the peak, r = e(q) - e(m) (-inf off the grid), from differences of
+    squares written as products (common/jbu_math.h, jbu_relative_exponent); valid, clamped cell."""
+    qy, qx, dy, dx, valid, qyc, qxc, hi0, hi1, hi2, lo0, lo1, lo2, a0, a1, a2 = _tap(
+        g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
+    ds = (qy - mqy).to(tl.float32) * (dy + mdy) + (qx - mqx).to(tl.float32) * (dx + mdx)
+    dr = (((mh0 - hi0) + (ml0 - lo0)) * (a0 + ma0) + ((mh1 - hi1) + (ml1 - lo1)) * (a1 + ma1)
+          + ((mh2 - hi2) + (ml2 - lo2)) * (a2 + ma2))
+    r = tl.where(valid, -ds * inv_s - dr * inv_r, float("-inf"))
+    return r, valid, qyc, qxc
 
 
 @triton.jit
 def _jbu_upsample_kernel(
     s_ptr,  # [B, C, h, w] scores (any float dtype, any strides; -inf allowed)
     g_ptr,  # [B, 3, H, W] guide (any float dtype, any strides)
-    gd_ptr,  # [B, 3, h, w] float32 contiguous: Gd = adaptive_avg_pool2d(guide, (h, w))
+    gd_ptr,  # [B, 6, h, w] float32 contiguous: Gd = adaptive_avg_pool2d(guide, (h, w)) in float64 as hi + lo
     py_ptr, px_ptr,  # [H], [W] float32 low-res positions p'
     cy_ptr, cx_ptr,  # [H], [W] int32 tap centres floor(p' + 0.5)
     out_ptr,  # [B, C, H, W] float32 out (contiguous)
@@ -60,7 +111,8 @@ def _jbu_upsample_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """out[c, p] = sum_q S[c, q] wt(q) / sum_q wt(q), wt = exp(e(q) - max_q' e(q')),
-    e(q) = -|q - p'|^2 / (2 ss^2) - |G[p] - Gd[q]|^2 / (2 sr^2), q over the (2R+1)^2 taps on the grid;
+    e(q) = -|q - p'|^2 / (2 ss^2) - |G[p] - Gd[q]|^2 / (2 sr^2), q over the (2R+1)^2 taps on the grid,
+    formed as exp(r - max r) with r = e(q) - e(m) relative to the peak tap m (see _tap_relative);
     a -inf score at an on-grid tap makes out[c, p] = -inf (method.md section 4).
     """
     # pixel blocks on grid axis 0: axes 1 and 2 stop at 65535 blocks (2048 x 2048 px is 65536 of 64)
@@ -79,20 +131,24 @@ def _jbu_upsample_kernel(
     g0 = tl.load(g_base, mask=pmask, other=0.0).to(tl.float32)
     g1 = tl.load(g_base + sgc, mask=pmask, other=0.0).to(tl.float32)
     g2 = tl.load(g_base + 2 * sgc, mask=pmask, other=0.0).to(tl.float32)
-    gd_base = gd_ptr + pid_b * 3 * h * w
+    gd_base = gd_ptr + pid_b * 6 * h * w
     taps = (2 * R + 1) * (2 * R + 1)
 
-    emax = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    mqy, mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2 = _peak(
+        g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, h, w, R, pmask, inv_s, inv_r, BLOCK_P)
+    rmax = tl.full((BLOCK_P,), float("-inf"), tl.float32)
     for t in range(0, taps):
-        ds, dr, valid, qyc, qxc = _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
-        emax = tl.maximum(emax, tl.where(valid, -ds * inv_s - dr * inv_r, float("-inf")))
+        r, valid, qyc, qxc = _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask, mqy, mqx,
+                                           mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s, inv_r)
+        rmax = tl.maximum(rmax, r)
 
     s_base = s_ptr + pid_b * ssb + cls[None, :] * ssc
     num = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     den = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for t in range(0, taps):
-        ds, dr, valid, qyc, qxc = _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
-        wgt = tl.exp(tl.where(valid, (-ds * inv_s - dr * inv_r) - emax, float("-inf")))
+        r, valid, qyc, qxc = _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask, mqy, mqx,
+                                           mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s, inv_r)
+        wgt = tl.exp(tl.where(valid, r - rmax, float("-inf")))
         m2 = valid[:, None] & cmask[None, :]
         sq = tl.load(s_base + (qyc * ssh + qxc * ssw)[:, None], mask=m2, other=0.0).to(tl.float32)
         dead = sq == float("-inf")
@@ -109,7 +165,7 @@ def _jbu_upsample_kernel(
 def _jbu_argmax_kernel(
     s_ptr,  # [B, C, h, w] scores
     g_ptr,  # [B, 3, H, W] guide
-    gd_ptr,  # [B, 3, h, w] float32 contiguous
+    gd_ptr,  # [B, 6, h, w] float32 contiguous (hi, lo)
     py_ptr, px_ptr,  # [H], [W] float32
     cy_ptr, cx_ptr,  # [H], [W] int32
     label_ptr,  # [B, H, W] int64 out
@@ -136,17 +192,21 @@ def _jbu_argmax_kernel(
     g0 = tl.load(g_base, mask=pmask, other=0.0).to(tl.float32)
     g1 = tl.load(g_base + sgc, mask=pmask, other=0.0).to(tl.float32)
     g2 = tl.load(g_base + 2 * sgc, mask=pmask, other=0.0).to(tl.float32)
-    gd_base = gd_ptr + pid_b * 3 * h * w
+    gd_base = gd_ptr + pid_b * 6 * h * w
     taps = (2 * R + 1) * (2 * R + 1)
 
-    emax = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    mqy, mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2 = _peak(
+        g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, h, w, R, pmask, inv_s, inv_r, BLOCK_P)
+    rmax = tl.full((BLOCK_P,), float("-inf"), tl.float32)
     for t in range(0, taps):
-        ds, dr, valid, qyc, qxc = _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
-        emax = tl.maximum(emax, tl.where(valid, -ds * inv_s - dr * inv_r, float("-inf")))
+        r, valid, qyc, qxc = _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask, mqy, mqx,
+                                           mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s, inv_r)
+        rmax = tl.maximum(rmax, r)
     den = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for t in range(0, taps):
-        ds, dr, valid, qyc, qxc = _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
-        den += tl.exp(tl.where(valid, (-ds * inv_s - dr * inv_r) - emax, float("-inf")))
+        r, valid, qyc, qxc = _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask, mqy, mqx,
+                                           mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s, inv_r)
+        den += tl.exp(tl.where(valid, r - rmax, float("-inf")))
     den = tl.where(pmask, den, 1.0)  # pixels past the image: no taps; keep 0 / 0 out of the argmax
 
     best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
@@ -157,8 +217,10 @@ def _jbu_argmax_kernel(
         s_base = s_ptr + pid_b * ssb + cls[None, :] * ssc
         num = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for t in range(0, taps):
-            ds, dr, valid, qyc, qxc = _tap_exponent(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask)
-            wgt = tl.exp(tl.where(valid, (-ds * inv_s - dr * inv_r) - emax, float("-inf")))
+            r, valid, qyc, qxc = _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask, mqy,
+                                               mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s,
+                                               inv_r)
+            wgt = tl.exp(tl.where(valid, r - rmax, float("-inf")))
             m2 = valid[:, None] & cmask[None, :]
             sq = tl.load(s_base + (qyc * ssh + qxc * ssw)[:, None], mask=m2, other=0.0).to(tl.float32)
             dead = sq == float("-inf")
@@ -195,7 +257,7 @@ def _prepare(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_range: f
     B, C, h, w = scores.shape
     H, W = guide.shape[-2:]
     g = guide.to(torch.float32)
-    gd = torch.nn.functional.adaptive_avg_pool2d(g, (h, w)).contiguous()  # [B, 3, h, w]
+    gd = torch.cat(reference.lowres_guide(g, h, w, torch.float32), dim=1).contiguous()  # [B, 6, h, w]: hi, lo
     py, px, cy, cx = reference._tap_geometry(h, w, H, W, radius, guide.device, torch.float32)
     inv_s = 1.0 / (2.0 * sigma_spatial**2)
     inv_r = 1.0 / (2.0 * sigma_range**2)

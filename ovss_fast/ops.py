@@ -86,7 +86,7 @@ def discrepancy(
         impl = select("sinkhorn_scores", backend, (q, affinity), params)
         with torch.no_grad():
             _, kernel = impl.gibbs_kernel(affinity, eps=eps)
-            return impl.sinkhorn_scores(q, kernel, **params)
+            return impl.sinkhorn_scores(q, kernel, **params, **_symmetric(impl))
     params = {
         "sk_iters": check.count("sk_iters", sk_iters, minimum=0),
         "steps": check.count("steps", steps, minimum=1),
@@ -96,7 +96,13 @@ def discrepancy(
     impl = select("markov_scores", backend, (q, affinity), params)
     with torch.no_grad():
         _, kernel = impl.gibbs_kernel(affinity, eps=eps)
-        return impl.markov_scores(q, kernel, **params)
+        return impl.markov_scores(q, kernel, **params, **_symmetric(impl))
+
+
+def _symmetric(impl: Any) -> dict[str, bool]:
+    """{"symmetric": True} for a backend whose op / mv can use K = K^T (gibbs_kernel builds K from
+    (A + A^T) / 2, so K^T u = K u and one matrix is read, never its transpose); {} for the others."""
+    return {"symmetric": True} if getattr(impl, "takes_symmetric_kernel", False) else {}
 
 
 def _jbu_params(sigma_spatial: float, sigma_range: float, radius: int) -> dict[str, Any]:

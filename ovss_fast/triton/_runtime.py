@@ -114,7 +114,8 @@ class GraphCache:
         if not self.enabled(*inputs):
             return fn(*inputs)
         dev = inputs[0].device
-        key = (name, params, os.environ.get("OVSS_FAST_TRITON_SCHEDULE", ""), dev.index,
+        key = (name, params, os.environ.get("OVSS_FAST_TRITON_SCHEDULE", ""),
+               os.environ.get("OVSS_FAST_TRITON_PRECISION", ""), dev.index,
                tuple((tuple(t.shape), t.dtype) for t in inputs))
         with self._lock, torch.cuda.device(dev):
             entry = self._entries.pop(key, None)

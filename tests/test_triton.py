@@ -810,6 +810,29 @@ def test_gpu_schedules_real_sizes(schedule):
 
 @pytest.mark.cuda
 @needs_triton
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("B,N,C", [(15, 196, 199), (36, 196, 29), (2, 300, 21)])
+def test_gpu_window_schedule_real_sizes(B, N, C, precision, monkeypatch):
+    """The window schedule at the pipeline's window batches, symmetric and general, against float64."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("compiled kernels only")
+    from ovss_fast.triton import markov_scores as mk
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    monkeypatch.setenv("OVSS_FAST_TRITON_PRECISION", precision)
+    dev = torch.device("cuda")
+    q = _q(B, N, C, dead=(C - 1,)).to(dev)
+    _, k = R.gibbs_kernel(torch.rand(B, N, N, generator=torch.Generator().manual_seed(N)).double().to(dev))
+    want = R.sinkhorn_scores(q.double(), k, eps=0.1, iters=50)
+    for symmetric in (True, False):
+        got = sk.sinkhorn_scores(q, k.float(), eps=0.1, iters=50, schedule="window", symmetric=symmetric)
+        assert rel_err(got, want) <= TOL, symmetric
+        got = mk.markov_scores(q, k.float(), schedule="window", symmetric=symmetric)
+        assert rel_err(got, R.markov_scores(q.double(), k)) <= TOL, symmetric
+
+
+@pytest.mark.cuda
+@needs_triton
 def test_gpu_graph_replay_matches_eager(monkeypatch):
     """The CUDA-graph replay of sinkhorn/markov gives the eager numbers on fresh inputs of one shape,
     keeps one graph per signature, and stays eager while the caller captures."""

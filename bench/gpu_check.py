@@ -551,15 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not args.skip_sanitizer:
         print("== compute-sanitizer")
         san_rows, san_ok = run_sanitizer(args.quick)
-    time_rows: list[list[str]] = []
-    if device == "cuda" and not args.skip_timing:
-        print("== timing (triton.testing.do_bench, median)")
-        try:
-            time_rows = run_timing(args.quick)
-        except Exception:
-            traceback.print_exc()
-            time_rows = [["timing", "-", "-", "-", "-", "-", "failed: see the log"]]
-
+    # the regime table before the older N = 1024 / jbu timing table: it is what a short session is for
     regime_records: list[dict] = []
     if device == "cuda" and not args.skip_regimes:
         from . import bench_discrepancy as bd
@@ -571,6 +563,17 @@ def main(argv: list[str] | None = None) -> int:
                                             budget_s=left)
         except Exception:
             traceback.print_exc()
+    time_rows: list[list[str]] = []
+    past_budget = args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
+    if device == "cuda" and not args.skip_timing and past_budget:
+        print(f"== timing: skipped (past --budget-s {args.budget_s:.0f})")
+    elif device == "cuda" and not args.skip_timing:
+        print("== timing (triton.testing.do_bench, median)")
+        try:
+            time_rows = run_timing(args.quick)
+        except Exception:
+            traceback.print_exc()
+            time_rows = [["timing", "-", "-", "-", "-", "-", "failed: see the log"]]
 
     n_fail = sum(r[3] == "FAIL" for r in corr_rows)
     corr_table = markdown_table(["backend", "op", "case", "result", "detail"], corr_rows)

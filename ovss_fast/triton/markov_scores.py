@@ -45,7 +45,14 @@ from torch import Tensor
 
 from ._runtime import DENOM_FLOOR as _DENOM_FLOOR
 from ._runtime import autotune, device_guard, interpreting
-from .sinkhorn_scores import WINDOW_MAX_N, _k_times_x, choose_schedule, precision, window_block_n
+from .sinkhorn_scores import (
+    TF32X3_STEP_CONFIGS,
+    WINDOW_MAX_N,
+    _k_times_x,
+    choose_schedule,
+    precision,
+    window_block_n,
+)
 
 __all__ = ["WINDOW_MAX_N", "column_drift", "doubly_stochastic_scales", "markov_scores"]
 
@@ -471,6 +478,9 @@ _STEP_CONFIGS = [
 # a step updates out in place, so timing configs must start from the same running values
 _step_tuned = autotune(configs=_STEP_CONFIGS, key=["N", "C", "VELOCITY"],
                               restore_value=["out_ptr"])(_markov_step_kernel)
+# tf32x3: its own configs (as sinkhorn_scores.TF32X3_STEP_CONFIGS), the ieee path keeps the H100-checked ones
+_step_tuned_tf32x3 = autotune(configs=TF32X3_STEP_CONFIGS, key=["N", "C", "VELOCITY"],
+                              restore_value=["out_ptr"])(_markov_step_kernel)
 _INTERPRET = {"BLOCK_I": 16, "BLOCK_J": 16}
 _INTERPRET_STEP = {"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_C": 16}
 # the window schedule (see sinkhorn_scores._WINDOW_CONFIGS_*: the same register budget); untimed guesses
@@ -607,7 +617,8 @@ def _chain_split(q: Tensor, kernel: Tensor, r: Tensor, c: Tensor, e: Tensor, out
                 grid = (B, triton.cdiv(N, _INTERPRET_STEP["BLOCK_R"]), triton.cdiv(C, _INTERPRET_STEP["BLOCK_C"]))
                 _markov_step_kernel[grid](*args, VELOCITY=velocity, PRECISION=prec, **_INTERPRET_STEP)
             else:
-                _step_tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_R"]), triton.cdiv(C, m["BLOCK_C"]))](
+                tuned = _step_tuned_tf32x3 if prec == "tf32x3" else _step_tuned
+                tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_R"]), triton.cdiv(C, m["BLOCK_C"]))](
                     *args, VELOCITY=velocity, PRECISION=prec)
         block_c = 16 if interp else 32
         _markov_finish_kernel[(B, triton.cdiv(C, block_c))](q, out, N, C, *q.stride(), VELOCITY=velocity,

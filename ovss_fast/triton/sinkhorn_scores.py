@@ -1,6 +1,6 @@
 """Triton sinkhorn_scores: entropic OT from 1/N to every class (method.md section 3, op).
 
-Two schedules, chosen by :func:`fused_is_better` (or forced with ``schedule=``):
+Three schedules, chosen by :func:`choose_schedule` (or forced with ``schedule=``):
 
 * fused, ONE launch per call: ``_sinkhorn_scores_kernel``, a program per (image b, tile of
   BLOCK_C classes) running every iteration itself. It streams K in [BLOCK_I, BLOCK_J] tiles
@@ -60,8 +60,8 @@ def _k_times_x(k_base, ski, skj, x_base, CP, rows, rmask, cls, cmask, N,
                TRANS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                PRECISION: tl.constexpr = "ieee"):
     """[BLOCK_R, BLOCK_C] tile of K x (TRANS false) or K^T x for output rows ``rows`` and classes ``cls``;
-    x: [N, CP] float32 scratch at x_base. Products in PRECISION (IEEE float32 unless the window
-    schedule's OVSS_FAST_TRITON_PRECISION=tf32x3 asks for split tf32), in partial sums of SUM_CHUNK."""
+    x: [N, CP] float32 scratch at x_base. Products in PRECISION ("ieee": IEEE float32 FMAs, the default;
+    "tf32x3" when OVSS_FAST_TRITON_PRECISION asks for split tf32), in partial sums of SUM_CHUNK."""
     rs = tl.arange(0, BLOCK_S)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for c0 in range(0, N, SUM_CHUNK):
@@ -259,6 +259,15 @@ _STEP_CONFIGS = [
     triton.Config({"BLOCK_R": 16, "BLOCK_S": 128, "BLOCK_C": 16}, num_warps=4, num_stages=3),
 ]
 _step_tuned = autotune(configs=_STEP_CONFIGS, key=["N", "C", "MODE"])(_sinkhorn_step_kernel)
+#: the split step's configs for tf32x3 (tensor-core dots want larger tiles; untimed guesses, its own
+#: autotuner so that the default ieee path keeps the configs checked on the H100)
+TF32X3_STEP_CONFIGS = [
+    triton.Config({"BLOCK_R": 64, "BLOCK_S": 32, "BLOCK_C": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_R": 64, "BLOCK_S": 64, "BLOCK_C": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_R": 128, "BLOCK_S": 32, "BLOCK_C": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_R": 64, "BLOCK_S": 32, "BLOCK_C": 16}, num_warps=4, num_stages=4),
+]
+_step_tuned_tf32x3 = autotune(configs=TF32X3_STEP_CONFIGS, key=["N", "C", "MODE"])(_sinkhorn_step_kernel)
 _INTERPRET_STEP = {"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_C": 16}
 
 
@@ -440,7 +449,8 @@ def _sinkhorn_split(q: Tensor, kernel: Tensor, out: Tensor, u: Tensor, v: Tensor
             grid = (B, triton.cdiv(N, _INTERPRET_STEP["BLOCK_R"]), triton.cdiv(C, _INTERPRET_STEP["BLOCK_C"]))
             _sinkhorn_step_kernel[grid](q, kernel, x, y, *common, MODE=mode, PRECISION=prec, **_INTERPRET_STEP)
         else:
-            _step_tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_R"]), triton.cdiv(C, m["BLOCK_C"]))](
+            tuned = _step_tuned_tf32x3 if prec == "tf32x3" else _step_tuned
+            tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_R"]), triton.cdiv(C, m["BLOCK_C"]))](
                 q, kernel, x, y, *common, MODE=mode, PRECISION=prec)
 
     with device_guard(q):

@@ -12,13 +12,15 @@
 #    rows only while the budget lasts;
 # 3. leaves everything under $OUT (the device tool brings it back): gpu_check.log, build.log,
 #    nvidia_smi.txt, and RESULTS.md / results.csv / results_gpu.json, which are bench/'s files with
-#    this run's sections and rows added (copy them over bench/ to keep them).
+#    this run's sections and rows added (copy them over bench/ to keep them); full mode adds
+#    pytest_gpu.log (the GPU-marked tests of the Triton and CUDA op/mv kernels).
 #
 # quick (default): gpu_check --quick (no N = 4096 cases except the tf32x3 precision ones, the
 # quick regime set: coco_stuff and cityscapes windows, N = 1024 C = 171, N = 4096 C = 21), no
 # compute-sanitizer (no CUDA source changed), BUDGET_S (default 330) seconds in all counting
 # the build: about 6 minutes. full: every case and regime, with compute-sanitizer, BUDGET_S
-# default 540 (one device command may run 600 s; regime rows past the budget are listed as
+# default 420 and at most 150 s of pytest after it (one device command may run 600 s; regime
+# rows past the budget are listed as
 # skipped). The exit status is gpu_check's (0: all correct).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +29,7 @@ case "$mode" in
   quick|full) ;;
   *) echo "usage: bash bench/gpu_session.sh [quick|full] [BUDGET_S]; got mode '$mode'" >&2; exit 64 ;;
 esac
-if [ "$mode" = "full" ]; then budget="${2:-540}"; else budget="${2:-330}"; fi
+if [ "$mode" = "full" ]; then budget="${2:-420}"; else budget="${2:-330}"; fi
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -64,5 +66,13 @@ set -o pipefail
 rc=${PIPESTATUS[0]}
 # the device's copy of bench/ too (its tree is thrown away, but the command may be followed by more)
 cp "$OUT/results_gpu.json" bench/results_gpu.json 2>/dev/null
+if [ "$mode" = "full" ]; then
+  echo "== GPU-marked pytest (tests/test_triton.py, tests/test_ext_discrepancy.py)"
+  timeout 150 "$py" -m pytest tests/test_triton.py tests/test_ext_discrepancy.py -m cuda -q -p no:cacheprovider \
+    >"$OUT/pytest_gpu.log" 2>&1
+  prc=$?
+  tail -5 "$OUT/pytest_gpu.log"
+  [ "$prc" -ne 0 ] && [ "$rc" -eq 0 ] && rc=$prc
+fi
 echo "gpu_session: gpu_check exit $rc; $((SECONDS - start)) s in all (build ${build_s} s)"
 exit "$rc"

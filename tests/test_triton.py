@@ -482,6 +482,24 @@ def test_window_schedule_through_discrepancy(mode, monkeypatch):
     assert rel_err(ops.discrepancy(q, aff, backend="triton", **kw), want) <= TOL
 
 
+@interpreted
+def test_regime_table_runs_the_triton_schedules():
+    """bench_discrepancy.run_regimes, the GPU session's table, through the Triton rows (window,
+    split, tf32x3) under the interpreter: each row checked against float64, timed, labelled."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import bench_discrepancy as bd
+    finally:
+        sys.path.remove(str(ROOT))
+    labels = ("reference eager", "triton[window]", "triton[split,tf32x3]")
+    variants = [v for v in bd.gpu_variants(quick=False) if v.label in labels]
+    variants = [bd.Variant(v.label, v.backend, v.env, v.kwargs) for v in variants]  # every shape
+    records = bd.run_regimes("cpu", smoke=True, shapes=[("window", 2, 21, 3)], variants=variants, log=lambda s: None)
+    assert [r["backend"] for r in records] == [*labels, *labels]
+    assert all(r["passed"] and r["median_ms"] > 0 and r["rel_err"] <= TOL for r in records), records
+    assert os.environ.get("OVSS_FAST_TRITON_SCHEDULE") is None and os.environ.get("OVSS_FAST_TRITON_PRECISION") is None
+
+
 @needs_triton
 def test_schedule_choice(monkeypatch):
     """auto keeps today's fused / split rule; the window schedule only when asked for."""

@@ -20,8 +20,8 @@
 # compute-sanitizer (no CUDA source changed), BUDGET_S (default 330) seconds in all counting
 # the build: about 6 minutes. full: every case and regime, with compute-sanitizer, BUDGET_S
 # default 420 and at most 150 s of pytest after it (one device command may run 600 s; regime
-# rows past the budget are listed as
-# skipped). The exit status is gpu_check's (0: all correct).
+# rows past the budget are listed as skipped). The exit status is gpu_check's (0: all correct),
+# or the GPU pytest's when gpu_check passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-quick}"

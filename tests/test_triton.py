@@ -666,11 +666,6 @@ def _largest_step(configs):
     return max(configs, key=lambda c: c.kwargs["BLOCK_R"] * (c.kwargs["BLOCK_S"] + c.kwargs["BLOCK_C"])).kwargs
 
 
-def _largest(configs):
-    """The config of a window tier holding the most per program (its [BLOCK_N, BLOCK_S + BLOCK_C] tiles)."""
-    return max(configs, key=lambda c: (c.kwargs["BLOCK_S"] + c.kwargs["BLOCK_C"], c.num_warps))
-
-
 @needs_triton
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles for the GPU")
@@ -715,16 +710,16 @@ def test_kernels_compile_for_h100():
         (mk._drift_kernel, {"BLOCK_I": 64, "BLOCK_J": 64}, 4, scales64),
         (mk._markov_scores_kernel, {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 32, "VELOCITY": True,
                                     "PRECISION": "ieee"}, 4, {}),
-        # the window schedule: the largest config of each tier (most registers and shared memory),
+        # the window schedule: every config, both tiers of N (BLOCK_N 256: one partial sum; 512: two),
         # symmetric and general, ieee and tf32x3
         *[(sk._sinkhorn_window_kernel, {"SYMMETRIC": sym, "PRECISION": prec, "BLOCK_N": bn, **cfg.kwargs},
            cfg.num_warps, {"q_ptr": "*bf16"} if sym else {})
-          for bn, cfg in ((256, _largest(sk._WINDOW_CONFIGS_256)), (512, _largest(sk._WINDOW_CONFIGS_512)))
-          for sym, prec in ((True, "ieee"), (False, "tf32x3"))],
+          for prec, cfgs in (("ieee", sk._WINDOW_CONFIGS), ("tf32x3", sk._WINDOW_CONFIGS_TF32X3)) for cfg in cfgs
+          for bn, sym in ((256, True), (512, False))],
         *[(mk._markov_window_kernel, {"VELOCITY": vel, "SYMMETRIC": sym, "PRECISION": prec, "BLOCK_N": bn,
                                       **cfg.kwargs}, cfg.num_warps, {})
-          for bn, cfg in ((256, _largest(mk._CHAIN_WINDOW_CONFIGS_256)), (512, _largest(mk._CHAIN_WINDOW_CONFIGS_512)))
-          for vel, sym, prec in ((False, True, "ieee"), (True, False, "tf32x3"))],
+          for prec, cfgs in (("ieee", sk._WINDOW_CONFIGS), ("tf32x3", sk._WINDOW_CONFIGS_TF32X3)) for cfg in cfgs
+          for bn, vel, sym in ((256, True, True), (512, False, False))],
         *[(mk._sk_window_kernel, {"SYMMETRIC": sym, **mk._SK_WINDOW_BLOCKS}, 4, scales64) for sym in (True, False)],
         (jbu._jbu_upsample_kernel, {"BLOCK_P": 128, "BLOCK_C": 16}, 4, ints),
         (jbu._jbu_argmax_kernel, {"BLOCK_P": 128, "BLOCK_C": 16}, 4, ints),

@@ -26,9 +26,9 @@ one of two schedules
 * window (N <= WINDOW_MAX_N, the pipeline's batches of 224 px windows): TWO launches for the
   whole batch. ``_sk_window_kernel``, one program per window, runs every Sinkhorn-Knopp
   iteration and the drift (float64, as above) instead of 2 * sk_iters + 1 launches;
-  ``_markov_window_kernel``, one program per (window, class tile), runs the chain with every row
-  of the tile at once: the running sum (or lstar) and d(l-1) stay in registers, only
-  r * d(l) goes through program-private scratch for the next product. With ``symmetric=True``
+  ``_markov_window_kernel``, one program per (window, class tile), runs the chain with rows in
+  blocks of BLOCK_I (sinkhorn_scores' window configs), the scratch holding r * d(l) already
+  scaled for the next product (and d itself for the velocity readout). With ``symmetric=True``
   (gibbs_kernel's K) K^T y is read as K y, and the SK column sums as row sums. Not yet run on
   a GPU, so auto never picks it: OVSS_FAST_TRITON_SCHEDULE=window or ``schedule="window"``.
 
@@ -46,9 +46,11 @@ from torch import Tensor
 from ._runtime import DENOM_FLOOR as _DENOM_FLOOR
 from ._runtime import autotune, device_guard, interpreting
 from .sinkhorn_scores import (
+    _WINDOW_CONFIGS,
+    _WINDOW_CONFIGS_TF32X3,
     TF32X3_STEP_CONFIGS,
     WINDOW_MAX_N,
-    _k_times_x,
+    _k_times_x_window,
     choose_schedule,
     precision,
     window_block_n,
@@ -383,69 +385,91 @@ def _markov_window_kernel(
     k_ptr,  # [B, N, N] kernel
     r_ptr, c_ptr,  # [B, N] float32: T = diag(r) K diag(c) (the float64 SK scales, rounded)
     e_ptr,  # [B, N] float32: T's column sums - 1
-    out_ptr,  # [B, N, C] float32 out (contiguous)
-    y_ptr,  # [2, B, N, CP] float32 scratch: r * d(l-1) and r * d(l); plane = B * N * CP
+    out_ptr,  # [B, N, C] float32 out (contiguous); the running sum / lstar during the chain
+    y_ptr,  # [2 or 4, B, N, CP] float32 scratch: r * d(l-1), r * d(l) (and, VELOCITY, d(l-1), d(l));
+    # plane = B * N * CP
     N, C, CP, plane,
     sqb, sqn, sqc,
     skb, ski, skj,
     steps, tau,
     VELOCITY: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """The chain for every row (BLOCK_N >= N) of one window and BLOCK_C classes (the window schedule):
-    d(0) = N q - 1; d(l)[j] = c_j sum_i K_ij r_i d(l-1)[i] + e_j (K_ji when SYMMETRIC), l = 1..steps.
+    """The chain of one window (N <= BLOCK_N) for BLOCK_C classes (the window schedule):
+    d(0) = N q - 1; d(l)[j] = c_j sum_i K_ij r_i d(l-1)[i] + e_j (read as K_ji when SYMMETRIC), l = 1..steps.
 
     integrated: S = sum_l d(l).  velocity: lstar = first l with |d(l) - d(l-1)| <= tau
     (steps + 1 if never), S = -lstar + 1e-3 f(0).  S = -inf for a dead class (sum_i q = 0).
-    method.md section 3, mv. The running sum / lstar and d(l-1) stay in registers; r * d(l)
-    goes through scratch (ping-pong planes), a CTA barrier between steps.
+    method.md section 3, mv. Rows in blocks of BLOCK_I; the scratch holds r * d (pre-scaled for
+    the next product); a CTA barrier between steps.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cls < C
-    rows = tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    mask = rmask[:, None] & cmask[None, :]
     k_base = k_ptr + pid_b * skb
+    q_base = q_ptr + pid_b * sqb
+    o_base = out_ptr + pid_b * N * C
     y_base = y_ptr + pid_b * N * CP
-    y_off = rows[:, None] * CP + cls[None, :]
+    ri = tl.arange(0, BLOCK_I)
 
-    q = tl.load(q_ptr + pid_b * sqb + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
-    dead = tl.sum(q, axis=0) <= 0
-    r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=0.0)
-    c = tl.load(c_ptr + pid_b * N + rows, mask=rmask, other=0.0)
-    e = tl.load(e_ptr + pid_b * N + rows, mask=rmask, other=0.0)
-    d = N * q - 1.0
-    tl.store(y_base + y_off, r[:, None] * d, mask=mask)
-    if VELOCITY:
-        held = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32) + (steps + 1)
-    else:
-        held = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    qsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i0 in range(0, N, BLOCK_I):
+        rows = i0 + ri
+        rmask = rows < N
+        mask = rmask[:, None] & cmask[None, :]
+        q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+        qsum += tl.sum(q, axis=0)
+        r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=0.0)
+        tl.store(y_base + rows[:, None] * CP + cls[None, :], r[:, None] * (N * q - 1.0), mask=mask)
+        if VELOCITY:
+            tl.store(y_base + 2 * plane + rows[:, None] * CP + cls[None, :], N * q - 1.0, mask=mask)
+            init = tl.zeros((BLOCK_I, BLOCK_C), dtype=tl.float32) + (steps + 1)
+        else:
+            init = tl.zeros((BLOCK_I, BLOCK_C), dtype=tl.float32)
+        tl.store(o_base + rows[:, None] * C + cls[None, :], init, mask=mask)
     tl.debug_barrier()
     for step in range(1, steps + 1):
         src = y_base + ((step - 1) % 2) * plane
         dst = y_base + (step % 2) * plane
-        if SYMMETRIC:
-            acc = _k_times_x(k_base, ski, skj, src, CP, rows, rmask, cls, cmask, N,
-                             False, BLOCK_N, BLOCK_S, BLOCK_C, PRECISION)
-        else:
-            acc = _k_times_x(k_base, ski, skj, src, CP, rows, rmask, cls, cmask, N,
-                             True, BLOCK_N, BLOCK_S, BLOCK_C, PRECISION)
-        dnew = acc * c[:, None] + e[:, None]
-        tl.store(dst + y_off, r[:, None] * dnew, mask=mask)
-        if VELOCITY:
-            settled = (tl.abs(dnew - d) <= tau) & (held > steps)
-            held = tl.where(settled, step * 1.0, held)
-            d = dnew
-        else:
-            held = held + dnew
+        for i0 in range(0, N, BLOCK_I):
+            rows = i0 + ri
+            rmask = rows < N
+            if SYMMETRIC:
+                acc = _k_times_x_window(k_base, ski, skj, src, CP, rows, rmask, cls, cmask, N,
+                                        False, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
+            else:
+                acc = _k_times_x_window(k_base, ski, skj, src, CP, rows, rmask, cls, cmask, N,
+                                        True, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
+            c = tl.load(c_ptr + pid_b * N + rows, mask=rmask, other=0.0)
+            e = tl.load(e_ptr + pid_b * N + rows, mask=rmask, other=0.0)
+            r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=0.0)
+            dnew = acc * c[:, None] + e[:, None]
+            mask = rmask[:, None] & cmask[None, :]
+            tl.store(dst + rows[:, None] * CP + cls[None, :], r[:, None] * dnew, mask=mask)
+            o_ptrs = o_base + rows[:, None] * C + cls[None, :]
+            held = tl.load(o_ptrs, mask=mask, other=0.0)
+            if VELOCITY:
+                # d(l-1) and d(l) unscaled in planes 2 + (l - 1) % 2 and 2 + l % 2
+                d_off = rows[:, None] * CP + cls[None, :]
+                dold = tl.load(src + 2 * plane + d_off, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(dst + 2 * plane + d_off, dnew, mask=mask)
+                settled = (tl.abs(dnew - dold) <= tau) & (held > steps)
+                held = tl.where(settled, step * 1.0, held)
+            else:
+                held = held + dnew
+            tl.store(o_ptrs, held, mask=mask)
         tl.debug_barrier()
-    if VELOCITY:
-        s = -held + 1e-3 * (N * q)
-    else:
-        s = held
-    s = tl.where(dead[None, :], float("-inf"), s)
-    tl.store(out_ptr + pid_b * N * C + rows[:, None] * C + cls[None, :], s, mask=mask)
+    dead = qsum <= 0
+    for i0 in range(0, N, BLOCK_I):
+        rows = i0 + ri
+        mask = (rows < N)[:, None] & cmask[None, :]
+        o_ptrs = o_base + rows[:, None] * C + cls[None, :]
+        s = tl.load(o_ptrs, mask=mask, other=0.0)
+        if VELOCITY:
+            q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+            s = -s + 1e-3 * (N * q)
+        s = tl.where(dead[None, :], float("-inf"), s)
+        tl.store(o_ptrs, s, mask=mask)
 
 
 _SK_CONFIGS = [
@@ -483,21 +507,11 @@ _step_tuned_tf32x3 = autotune(configs=TF32X3_STEP_CONFIGS, key=["N", "C", "VELOC
                               restore_value=["out_ptr"])(_markov_step_kernel)
 _INTERPRET = {"BLOCK_I": 16, "BLOCK_J": 16}
 _INTERPRET_STEP = {"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_C": 16}
-# the window schedule (see sinkhorn_scores._WINDOW_CONFIGS_*: the same register budget); untimed guesses
-_CHAIN_WINDOW_CONFIGS_256 = [
-    triton.Config({"BLOCK_S": 32, "BLOCK_C": 16}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_S": 32, "BLOCK_C": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_S": 16, "BLOCK_C": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_S": 64, "BLOCK_C": 16}, num_warps=8, num_stages=2),
-]
-_CHAIN_WINDOW_CONFIGS_512 = [
-    triton.Config({"BLOCK_S": 16, "BLOCK_C": 16}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_S": 16, "BLOCK_C": 32}, num_warps=8, num_stages=2),
-]
-_chain_window_tuned_256 = autotune(configs=_CHAIN_WINDOW_CONFIGS_256,
-                                   key=["N", "C", "VELOCITY", "SYMMETRIC", "PRECISION"])(_markov_window_kernel)
-_chain_window_tuned_512 = autotune(configs=_CHAIN_WINDOW_CONFIGS_512,
-                                   key=["N", "C", "VELOCITY", "SYMMETRIC", "PRECISION"])(_markov_window_kernel)
+# the window schedule's chain: sinkhorn_scores' window configs (the same product helper, the same
+# register budget); untimed
+_CHAIN_WINDOW_KEY = ["N", "C", "VELOCITY", "SYMMETRIC", "PRECISION"]
+_chain_window_tuned = autotune(configs=_WINDOW_CONFIGS, key=_CHAIN_WINDOW_KEY)(_markov_window_kernel)
+_chain_window_tuned_tf32x3 = autotune(configs=_WINDOW_CONFIGS_TF32X3, key=_CHAIN_WINDOW_KEY)(_markov_window_kernel)
 #: one SK program per window: [BLOCK_I, BLOCK_J] float64 partial products (untuned)
 _SK_WINDOW_BLOCKS = {"BLOCK_I": 32, "BLOCK_J": 64}
 
@@ -575,9 +589,10 @@ def markov_scores(
         r, c = doubly_stochastic_scales(kernel, sk_iters=sk_iters)
         e = column_drift(kernel, r, c)
     cp = triton.cdiv(C, SCRATCH_PAD) * SCRATCH_PAD
-    f = torch.empty((2, B, N, cp), dtype=torch.float32, device=q.device)
-    r, c = r.float(), c.float()
     velocity = readout == "velocity"
+    planes = 4 if chosen == "window" and velocity else 2  # the window chain keeps d apart from r * d
+    f = torch.empty((planes, B, N, cp), dtype=torch.float32, device=q.device)
+    r, c = r.float(), c.float()
     if chosen == "split":
         return _chain_split(q, kernel, r, c, e, out, f, int(steps), float(tau), velocity, prec)
     with device_guard(q):
@@ -587,9 +602,9 @@ def markov_scores(
             consts = {"VELOCITY": velocity, "SYMMETRIC": bool(symmetric), "PRECISION": prec,
                       "BLOCK_N": window_block_n(N)}
             if interpreting():
-                _markov_window_kernel[(B, triton.cdiv(C, 16))](*args, **consts, BLOCK_S=16, BLOCK_C=16)
+                _markov_window_kernel[(B, triton.cdiv(C, 16))](*args, **consts, BLOCK_I=32, BLOCK_S=16, BLOCK_C=16)
             else:
-                tuned = _chain_window_tuned_256 if consts["BLOCK_N"] <= 256 else _chain_window_tuned_512
+                tuned = _chain_window_tuned_tf32x3 if prec == "tf32x3" else _chain_window_tuned
                 tuned[lambda m: (B, triton.cdiv(C, m["BLOCK_C"]))](*args, **consts)
             return out
         args = (q, kernel, r, c, e, out, f, B, N, C, cp, B * N * cp, *q.stride(), *kernel.stride(), int(steps),

@@ -14,12 +14,13 @@ Three schedules, chosen by :func:`choose_schedule` (or forced with ``schedule=``
   ``_center_potential_kernel`` for the mean and the dead classes;
 * window (small N, at most WINDOW_MAX_N: the pipeline's 224 px windows are N = 196), ONE launch
   for the whole batch: ``_sinkhorn_window_kernel``, a program per (window b, tile of BLOCK_C
-  classes) that holds every row of its tile at once (BLOCK_N = next_pow2(N)), so each
-  half-iteration is one sweep over K (150 KiB at N = 196, read from L1/L2) against BLOCK_S-row
-  slices of u or v, the readout's f stays in registers, and with ``symmetric=True`` (the
-  discrepancy path: gibbs_kernel's K is built from (A + A^T) / 2) K^T u is computed as K u, the
-  same access pattern as K v, never a transposed read. Not yet run on a GPU, so never chosen by
-  auto: OVSS_FAST_TRITON_SCHEDULE=window (or ``schedule="window"``) selects it.
+  classes) running every iteration, rows in blocks of BLOCK_I (up to all 256 rows of a padded
+  window at once), K (150 KiB at N = 196) read from L1/L2 every half-iteration, the sum over N in
+  one partial sum while N <= 256; with ``symmetric=True`` (the discrepancy path: gibbs_kernel's K
+  is built from (A + A^T) / 2) K^T u is computed as K u, the same row-major tiles as K v, never a
+  transposed read. Its configs (``_WINDOW_CONFIGS``, ``_WINDOW_CONFIGS_TF32X3``) compile for
+  sm_90 without register spills. Not yet run on a GPU, so never chosen by auto:
+  OVSS_FAST_TRITON_SCHEDULE=window (or ``schedule="window"``) selects it.
 
 OVSS_FAST_TRITON_PRECISION=tf32x3 runs every product of these kernels as split-tf32 tensor-core
 dots (``input_precision="tf32x3"``, about float32 accuracy) instead of IEEE float32 FMAs; the
@@ -41,7 +42,7 @@ from ._runtime import autotune, device_guard, interpreting, next_pow2
 
 #: scratch rows are padded to a multiple of this many classes (the largest BLOCK_C)
 SCRATCH_PAD = 64
-#: the largest N the window schedule takes (a program holds [next_pow2(N), BLOCK_C] tiles in registers)
+#: the largest N the window schedule takes (a small-N schedule: K of a window is read from L1/L2)
 WINDOW_MAX_N = 512
 #: the schedules a caller (or OVSS_FAST_TRITON_SCHEDULE) can name
 SCHEDULES = ("auto", "fused", "split", "window")
@@ -80,6 +81,34 @@ def _k_times_x(k_base, ski, skj, x_base, CP, rows, rmask, cls, cmask, N,
                         cache_modifier=".cg")
             part = tl.dot(k, x, part, input_precision=PRECISION)
         acc += part
+    return acc
+
+
+@triton.jit
+def _k_times_x_window(k_base, ski, skj, x_base, CP, rows, rmask, cls, cmask, N,
+                      TRANS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                      BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+    """:func:`_k_times_x` for the window schedule, whose N is at most BLOCK_N (a constexpr): when
+    BLOCK_N <= SUM_CHUNK the sum over N is a single partial sum, so one accumulator is kept, not two."""
+    if BLOCK_N <= SUM_CHUNK:
+        rs = tl.arange(0, BLOCK_S)
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for s0 in range(0, N, BLOCK_S):
+            cols = s0 + rs
+            smask = cols < N
+            if TRANS:
+                k = tl.load(k_base + cols[:, None] * ski + rows[None, :] * skj,
+                            mask=smask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+                k = tl.trans(k)
+            else:
+                k = tl.load(k_base + rows[:, None] * ski + cols[None, :] * skj,
+                            mask=rmask[:, None] & smask[None, :], other=0.0).to(tl.float32)
+            x = tl.load(x_base + cols[:, None] * CP + cls[None, :], mask=smask[:, None] & cmask[None, :], other=0.0,
+                        cache_modifier=".cg")
+            acc = tl.dot(k, x, acc, input_precision=PRECISION)
+    else:
+        acc = _k_times_x(k_base, ski, skj, x_base, CP, rows, rmask, cls, cmask, N,
+                         TRANS, BLOCK_R, BLOCK_S, BLOCK_C, PRECISION)
     return acc
 
 
@@ -282,71 +311,95 @@ def _sinkhorn_window_kernel(
     skb, ski, skj,
     a, eps, iters,
     SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """The window schedule: every iteration for every row (BLOCK_N >= N) of one window and BLOCK_C classes.
+    """The window schedule: every iteration of one window (N <= BLOCK_N) for BLOCK_C classes.
 
-    v = 1; iters times: u = a / max(K v, 1e-30); v = q / max(K^T u, 1e-30) (K u when SYMMETRIC);
-    f = eps log(a / max(K v, 1e-30)); S = mean_i f - f; S = -inf for a dead class (sum_i q = 0).
-    method.md section 3, op, with a = 1/N. q and the last f live in registers; u and v go through
-    program-private scratch (the products read them BLOCK_S rows at a time), a CTA barrier between phases.
+    v = 1; iters times: u = a / max(K v, 1e-30); v = q / max(K^T u, 1e-30) (K u when SYMMETRIC:
+    the same row-major tiles of K as K v, never a transposed read); f = eps log(a / max(K v, 1e-30));
+    S = mean_i f - f; S = -inf for a dead class (sum_i q = 0). method.md section 3, op, a = 1/N.
+    Rows in blocks of BLOCK_I (BLOCK_I = BLOCK_N: all rows at once), the sum over N in one partial
+    sum when BLOCK_N <= SUM_CHUNK; u, v and f in program-private scratch, a CTA barrier between phases.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cls < C
-    rows = tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    mask = rmask[:, None] & cmask[None, :]
     k_base = k_ptr + pid_b * skb
+    q_base = q_ptr + pid_b * sqb
     u_base = u_ptr + pid_b * N * CP
     v_base = v_ptr + pid_b * N * CP
-    x_off = rows[:, None] * CP + cls[None, :]
+    ri = tl.arange(0, BLOCK_I)
 
-    q = tl.load(q_ptr + pid_b * sqb + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
-    dead = tl.sum(q, axis=0) <= 0
-    tl.store(v_base + x_off, tl.full((BLOCK_N, BLOCK_C), 1.0, tl.float32), mask=mask)
+    qsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i0 in range(0, N, BLOCK_I):
+        rows = i0 + ri
+        mask = (rows < N)[:, None] & cmask[None, :]
+        q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+        qsum += tl.sum(q, axis=0)
+        tl.store(v_base + rows[:, None] * CP + cls[None, :], tl.full((BLOCK_I, BLOCK_C), 1.0, tl.float32), mask=mask)
     tl.debug_barrier()
     for _ in range(iters):
-        kv = _k_times_x(k_base, ski, skj, v_base, CP, rows, rmask, cls, cmask, N,
-                        False, BLOCK_N, BLOCK_S, BLOCK_C, PRECISION)
-        tl.store(u_base + x_off, a / tl.maximum(kv, DENOM_FLOOR), mask=mask)
+        for i0 in range(0, N, BLOCK_I):
+            rows = i0 + ri
+            rmask = rows < N
+            kv = _k_times_x_window(k_base, ski, skj, v_base, CP, rows, rmask, cls, cmask, N,
+                                   False, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
+            tl.store(u_base + rows[:, None] * CP + cls[None, :], a / tl.maximum(kv, DENOM_FLOOR),
+                     mask=rmask[:, None] & cmask[None, :])
         tl.debug_barrier()
-        if SYMMETRIC:
-            ktu = _k_times_x(k_base, ski, skj, u_base, CP, rows, rmask, cls, cmask, N,
-                             False, BLOCK_N, BLOCK_S, BLOCK_C, PRECISION)
-        else:
-            ktu = _k_times_x(k_base, ski, skj, u_base, CP, rows, rmask, cls, cmask, N,
-                             True, BLOCK_N, BLOCK_S, BLOCK_C, PRECISION)
-        tl.store(v_base + x_off, q / tl.maximum(ktu, DENOM_FLOOR), mask=mask)
+        for i0 in range(0, N, BLOCK_I):
+            rows = i0 + ri
+            rmask = rows < N
+            if SYMMETRIC:
+                ktu = _k_times_x_window(k_base, ski, skj, u_base, CP, rows, rmask, cls, cmask, N,
+                                        False, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
+            else:
+                ktu = _k_times_x_window(k_base, ski, skj, u_base, CP, rows, rmask, cls, cmask, N,
+                                        True, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
+            mask = rmask[:, None] & cmask[None, :]
+            q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+            tl.store(v_base + rows[:, None] * CP + cls[None, :], q / tl.maximum(ktu, DENOM_FLOOR), mask=mask)
         tl.debug_barrier()
-    kv = _k_times_x(k_base, ski, skj, v_base, CP, rows, rmask, cls, cmask, N,
-                    False, BLOCK_N, BLOCK_S, BLOCK_C, PRECISION)
-    f = tl.where(mask, eps * tl.log(a / tl.maximum(kv, DENOM_FLOOR)), 0.0)
-    mean = tl.sum(f, axis=0) / N
-    s = tl.where(dead[None, :], float("-inf"), mean[None, :] - f)
-    tl.store(out_ptr + pid_b * N * C + rows[:, None] * C + cls[None, :], s, mask=mask)
+    fsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i0 in range(0, N, BLOCK_I):
+        rows = i0 + ri
+        rmask = rows < N
+        kv = _k_times_x_window(k_base, ski, skj, v_base, CP, rows, rmask, cls, cmask, N,
+                               False, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
+        mask = rmask[:, None] & cmask[None, :]
+        f = tl.where(mask, eps * tl.log(a / tl.maximum(kv, DENOM_FLOOR)), 0.0)
+        fsum += tl.sum(f, axis=0)
+        tl.store(u_base + rows[:, None] * CP + cls[None, :], f, mask=mask)
+    tl.debug_barrier()
+    mean = fsum / N
+    dead = qsum <= 0
+    for i0 in range(0, N, BLOCK_I):
+        rows = i0 + ri
+        mask = (rows < N)[:, None] & cmask[None, :]
+        f = tl.load(u_base + rows[:, None] * CP + cls[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        s = tl.where(dead[None, :], float("-inf"), mean[None, :] - f)
+        tl.store(out_ptr + pid_b * N * C + rows[:, None] * C + cls[None, :], s, mask=mask)
 
 
-# The window schedule's configs, by BLOCK_N tier (BLOCK_N <= 256: the 224 px windows; 512). A program
-# holds [BLOCK_N, BLOCK_C] accumulators and a [BLOCK_N, BLOCK_S] slice of K: BLOCK_N * (BLOCK_C + BLOCK_S)
-# <= 16384 floats, at most 64 registers a thread at 8 warps. Untimed guesses for an H100 / H200.
-_WINDOW_CONFIGS_256 = [
-    triton.Config({"BLOCK_S": 32, "BLOCK_C": 16}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_S": 32, "BLOCK_C": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_S": 16, "BLOCK_C": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_S": 64, "BLOCK_C": 16}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_S": 16, "BLOCK_C": 64}, num_warps=8, num_stages=2),
+# The window schedule's configs (untimed; chosen so that ptxas reports no spills for sm_90 with
+# the ieee FMA dots: an FMA tl.dot holds its operand slices in registers, so BLOCK_I x BLOCK_S and
+# BLOCK_S x BLOCK_C stay small). BLOCK_I = 256: every row of a 224 px window (N = 196) at once.
+_WINDOW_CONFIGS = [
+    triton.Config({"BLOCK_I": 256, "BLOCK_S": 16, "BLOCK_C": 16}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_I": 64, "BLOCK_S": 32, "BLOCK_C": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_I": 64, "BLOCK_S": 32, "BLOCK_C": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_I": 128, "BLOCK_S": 32, "BLOCK_C": 32}, num_warps=8, num_stages=3),
 ]
-_WINDOW_CONFIGS_512 = [
-    triton.Config({"BLOCK_S": 16, "BLOCK_C": 16}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_S": 16, "BLOCK_C": 16}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_S": 16, "BLOCK_C": 32}, num_warps=8, num_stages=2),
+#: tf32x3 (tensor-core dots: wgmma wants 64-row blocks per warpgroup); no spills either
+_WINDOW_CONFIGS_TF32X3 = [
+    triton.Config({"BLOCK_I": 64, "BLOCK_S": 32, "BLOCK_C": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_I": 64, "BLOCK_S": 32, "BLOCK_C": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_I": 128, "BLOCK_S": 32, "BLOCK_C": 32}, num_warps=8, num_stages=3),
 ]
-_window_tuned_256 = autotune(configs=_WINDOW_CONFIGS_256, key=["N", "C", "SYMMETRIC", "PRECISION"])(
-    _sinkhorn_window_kernel)
-_window_tuned_512 = autotune(configs=_WINDOW_CONFIGS_512, key=["N", "C", "SYMMETRIC", "PRECISION"])(
-    _sinkhorn_window_kernel)
-_INTERPRET_WINDOW = {"BLOCK_S": 16, "BLOCK_C": 16}
+_WINDOW_KEY = ["N", "C", "SYMMETRIC", "PRECISION"]
+_window_tuned = autotune(configs=_WINDOW_CONFIGS, key=_WINDOW_KEY)(_sinkhorn_window_kernel)
+_window_tuned_tf32x3 = autotune(configs=_WINDOW_CONFIGS_TF32X3, key=_WINDOW_KEY)(_sinkhorn_window_kernel)
+_INTERPRET_WINDOW = {"BLOCK_I": 32, "BLOCK_S": 16, "BLOCK_C": 16}
 
 
 def window_block_n(N: int) -> int:
@@ -424,7 +477,7 @@ def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.1, iters: int =
                 grid = (B, triton.cdiv(C, _INTERPRET_WINDOW["BLOCK_C"]))
                 _sinkhorn_window_kernel[grid](*args, **consts, **_INTERPRET_WINDOW)
             else:
-                tuned = _window_tuned_256 if consts["BLOCK_N"] <= 256 else _window_tuned_512
+                tuned = _window_tuned_tf32x3 if prec == "tf32x3" else _window_tuned
                 tuned[lambda m: (B, triton.cdiv(C, m["BLOCK_C"]))](*args, **consts)
             return out
         args = (q, kernel, out, u, v, B, N, C, cp, *q.stride(), *kernel.stride(), 1.0 / N, float(eps), int(iters))

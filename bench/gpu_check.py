@@ -17,10 +17,21 @@ package there with ``pip install --no-build-isolation --no-deps -e .``. It
    reference eager, torch.compile(reference), cuda, triton; and jbu_argmax at
    2048 x 2048, C=171 (scores 64 x 64): reference, cuda, triton, with peak memory
    (torch.cuda.max_memory_allocated), timed with triton.testing.do_bench;
-4. writes the tables into bench/RESULTS.md under "GPU check" (naming the card and the
-   versions) and the timings into bench/results.csv.
-5. runs the end-to-end pipeline benchmark (bench/bench_pipeline.py) on CUDA when open_clip is
+4. runs the regime table of bench/bench_discrepancy.py (``run_regimes``: the pipeline's window
+   batches and B = 1 at N = 784..4096, every backend and every Triton schedule labelled, with
+   GFLOP/s and % of the card's float32 FMA peak), within ``--budget-s`` when given;
+5. writes the tables into bench/RESULTS.md under "GPU check" and "Discrepancy regimes on GPU"
+   (naming the card and the versions), the timings into bench/results.csv and the regime
+   records into bench/results_gpu.json (keys op, B, N, C, backend, median_ms, rel_err, card,
+   date, commit, and more).
+6. runs the end-to-end pipeline benchmark (bench/bench_pipeline.py) on CUDA when open_clip is
    installed (``--skip-pipeline`` skips it): its own "Pipeline (cuda)" section and rows.
+
+The correctness part also runs the Triton schedules that auto does not pick (labels
+``triton[split]``, ``triton[window]`` with ``symmetric=True`` as ops.discrepancy passes it,
+``triton[window,general]`` without, and the tf32x3 products ``triton[window,tf32x3]``,
+``triton[fused,tf32x3]``, ``triton[split,tf32x3]``), the window ones at N <= 512 only, and
+always (``--quick`` too) the N = 4096, 50-iteration cases that decide whether tf32x3 holds 1e-4.
 
 Exit status: 0 when every correctness case and every sanitizer run that could run passed.
 
@@ -59,12 +70,14 @@ TAU_BAND = 1e-4
 # --------------------------------------------------------------------------- cases
 @dataclass
 class Case:
-    """One call of ``op``: float64 inputs (the backends get float32 copies) and keyword params."""
+    """One call of ``op``: float64 inputs (the backends get float32 copies) and keyword params;
+    ``only``: the backend labels it is for (None: every one)."""
 
     op: str
     label: str
     inputs: tuple[torch.Tensor, ...]
     params: dict[str, Any] = field(default_factory=dict)
+    only: tuple[str, ...] | None = None
 
 
 #: the timing table's columns; "graph ms" is the median of CUDA-graph replays (no Python launch cost)
@@ -120,7 +133,8 @@ def build_cases(device: str, quick: bool) -> list[Case]:
                                                                                    dtype=torch.float64)
         cases.append(Case("class_distributions", f"B={B} N={N} D={D} C={C} nms={nms}", (feats, text),
                           {"scale": 100.0, "nms": nms}))
-    sizes = [(2, 37, 5), (1, 50, 1)] + ([(1, 64, 9)] if cpu else [(2, 257, 21), (1, 1024, 171), (2, 784, 21)])
+    sizes = [(2, 37, 5), (1, 50, 1)] + ([(1, 64, 9)] if cpu else [(2, 257, 21), (1, 1024, 171), (2, 784, 21),
+                                                                   (15, 196, 199), (36, 196, 29)])
     big = [] if cpu or quick else [(1, 4096, 21)]
     for B, N in {(b, n) for b, n, _ in sizes + big}:
         g = _gen("gibbs", B, N)
@@ -137,6 +151,14 @@ def build_cases(device: str, quick: bool) -> list[Case]:
         for readout in ("integrated", "velocity"):
             cases.append(Case("markov_scores", f"{label} {readout} sk={sk} steps={st}", (q, k),
                               {"sk_iters": sk, "steps": st, "readout": readout, "tau": 0.3}))
+    if not cpu:
+        # the precision question: 50 iterations at N = 4096 (tf32x3 must hold 1e-4 there), also in --quick
+        g = _gen("precision", 4096)
+        q, k = _q(1, 4096, 21, g, (0,)), _kernel(1, 4096, g)
+        tf32 = ("triton", "triton[fused,tf32x3]", "triton[split,tf32x3]")
+        cases.append(Case("sinkhorn_scores", "B=1 N=4096 C=21 iters=50", (q, k), {"eps": 0.1, "iters": 50}, tf32))
+        cases.append(Case("markov_scores", "B=1 N=4096 C=21 integrated sk=15 steps=50", (q, k),
+                          {"sk_iters": 15, "steps": 50, "readout": "integrated", "tau": 0.3}, tf32))
     # (B, C, h, w, H, W, dead)
     jbu = [(2, 5, 7, 9, 50, 61, True), (1, 3, 4, 4, 17, 23, False)]
     if not cpu:
@@ -222,23 +244,79 @@ def compare(case: Case, out: Any, inputs32: tuple[torch.Tensor, ...]) -> tuple[b
 #: sinkhorn_scores / markov_scores); "cuda" runs the default (cooperative) schedule
 SCHEDULE_ENV = "OVSS_FAST_CUDA_DISCREPANCY"
 TILE_OPS = ("sinkhorn_scores", "markov_scores")
+TRITON_SCHEDULE_ENV = "OVSS_FAST_TRITON_SCHEDULE"
+TRITON_PRECISION_ENV = "OVSS_FAST_TRITON_PRECISION"
+#: the largest N of the Triton window schedule (ovss_fast.triton.sinkhorn_scores.WINDOW_MAX_N; not imported
+#: here, so that the check runs where triton is missing)
+WINDOW_MAX_N = 512
 
 
-class _Schedule:
-    """Sets OVSS_FAST_CUDA_DISCREPANCY for the duration of a call (None: unset, the default)."""
+@dataclass
+class Variant:
+    """A backend label of the correctness part: the backend, the environment its calls run under,
+    extra keyword arguments, and the largest / smallest N it is for (sinkhorn / markov cases only)."""
 
-    def __init__(self, value: str | None) -> None:
-        self.value = value
+    backend: str
+    env: dict[str, str] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    max_n: int | None = None
+    min_n: int | None = None
+    #: only these (B, N, C) (None: every size in range); fewer shapes, fewer compiles and autotunings
+    shapes: frozenset[tuple[int, int, int]] | None = None
+
+    def takes(self, case: Case) -> bool:
+        if case.op not in TILE_OPS:
+            return False
+        B, n, C = case.inputs[0].shape
+        if self.shapes is not None and (B, n, C) not in self.shapes:
+            return False
+        return (self.max_n is None or n <= self.max_n) and (self.min_n is None or n >= self.min_n)
+
+
+_W = {TRITON_SCHEDULE_ENV: "window"}
+#: the window batches of the pipeline (coco_stuff, cityscapes) and one awkward small case
+_WINDOW_SHAPES = frozenset({(2, 37, 5), (15, 196, 199), (36, 196, 29)})
+VARIANTS: dict[str, Variant] = {
+    "cuda[tile]": Variant("cuda", {SCHEDULE_ENV: "tile"}),
+    "triton[split]": Variant("triton", {TRITON_SCHEDULE_ENV: "split"}),
+    "triton[window]": Variant("triton", _W, {"symmetric": True}, max_n=WINDOW_MAX_N),
+    "triton[window,general]": Variant("triton", _W, {}, max_n=WINDOW_MAX_N, shapes=_WINDOW_SHAPES),
+    "triton[window,tf32x3]": Variant("triton", {**_W, TRITON_PRECISION_ENV: "tf32x3"}, {"symmetric": True},
+                                     max_n=WINDOW_MAX_N, shapes=_WINDOW_SHAPES),
+    "triton[fused,tf32x3]": Variant("triton", {TRITON_SCHEDULE_ENV: "fused", TRITON_PRECISION_ENV: "tf32x3"},
+                                    min_n=700),
+    "triton[split,tf32x3]": Variant("triton", {TRITON_SCHEDULE_ENV: "split", TRITON_PRECISION_ENV: "tf32x3"},
+                                    min_n=700),
+}
+#: the backends of the correctness part on a GPU, in order
+GPU_BACKENDS = ["cuda", "cuda[tile]", "triton", *[k for k in VARIANTS if k.startswith("triton[")]]
+
+
+class _Env:
+    """Sets environment variables (None: unsets one) for the duration of a call; earlier values restored after."""
+
+    def __init__(self, env: dict[str, str | None]) -> None:
+        self.env = env
 
     def __enter__(self) -> None:
-        self.old = os.environ.pop(SCHEDULE_ENV, None)
-        if self.value is not None:
-            os.environ[SCHEDULE_ENV] = self.value
+        self.old = {k: os.environ.get(k) for k in self.env}
+        for k, v in self.env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
     def __exit__(self, *exc: object) -> None:
-        os.environ.pop(SCHEDULE_ENV, None)
-        if self.old is not None:
-            os.environ[SCHEDULE_ENV] = self.old
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _Schedule(value: str | None) -> _Env:  # noqa: N802 - the CUDA schedule switch, used like a class
+    """OVSS_FAST_CUDA_DISCREPANCY=value for the duration of a call (None: unset, the default schedule)."""
+    return _Env({SCHEDULE_ENV: value})
 
 
 def run_correctness(device: str, backends: list[str], quick: bool) -> tuple[list[list[str]], bool]:
@@ -246,15 +324,17 @@ def run_correctness(device: str, backends: list[str], quick: bool) -> tuple[list
     ok_all = True
     cases = build_cases(device, quick)
     for name in backends:
-        schedule = "tile" if name == "cuda[tile]" else None
-        backend = get_backend("cuda" if schedule else name)
+        variant = VARIANTS.get(name)
+        backend = get_backend(variant.backend if variant else name)
         if isinstance(backend, UnavailableBackend):
             for op in OPS:
                 rows.append([name, op, "-", "FAIL", f"backend unavailable: {backend.reason}"])
             ok_all = False
             continue
         for case in cases:
-            if schedule and case.op not in TILE_OPS:
+            if variant and not variant.takes(case):
+                continue
+            if case.only is not None and name not in case.only:
                 continue
             inputs32 = tuple(t.to(device=device, dtype=torch.float32) for t in case.inputs)
             reasons = backend.unsupported_reasons(case.op, inputs32, case.params)
@@ -264,8 +344,8 @@ def run_correctness(device: str, backends: list[str], quick: bool) -> tuple[list
                 continue
             t0 = time.perf_counter()
             try:
-                with torch.no_grad(), _Schedule(schedule):
-                    out = getattr(backend, case.op)(*inputs32, **case.params)
+                with torch.no_grad(), _Env(variant.env if variant else {}):
+                    out = getattr(backend, case.op)(*inputs32, **case.params, **(variant.kwargs if variant else {}))
                     if device == "cuda":
                         torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
@@ -275,7 +355,7 @@ def run_correctness(device: str, backends: list[str], quick: bool) -> tuple[list
                 passed, detail = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             ok_all &= passed
             rows.append([name, case.op, case.label, "PASS" if passed else "FAIL", detail])
-            print(f"  {name:>6} {case.op:<20} {case.label:<42} {'PASS' if passed else 'FAIL'}  {detail}", flush=True)
+            print(f"  {name:>22} {case.op:<20} {case.label:<42} {'PASS' if passed else 'FAIL'}  {detail}", flush=True)
     return rows, ok_all
 
 
@@ -465,6 +545,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-pipeline", action="store_true", help="skip the end-to-end pipeline benchmark")
     p.add_argument("--no-write", action="store_true", help="leave bench/RESULTS.md and results.csv alone")
     p.add_argument("--results-dir", default=None, help="write RESULTS.md / results.csv here instead of bench/")
+    p.add_argument("--skip-regimes", action="store_true", help="no regime table (bench_discrepancy.run_regimes)")
+    p.add_argument("--backends", default=None,
+                   help=f"comma-separated correctness backends (default on a GPU: {','.join(GPU_BACKENDS)})")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no regime-table row after this many seconds since the check began")
     p.add_argument("--sanitizer-payload", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.sanitizer_payload:
@@ -477,7 +562,12 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     card, vers = device_name(device), versions()
     print(f"ovss_fast GPU check on {card}\n{vers}\n")
-    backends = ["cuda", "cuda[tile]", "triton"] if device == "cuda" else ["cpu"]
+    backends = GPU_BACKENDS if device == "cuda" else ["cpu"]
+    if args.backends is not None:
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        unknown = [b for b in backends if b not in (*GPU_BACKENDS, "cpu", "reference")]
+        if unknown:
+            p.error(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(GPU_BACKENDS)}, cpu")
     print(f"== correctness ({', '.join(backends)} vs float64 reference)")
     corr_rows, corr_ok = run_correctness(device, backends, args.quick)
     if device == "cpu":
@@ -487,8 +577,23 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not args.skip_sanitizer:
         print("== compute-sanitizer")
         san_rows, san_ok = run_sanitizer(args.quick)
+    # the regime table before the older N = 1024 / jbu timing table: it is what a short session is for
+    regime_records: list[dict] = []
+    if device == "cuda" and not args.skip_regimes:
+        from . import bench_discrepancy as bd
+
+        print("== regime table (bench/bench_discrepancy.py run_regimes)")
+        try:
+            left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - t_start)
+            regime_records = bd.run_regimes("cuda", quick=args.quick, rep_ms=50 if args.quick else 200,
+                                            budget_s=left)
+        except Exception:
+            traceback.print_exc()
     time_rows: list[list[str]] = []
-    if device == "cuda" and not args.skip_timing:
+    past_budget = args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
+    if device == "cuda" and not args.skip_timing and past_budget:
+        print(f"== timing: skipped (past --budget-s {args.budget_s:.0f})")
+    elif device == "cuda" and not args.skip_timing:
         print("== timing (triton.testing.do_bench, median)")
         try:
             time_rows = run_timing(args.quick)
@@ -504,6 +609,10 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(["tool", "result", "detail"], san_rows))
     if time_rows:
         print(markdown_table(TIME_COLUMNS, time_rows))
+    if regime_records:
+        from . import bench_discrepancy as bd
+
+        print(bd.regime_table(regime_records))
     ok = corr_ok and san_ok
     elapsed = time.perf_counter() - t_start
     print(f"\n{'ALL PASSED' if ok else 'FAILURES'}: {len(corr_rows) - n_fail}/{len(corr_rows)} correctness cases "
@@ -529,6 +638,12 @@ def main(argv: list[str] | None = None) -> int:
                      "note": f"graph replay {r[4]} ms; {r[6]}"} for r in time_rows if r[3] != "-"]
         if csv_rows:
             append_rows(csv_rows, None if out_dir is None else out_dir / "results.csv")
+        if regime_records:
+            from . import bench_discrepancy as bd
+
+            bd.write_results_json(regime_records, None if out_dir is None else out_dir / "results_gpu.json")
+            write_section("Discrepancy regimes on GPU", bd.regime_section(regime_records, card, vers, args.quick),
+                          None if out_dir is None else out_dir / "RESULTS.md")
     if device == "cuda" and not args.skip_pipeline:
         print("== pipeline (bench/bench_pipeline.py)")
         ok &= run_pipeline(args.quick, args.results_dir, write=not args.no_write)

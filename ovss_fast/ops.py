@@ -94,13 +94,19 @@ def discrepancy(
         impl = select("sinkhorn_scores", backend, (q, affinity), op_params)
         with torch.no_grad():
             _, kernel = impl.gibbs_kernel(affinity, eps=eps)
-            s = impl.sinkhorn_scores(q, kernel, **op_params)
+            s = impl.sinkhorn_scores(q, kernel, **op_params, **_symmetric(impl))
     else:
         impl = select("markov_scores", backend, (q, affinity), mv_params)
         with torch.no_grad():
             _, kernel = impl.gibbs_kernel(affinity, eps=eps)
-            s = impl.markov_scores(q, kernel, **mv_params)
+            s = impl.markov_scores(q, kernel, **mv_params, **_symmetric(impl))
     return check.finite_scores(s, mode, affinity, eps)
+
+
+def _symmetric(impl: Any) -> dict[str, bool]:
+    """{"symmetric": True} for a backend whose op / mv can use K = K^T (gibbs_kernel builds K from
+    (A + A^T) / 2, so K^T u = K u and one matrix is read, never its transpose); {} for the others."""
+    return {"symmetric": True} if getattr(impl, "takes_symmetric_kernel", False) else {}
 
 
 def _jbu_params(sigma_spatial: float, sigma_range: float, radius: int) -> dict[str, Any]:

@@ -139,6 +139,31 @@ def test_auto_prefers_triton_for_the_iterative_ops(monkeypatch):
         assert _backends.auto_order(op)[-1] == "reference"
 
 
+def test_auto_never_picks_cuda_for_op_and_mv(monkeypatch):
+    """The CUDA extension's op / mv was slower than the reference on an H100: auto passes it over
+    (triton first, then the reference), while backend="cuda" still runs it."""
+    from ovss_fast import _backends
+
+    class Accepts(Backend):
+        def __init__(self, name):
+            self.name = name
+
+    class Refuses(Backend):
+        name = "triton"
+
+        def unsupported_reasons(self, op, tensors, params):
+            return ["no"]
+
+    monkeypatch.setitem(_backends._CACHE, "cuda", Accepts("cuda"))
+    monkeypatch.setitem(_backends._CACHE, "cpu", Refuses())
+    monkeypatch.setitem(_backends._CACHE, "triton", Refuses())
+    for op in ("sinkhorn_scores", "markov_scores"):
+        assert "cuda" not in _backends.auto_order(op)
+        assert select(op, "auto", (), {}).name == "reference", op
+        assert select(op, "cuda", (), {}).name == "cuda", op
+    assert select("gibbs_kernel", "auto", (), {}).name == "cuda"
+
+
 # ----------------------------------------------------------------------------- errors (method.md section 5)
 def expect(exc, match, fn, *args, **kwargs):
     with pytest.raises(exc, match=match):

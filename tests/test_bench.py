@@ -85,3 +85,54 @@ def test_pipeline_smoke_writes_its_section_plot_and_rows(tmp_path):
     assert len(csv_rows) == 8 and {r["backend"] for r in csv_rows} == {"per-window reference", "batched auto"}
     assert all(float(r["median_ms"]) > 0 for r in csv_rows)
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before
+
+
+def test_bench_discrepancy_smoke_writes_regime_records(tmp_path):
+    """bench_discrepancy --smoke: the GPU regime table's machinery on the CPU at tiny shapes; every record
+    has the results_gpu.json keys, the CPU backends are checked against float64 and timed, the GPU ones
+    are rows saying why they did not run; the committed results are left alone."""
+    import json
+
+    before = (ROOT / "bench" / "RESULTS.md").read_text()
+    out = tmp_path / "results_gpu.json"
+    cmd = [sys.executable, "-m", "bench.bench_discrepancy", "--smoke", "--json", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    records = json.loads(out.read_text())
+    keys = {"op", "B", "N", "C", "backend", "median_ms", "rel_err", "card", "date", "commit"}
+    assert records and all(keys <= set(r) for r in records)
+    assert {r["op"] for r in records} == {"sinkhorn_scores", "markov_scores"}
+    timed = [r for r in records if r["backend"] in ("reference eager", "cpu")]
+    assert len(timed) == 8 and all(r["median_ms"] > 0 and r["rel_err"] <= 1e-4 and r["passed"] for r in timed)
+    assert all(r["gflops"] > 0 for r in timed)
+    gpu = [r for r in records if r["backend"] in ("cuda", "triton[window]")]
+    assert len(gpu) == 8 and all(r["median_ms"] is None and r["note"].startswith("not run") for r in gpu)
+    assert "| % fp32 peak |" in res.stdout and "| x eager |" in res.stdout
+    assert (ROOT / "bench" / "RESULTS.md").read_text() == before
+
+
+def test_fp32_peak_table():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import bench_discrepancy as bd
+    finally:
+        sys.path.remove(str(ROOT))
+    assert bd.fp32_peak_tflops("NVIDIA H200") == bd.fp32_peak_tflops("NVIDIA H100 80GB HBM3") == 66.9
+    assert bd.fp32_peak_tflops("NVIDIA H100 PCIe") == 51.2
+    assert bd.fp32_peak_tflops("AMD EPYC 7B13") is None
+    assert bd.batch_flops("op", 15, 196, 199) == 15 * 101 * 2.0 * 196 * 196 * 199
+    shapes = {(b, n, c) for _, b, n, c in bd.regimes()}
+    assert {(6, 196, 46), (15, 196, 199), (15, 196, 223), (36, 196, 29)} <= shapes
+    assert {(1, n, c) for n in (784, 1024, 2304, 4096) for c in (21, 171)} <= shapes
+    assert {(b, n, c) for _, b, n, c in bd.TARGETS} <= {(b, n, c) for _, b, n, c in bd.regimes(quick=True)}
+
+
+def test_gpu_session_script_parses():
+    """bench/gpu_session.sh (the GPU session's one command) is valid bash and builds for sm_90 only."""
+    script = ROOT / "bench" / "gpu_session.sh"
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    text = script.read_text()
+    assert "TORCH_CUDA_ARCH_LIST=9.0" in text and "--no-build-isolation --no-deps -e ." in text
+    assert "bench.gpu_check" in text and "open_clip" not in text.split("set -uo pipefail")[1]

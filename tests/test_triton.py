@@ -338,6 +338,196 @@ def test_markov_scores_float32_chain_accuracy(schedule):
     assert rel_err(got, R.markov_scores(q, k)) <= TOL
 
 
+# --------------------------------------------------------------------------- the window schedule (op, mv)
+@interpreted
+@pytest.mark.parametrize(
+    "B,N,C,dead,symmetric,dtype,layout",
+    [
+        (3, 37, 5, (1,), False, torch.float32, "noncontiguous"),  # B > 1, N not a multiple of the block
+        (2, 21, 17, (16,), True, torch.float32, "contiguous"),  # two class tiles, a dead class in the second
+        (1, 37, 1, (), True, torch.float32, "contiguous"),  # C = 1
+        (2, 20, 3, (0,), True, torch.float16, "contiguous"),
+        (2, 19, 4, (2,), False, torch.bfloat16, "contiguous"),
+    ],
+)
+def test_window_schedule_sinkhorn(B, N, C, dead, symmetric, dtype, layout):
+    """One launch for the batch, every row of a window per program; symmetric reads K^T u as K u."""
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    q, k = _q(B, N, C, dead=dead, seed=N), _kernel(B, N, symmetric=symmetric, seed=C)
+    q, k = q.to(dtype), k.to(dtype)
+    if layout == "noncontiguous":
+        q, k = _noncontig(q), _noncontig(k)
+    got = sk.sinkhorn_scores(q, k, eps=0.1, iters=4, schedule="window", symmetric=symmetric)
+    want = R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=4)
+    assert got.dtype == torch.float32 and got.shape == (B, N, C)
+    assert rel_err(got, want) <= TOL
+    assert rel_err(got, sk.sinkhorn_scores(q, k, eps=0.1, iters=4, schedule="fused")) <= 1e-5
+    for c in dead:
+        assert bool((got[:, :, c] == float("-inf")).all())
+
+
+@interpreted
+def test_window_schedule_sinkhorn_needs_the_transpose_when_not_symmetric():
+    """The general path really reads K^T: claiming symmetry for a non-symmetric K changes the answer."""
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    q, k = _q(2, 21, 3), _kernel(2, 21)
+    want = R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=4)
+    assert rel_err(sk.sinkhorn_scores(q, k, eps=0.1, iters=4, schedule="window"), want) <= TOL
+    wrong = sk.sinkhorn_scores(q, k, eps=0.1, iters=4, schedule="window", symmetric=True)
+    assert rel_err(wrong, want) > 1e-2
+    sym = 0.5 * (k + k.transpose(1, 2))
+    assert rel_err(sk.sinkhorn_scores(q, sym, eps=0.1, iters=4, schedule="window", symmetric=True),
+                   R.sinkhorn_scores(q.double(), sym.double(), eps=0.1, iters=4)) <= TOL
+
+
+@interpreted
+@pytest.mark.parametrize("op", ["op", "mv"])
+def test_window_schedule_partial_sums_past_256(op):
+    """N = 300: BLOCK_N = 512 (the second config tier), products over N in two partial sums."""
+    from ovss_fast.triton import markov_scores as mk
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    q, k = _q(1, 300, 2, seed=3), _kernel(1, 300, symmetric=True, seed=4)
+    if op == "op":
+        got = sk.sinkhorn_scores(q, k, eps=0.1, iters=3, schedule="window", symmetric=True)
+        want = R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=3)
+    else:
+        got = mk.markov_scores(q, k, sk_iters=1, steps=3, schedule="window", symmetric=True)
+        want = R.markov_scores(q.double(), k.double(), sk_iters=1, steps=3)
+    assert rel_err(got, want) <= TOL
+
+
+@interpreted
+@pytest.mark.parametrize("readout", ["integrated", "velocity"])
+@pytest.mark.parametrize(
+    "B,N,C,dead,symmetric,dtype,layout",
+    [
+        (3, 37, 5, (4,), False, torch.float32, "noncontiguous"),
+        (2, 21, 17, (16,), True, torch.float32, "contiguous"),
+        (1, 37, 1, (), True, torch.float32, "contiguous"),
+        (2, 19, 4, (0,), True, torch.bfloat16, "contiguous"),
+    ],
+)
+def test_window_schedule_markov(B, N, C, dead, symmetric, dtype, layout, readout):
+    from ovss_fast.triton import markov_scores as mk
+
+    q, k = _q(B, N, C, dead=dead, seed=N + 1), _kernel(B, N, symmetric=symmetric, seed=C + 1)
+    q, k = q.to(dtype), k.to(dtype)
+    if layout == "noncontiguous":
+        q, k = _noncontig(q), _noncontig(k)
+    kw = dict(sk_iters=3, steps=6, readout=readout, tau=0.3)
+    got = mk.markov_scores(q, k, schedule="window", symmetric=symmetric, **kw)
+    fused = mk.markov_scores(q, k, schedule="fused", **kw)
+    want = R.markov_scores(q.double(), k.double(), **kw)
+    assert got.dtype == torch.float32 and got.shape == (B, N, C)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    for c in dead:
+        assert bool((got[:, :, c] == float("-inf")).all())
+    if readout == "integrated":
+        assert rel_err(got, want) <= TOL
+        assert rel_err(got, fused) <= 1e-5
+    else:
+        robust = (_velocity_margin(q, k, 3, 6, 0.3) > 1e-3) & torch.isfinite(want)
+        assert float(robust.sum()) > 0.5 * float(torch.isfinite(want).sum())
+        assert float((got.double() - want)[robust].abs().max()) <= TOL * float(want[robust].abs().max())
+        assert torch.equal(got[robust], fused[robust])
+
+
+@interpreted
+def test_window_scales_match_the_launch_per_step_scales():
+    from ovss_fast.triton import markov_scores as mk
+
+    for symmetric in (False, True):
+        k = _kernel(2, 37, symmetric=symmetric, seed=9)
+        r, c, e = mk.window_scales(k, sk_iters=4, symmetric=symmetric)
+        r0, c0 = mk.doubly_stochastic_scales(k, sk_iters=4)
+        assert r.dtype == c.dtype == torch.float64 and e.dtype == torch.float32
+        assert float(((r - r0).abs() / r0).max()) <= 1e-12 and float(((c - c0).abs() / c0).max()) <= 1e-12
+        assert float((e - mk.column_drift(k, r0, c0)).abs().max()) <= 1e-6
+        t = R.doubly_stochastic(k.double(), sk_iters=4)
+        assert torch.allclose(r[:, :, None] * k.double() * c[:, None, :], t, rtol=1e-10, atol=0)
+
+
+@interpreted
+@pytest.mark.parametrize("mode", ["op", "mv"])
+def test_window_schedule_through_discrepancy(mode, monkeypatch):
+    """OVSS_FAST_TRITON_SCHEDULE=window: ops.discrepancy passes symmetric=True (gibbs_kernel's K is
+    exactly symmetric) and matches the reference; tf32x3 runs the same path (the interpreter computes
+    its dots in float32, so only a GPU run can say whether tf32x3 holds 1e-4)."""
+    from ovss_fast.triton import TRITON_BACKEND
+
+    g = torch.Generator().manual_seed(11)
+    q = _q(3, 37, 4, dead=(3,), seed=5)
+    aff = torch.rand(3, 37, 37, generator=g)
+    _, k = TRITON_BACKEND.gibbs_kernel(aff, eps=0.1)
+    assert torch.equal(k, k.transpose(1, 2))
+    seen = []
+    name = "sinkhorn_scores" if mode == "op" else "markov_scores"
+    real = getattr(type(TRITON_BACKEND), name)
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("symmetric"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(TRITON_BACKEND), name, spy)
+    monkeypatch.setenv("OVSS_FAST_TRITON_SCHEDULE", "window")
+    kw = dict(mode=mode, iters=4, sk_iters=3, steps=5)
+    want = ops.discrepancy(q.double(), aff.double(), backend="reference", **kw)
+    got = ops.discrepancy(q, aff, backend="triton", **kw)
+    assert seen == [True]
+    assert rel_err(got, want) <= TOL
+    monkeypatch.setenv("OVSS_FAST_TRITON_PRECISION", "tf32x3")
+    assert rel_err(ops.discrepancy(q, aff, backend="triton", **kw), want) <= TOL
+
+
+@interpreted
+def test_regime_table_runs_the_triton_schedules():
+    """bench_discrepancy.run_regimes, the GPU session's table, through the Triton rows (window,
+    split, tf32x3) under the interpreter: each row checked against float64, timed, labelled."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import bench_discrepancy as bd
+    finally:
+        sys.path.remove(str(ROOT))
+    labels = ("reference eager", "triton[window]", "triton[split,tf32x3]")
+    variants = [v for v in bd.gpu_variants(quick=False) if v.label in labels]
+    variants = [bd.Variant(v.label, v.backend, v.env, v.kwargs) for v in variants]  # every shape
+    records = bd.run_regimes("cpu", smoke=True, shapes=[("window", 2, 21, 3)], variants=variants, log=lambda s: None)
+    assert [r["backend"] for r in records] == [*labels, *labels]
+    assert all(r["passed"] and r["median_ms"] > 0 and r["rel_err"] <= TOL for r in records), records
+    assert os.environ.get("OVSS_FAST_TRITON_SCHEDULE") is None and os.environ.get("OVSS_FAST_TRITON_PRECISION") is None
+
+
+@needs_triton
+def test_schedule_choice(monkeypatch):
+    """auto keeps today's fused / split rule; the window schedule only when asked for."""
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("OVSS_FAST_TRITON_SCHEDULE", raising=False)
+    assert sk.choose_schedule(15, 196, 199, cpu) == "fused"
+    for forced in ("fused", "split", "window"):
+        assert sk.choose_schedule(15, 196, 199, cpu, forced) == forced
+    monkeypatch.setenv("OVSS_FAST_TRITON_SCHEDULE", "window")
+    assert sk.choose_schedule(15, 196, 199, cpu) == "window"
+    assert sk.choose_schedule(1, sk.WINDOW_MAX_N + 1, 21, cpu) == "fused"  # too large: the auto rule
+    monkeypatch.setenv("OVSS_FAST_TRITON_SCHEDULE", "split")
+    assert sk.choose_schedule(15, 196, 199, cpu) == "split"
+    with pytest.raises(ValueError, match=r"schedule='window' takes N <= 512 patches, got N = 600"):
+        sk.choose_schedule(1, 600, 21, cpu, "window")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        sk.choose_schedule(1, 60, 21, cpu, "persistent")
+    monkeypatch.setenv("OVSS_FAST_TRITON_PRECISION", "tf32")
+    with pytest.raises(ValueError, match="OVSS_FAST_TRITON_PRECISION must be one of ieee, tf32x3; got 'tf32'"):
+        sk.precision()
+    monkeypatch.setenv("OVSS_FAST_TRITON_PRECISION", "TF32x3")
+    assert sk.precision() == "tf32x3"
+    monkeypatch.delenv("OVSS_FAST_TRITON_PRECISION")
+    assert sk.precision() == "ieee"
+
+
 # --------------------------------------------------------------------------- section 4
 def _jbu_inputs(B: int, C: int, h: int, w: int, H: int, W: int, *, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -471,6 +661,11 @@ def test_import_without_triton():
     assert "triton is not installed" in out.stdout
 
 
+def _largest_step(configs):
+    """The block sizes of the split step config with the largest tiles."""
+    return max(configs, key=lambda c: c.kwargs["BLOCK_R"] * (c.kwargs["BLOCK_S"] + c.kwargs["BLOCK_C"])).kwargs
+
+
 @needs_triton
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles for the GPU")
@@ -497,15 +692,35 @@ def test_kernels_compile_for_h100():
         (gk._gibbs_kernel_kernel, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 128}, 4, {}),
         (kl._column_sums_kernel, {"BLOCK_N": 64, "BLOCK_C": 32}, 4, {}),
         (kl._kl_scores_kernel, {"BLOCK_N": 64, "BLOCK_C": 32}, 4, {}),
-        (sk._sinkhorn_scores_kernel, {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 32}, 4, {"k_ptr": "*fp16"}),
-        (sk._sinkhorn_step_kernel, {"MODE": 1, "BLOCK_R": 32, "BLOCK_S": 64, "BLOCK_C": 32}, 4, {}),
+        (sk._sinkhorn_scores_kernel, {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 32, "PRECISION": "ieee"}, 4,
+         {"k_ptr": "*fp16"}),
+        (sk._sinkhorn_scores_kernel, {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 32, "PRECISION": "tf32x3"}, 4, {}),
+        (sk._sinkhorn_step_kernel, {"MODE": 1, "BLOCK_R": 32, "BLOCK_S": 64, "BLOCK_C": 32, "PRECISION": "ieee"},
+         4, {}),
+        *[(sk._sinkhorn_step_kernel, {"MODE": 0, "PRECISION": "tf32x3", **cfg.kwargs}, cfg.num_warps, {})
+          for cfg in sk.TF32X3_STEP_CONFIGS],
         (sk._center_potential_kernel, {"BLOCK_N": 64, "BLOCK_C": 32}, 4, {}),
-        (mk._markov_step_kernel, {"VELOCITY": True, "BLOCK_R": 32, "BLOCK_S": 64, "BLOCK_C": 32}, 4, {}),
+        (mk._markov_step_kernel, {"VELOCITY": True, "BLOCK_R": 32, "BLOCK_S": 64, "BLOCK_C": 32,
+                                  "PRECISION": "ieee"}, 4, {}),
+        (mk._markov_step_kernel, {"VELOCITY": False, "PRECISION": "tf32x3", **_largest_step(sk.TF32X3_STEP_CONFIGS)},
+         8, {}),
         (mk._markov_finish_kernel, {"VELOCITY": True, "BLOCK_N": 64, "BLOCK_C": 32}, 4, {}),
         (mk._sk_rows_kernel, {"BLOCK_I": 32, "BLOCK_J": 128}, 4, scales64),
         (mk._sk_cols_kernel, {"BLOCK_I": 64, "BLOCK_J": 64}, 4, scales64),
         (mk._drift_kernel, {"BLOCK_I": 64, "BLOCK_J": 64}, 4, scales64),
-        (mk._markov_scores_kernel, {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 32, "VELOCITY": True}, 4, {}),
+        (mk._markov_scores_kernel, {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 32, "VELOCITY": True,
+                                    "PRECISION": "ieee"}, 4, {}),
+        # the window schedule: every config, both tiers of N (BLOCK_N 256: one partial sum; 512: two),
+        # symmetric and general, ieee and tf32x3
+        *[(sk._sinkhorn_window_kernel, {"SYMMETRIC": sym, "PRECISION": prec, "BLOCK_N": bn, **cfg.kwargs},
+           cfg.num_warps, {"q_ptr": "*bf16"} if sym else {})
+          for prec, cfgs in (("ieee", sk._WINDOW_CONFIGS), ("tf32x3", sk._WINDOW_CONFIGS_TF32X3)) for cfg in cfgs
+          for bn, sym in ((256, True), (512, False))],
+        *[(mk._markov_window_kernel, {"VELOCITY": vel, "SYMMETRIC": sym, "PRECISION": prec, "BLOCK_N": bn,
+                                      **cfg.kwargs}, cfg.num_warps, {})
+          for prec, cfgs in (("ieee", sk._WINDOW_CONFIGS), ("tf32x3", sk._WINDOW_CONFIGS_TF32X3)) for cfg in cfgs
+          for bn, vel, sym in ((256, True, True), (512, False, False))],
+        *[(mk._sk_window_kernel, {"SYMMETRIC": sym, **mk._SK_WINDOW_BLOCKS}, 4, scales64) for sym in (True, False)],
         (jbu._jbu_upsample_kernel, {"BLOCK_P": 128, "BLOCK_C": 16}, 4, ints),
         (jbu._jbu_argmax_kernel, {"BLOCK_P": 128, "BLOCK_C": 16}, 4, ints),
     ]
@@ -540,7 +755,7 @@ def test_autotune_results_kept_on_disk(monkeypatch):
     if "cache_results" not in inspect.signature(triton.autotune).parameters:
         pytest.skip("this Triton has no cache_results")
     tuners = [v for m in (cd, gk, jbu, kl, mk, sk) for v in vars(m).values() if isinstance(v, triton.runtime.Autotuner)]
-    assert len(tuners) == 13
+    assert len(tuners) == 19
     assert all(t.cache_results for t in tuners)
     monkeypatch.setenv("OVSS_FAST_TRITON_AUTOTUNE_CACHE", "0")
     assert not _runtime.autotune(sk._CONFIGS, ["N"])(sk._sinkhorn_scores_kernel).cache_results
@@ -611,6 +826,29 @@ def test_gpu_schedules_real_sizes(schedule):
             robust = (_velocity_margin(q, k, 15, 50, 0.3) > 1e-3) & torch.isfinite(want)
             assert torch.equal(torch.isinf(got), torch.isinf(want))
             assert float((got.double() - want)[robust].abs().max()) <= TOL * float(want[robust].abs().max())
+
+
+@pytest.mark.cuda
+@needs_triton
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("B,N,C", [(15, 196, 199), (36, 196, 29), (2, 300, 21)])
+def test_gpu_window_schedule_real_sizes(B, N, C, precision, monkeypatch):
+    """The window schedule at the pipeline's window batches, symmetric and general, against float64."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("compiled kernels only")
+    from ovss_fast.triton import markov_scores as mk
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    monkeypatch.setenv("OVSS_FAST_TRITON_PRECISION", precision)
+    dev = torch.device("cuda")
+    q = _q(B, N, C, dead=(C - 1,)).to(dev)
+    _, k = R.gibbs_kernel(torch.rand(B, N, N, generator=torch.Generator().manual_seed(N)).double().to(dev))
+    want = R.sinkhorn_scores(q.double(), k, eps=0.1, iters=50)
+    for symmetric in (True, False):
+        got = sk.sinkhorn_scores(q, k.float(), eps=0.1, iters=50, schedule="window", symmetric=symmetric)
+        assert rel_err(got, want) <= TOL, symmetric
+        got = mk.markov_scores(q, k.float(), schedule="window", symmetric=symmetric)
+        assert rel_err(got, R.markov_scores(q.double(), k)) <= TOL, symmetric
 
 
 @pytest.mark.cuda

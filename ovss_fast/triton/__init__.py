@@ -43,6 +43,8 @@ class TritonBackend(Backend):
     """Triton kernels for every op (float32 compute)."""
 
     name = "triton"
+    #: sinkhorn_scores / markov_scores take ``symmetric=True`` (ops.discrepancy passes it for gibbs_kernel's K)
+    takes_symmetric_kernel = True
 
     def unsupported_reasons(self, op: str, tensors: Sequence[Tensor], params: Mapping[str, Any]) -> list[str]:
         if _triton_missing():
@@ -87,22 +89,24 @@ class TritonBackend(Backend):
 
         return mod.kl_scores(q)
 
-    def sinkhorn_scores(self, q: Tensor, kernel: Tensor, *, eps: float = 0.1, iters: int = 50) -> Tensor:
-        """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32."""
+    def sinkhorn_scores(self, q: Tensor, kernel: Tensor, *, eps: float = 0.1, iters: int = 50,
+                        symmetric: bool = False) -> Tensor:
+        """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32. ``symmetric=True`` promises K = K^T."""
         from . import sinkhorn_scores as mod
 
-        params = (float(eps), int(iters))
-        return GRAPHS.run(lambda q, k: mod.sinkhorn_scores(q, k, eps=params[0], iters=params[1]),
+        params = (float(eps), int(iters), bool(symmetric))
+        return GRAPHS.run(lambda q, k: mod.sinkhorn_scores(q, k, eps=params[0], iters=params[1],
+                                                           symmetric=params[2]),
                           "sinkhorn_scores", params, q, kernel)
 
     def markov_scores(self, q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int = 50,
-                      readout: str = "integrated", tau: float = 0.3) -> Tensor:
-        """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32."""
+                      readout: str = "integrated", tau: float = 0.3, symmetric: bool = False) -> Tensor:
+        """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32. ``symmetric=True`` promises K = K^T."""
         from . import markov_scores as mod
 
-        params = (int(sk_iters), int(steps), str(readout), float(tau))
+        params = (int(sk_iters), int(steps), str(readout), float(tau), bool(symmetric))
         return GRAPHS.run(lambda q, k: mod.markov_scores(q, k, sk_iters=params[0], steps=params[1],
-                                                         readout=params[2], tau=params[3]),
+                                                         readout=params[2], tau=params[3], symmetric=params[4]),
                           "markov_scores", params, q, kernel)
 
     def jbu_upsample(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, sigma_range: float = 0.1,

@@ -114,7 +114,8 @@ class GraphCache:
         if not self.enabled(*inputs):
             return fn(*inputs)
         dev = inputs[0].device
-        key = (name, params, os.environ.get("OVSS_FAST_TRITON_SCHEDULE", ""), dev.index,
+        key = (name, params, os.environ.get("OVSS_FAST_TRITON_SCHEDULE", ""),
+               os.environ.get("OVSS_FAST_TRITON_PRECISION", ""), dev.index,
                tuple((tuple(t.shape), t.dtype) for t in inputs))
         with self._lock, torch.cuda.device(dev):
             entry = self._entries.pop(key, None)
@@ -142,16 +143,29 @@ class GraphCache:
 GRAPHS = GraphCache()
 
 
+def autotune_bench(kernel_call: Callable[[], object], quantiles: object = None) -> object:
+    """The autotuner's timing of one config: triton.testing.do_bench with Triton's own defaults
+    (25 ms warm-up, 100 ms of repeats), or OVSS_FAST_TRITON_AUTOTUNE_REP_MS of repeats (a quarter of
+    that warm-up) when set: the GPU check sets it low, since a fresh machine autotunes every shape."""
+    import triton.testing
+
+    text = os.environ.get("OVSS_FAST_TRITON_AUTOTUNE_REP_MS", "").strip()
+    rep = int(text) if text.isdigit() and int(text) > 0 else 100
+    return triton.testing.do_bench(kernel_call, warmup=max(1, rep // 4), rep=rep, quantiles=quantiles)
+
+
 def autotune(configs: list, key: list[str], **kwargs: object) -> Callable:
     """``triton.autotune`` that keeps its choices on disk where this Triton can (``cache_results``,
     in Triton's cache folder), so a new process skips the timing runs for shapes seen before;
-    OVSS_FAST_TRITON_AUTOTUNE_CACHE=0 turns that off. Called by the kernel modules, which have
-    imported triton already."""
+    OVSS_FAST_TRITON_AUTOTUNE_CACHE=0 turns that off; timed by :func:`autotune_bench`. Called by
+    the kernel modules, which have imported triton already."""
     import inspect
 
     import triton
 
-    supported = "cache_results" in inspect.signature(triton.autotune).parameters
-    if supported and not env_switch_off("OVSS_FAST_TRITON_AUTOTUNE_CACHE"):
+    params = inspect.signature(triton.autotune).parameters
+    if "cache_results" in params and not env_switch_off("OVSS_FAST_TRITON_AUTOTUNE_CACHE"):
         kwargs["cache_results"] = True
+    if "do_bench" in params:
+        kwargs.setdefault("do_bench", autotune_bench)
     return triton.autotune(configs=configs, key=key, **kwargs)

@@ -22,7 +22,18 @@ one of two schedules
   (image, tile of BLOCK_C classes), f ping-ponging between two program-private scratch
   slices in global memory, a CTA barrier between steps;
 * split: one ``_markov_step_kernel`` launch per step over (image, row block, class block),
-  then ``_markov_finish_kernel`` (velocity readout, dead classes).
+  then ``_markov_finish_kernel`` (velocity readout, dead classes);
+* window (N <= WINDOW_MAX_N, the pipeline's batches of 224 px windows): TWO launches for the
+  whole batch. ``_sk_window_kernel``, one program per window, runs every Sinkhorn-Knopp
+  iteration and the drift (float64, as above) instead of 2 * sk_iters + 1 launches;
+  ``_markov_window_kernel``, one program per (window, class tile), runs the chain with rows in
+  blocks of BLOCK_I (sinkhorn_scores' window configs), the scratch holding r * d(l) already
+  scaled for the next product (and d itself for the velocity readout). With ``symmetric=True``
+  (gibbs_kernel's K) K^T y is read as K y, and the SK column sums as row sums. Not yet run on
+  a GPU, so auto never picks it: OVSS_FAST_TRITON_SCHEDULE=window or ``schedule="window"``.
+
+OVSS_FAST_TRITON_PRECISION=tf32x3 makes the chain's products split-tf32 tensor-core dots (see
+sinkhorn_scores); Sinkhorn-Knopp stays float64.
 """
 
 from __future__ import annotations
@@ -34,7 +45,18 @@ from torch import Tensor
 
 from ._runtime import DENOM_FLOOR as _DENOM_FLOOR
 from ._runtime import autotune, device_guard, interpreting
-from .sinkhorn_scores import fused_is_better
+from .sinkhorn_scores import (
+    _WINDOW_CONFIGS,
+    _WINDOW_CONFIGS_TF32X3,
+    TF32X3_STEP_CONFIGS,
+    WINDOW_MAX_N,
+    _k_times_x_window,
+    choose_schedule,
+    precision,
+    window_block_n,
+)
+
+__all__ = ["WINDOW_MAX_N", "column_drift", "doubly_stochastic_scales", "markov_scores"]
 
 #: scratch rows are padded to a multiple of this many classes (the largest BLOCK_C)
 SCRATCH_PAD = 64
@@ -135,6 +157,7 @@ def _markov_scores_kernel(
     steps, tau,
     VELOCITY: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr = "ieee",
 ):
     """The chain as its deviation d = f - 1: d(0) = N q - 1;
     d(l)[j] = c_j sum_i K_ij r_i d(l-1)[i] + e_j (= (T^T f(l-1))[j] - 1), l = 1..steps.
@@ -182,7 +205,7 @@ def _markov_scores_kernel(
                 r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=0.0)
                 f = tl.load(src + rows[:, None] * CP + cls[None, :],
                             mask=rmask[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
-                acc = tl.dot(tl.trans(k), f * r[:, None], acc, input_precision="ieee")
+                acc = tl.dot(tl.trans(k), f * r[:, None], acc, input_precision=PRECISION)
             c = tl.load(c_ptr + pid_b * N + cols, mask=jmask, other=0.0)
             e = tl.load(e_ptr + pid_b * N + cols, mask=jmask, other=0.0)
             fnew = acc * c[:, None] + e[:, None]
@@ -224,6 +247,7 @@ def _markov_step_kernel(
     step, steps, tau,
     VELOCITY: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr = "ieee",
 ):
     """Chain step l for BLOCK_R patches j and BLOCK_C classes (the split schedule):
     d(l)[j] = c_j sum_i K_ij r_i d(l-1)[i] + e_j; integrated: out += d(l); velocity: out = l where
@@ -244,7 +268,7 @@ def _markov_step_kernel(
                     mask=rmask[:, None] & jmask[None, :], other=0.0).to(tl.float32)
         r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=0.0)
         f = tl.load(src + rows[:, None] * CP + cls[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(k), f * r[:, None], acc, input_precision="ieee")
+        acc = tl.dot(tl.trans(k), f * r[:, None], acc, input_precision=PRECISION)
     c = tl.load(c_ptr + pid_b * N + cols, mask=jmask, other=0.0)
     e = tl.load(e_ptr + pid_b * N + cols, mask=jmask, other=0.0)
     fnew = acc * c[:, None] + e[:, None]
@@ -294,6 +318,160 @@ def _markov_finish_kernel(
         tl.store(o_ptrs, s, mask=mask)
 
 
+@triton.jit
+def _weighted_sums(k_base, ski, skj, w_ptr, idx, imask, N, ROWS: tl.constexpr,
+                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """float64 [BLOCK_I]: sum_j K[idx, j] w_j (ROWS) or sum_j w_j K[j, idx], w: [N] float64 at w_ptr
+    (read with .cg: written by this program's other threads before a CTA barrier)."""
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float64)
+    for j0 in range(0, N, BLOCK_J):
+        cols = j0 + tl.arange(0, BLOCK_J)
+        jmask = cols < N
+        if ROWS:
+            k = tl.load(k_base + idx[:, None] * ski + cols[None, :] * skj,
+                        mask=imask[:, None] & jmask[None, :], other=0.0).to(tl.float64)
+        else:
+            k = tl.load(k_base + cols[None, :] * ski + idx[:, None] * skj,
+                        mask=imask[:, None] & jmask[None, :], other=0.0).to(tl.float64)
+        w = tl.load(w_ptr + cols, mask=jmask, other=0.0, cache_modifier=".cg")
+        acc += k * w[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit(do_not_specialize=["sk_iters"])
+def _sk_window_kernel(
+    k_ptr,  # [B, N, N] kernel (any float dtype, any strides)
+    r_ptr, c_ptr,  # [B, N] float64 scale vectors, 1 on entry; updated in place
+    e_ptr,  # [B, N] float32 out: e_j = c_j sum_i r_i K_ij - 1
+    N, sk_iters,
+    skb, ski, skj,
+    SYMMETRIC: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Every Sinkhorn-Knopp iteration of one window and its drift, in float64 (the window schedule):
+    sk_iters times r_i <- r_i / max(r_i sum_j K_ij c_j, 1e-30), then c_j <- c_j / max(c_j sum_i r_i K_ij,
+    1e-30); then e_j = c_j sum_i r_i K_ij - 1. With SYMMETRIC the column sums are read as row sums
+    (sum_i K_ji r_i). method.md section 3, mv. CTA barriers between the steps."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    k_base = k_ptr + pid_b * skb
+    r_base = r_ptr + pid_b * N
+    c_base = c_ptr + pid_b * N
+    for _ in range(sk_iters):
+        for i0 in range(0, N, BLOCK_I):
+            idx = i0 + tl.arange(0, BLOCK_I)
+            imask = idx < N
+            sums = _weighted_sums(k_base, ski, skj, c_base, idx, imask, N, True, BLOCK_I, BLOCK_J)
+            r = tl.load(r_base + idx, mask=imask, other=1.0, cache_modifier=".cg")
+            tl.store(r_base + idx, r / tl.maximum(r * sums, DENOM_FLOOR), mask=imask)
+        tl.debug_barrier()
+        for i0 in range(0, N, BLOCK_I):
+            idx = i0 + tl.arange(0, BLOCK_I)
+            imask = idx < N
+            sums = _weighted_sums(k_base, ski, skj, r_base, idx, imask, N, SYMMETRIC, BLOCK_I, BLOCK_J)
+            c = tl.load(c_base + idx, mask=imask, other=1.0, cache_modifier=".cg")
+            tl.store(c_base + idx, c / tl.maximum(c * sums, DENOM_FLOOR), mask=imask)
+        tl.debug_barrier()
+    for i0 in range(0, N, BLOCK_I):
+        idx = i0 + tl.arange(0, BLOCK_I)
+        imask = idx < N
+        sums = _weighted_sums(k_base, ski, skj, r_base, idx, imask, N, SYMMETRIC, BLOCK_I, BLOCK_J)
+        c = tl.load(c_base + idx, mask=imask, other=0.0, cache_modifier=".cg")
+        tl.store(e_ptr + pid_b * N + idx, (c * sums - 1.0).to(tl.float32), mask=imask)
+
+
+@triton.jit(do_not_specialize=["steps"])
+def _markov_window_kernel(
+    q_ptr,  # [B, N, C] (any float dtype, any strides)
+    k_ptr,  # [B, N, N] kernel
+    r_ptr, c_ptr,  # [B, N] float32: T = diag(r) K diag(c) (the float64 SK scales, rounded)
+    e_ptr,  # [B, N] float32: T's column sums - 1
+    out_ptr,  # [B, N, C] float32 out (contiguous); the running sum / lstar during the chain
+    y_ptr,  # [2 or 4, B, N, CP] float32 scratch: r * d(l-1), r * d(l) (and, VELOCITY, d(l-1), d(l));
+    # plane = B * N * CP
+    N, C, CP, plane,
+    sqb, sqn, sqc,
+    skb, ski, skj,
+    steps, tau,
+    VELOCITY: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The chain of one window (N <= BLOCK_N) for BLOCK_C classes (the window schedule):
+    d(0) = N q - 1; d(l)[j] = c_j sum_i K_ij r_i d(l-1)[i] + e_j (read as K_ji when SYMMETRIC), l = 1..steps.
+
+    integrated: S = sum_l d(l).  velocity: lstar = first l with |d(l) - d(l-1)| <= tau
+    (steps + 1 if never), S = -lstar + 1e-3 f(0).  S = -inf for a dead class (sum_i q = 0).
+    method.md section 3, mv. Rows in blocks of BLOCK_I; the scratch holds r * d (pre-scaled for
+    the next product); a CTA barrier between steps.
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cls < C
+    k_base = k_ptr + pid_b * skb
+    q_base = q_ptr + pid_b * sqb
+    o_base = out_ptr + pid_b * N * C
+    y_base = y_ptr + pid_b * N * CP
+    ri = tl.arange(0, BLOCK_I)
+
+    qsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i0 in range(0, N, BLOCK_I):
+        rows = i0 + ri
+        rmask = rows < N
+        mask = rmask[:, None] & cmask[None, :]
+        q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+        qsum += tl.sum(q, axis=0)
+        r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=0.0)
+        tl.store(y_base + rows[:, None] * CP + cls[None, :], r[:, None] * (N * q - 1.0), mask=mask)
+        if VELOCITY:
+            tl.store(y_base + 2 * plane + rows[:, None] * CP + cls[None, :], N * q - 1.0, mask=mask)
+            init = tl.zeros((BLOCK_I, BLOCK_C), dtype=tl.float32) + (steps + 1)
+        else:
+            init = tl.zeros((BLOCK_I, BLOCK_C), dtype=tl.float32)
+        tl.store(o_base + rows[:, None] * C + cls[None, :], init, mask=mask)
+    tl.debug_barrier()
+    for step in range(1, steps + 1):
+        src = y_base + ((step - 1) % 2) * plane
+        dst = y_base + (step % 2) * plane
+        for i0 in range(0, N, BLOCK_I):
+            rows = i0 + ri
+            rmask = rows < N
+            if SYMMETRIC:
+                acc = _k_times_x_window(k_base, ski, skj, src, CP, rows, rmask, cls, cmask, N,
+                                        False, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
+            else:
+                acc = _k_times_x_window(k_base, ski, skj, src, CP, rows, rmask, cls, cmask, N,
+                                        True, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
+            c = tl.load(c_ptr + pid_b * N + rows, mask=rmask, other=0.0)
+            e = tl.load(e_ptr + pid_b * N + rows, mask=rmask, other=0.0)
+            r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=0.0)
+            dnew = acc * c[:, None] + e[:, None]
+            mask = rmask[:, None] & cmask[None, :]
+            tl.store(dst + rows[:, None] * CP + cls[None, :], r[:, None] * dnew, mask=mask)
+            o_ptrs = o_base + rows[:, None] * C + cls[None, :]
+            held = tl.load(o_ptrs, mask=mask, other=0.0)
+            if VELOCITY:
+                # d(l-1) and d(l) unscaled in planes 2 + (l - 1) % 2 and 2 + l % 2
+                d_off = rows[:, None] * CP + cls[None, :]
+                dold = tl.load(src + 2 * plane + d_off, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(dst + 2 * plane + d_off, dnew, mask=mask)
+                settled = (tl.abs(dnew - dold) <= tau) & (held > steps)
+                held = tl.where(settled, step * 1.0, held)
+            else:
+                held = held + dnew
+            tl.store(o_ptrs, held, mask=mask)
+        tl.debug_barrier()
+    dead = qsum <= 0
+    for i0 in range(0, N, BLOCK_I):
+        rows = i0 + ri
+        mask = (rows < N)[:, None] & cmask[None, :]
+        o_ptrs = o_base + rows[:, None] * C + cls[None, :]
+        s = tl.load(o_ptrs, mask=mask, other=0.0)
+        if VELOCITY:
+            q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+            s = -s + 1e-3 * (N * q)
+        s = tl.where(dead[None, :], float("-inf"), s)
+        tl.store(o_ptrs, s, mask=mask)
+
+
 _SK_CONFIGS = [
     triton.Config({"BLOCK_I": 32, "BLOCK_J": 128}, num_warps=4),
     triton.Config({"BLOCK_I": 64, "BLOCK_J": 128}, num_warps=8),
@@ -324,8 +502,18 @@ _STEP_CONFIGS = [
 # a step updates out in place, so timing configs must start from the same running values
 _step_tuned = autotune(configs=_STEP_CONFIGS, key=["N", "C", "VELOCITY"],
                               restore_value=["out_ptr"])(_markov_step_kernel)
+# tf32x3: its own configs (as sinkhorn_scores.TF32X3_STEP_CONFIGS), the ieee path keeps the H100-checked ones
+_step_tuned_tf32x3 = autotune(configs=TF32X3_STEP_CONFIGS, key=["N", "C", "VELOCITY"],
+                              restore_value=["out_ptr"])(_markov_step_kernel)
 _INTERPRET = {"BLOCK_I": 16, "BLOCK_J": 16}
 _INTERPRET_STEP = {"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_C": 16}
+# the window schedule's chain: sinkhorn_scores' window configs (the same product helper, the same
+# register budget); untimed
+_CHAIN_WINDOW_KEY = ["N", "C", "VELOCITY", "SYMMETRIC", "PRECISION"]
+_chain_window_tuned = autotune(configs=_WINDOW_CONFIGS, key=_CHAIN_WINDOW_KEY)(_markov_window_kernel)
+_chain_window_tuned_tf32x3 = autotune(configs=_WINDOW_CONFIGS_TF32X3, key=_CHAIN_WINDOW_KEY)(_markov_window_kernel)
+#: one SK program per window: [BLOCK_I, BLOCK_J] float64 partial products (untuned)
+_SK_WINDOW_BLOCKS = {"BLOCK_I": 32, "BLOCK_J": 64}
 
 
 def doubly_stochastic_scales(kernel: Tensor, *, sk_iters: int = 15) -> tuple[Tensor, Tensor]:
@@ -355,6 +543,20 @@ def column_drift(kernel: Tensor, r: Tensor, c: Tensor) -> Tensor:
     return e
 
 
+def window_scales(kernel: Tensor, *, sk_iters: int = 15, symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """kernel [B, N, N] -> (r, c [B, N] float64, e [B, N] float32) in ONE launch (a program per window):
+    the same numbers as doubly_stochastic_scales and column_drift up to float64 summation order."""
+    B, N, _ = kernel.shape
+    r = torch.ones((B, N), dtype=torch.float64, device=kernel.device)
+    c = torch.ones_like(r)
+    e = torch.empty((B, N), dtype=torch.float32, device=kernel.device)
+    blocks = _INTERPRET if interpreting() else _SK_WINDOW_BLOCKS
+    with device_guard(kernel):
+        _sk_window_kernel[(B,)](kernel, r, c, e, N, int(sk_iters), *kernel.stride(), SYMMETRIC=bool(symmetric),
+                                num_warps=4, **blocks)
+    return r, c, e
+
+
 def markov_scores(
     q: Tensor,
     kernel: Tensor,
@@ -364,39 +566,59 @@ def markov_scores(
     readout: str = "integrated",
     tau: float = 0.3,
     schedule: str = "auto",
+    symmetric: bool = False,
 ) -> Tensor:
     """q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C] float32 (see reference.markov_scores).
 
     schedule: "fused" (the whole chain in one launch), "split" (one row-parallel launch per
-    step) or "auto" (:func:`ovss_fast.triton.sinkhorn_scores.fused_is_better`).
+    step), "window" (Sinkhorn-Knopp in one launch and the chain in one, every row of a window per
+    program; N <= WINDOW_MAX_N) or "auto" (:func:`ovss_fast.triton.sinkhorn_scores.choose_schedule`).
+    ``symmetric=True`` promises K = K^T (as gibbs_kernel builds it); only the window schedule uses it.
     """
     if readout not in ("integrated", "velocity"):
         raise ValueError(f"readout must be 'integrated' or 'velocity', got {readout!r}")
-    if schedule not in ("auto", "fused", "split"):
-        raise ValueError(f"schedule must be 'auto', 'fused' or 'split', got {schedule!r}")
     B, N, C = q.shape
+    chosen = choose_schedule(B, N, C, q.device, schedule)
+    prec = precision()
     out = torch.empty((B, N, C), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    r, c = doubly_stochastic_scales(kernel, sk_iters=sk_iters)
-    e = column_drift(kernel, r, c)
+    if chosen == "window":
+        r, c, e = window_scales(kernel, sk_iters=sk_iters, symmetric=symmetric)
+    else:
+        r, c = doubly_stochastic_scales(kernel, sk_iters=sk_iters)
+        e = column_drift(kernel, r, c)
     cp = triton.cdiv(C, SCRATCH_PAD) * SCRATCH_PAD
-    f = torch.empty((2, B, N, cp), dtype=torch.float32, device=q.device)
-    r, c = r.float(), c.float()
-    args = (q, kernel, r, c, e, out, f, B, N, C, cp, B * N * cp, *q.stride(), *kernel.stride(), int(steps), float(tau))
     velocity = readout == "velocity"
-    if schedule == "split" or (schedule == "auto" and not fused_is_better(B, N, C, q.device)):
-        return _chain_split(q, kernel, r, c, e, out, f, int(steps), float(tau), velocity)
+    planes = 4 if chosen == "window" and velocity else 2  # the window chain keeps d apart from r * d
+    f = torch.empty((planes, B, N, cp), dtype=torch.float32, device=q.device)
+    r, c = r.float(), c.float()
+    if chosen == "split":
+        return _chain_split(q, kernel, r, c, e, out, f, int(steps), float(tau), velocity, prec)
     with device_guard(q):
+        if chosen == "window":
+            args = (q, kernel, r, c, e, out, f, N, C, cp, B * N * cp, *q.stride(), *kernel.stride(), int(steps),
+                    float(tau))
+            consts = {"VELOCITY": velocity, "SYMMETRIC": bool(symmetric), "PRECISION": prec,
+                      "BLOCK_N": window_block_n(N)}
+            if interpreting():
+                _markov_window_kernel[(B, triton.cdiv(C, 16))](*args, **consts, BLOCK_I=32, BLOCK_S=16, BLOCK_C=16)
+            else:
+                tuned = _chain_window_tuned_tf32x3 if prec == "tf32x3" else _chain_window_tuned
+                tuned[lambda m: (B, triton.cdiv(C, m["BLOCK_C"]))](*args, **consts)
+            return out
+        args = (q, kernel, r, c, e, out, f, B, N, C, cp, B * N * cp, *q.stride(), *kernel.stride(), int(steps),
+                float(tau))
         if interpreting():
-            _markov_scores_kernel[(B, triton.cdiv(C, 16))](*args, VELOCITY=velocity, BLOCK_C=16, **_INTERPRET)
+            _markov_scores_kernel[(B, triton.cdiv(C, 16))](*args, VELOCITY=velocity, PRECISION=prec, BLOCK_C=16,
+                                                           **_INTERPRET)
         else:
-            _chain_tuned[lambda m: (B, triton.cdiv(C, m["BLOCK_C"]))](*args, VELOCITY=velocity)
+            _chain_tuned[lambda m: (B, triton.cdiv(C, m["BLOCK_C"]))](*args, VELOCITY=velocity, PRECISION=prec)
     return out
 
 
 def _chain_split(q: Tensor, kernel: Tensor, r: Tensor, c: Tensor, e: Tensor, out: Tensor, f: Tensor, steps: int,
-                 tau: float, velocity: bool) -> Tensor:
+                 tau: float, velocity: bool, prec: str = "ieee") -> Tensor:
     """The row-parallel schedule: one launch per chain step, then one to finish the readout."""
     B, N, C = q.shape
     cp = f.shape[3]
@@ -408,10 +630,11 @@ def _chain_split(q: Tensor, kernel: Tensor, r: Tensor, c: Tensor, e: Tensor, out
             args = (kernel, r, c, e, f[(step - 1) % 2], f[step % 2], out, N, C, cp, *kernel.stride(), step, steps, tau)
             if interp:
                 grid = (B, triton.cdiv(N, _INTERPRET_STEP["BLOCK_R"]), triton.cdiv(C, _INTERPRET_STEP["BLOCK_C"]))
-                _markov_step_kernel[grid](*args, VELOCITY=velocity, **_INTERPRET_STEP)
+                _markov_step_kernel[grid](*args, VELOCITY=velocity, PRECISION=prec, **_INTERPRET_STEP)
             else:
-                _step_tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_R"]), triton.cdiv(C, m["BLOCK_C"]))](
-                    *args, VELOCITY=velocity)
+                tuned = _step_tuned_tf32x3 if prec == "tf32x3" else _step_tuned
+                tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_R"]), triton.cdiv(C, m["BLOCK_C"]))](
+                    *args, VELOCITY=velocity, PRECISION=prec)
         block_c = 16 if interp else 32
         _markov_finish_kernel[(B, triton.cdiv(C, block_c))](q, out, N, C, *q.stride(), VELOCITY=velocity,
                                                            BLOCK_N=16 if interp else 64, BLOCK_C=block_c)

@@ -1,6 +1,6 @@
 """Triton sinkhorn_scores: entropic OT from 1/N to every class (method.md section 3, op).
 
-Two schedules, chosen by :func:`fused_is_better` (or forced with ``schedule=``):
+Three schedules, chosen by :func:`choose_schedule` (or forced with ``schedule=``):
 
 * fused, ONE launch per call: ``_sinkhorn_scores_kernel``, a program per (image b, tile of
   BLOCK_C classes) running every iteration itself. It streams K in [BLOCK_I, BLOCK_J] tiles
@@ -11,7 +11,21 @@ Two schedules, chosen by :func:`fused_is_better` (or forced with ``schedule=``):
   B * ceil(C / BLOCK_C) programs, which leaves most of 132 SMs idle for one image and few classes;
 * split, 2 * iters + 2 launches: ``_sinkhorn_step_kernel`` over (image, row block, class block)
   for every half-iteration (all SMs busy, one launch overhead each), then
-  ``_center_potential_kernel`` for the mean and the dead classes.
+  ``_center_potential_kernel`` for the mean and the dead classes;
+* window (small N, at most WINDOW_MAX_N: the pipeline's 224 px windows are N = 196), ONE launch
+  for the whole batch: ``_sinkhorn_window_kernel``, a program per (window b, tile of BLOCK_C
+  classes) running every iteration, rows in blocks of BLOCK_I (up to all 256 rows of a padded
+  window at once), K (150 KiB at N = 196) read from L1/L2 every half-iteration, the sum over N in
+  one partial sum while N <= 256; with ``symmetric=True`` (the discrepancy path: gibbs_kernel's K
+  is built from (A + A^T) / 2) K^T u is computed as K u, the same row-major tiles as K v, never a
+  transposed read. Its configs (``_WINDOW_CONFIGS``, ``_WINDOW_CONFIGS_TF32X3``) compile for
+  sm_90 without register spills. Not yet run on a GPU, so never chosen by auto:
+  OVSS_FAST_TRITON_SCHEDULE=window (or ``schedule="window"``) selects it.
+
+OVSS_FAST_TRITON_PRECISION=tf32x3 runs every product of these kernels as split-tf32 tensor-core
+dots (``input_precision="tf32x3"``, about float32 accuracy) instead of IEEE float32 FMAs; the
+default is ieee. Whether tf32x3 holds the 1e-4 contract at N = 4096 is for a GPU run to show
+(bench/gpu_check.py runs it; the interpreter computes every dot in float32 whatever it is told).
 """
 
 from __future__ import annotations
@@ -24,10 +38,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ._runtime import DENOM_FLOOR as _DENOM_FLOOR
-from ._runtime import autotune, device_guard, interpreting
+from ._runtime import autotune, device_guard, interpreting, next_pow2
 
 #: scratch rows are padded to a multiple of this many classes (the largest BLOCK_C)
 SCRATCH_PAD = 64
+#: the largest N the window schedule takes (a small-N schedule: K of a window is read from L1/L2)
+WINDOW_MAX_N = 512
+#: the schedules a caller (or OVSS_FAST_TRITON_SCHEDULE) can name
+SCHEDULES = ("auto", "fused", "split", "window")
+PRECISIONS = ("ieee", "tf32x3")
 
 #: a Triton constexpr so the kernels can read it
 DENOM_FLOOR = tl.constexpr(_DENOM_FLOOR)
@@ -39,9 +58,11 @@ SUM_CHUNK = tl.constexpr(256)
 
 @triton.jit
 def _k_times_x(k_base, ski, skj, x_base, CP, rows, rmask, cls, cmask, N,
-               TRANS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+               TRANS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+               PRECISION: tl.constexpr = "ieee"):
     """[BLOCK_R, BLOCK_C] tile of K x (TRANS false) or K^T x for output rows ``rows`` and classes ``cls``;
-    x: [N, CP] float32 scratch at x_base. IEEE float32 products (no tf32), in partial sums of SUM_CHUNK."""
+    x: [N, CP] float32 scratch at x_base. Products in PRECISION ("ieee": IEEE float32 FMAs, the default;
+    "tf32x3" when OVSS_FAST_TRITON_PRECISION asks for split tf32), in partial sums of SUM_CHUNK."""
     rs = tl.arange(0, BLOCK_S)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for c0 in range(0, N, SUM_CHUNK):
@@ -58,8 +79,36 @@ def _k_times_x(k_base, ski, skj, x_base, CP, rows, rmask, cls, cmask, N,
                             mask=rmask[:, None] & smask[None, :], other=0.0).to(tl.float32)
             x = tl.load(x_base + cols[:, None] * CP + cls[None, :], mask=smask[:, None] & cmask[None, :], other=0.0,
                         cache_modifier=".cg")
-            part = tl.dot(k, x, part, input_precision="ieee")
+            part = tl.dot(k, x, part, input_precision=PRECISION)
         acc += part
+    return acc
+
+
+@triton.jit
+def _k_times_x_window(k_base, ski, skj, x_base, CP, rows, rmask, cls, cmask, N,
+                      TRANS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                      BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+    """:func:`_k_times_x` for the window schedule, whose N is at most BLOCK_N (a constexpr): when
+    BLOCK_N <= SUM_CHUNK the sum over N is a single partial sum, so one accumulator is kept, not two."""
+    if BLOCK_N <= SUM_CHUNK:
+        rs = tl.arange(0, BLOCK_S)
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for s0 in range(0, N, BLOCK_S):
+            cols = s0 + rs
+            smask = cols < N
+            if TRANS:
+                k = tl.load(k_base + cols[:, None] * ski + rows[None, :] * skj,
+                            mask=smask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+                k = tl.trans(k)
+            else:
+                k = tl.load(k_base + rows[:, None] * ski + cols[None, :] * skj,
+                            mask=rmask[:, None] & smask[None, :], other=0.0).to(tl.float32)
+            x = tl.load(x_base + cols[:, None] * CP + cls[None, :], mask=smask[:, None] & cmask[None, :], other=0.0,
+                        cache_modifier=".cg")
+            acc = tl.dot(k, x, acc, input_precision=PRECISION)
+    else:
+        acc = _k_times_x(k_base, ski, skj, x_base, CP, rows, rmask, cls, cmask, N,
+                         TRANS, BLOCK_R, BLOCK_S, BLOCK_C, PRECISION)
     return acc
 
 
@@ -74,6 +123,7 @@ def _sinkhorn_scores_kernel(
     skb, ski, skj,
     a, eps, iters,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr = "ieee",
 ):
     """v = 1; iters times: u = a / max(K v, 1e-30); v = q / max(K^T u, 1e-30);
     f = eps log(a / max(K v, 1e-30)); S = mean_i f - f; S = -inf for a dead class (sum_i q = 0).
@@ -108,7 +158,7 @@ def _sinkhorn_scores_kernel(
             rows = i0 + ri
             rmask = rows < N
             acc = _k_times_x(k_base, ski, skj, v_base, CP, rows, rmask, cls, cmask, N,
-                             False, BLOCK_I, BLOCK_J, BLOCK_C)
+                             False, BLOCK_I, BLOCK_J, BLOCK_C, PRECISION)
             tl.store(u_base + rows[:, None] * CP + cls[None, :], a / tl.maximum(acc, DENOM_FLOOR),
                      mask=rmask[:, None] & cmask[None, :])
         tl.debug_barrier()
@@ -117,7 +167,7 @@ def _sinkhorn_scores_kernel(
             cols = j0 + rj
             jmask = cols < N
             acc = _k_times_x(k_base, ski, skj, u_base, CP, cols, jmask, cls, cmask, N,
-                             True, BLOCK_J, BLOCK_I, BLOCK_C)
+                             True, BLOCK_J, BLOCK_I, BLOCK_C, PRECISION)
             mask = jmask[:, None] & cmask[None, :]
             q = tl.load(q_base + cols[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
             tl.store(v_base + cols[:, None] * CP + cls[None, :], q / tl.maximum(acc, DENOM_FLOOR), mask=mask)
@@ -129,7 +179,7 @@ def _sinkhorn_scores_kernel(
         rows = i0 + ri
         rmask = rows < N
         acc = _k_times_x(k_base, ski, skj, v_base, CP, rows, rmask, cls, cmask, N,
-                         False, BLOCK_I, BLOCK_J, BLOCK_C)
+                         False, BLOCK_I, BLOCK_J, BLOCK_C, PRECISION)
         mask = rmask[:, None] & cmask[None, :]
         f = eps * tl.log(a / tl.maximum(acc, DENOM_FLOOR))
         f = tl.where(mask, f, 0.0)
@@ -171,6 +221,7 @@ def _sinkhorn_step_kernel(
     a, eps,
     MODE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr = "ieee",
 ):
     """One half-iteration for BLOCK_R rows and BLOCK_C classes of one image (the split schedule):
     MODE 0: u = a / max(K v, 1e-30);  MODE 1: v = q / max(K^T u, 1e-30);  MODE 2: f = eps log(a / max(K v, 1e-30)).
@@ -185,7 +236,7 @@ def _sinkhorn_step_kernel(
     k_base = k_ptr + pid_b * skb
     x_base = x_ptr + pid_b * N * CP
     acc = _k_times_x(k_base, ski, skj, x_base, CP, rows, rmask, cls, cmask, N,
-                     MODE == 1, BLOCK_R, BLOCK_S, BLOCK_C)
+                     MODE == 1, BLOCK_R, BLOCK_S, BLOCK_C, PRECISION)
     mask = rmask[:, None] & cmask[None, :]
     if MODE == 0:
         y = a / tl.maximum(acc, DENOM_FLOOR)
@@ -237,7 +288,149 @@ _STEP_CONFIGS = [
     triton.Config({"BLOCK_R": 16, "BLOCK_S": 128, "BLOCK_C": 16}, num_warps=4, num_stages=3),
 ]
 _step_tuned = autotune(configs=_STEP_CONFIGS, key=["N", "C", "MODE"])(_sinkhorn_step_kernel)
+#: the split step's configs for tf32x3 (tensor-core dots want larger tiles; untimed guesses, its own
+#: autotuner so that the default ieee path keeps the configs checked on the H100)
+TF32X3_STEP_CONFIGS = [
+    triton.Config({"BLOCK_R": 64, "BLOCK_S": 32, "BLOCK_C": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_R": 64, "BLOCK_S": 64, "BLOCK_C": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_R": 128, "BLOCK_S": 32, "BLOCK_C": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_R": 64, "BLOCK_S": 32, "BLOCK_C": 16}, num_warps=4, num_stages=4),
+]
+_step_tuned_tf32x3 = autotune(configs=TF32X3_STEP_CONFIGS, key=["N", "C", "MODE"])(_sinkhorn_step_kernel)
 _INTERPRET_STEP = {"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_C": 16}
+
+
+@triton.jit
+def _sinkhorn_window_kernel(
+    q_ptr,  # [B, N, C] targets b = Q[:, c] (any float dtype, any strides)
+    k_ptr,  # [B, N, N] Gibbs kernel (any float dtype, any strides)
+    out_ptr,  # [B, N, C] float32 out (contiguous)
+    u_ptr, v_ptr,  # [B, N, CP] float32 scratch, CP = C padded to SCRATCH_PAD
+    N, C, CP,
+    sqb, sqn, sqc,
+    skb, ski, skj,
+    a, eps, iters,
+    SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The window schedule: every iteration of one window (N <= BLOCK_N) for BLOCK_C classes.
+
+    v = 1; iters times: u = a / max(K v, 1e-30); v = q / max(K^T u, 1e-30) (K u when SYMMETRIC:
+    the same row-major tiles of K as K v, never a transposed read); f = eps log(a / max(K v, 1e-30));
+    S = mean_i f - f; S = -inf for a dead class (sum_i q = 0). method.md section 3, op, a = 1/N.
+    Rows in blocks of BLOCK_I (BLOCK_I = BLOCK_N: all rows at once), the sum over N in one partial
+    sum when BLOCK_N <= SUM_CHUNK; u, v and f in program-private scratch, a CTA barrier between phases.
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cls < C
+    k_base = k_ptr + pid_b * skb
+    q_base = q_ptr + pid_b * sqb
+    u_base = u_ptr + pid_b * N * CP
+    v_base = v_ptr + pid_b * N * CP
+    ri = tl.arange(0, BLOCK_I)
+
+    qsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i0 in range(0, N, BLOCK_I):
+        rows = i0 + ri
+        mask = (rows < N)[:, None] & cmask[None, :]
+        q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+        qsum += tl.sum(q, axis=0)
+        tl.store(v_base + rows[:, None] * CP + cls[None, :], tl.full((BLOCK_I, BLOCK_C), 1.0, tl.float32), mask=mask)
+    tl.debug_barrier()
+    for _ in range(iters):
+        for i0 in range(0, N, BLOCK_I):
+            rows = i0 + ri
+            rmask = rows < N
+            kv = _k_times_x_window(k_base, ski, skj, v_base, CP, rows, rmask, cls, cmask, N,
+                                   False, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
+            tl.store(u_base + rows[:, None] * CP + cls[None, :], a / tl.maximum(kv, DENOM_FLOOR),
+                     mask=rmask[:, None] & cmask[None, :])
+        tl.debug_barrier()
+        for i0 in range(0, N, BLOCK_I):
+            rows = i0 + ri
+            rmask = rows < N
+            if SYMMETRIC:
+                ktu = _k_times_x_window(k_base, ski, skj, u_base, CP, rows, rmask, cls, cmask, N,
+                                        False, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
+            else:
+                ktu = _k_times_x_window(k_base, ski, skj, u_base, CP, rows, rmask, cls, cmask, N,
+                                        True, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
+            mask = rmask[:, None] & cmask[None, :]
+            q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+            tl.store(v_base + rows[:, None] * CP + cls[None, :], q / tl.maximum(ktu, DENOM_FLOOR), mask=mask)
+        tl.debug_barrier()
+    fsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i0 in range(0, N, BLOCK_I):
+        rows = i0 + ri
+        rmask = rows < N
+        kv = _k_times_x_window(k_base, ski, skj, v_base, CP, rows, rmask, cls, cmask, N,
+                               False, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
+        mask = rmask[:, None] & cmask[None, :]
+        f = tl.where(mask, eps * tl.log(a / tl.maximum(kv, DENOM_FLOOR)), 0.0)
+        fsum += tl.sum(f, axis=0)
+        tl.store(u_base + rows[:, None] * CP + cls[None, :], f, mask=mask)
+    tl.debug_barrier()
+    mean = fsum / N
+    dead = qsum <= 0
+    for i0 in range(0, N, BLOCK_I):
+        rows = i0 + ri
+        mask = (rows < N)[:, None] & cmask[None, :]
+        f = tl.load(u_base + rows[:, None] * CP + cls[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        s = tl.where(dead[None, :], float("-inf"), mean[None, :] - f)
+        tl.store(out_ptr + pid_b * N * C + rows[:, None] * C + cls[None, :], s, mask=mask)
+
+
+# The window schedule's configs (untimed; chosen so that ptxas reports no spills for sm_90 with
+# the ieee FMA dots: an FMA tl.dot holds its operand slices in registers, so BLOCK_I x BLOCK_S and
+# BLOCK_S x BLOCK_C stay small). BLOCK_I = 256: every row of a 224 px window (N = 196) at once.
+_WINDOW_CONFIGS = [
+    triton.Config({"BLOCK_I": 256, "BLOCK_S": 16, "BLOCK_C": 16}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_I": 64, "BLOCK_S": 32, "BLOCK_C": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_I": 64, "BLOCK_S": 32, "BLOCK_C": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_I": 128, "BLOCK_S": 32, "BLOCK_C": 32}, num_warps=8, num_stages=3),
+]
+#: tf32x3 (tensor-core dots: wgmma wants 64-row blocks per warpgroup); no spills either
+_WINDOW_CONFIGS_TF32X3 = [
+    triton.Config({"BLOCK_I": 64, "BLOCK_S": 32, "BLOCK_C": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_I": 64, "BLOCK_S": 32, "BLOCK_C": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_I": 128, "BLOCK_S": 32, "BLOCK_C": 32}, num_warps=8, num_stages=3),
+]
+_WINDOW_KEY = ["N", "C", "SYMMETRIC", "PRECISION"]
+_window_tuned = autotune(configs=_WINDOW_CONFIGS, key=_WINDOW_KEY)(_sinkhorn_window_kernel)
+_window_tuned_tf32x3 = autotune(configs=_WINDOW_CONFIGS_TF32X3, key=_WINDOW_KEY)(_sinkhorn_window_kernel)
+_INTERPRET_WINDOW = {"BLOCK_I": 32, "BLOCK_S": 16, "BLOCK_C": 16}
+
+
+def window_block_n(N: int) -> int:
+    """BLOCK_N of the window schedule: every row of a window in one tile (tl.dot needs >= 16)."""
+    return max(16, next_pow2(N))
+
+
+def precision() -> str:
+    """The products' input_precision: OVSS_FAST_TRITON_PRECISION (ieee, the default, or tf32x3)."""
+    value = os.environ.get("OVSS_FAST_TRITON_PRECISION", "").strip().lower() or "ieee"
+    if value not in PRECISIONS:
+        raise ValueError(f"OVSS_FAST_TRITON_PRECISION must be one of {', '.join(PRECISIONS)}; got {value!r}")
+    return value
+
+
+def choose_schedule(B: int, N: int, C: int, device: torch.device, schedule: str = "auto") -> str:
+    """"fused", "split" or "window" for this call. ``schedule`` (or, when it is "auto",
+    OVSS_FAST_TRITON_SCHEDULE) names one; a named "window" falls back to the auto choice of fused /
+    split when N > WINDOW_MAX_N from the environment, and raises when asked for by argument.
+    Auto never picks "window" (no GPU run has checked it yet): it is :func:`fused_is_better`'s choice.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
+    if schedule == "window" and N > WINDOW_MAX_N:
+        raise ValueError(f"schedule='window' takes N <= {WINDOW_MAX_N} patches, got N = {N}")
+    if schedule != "auto":
+        return schedule
+    forced = os.environ.get("OVSS_FAST_TRITON_SCHEDULE", "").strip().lower()
+    if forced == "window" and N <= WINDOW_MAX_N:
+        return "window"
+    return "fused" if fused_is_better(B, N, C, device) else "split"
 
 
 def fused_is_better(B: int, N: int, C: int, device: torch.device) -> bool:
@@ -256,33 +449,47 @@ def fused_is_better(B: int, N: int, C: int, device: torch.device) -> bool:
 
 
 def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.1, iters: int = 50,
-                    schedule: str = "auto") -> Tensor:
+                    schedule: str = "auto", symmetric: bool = False) -> Tensor:
     """q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C] float32 (see reference.sinkhorn_scores).
 
-    schedule: "fused" (one launch), "split" (2 * iters + 2 row-parallel launches) or "auto"
-    (:func:`fused_is_better`); both give the same numbers up to float32 summation order.
+    schedule: "fused" (one launch), "split" (2 * iters + 2 row-parallel launches), "window" (one
+    launch, every row of a window per program; N <= WINDOW_MAX_N) or "auto" (:func:`choose_schedule`);
+    all give the same numbers up to float32 summation order. ``symmetric=True`` promises K = K^T
+    (as gibbs_kernel builds it): the window schedule then reads K^T u as K u. The other schedules
+    ignore it; a non-symmetric kernel passed with it gets wrong numbers.
     """
-    if schedule not in ("auto", "fused", "split"):
-        raise ValueError(f"schedule must be 'auto', 'fused' or 'split', got {schedule!r}")
     B, N, C = q.shape
+    chosen = choose_schedule(B, N, C, q.device, schedule)
+    prec = precision()
     out = torch.empty((B, N, C), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
     cp = triton.cdiv(C, SCRATCH_PAD) * SCRATCH_PAD
     u = torch.empty((B, N, cp), dtype=torch.float32, device=q.device)
     v = torch.empty_like(u)
-    if schedule == "split" or (schedule == "auto" and not fused_is_better(B, N, C, q.device)):
-        return _sinkhorn_split(q, kernel, out, u, v, eps, iters)
-    args = (q, kernel, out, u, v, B, N, C, cp, *q.stride(), *kernel.stride(), 1.0 / N, float(eps), int(iters))
+    if chosen == "split":
+        return _sinkhorn_split(q, kernel, out, u, v, eps, iters, prec)
     with device_guard(q):
+        if chosen == "window":
+            args = (q, kernel, out, u, v, N, C, cp, *q.stride(), *kernel.stride(), 1.0 / N, float(eps), int(iters))
+            consts = {"SYMMETRIC": bool(symmetric), "PRECISION": prec, "BLOCK_N": window_block_n(N)}
+            if interpreting():
+                grid = (B, triton.cdiv(C, _INTERPRET_WINDOW["BLOCK_C"]))
+                _sinkhorn_window_kernel[grid](*args, **consts, **_INTERPRET_WINDOW)
+            else:
+                tuned = _window_tuned_tf32x3 if prec == "tf32x3" else _window_tuned
+                tuned[lambda m: (B, triton.cdiv(C, m["BLOCK_C"]))](*args, **consts)
+            return out
+        args = (q, kernel, out, u, v, B, N, C, cp, *q.stride(), *kernel.stride(), 1.0 / N, float(eps), int(iters))
         if interpreting():
-            _sinkhorn_scores_kernel[(B, triton.cdiv(C, _INTERPRET["BLOCK_C"]))](*args, **_INTERPRET)
+            _sinkhorn_scores_kernel[(B, triton.cdiv(C, _INTERPRET["BLOCK_C"]))](*args, PRECISION=prec, **_INTERPRET)
         else:
-            _tuned[lambda m: (B, triton.cdiv(C, m["BLOCK_C"]))](*args)
+            _tuned[lambda m: (B, triton.cdiv(C, m["BLOCK_C"]))](*args, PRECISION=prec)
     return out
 
 
-def _sinkhorn_split(q: Tensor, kernel: Tensor, out: Tensor, u: Tensor, v: Tensor, eps: float, iters: int) -> Tensor:
+def _sinkhorn_split(q: Tensor, kernel: Tensor, out: Tensor, u: Tensor, v: Tensor, eps: float, iters: int,
+                    prec: str = "ieee") -> Tensor:
     """The row-parallel schedule: every half-iteration is one launch over (image, rows, classes)."""
     B, N, C = q.shape
     cp = u.shape[2]
@@ -293,10 +500,11 @@ def _sinkhorn_split(q: Tensor, kernel: Tensor, out: Tensor, u: Tensor, v: Tensor
     def step(x: Tensor, y: Tensor, mode: int) -> None:
         if interp:
             grid = (B, triton.cdiv(N, _INTERPRET_STEP["BLOCK_R"]), triton.cdiv(C, _INTERPRET_STEP["BLOCK_C"]))
-            _sinkhorn_step_kernel[grid](q, kernel, x, y, *common, MODE=mode, **_INTERPRET_STEP)
+            _sinkhorn_step_kernel[grid](q, kernel, x, y, *common, MODE=mode, PRECISION=prec, **_INTERPRET_STEP)
         else:
-            _step_tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_R"]), triton.cdiv(C, m["BLOCK_C"]))](
-                q, kernel, x, y, *common, MODE=mode)
+            tuned = _step_tuned_tf32x3 if prec == "tf32x3" else _step_tuned
+            tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_R"]), triton.cdiv(C, m["BLOCK_C"]))](
+                q, kernel, x, y, *common, MODE=mode, PRECISION=prec)
 
     with device_guard(q):
         for _ in range(iters):

@@ -27,3 +27,23 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
         return 0.0
     scale = e[fin].abs().max().clamp_min(1e-30)
     return float((a[fin] - e[fin]).abs().max() / scale)
+
+
+def tiny_open_clip(seed: int = 0) -> tuple:
+    """The tiny random-weight open_clip model (eval mode) and its tokenizer, built after torch.manual_seed(seed).
+
+    For the pipeline tests' module-scoped fixtures; the caller has already imported open_clip
+    (pytest.importorskip), so a machine without it skips those modules.
+    """
+    import warnings
+
+    import open_clip
+
+    from ovss_fast.clip_features import TINY_MODEL, register_tiny_config
+
+    register_tiny_config()
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "random weights" warnings
+        model = open_clip.create_model(TINY_MODEL, pretrained=None)
+    return model.eval(), open_clip.get_tokenizer(TINY_MODEL)

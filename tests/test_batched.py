@@ -7,16 +7,14 @@ Tiny random-weight open_clip model, CPU; every test runs in seconds.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 open_clip = pytest.importorskip("open_clip", reason="the segmentation pipeline needs open_clip_torch")
 
-from conftest import rel_err  # noqa: E402
+from conftest import rel_err, tiny_open_clip  # noqa: E402
 
-from ovss_fast.clip_features import TINY_MODEL, normalise, register_tiny_config  # noqa: E402
+from ovss_fast.clip_features import normalise  # noqa: E402
 from ovss_fast.ops import class_distributions, discrepancy, jbu_upsample  # noqa: E402
 from ovss_fast.segmenter import Segmenter, WindowLayout, window_starts  # noqa: E402
 
@@ -27,12 +25,7 @@ TEMPLATES = ("a photo of a {}.",)
 
 @pytest.fixture(scope="module")
 def tiny():
-    register_tiny_config()
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = open_clip.create_model(TINY_MODEL, pretrained=None)
-    return model.eval(), open_clip.get_tokenizer(TINY_MODEL)
+    return tiny_open_clip(0)
 
 
 def segmenter(tiny, **kw):

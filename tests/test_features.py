@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -17,25 +16,18 @@ import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip", reason="dense features need open_clip_torch")
 
-from conftest import rel_err  # noqa: E402
+from conftest import rel_err, tiny_open_clip  # noqa: E402
 
 from ovss_fast.clip_features import (  # noqa: E402
     FEATURES,
-    TINY_MODEL,
     DenseCLIP,
     interpolate_positions,
-    register_tiny_config,
 )
 
 
 @pytest.fixture(scope="module")
 def model():
-    register_tiny_config()
-    torch.manual_seed(3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = open_clip.create_model(TINY_MODEL, pretrained=None)
-    return m.eval()
+    return tiny_open_clip(3)[0]
 
 
 def _pos64(visual, grid, how):

@@ -7,15 +7,15 @@ from DenseCLIP's features and compared with Segmenter(aggregation="pixels", head
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip", reason="the segmentation pipeline needs open_clip_torch")
 
-from ovss_fast.clip_features import TINY_MODEL, DenseCLIP, normalise, register_tiny_config  # noqa: E402
+from conftest import tiny_open_clip  # noqa: E402
+
+from ovss_fast.clip_features import DenseCLIP, normalise  # noqa: E402
 from ovss_fast.ops import class_distributions, discrepancy, jbu_upsample  # noqa: E402
 from ovss_fast.segmenter import Segmenter, window_starts  # noqa: E402
 
@@ -26,12 +26,7 @@ TEMPLATES = ("a photo of a {}.",)
 
 @pytest.fixture(scope="module")
 def tiny():
-    register_tiny_config()
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = open_clip.create_model(TINY_MODEL, pretrained=None)
-    return model.eval(), open_clip.get_tokenizer(TINY_MODEL)
+    return tiny_open_clip(0)
 
 
 def make(tiny, **kw):

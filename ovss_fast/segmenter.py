@@ -403,9 +403,7 @@ class Segmenter:
         self.mode = mode
         self.backend = backend
         self.memory_budget = check.positive("memory_budget", memory_budget)
-        if not isinstance(batch_windows, bool):
-            raise TypeError(f"batch_windows must be True or False, got {batch_windows!r}")
-        self.batch_windows = batch_windows
+        self.batch_windows = check.flag("batch_windows", batch_windows)
         #: optional ``name -> context manager`` that times the pipeline's stages (visual, affinity,
         #: class_distributions, discrepancy, jbu); None (default) times nothing
         self.stage_timer: Callable[[str], AbstractContextManager] | None = None

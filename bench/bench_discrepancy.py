@@ -282,6 +282,8 @@ def gpu_variants(quick: bool) -> list[Variant]:
                 applies=lambda B, N, C: N > 512),
         Variant("triton[split,tf32x3]", "triton", env={sched: "split", prec: "tf32x3"}, kwargs=sym,
                 applies=lambda B, N, C: N > 512),
+        Variant("triton[persistent]", "triton", env={sched: "persistent"}, kwargs=sym),
+        Variant("triton[persistent,tf32x3]", "triton", env={sched: "persistent", prec: "tf32x3"}, kwargs=sym),
     ]
 
 

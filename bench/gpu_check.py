@@ -30,8 +30,10 @@ package there with ``pip install --no-build-isolation --no-deps -e .``. It
 The correctness part also runs the Triton schedules that auto does not pick (labels
 ``triton[split]``, ``triton[window]`` with ``symmetric=True`` as ops.discrepancy passes it,
 ``triton[window,general]`` without, and the tf32x3 products ``triton[window,tf32x3]``,
-``triton[fused,tf32x3]``, ``triton[split,tf32x3]``), the window ones at N <= 512 only, and
-always (``--quick`` too) the N = 4096, 50-iteration cases that decide whether tf32x3 holds 1e-4.
+``triton[fused,tf32x3]``, ``triton[split,tf32x3]``, and the persistent schedule (one launch, grid
+barriers) ``triton[persistent]``, ``triton[persistent,general]`` (N <= 1024),
+``triton[persistent,tf32x3]``), the window ones at N <= 512 only, and always (``--quick`` too) the
+N = 4096, 50-iteration cases that decide whether tf32x3 holds 1e-4.
 
 Exit status: 0 when every correctness case and every sanitizer run that could run passed.
 
@@ -155,7 +157,8 @@ def build_cases(device: str, quick: bool) -> list[Case]:
         # the precision question: 50 iterations at N = 4096 (tf32x3 must hold 1e-4 there), also in --quick
         g = _gen("precision", 4096)
         q, k = _q(1, 4096, 21, g, (0,)), _kernel(1, 4096, g)
-        tf32 = ("triton", "triton[fused,tf32x3]", "triton[split,tf32x3]")
+        tf32 = ("triton", "triton[fused,tf32x3]", "triton[split,tf32x3]", "triton[persistent]",
+                "triton[persistent,tf32x3]")
         cases.append(Case("sinkhorn_scores", "B=1 N=4096 C=21 iters=50", (q, k), {"eps": 0.1, "iters": 50}, tf32))
         cases.append(Case("markov_scores", "B=1 N=4096 C=21 integrated sk=15 steps=50", (q, k),
                           {"sk_iters": 15, "steps": 50, "readout": "integrated", "tau": 0.3}, tf32))
@@ -274,6 +277,7 @@ class Variant:
 
 
 _W = {TRITON_SCHEDULE_ENV: "window"}
+_P = {TRITON_SCHEDULE_ENV: "persistent"}
 #: the window batches of the pipeline (coco_stuff, cityscapes) and one awkward small case
 _WINDOW_SHAPES = frozenset({(2, 37, 5), (15, 196, 199), (36, 196, 29)})
 VARIANTS: dict[str, Variant] = {
@@ -287,6 +291,10 @@ VARIANTS: dict[str, Variant] = {
                                     min_n=700),
     "triton[split,tf32x3]": Variant("triton", {TRITON_SCHEDULE_ENV: "split", TRITON_PRECISION_ENV: "tf32x3"},
                                     min_n=700),
+    "triton[persistent]": Variant("triton", _P, {"symmetric": True}),
+    "triton[persistent,general]": Variant("triton", _P, {}, max_n=1024),
+    "triton[persistent,tf32x3]": Variant("triton", {**_P, TRITON_PRECISION_ENV: "tf32x3"}, {"symmetric": True},
+                                         min_n=700),
 }
 #: the backends of the correctness part on a GPU, in order
 GPU_BACKENDS = ["cuda", "cuda[tile]", "triton", *[k for k in VARIANTS if k.startswith("triton[")]]

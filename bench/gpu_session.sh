@@ -6,7 +6,7 @@
 # 1. builds the extension for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0, no package index needed,
 #    no open_clip: the GPU machine has neither);
 # 2. python -m bench.gpu_check: every op of cuda and triton against float64, and every Triton
-#    schedule auto does not pick (split, window, window without symmetry, tf32x3 products) on
+#    schedule auto does not pick (split, window, window without symmetry, persistent, tf32x3) on
 #    the sizes up to N = 4096; then the regime table (the pipeline's window batches and
 #    B = 1 at N = 784..4096; reference eager, torch.compile, cuda, each Triton schedule), started
 #    rows only while the budget lasts;

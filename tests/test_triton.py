@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -411,28 +412,35 @@ def test_window_schedule_partial_sums_past_256(op):
     ],
 )
 def test_window_schedule_markov(B, N, C, dead, symmetric, dtype, layout, readout):
-    from ovss_fast.triton import markov_scores as mk
 
     q, k = _q(B, N, C, dead=dead, seed=N + 1), _kernel(B, N, symmetric=symmetric, seed=C + 1)
     q, k = q.to(dtype), k.to(dtype)
     if layout == "noncontiguous":
         q, k = _noncontig(q), _noncontig(k)
+    _check_markov_schedule(q, k, "window", "fused", symmetric, dead, readout)
+
+
+def _check_markov_schedule(q, k, schedule: str, other: str, symmetric: bool, dead: tuple, readout: str) -> None:
+    """markov_scores(schedule=schedule) against float64 and against the ``other`` schedule (sk_iters 3,
+    steps 6): integrated within TOL / 1e-5; velocity equal where the readout is robust (a margin)."""
+    from ovss_fast.triton import markov_scores as mk
+
     kw = dict(sk_iters=3, steps=6, readout=readout, tau=0.3)
-    got = mk.markov_scores(q, k, schedule="window", symmetric=symmetric, **kw)
-    fused = mk.markov_scores(q, k, schedule="fused", **kw)
+    got = mk.markov_scores(q, k, schedule=schedule, symmetric=symmetric, **kw)
+    second = mk.markov_scores(q, k, schedule=other, **kw)
     want = R.markov_scores(q.double(), k.double(), **kw)
-    assert got.dtype == torch.float32 and got.shape == (B, N, C)
+    assert got.dtype == torch.float32 and got.shape == q.shape
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     for c in dead:
         assert bool((got[:, :, c] == float("-inf")).all())
     if readout == "integrated":
         assert rel_err(got, want) <= TOL
-        assert rel_err(got, fused) <= 1e-5
+        assert rel_err(got, second) <= 1e-5
     else:
         robust = (_velocity_margin(q, k, 3, 6, 0.3) > 1e-3) & torch.isfinite(want)
         assert float(robust.sum()) > 0.5 * float(torch.isfinite(want).sum())
         assert float((got.double() - want)[robust].abs().max()) <= TOL * float(want[robust].abs().max())
-        assert torch.equal(got[robust], fused[robust])
+        assert torch.equal(got[robust], second[robust])
 
 
 @interpreted
@@ -482,6 +490,108 @@ def test_window_schedule_through_discrepancy(mode, monkeypatch):
     assert rel_err(ops.discrepancy(q, aff, backend="triton", **kw), want) <= TOL
 
 
+# --------------------------------------------------------------------------- the persistent schedule (op, mv)
+_PERSISTENT_CASES = [
+    # B, N, C, dead, symmetric, dtype, layout, one launch (every phase through the grid barrier code)
+    (3, 37, 5, (1,), False, torch.float32, "noncontiguous", False),  # B > 1, N not a multiple of the block
+    (2, 21, 17, (16,), True, torch.float32, "contiguous", True),  # two class tiles, dead class in the second
+    (1, 37, 1, (), True, torch.float32, "contiguous", False),  # C = 1
+    (2, 20, 3, (0,), True, torch.float16, "contiguous", True),
+    (2, 19, 4, (2,), False, torch.bfloat16, "contiguous", False),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("B,N,C,dead,symmetric,dtype,layout,one_launch", _PERSISTENT_CASES)
+def test_persistent_schedule_sinkhorn(B, N, C, dead, symmetric, dtype, layout, one_launch, monkeypatch):
+    """Every phase of op over tiles striped across the programs (three in the interpreter, more tiles than
+    that), or all phases in one launch through the grid barrier; against float64 and the fused schedule."""
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    monkeypatch.setattr(sk, "INTERPRET_ONE_LAUNCH", one_launch)
+    q, k = _q(B, N, C, dead=dead, seed=N + 7), _kernel(B, N, symmetric=symmetric, seed=C + 7)
+    q, k = q.to(dtype), k.to(dtype)
+    if layout == "noncontiguous":
+        q, k = _noncontig(q), _noncontig(k)
+    got = sk.sinkhorn_scores(q, k, eps=0.1, iters=4, schedule="persistent", symmetric=symmetric)
+    want = R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=4)
+    assert got.dtype == torch.float32 and got.shape == (B, N, C)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert rel_err(got, want) <= TOL
+    assert rel_err(got, sk.sinkhorn_scores(q, k, eps=0.1, iters=4, schedule="fused")) <= 1e-5
+    for c in dead:
+        assert bool((got[:, :, c] == float("-inf")).all())
+
+
+@interpreted
+@pytest.mark.parametrize("readout", ["integrated", "velocity"])
+@pytest.mark.parametrize("B,N,C,dead,symmetric,dtype,layout,one_launch", _PERSISTENT_CASES[:3] + _PERSISTENT_CASES[4:])
+def test_persistent_schedule_markov(B, N, C, dead, symmetric, dtype, layout, one_launch, readout, monkeypatch):
+    """Sinkhorn-Knopp, the drift and the chain of mv as phases of one persistent kernel."""
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    monkeypatch.setattr(sk, "INTERPRET_ONE_LAUNCH", one_launch)
+    q, k = _q(B, N, C, dead=dead, seed=N + 8), _kernel(B, N, symmetric=symmetric, seed=C + 8)
+    q, k = q.to(dtype), k.to(dtype)
+    if layout == "noncontiguous":
+        q, k = _noncontig(q), _noncontig(k)
+    _check_markov_schedule(q, k, "persistent", "split", symmetric, dead, readout)
+
+
+@interpreted
+@pytest.mark.parametrize("op", ["op", "mv"])
+def test_persistent_schedule_partial_sums_past_256(op, monkeypatch):
+    """N = 300 (products over N in partial sums of 256), 19 row blocks of 16: the q / f column sums go
+    through the per row block partials; one launch, so the barrier counters must also come back to 0."""
+    from ovss_fast.triton import markov_scores as mk
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    monkeypatch.setattr(sk, "INTERPRET_ONE_LAUNCH", True)
+    q, k = _q(1, 300, 2, dead=(1,), seed=5), _kernel(1, 300, symmetric=True, seed=6)
+    if op == "op":
+        got = sk.sinkhorn_scores(q, k, eps=0.1, iters=3, schedule="persistent", symmetric=True)
+        want = R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=3)
+    else:
+        got = mk.markov_scores(q, k, sk_iters=2, steps=3, schedule="persistent", symmetric=True)
+        want = R.markov_scores(q.double(), k.double(), sk_iters=2, steps=3)
+    assert rel_err(got, want) <= TOL
+    assert bool((got[:, :, 1] == float("-inf")).all()) and bool(torch.isfinite(got[:, :, 0]).all())
+
+
+@interpreted
+def test_persistent_schedule_needs_the_transpose_when_not_symmetric():
+    """The general persistent path really reads K^T (op) and K's columns (mv's SK and chain)."""
+    from ovss_fast.triton import markov_scores as mk
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    q, k = _q(2, 21, 3, seed=2), _kernel(2, 21, seed=3)
+    want = R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=4)
+    assert rel_err(sk.sinkhorn_scores(q, k, eps=0.1, iters=4, schedule="persistent"), want) <= TOL
+    assert rel_err(sk.sinkhorn_scores(q, k, eps=0.1, iters=4, schedule="persistent", symmetric=True), want) > 1e-2
+    want = R.markov_scores(q.double(), k.double(), sk_iters=3, steps=4)
+    assert rel_err(mk.markov_scores(q, k, sk_iters=3, steps=4, schedule="persistent"), want) <= TOL
+    assert rel_err(mk.markov_scores(q, k, sk_iters=3, steps=4, schedule="persistent", symmetric=True), want) > 1e-2
+
+
+@interpreted
+@pytest.mark.parametrize("mode", ["op", "mv"])
+def test_persistent_schedule_through_discrepancy(mode, monkeypatch):
+    """OVSS_FAST_TRITON_SCHEDULE=persistent selects it for any N (here N = 37 and N = 600, past the window
+    schedule's limit) through ops.discrepancy, symmetric=True included."""
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    monkeypatch.setenv("OVSS_FAST_TRITON_SCHEDULE", "persistent")
+    assert sk.choose_schedule(1, 600, 21, torch.device("cpu")) == "persistent"
+    g = torch.Generator().manual_seed(12)
+    q = _q(2, 37, 4, dead=(2,), seed=6)
+    aff = torch.rand(2, 37, 37, generator=g)
+    kw = dict(mode=mode, iters=4, sk_iters=3, steps=5)
+    want = ops.discrepancy(q.double(), aff.double(), backend="reference", **kw)
+    assert rel_err(ops.discrepancy(q, aff, backend="triton", **kw), want) <= TOL
+    monkeypatch.setenv("OVSS_FAST_TRITON_PRECISION", "tf32x3")
+    assert rel_err(ops.discrepancy(q, aff, backend="triton", **kw), want) <= TOL
+
+
 @interpreted
 def test_regime_table_runs_the_triton_schedules():
     """bench_discrepancy.run_regimes, the GPU session's table, through the Triton rows (window,
@@ -508,7 +618,7 @@ def test_schedule_choice(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("OVSS_FAST_TRITON_SCHEDULE", raising=False)
     assert sk.choose_schedule(15, 196, 199, cpu) == "fused"
-    for forced in ("fused", "split", "window"):
+    for forced in ("fused", "split", "window", "persistent"):
         assert sk.choose_schedule(15, 196, 199, cpu, forced) == forced
     monkeypatch.setenv("OVSS_FAST_TRITON_SCHEDULE", "window")
     assert sk.choose_schedule(15, 196, 199, cpu) == "window"
@@ -518,7 +628,10 @@ def test_schedule_choice(monkeypatch):
     with pytest.raises(ValueError, match=r"schedule='window' takes N <= 512 patches, got N = 600"):
         sk.choose_schedule(1, 600, 21, cpu, "window")
     with pytest.raises(ValueError, match="schedule must be one of"):
-        sk.choose_schedule(1, 60, 21, cpu, "persistent")
+        sk.choose_schedule(1, 60, 21, cpu, "cooperative")
+    monkeypatch.setenv("OVSS_FAST_TRITON_SCHEDULE", "persistent")
+    assert sk.choose_schedule(1, 4096, 171, cpu) == "persistent"
+    assert sk.choose_schedule(1, 4096, 171, cpu, "split") == "split"  # an argument wins over the environment
     monkeypatch.setenv("OVSS_FAST_TRITON_PRECISION", "tf32")
     with pytest.raises(ValueError, match="OVSS_FAST_TRITON_PRECISION must be one of ieee, tf32x3; got 'tf32'"):
         sk.precision()
@@ -721,6 +834,16 @@ def test_kernels_compile_for_h100():
           for prec, cfgs in (("ieee", sk._WINDOW_CONFIGS), ("tf32x3", sk._WINDOW_CONFIGS_TF32X3)) for cfg in cfgs
           for bn, vel, sym in ((256, True, True), (512, False, False))],
         *[(mk._sk_window_kernel, {"SYMMETRIC": sym, **mk._SK_WINDOW_BLOCKS}, 4, scales64) for sym in (True, False)],
+        # the persistent schedule: every config, both tiers of N, symmetric and general, with the grid barrier
+        *[(sk._sinkhorn_persistent_kernel, {"SYMMETRIC": sym, "PRECISION": prec, "BLOCK_N": bn, "GRID_SYNC": True,
+                                            **cfg.kwargs}, cfg.num_warps, {"bar_ptr": "*i32"})
+          for prec, cfgs in (("ieee", sk.PERSISTENT_CONFIGS), ("tf32x3", sk.PERSISTENT_CONFIGS_TF32X3))
+          for cfg in cfgs for bn, sym in ((512, True), (256, False))],
+        *[(mk._markov_persistent_kernel, {"VELOCITY": vel, "SYMMETRIC": sym, "PRECISION": prec, "BLOCK_N": bn,
+                                          "GRID_SYNC": True, **mk.PERSISTENT_SK_BLOCKS, **cfg.kwargs}, cfg.num_warps,
+           {"bar_ptr": "*i32", **scales64})
+          for prec, cfgs in (("ieee", sk.PERSISTENT_CONFIGS), ("tf32x3", sk.PERSISTENT_CONFIGS_TF32X3))
+          for cfg in cfgs for bn, vel, sym in ((512, False, True), (256, True, False))],
         (jbu._jbu_upsample_kernel, {"BLOCK_P": 128, "BLOCK_C": 16}, 4, ints),
         (jbu._jbu_argmax_kernel, {"BLOCK_P": 128, "BLOCK_C": 16}, 4, ints),
     ]
@@ -736,6 +859,11 @@ def test_kernels_compile_for_h100():
         compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": warps, "num_stages": 3})
         assert compiled.metadata.shared <= 227 * 1024, kernel.__name__
+        if constexprs.get("GRID_SYNC"):
+            # the grid barrier: one thread per program adds (release) and polls (acquire) at GPU scope
+            ptx = compiled.asm["ptx"]
+            assert re.search(r"@%p\d+ atom\.global\.gpu\.release\.add\.u32", ptx), kernel.__name__
+            assert re.search(r"@%p\d+ ld\.global\.gpu\.acquire\.b32", ptx), kernel.__name__
 
 
 @needs_triton
@@ -755,7 +883,7 @@ def test_autotune_results_kept_on_disk(monkeypatch):
     if "cache_results" not in inspect.signature(triton.autotune).parameters:
         pytest.skip("this Triton has no cache_results")
     tuners = [v for m in (cd, gk, jbu, kl, mk, sk) for v in vars(m).values() if isinstance(v, triton.runtime.Autotuner)]
-    assert len(tuners) == 19
+    assert len(tuners) == 23  # 19 + the persistent schedule (op, mv) x (ieee, tf32x3)
     assert all(t.cache_results for t in tuners)
     monkeypatch.setenv("OVSS_FAST_TRITON_AUTOTUNE_CACHE", "0")
     assert not _runtime.autotune(sk._CONFIGS, ["N"])(sk._sinkhorn_scores_kernel).cache_results
@@ -828,27 +956,62 @@ def test_gpu_schedules_real_sizes(schedule):
             assert float((got.double() - want)[robust].abs().max()) <= TOL * float(want[robust].abs().max())
 
 
+def _gpu_scores_inputs(B: int, N: int, C: int, precision: str, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, N, C] float32 (last class dead) and gibbs_kernel's K float64 on the GPU, with
+    OVSS_FAST_TRITON_PRECISION set; skips under the interpreter (compiled kernels only)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("compiled kernels only")
+    monkeypatch.setenv("OVSS_FAST_TRITON_PRECISION", precision)
+    dev = torch.device("cuda")
+    q = _q(B, N, C, dead=(C - 1,)).to(dev)
+    _, k = R.gibbs_kernel(torch.rand(B, N, N, generator=torch.Generator().manual_seed(N)).double().to(dev))
+    return q, k
+
+
 @pytest.mark.cuda
 @needs_triton
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
 @pytest.mark.parametrize("B,N,C", [(15, 196, 199), (36, 196, 29), (2, 300, 21)])
 def test_gpu_window_schedule_real_sizes(B, N, C, precision, monkeypatch):
     """The window schedule at the pipeline's window batches, symmetric and general, against float64."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        pytest.skip("compiled kernels only")
     from ovss_fast.triton import markov_scores as mk
     from ovss_fast.triton import sinkhorn_scores as sk
 
-    monkeypatch.setenv("OVSS_FAST_TRITON_PRECISION", precision)
-    dev = torch.device("cuda")
-    q = _q(B, N, C, dead=(C - 1,)).to(dev)
-    _, k = R.gibbs_kernel(torch.rand(B, N, N, generator=torch.Generator().manual_seed(N)).double().to(dev))
+    q, k = _gpu_scores_inputs(B, N, C, precision, monkeypatch)
     want = R.sinkhorn_scores(q.double(), k, eps=0.1, iters=50)
     for symmetric in (True, False):
         got = sk.sinkhorn_scores(q, k.float(), eps=0.1, iters=50, schedule="window", symmetric=symmetric)
         assert rel_err(got, want) <= TOL, symmetric
         got = mk.markov_scores(q, k.float(), schedule="window", symmetric=symmetric)
         assert rel_err(got, R.markov_scores(q.double(), k)) <= TOL, symmetric
+
+
+@pytest.mark.cuda
+@needs_triton
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("B,N,C", [(15, 196, 199), (1, 1024, 171), (2, 2304, 21), (1, 4096, 21)])
+def test_gpu_persistent_schedule_real_sizes(B, N, C, precision, monkeypatch):
+    """The persistent schedule (one launch, grid barriers) at window batches and whole images up to
+    N = 4096, against float64; twice in a row (the barrier counters reset themselves), and replayed from
+    a CUDA graph as the backend runs it."""
+    from ovss_fast.triton import TRITON_BACKEND
+    from ovss_fast.triton import markov_scores as mk
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    q, k = _gpu_scores_inputs(B, N, C, precision, monkeypatch)
+    want_op = R.sinkhorn_scores(q.double(), k, eps=0.1, iters=50)
+    want_mv = R.markov_scores(q.double(), k)
+    for _ in range(2):
+        got = sk.sinkhorn_scores(q, k.float(), eps=0.1, iters=50, schedule="persistent", symmetric=True)
+        assert rel_err(got, want_op) <= TOL
+        got = mk.markov_scores(q, k.float(), schedule="persistent", symmetric=True)
+        assert rel_err(got, want_mv) <= TOL
+    if N <= 1024:
+        assert rel_err(sk.sinkhorn_scores(q, k.float(), eps=0.1, iters=50, schedule="persistent"), want_op) <= TOL
+    monkeypatch.setenv("OVSS_FAST_TRITON_SCHEDULE", "persistent")
+    for _ in range(2):  # the first call captures the graph, the second replays it
+        assert rel_err(TRITON_BACKEND.sinkhorn_scores(q, k.float(), symmetric=True), want_op) <= TOL
+        assert rel_err(TRITON_BACKEND.markov_scores(q, k.float(), symmetric=True), want_mv) <= TOL
 
 
 @pytest.mark.cuda

@@ -30,7 +30,13 @@ one of two schedules
   blocks of BLOCK_I (sinkhorn_scores' window configs), the scratch holding r * d(l) already
   scaled for the next product (and d itself for the velocity readout). With ``symmetric=True``
   (gibbs_kernel's K) K^T y is read as K y, and the SK column sums as row sums. Not yet run on
-  a GPU, so auto never picks it: OVSS_FAST_TRITON_SCHEDULE=window or ``schedule="window"``.
+  a GPU, so auto never picks it: OVSS_FAST_TRITON_SCHEDULE=window or ``schedule="window"``;
+* persistent (large N), ONE launch for everything: ``_markov_persistent_kernel`` (sinkhorn_scores'
+  persistent schedule: one program per SM at most, grid barriers between phases) runs r = c = 1,
+  the 2 * sk_iters Sinkhorn-Knopp steps and the drift (float64, blocks of SK_BLOCK_I patches), then
+  the chain steps over [BLOCK_R, BLOCK_C] tiles and the readout: 2 * sk_iters + steps + 4 phases,
+  2 * sk_iters + steps + 3 barriers, instead of 2 * sk_iters + steps + 2 launches. Not yet run on a
+  GPU: OVSS_FAST_TRITON_SCHEDULE=persistent or ``schedule="persistent"``.
 
 OVSS_FAST_TRITON_PRECISION=tf32x3 makes the chain's products split-tf32 tensor-core dots (see
 sinkhorn_scores); Sinkhorn-Knopp stays float64.
@@ -46,12 +52,21 @@ from torch import Tensor
 from ._runtime import DENOM_FLOOR as _DENOM_FLOOR
 from ._runtime import autotune, device_guard, interpreting
 from .sinkhorn_scores import (
+    _INTERPRET_PERSISTENT,
     _WINDOW_CONFIGS,
     _WINDOW_CONFIGS_TF32X3,
+    PERSISTENT_CONFIGS,
+    PERSISTENT_CONFIGS_TF32X3,
+    PERSISTENT_MIN_ROWS,
     TF32X3_STEP_CONFIGS,
     WINDOW_MAX_N,
+    _grid_exit,
+    _grid_sync,
     _k_times_x_window,
+    _tile_coords,
     choose_schedule,
+    launch_persistent,
+    persistent_block_n,
     precision,
     window_block_n,
 )
@@ -63,6 +78,17 @@ SCRATCH_PAD = 64
 
 #: a Triton constexpr so the kernels can read it
 DENOM_FLOOR = tl.constexpr(_DENOM_FLOOR)
+
+
+@triton.jit
+def _readout_update(held, dnew, dold, step, steps, tau, VELOCITY: tl.constexpr):
+    """The running readout after chain step l = ``step``: integrated: held + d(l); velocity: l where
+    held > steps (not settled yet) and |d(l) - d(l-1)| <= tau, else held (method.md section 3, mv)."""
+    if VELOCITY:
+        held = tl.where((tl.abs(dnew - dold) <= tau) & (held > steps), step * 1.0, held)
+    else:
+        held = held + dnew
+    return held
 
 
 @triton.jit
@@ -213,13 +239,10 @@ def _markov_scores_kernel(
             tl.store(dst + cols[:, None] * CP + cls[None, :], fnew, mask=mask)
             o_ptrs = o_base + cols[:, None] * C + cls[None, :]
             held = tl.load(o_ptrs, mask=mask, other=0.0)
+            fold = fnew
             if VELOCITY:
                 fold = tl.load(src + cols[:, None] * CP + cls[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-                settled = (tl.abs(fnew - fold) <= tau) & (held > steps)
-                held = tl.where(settled, step * 1.0, held)
-            else:
-                held = held + fnew
-            tl.store(o_ptrs, held, mask=mask)
+            tl.store(o_ptrs, _readout_update(held, fnew, fold, step, steps, tau, VELOCITY), mask=mask)
         tl.debug_barrier()
 
     dead = qsum <= 0
@@ -276,13 +299,10 @@ def _markov_step_kernel(
     tl.store(dst_ptr + pid_b * N * CP + cols[:, None] * CP + cls[None, :], fnew, mask=mask)
     o_ptrs = out_ptr + pid_b * N * C + cols[:, None] * C + cls[None, :]
     held = tl.load(o_ptrs, mask=mask, other=0.0)
+    fold = fnew
     if VELOCITY:
         fold = tl.load(src + cols[:, None] * CP + cls[None, :], mask=mask, other=0.0)
-        settled = (tl.abs(fnew - fold) <= tau) & (held > steps)
-        held = tl.where(settled, step * 1.0, held)
-    else:
-        held = held + fnew
-    tl.store(o_ptrs, held, mask=mask)
+    tl.store(o_ptrs, _readout_update(held, fnew, fold, step, steps, tau, VELOCITY), mask=mask)
 
 
 @triton.jit
@@ -338,6 +358,26 @@ def _weighted_sums(k_base, ski, skj, w_ptr, idx, imask, N, ROWS: tl.constexpr,
     return tl.sum(acc, axis=1)
 
 
+@triton.jit
+def _sk_phase_tile(k_base, ski, skj, r_base, c_base, e_base, idx, imask, N, kind,
+                   SYMMETRIC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """One block ``idx`` of one Sinkhorn-Knopp phase, in float64 (the window and persistent schedules):
+    kind 0: r_i <- r_i / max(r_i sum_j K_ij c_j, 1e-30);  kind 1: c_j <- c_j / max(c_j sum_i r_i K_ij, 1e-30);
+    kind 2: e_j = c_j sum_i r_i K_ij - 1 (float32). The column sums are read as row sums (sum_i K_ji r_i)
+    when SYMMETRIC. method.md section 3, mv."""
+    if kind == 0:
+        sums = _weighted_sums(k_base, ski, skj, c_base, idx, imask, N, True, BLOCK_I, BLOCK_J)
+        r = tl.load(r_base + idx, mask=imask, other=1.0, cache_modifier=".cg")
+        tl.store(r_base + idx, r / tl.maximum(r * sums, DENOM_FLOOR), mask=imask)
+    else:
+        sums = _weighted_sums(k_base, ski, skj, r_base, idx, imask, N, SYMMETRIC, BLOCK_I, BLOCK_J)
+        c = tl.load(c_base + idx, mask=imask, other=1.0, cache_modifier=".cg")
+        if kind == 1:
+            tl.store(c_base + idx, c / tl.maximum(c * sums, DENOM_FLOOR), mask=imask)
+        else:
+            tl.store(e_base + idx, (c * sums - 1.0).to(tl.float32), mask=imask)
+
+
 @triton.jit(do_not_specialize=["sk_iters"])
 def _sk_window_kernel(
     k_ptr,  # [B, N, N] kernel (any float dtype, any strides)
@@ -356,27 +396,80 @@ def _sk_window_kernel(
     k_base = k_ptr + pid_b * skb
     r_base = r_ptr + pid_b * N
     c_base = c_ptr + pid_b * N
-    for _ in range(sk_iters):
+    e_base = e_ptr + pid_b * N
+    for phase in range(0, 2 * sk_iters + 1):
+        kind = tl.where(phase == 2 * sk_iters, 2, phase % 2)
         for i0 in range(0, N, BLOCK_I):
             idx = i0 + tl.arange(0, BLOCK_I)
-            imask = idx < N
-            sums = _weighted_sums(k_base, ski, skj, c_base, idx, imask, N, True, BLOCK_I, BLOCK_J)
-            r = tl.load(r_base + idx, mask=imask, other=1.0, cache_modifier=".cg")
-            tl.store(r_base + idx, r / tl.maximum(r * sums, DENOM_FLOOR), mask=imask)
+            _sk_phase_tile(k_base, ski, skj, r_base, c_base, e_base, idx, idx < N, N, kind, SYMMETRIC,
+                           BLOCK_I, BLOCK_J)
         tl.debug_barrier()
-        for i0 in range(0, N, BLOCK_I):
-            idx = i0 + tl.arange(0, BLOCK_I)
-            imask = idx < N
-            sums = _weighted_sums(k_base, ski, skj, r_base, idx, imask, N, SYMMETRIC, BLOCK_I, BLOCK_J)
-            c = tl.load(c_base + idx, mask=imask, other=1.0, cache_modifier=".cg")
-            tl.store(c_base + idx, c / tl.maximum(c * sums, DENOM_FLOOR), mask=imask)
-        tl.debug_barrier()
-    for i0 in range(0, N, BLOCK_I):
-        idx = i0 + tl.arange(0, BLOCK_I)
-        imask = idx < N
-        sums = _weighted_sums(k_base, ski, skj, r_base, idx, imask, N, SYMMETRIC, BLOCK_I, BLOCK_J)
-        c = tl.load(c_base + idx, mask=imask, other=0.0, cache_modifier=".cg")
-        tl.store(e_ptr + pid_b * N + idx, (c * sums - 1.0).to(tl.float32), mask=imask)
+
+
+@triton.jit
+def _chain_init_tile(q_base, sqn, sqc, r_base, o_base, dst, plane, CP, C, rows, rmask, cls, cmask, N, steps,
+                     VELOCITY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Step 0 of the chain for a tile (the window and persistent schedules): y(0) = r (N q - 1) into dst
+    (and, VELOCITY, d(0) = N q - 1 two planes on), out = 0 (integrated) or steps + 1 (velocity); returns
+    the tile's column sums of q (dead classes). method.md section 3, mv."""
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows[:, None] * CP + cls[None, :]
+    r = tl.load(r_base + rows, mask=rmask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst + offs, r[:, None] * (N * q - 1.0), mask=mask)
+    if VELOCITY:
+        tl.store(dst + 2 * plane + offs, N * q - 1.0, mask=mask)
+        init = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32) + (steps + 1)
+    else:
+        init = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    tl.store(o_base + rows[:, None] * C + cls[None, :], init, mask=mask)
+    return tl.sum(q, axis=0)
+
+
+@triton.jit
+def _chain_step_tile(k_base, ski, skj, r_base, c_base, e_base, o_base, src, dst, plane, CP, C,
+                     rows, rmask, cls, cmask, N, step, steps, tau,
+                     VELOCITY: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chain step l >= 1 for a [BLOCK_R patches, BLOCK_C classes] tile (the window and persistent
+    schedules); the scratch holds y = r * d, pre-scaled for the next product:
+    d(l)[j] = c_j sum_i K_ij y(l-1)[i] + e_j (read as K_ji when SYMMETRIC), y(l) = r d(l) into dst;
+    integrated: out += d(l); velocity: out = l where out > steps and |d(l) - d(l-1)| <= tau (d two planes
+    on). r, c may be float32 or float64 (rounded to float32 here: the same numbers as rounding them
+    first). method.md section 3, mv."""
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows[:, None] * CP + cls[None, :]
+    o_ptrs = o_base + rows[:, None] * C + cls[None, :]
+    if SYMMETRIC:
+        acc = _k_times_x_window(k_base, ski, skj, src, CP, rows, rmask, cls, cmask, N,
+                                False, BLOCK_N, BLOCK_R, BLOCK_S, BLOCK_C, PRECISION)
+    else:
+        acc = _k_times_x_window(k_base, ski, skj, src, CP, rows, rmask, cls, cmask, N,
+                                True, BLOCK_N, BLOCK_R, BLOCK_S, BLOCK_C, PRECISION)
+    r = tl.load(r_base + rows, mask=rmask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    c = tl.load(c_base + rows, mask=rmask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    e = tl.load(e_base + rows, mask=rmask, other=0.0, cache_modifier=".cg")
+    dnew = acc * c[:, None] + e[:, None]
+    tl.store(dst + offs, r[:, None] * dnew, mask=mask)
+    held = tl.load(o_ptrs, mask=mask, other=0.0)
+    dold = dnew
+    if VELOCITY:
+        dold = tl.load(src + 2 * plane + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(dst + 2 * plane + offs, dnew, mask=mask)
+    tl.store(o_ptrs, _readout_update(held, dnew, dold, step, steps, tau, VELOCITY), mask=mask)
+
+
+@triton.jit
+def _chain_finish_tile(q_base, sqn, sqc, o_base, C, rows, rmask, cls, cmask, N, dead, VELOCITY: tl.constexpr):
+    """velocity: S = -lstar + 1e-3 f(0), f(0) = N q; S = -inf for a dead class (method.md section 3, mv)."""
+    mask = rmask[:, None] & cmask[None, :]
+    o_ptrs = o_base + rows[:, None] * C + cls[None, :]
+    s = tl.load(o_ptrs, mask=mask, other=0.0)
+    if VELOCITY:
+        q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+        s = -s + 1e-3 * (N * q)
+    s = tl.where(dead[None, :], float("-inf"), s)
+    tl.store(o_ptrs, s, mask=mask)
 
 
 @triton.jit(do_not_specialize=["steps"])
@@ -400,8 +493,8 @@ def _markov_window_kernel(
 
     integrated: S = sum_l d(l).  velocity: lstar = first l with |d(l) - d(l-1)| <= tau
     (steps + 1 if never), S = -lstar + 1e-3 f(0).  S = -inf for a dead class (sum_i q = 0).
-    method.md section 3, mv. Rows in blocks of BLOCK_I; the scratch holds r * d (pre-scaled for
-    the next product); a CTA barrier between steps.
+    method.md section 3, mv. Rows in blocks of BLOCK_I (:func:`_chain_init_tile`, :func:`_chain_step_tile`);
+    a CTA barrier between steps.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -411,65 +504,104 @@ def _markov_window_kernel(
     o_base = out_ptr + pid_b * N * C
     y_base = y_ptr + pid_b * N * CP
     ri = tl.arange(0, BLOCK_I)
-
+    r_base = r_ptr + pid_b * N
     qsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for i0 in range(0, N, BLOCK_I):
         rows = i0 + ri
-        rmask = rows < N
-        mask = rmask[:, None] & cmask[None, :]
-        q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
-        qsum += tl.sum(q, axis=0)
-        r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=0.0)
-        tl.store(y_base + rows[:, None] * CP + cls[None, :], r[:, None] * (N * q - 1.0), mask=mask)
-        if VELOCITY:
-            tl.store(y_base + 2 * plane + rows[:, None] * CP + cls[None, :], N * q - 1.0, mask=mask)
-            init = tl.zeros((BLOCK_I, BLOCK_C), dtype=tl.float32) + (steps + 1)
-        else:
-            init = tl.zeros((BLOCK_I, BLOCK_C), dtype=tl.float32)
-        tl.store(o_base + rows[:, None] * C + cls[None, :], init, mask=mask)
+        qsum += _chain_init_tile(q_base, sqn, sqc, r_base, o_base, y_base, plane, CP, C, rows, rows < N, cls, cmask,
+                                 N, steps, VELOCITY, BLOCK_I, BLOCK_C)
     tl.debug_barrier()
     for step in range(1, steps + 1):
         src = y_base + ((step - 1) % 2) * plane
         dst = y_base + (step % 2) * plane
         for i0 in range(0, N, BLOCK_I):
             rows = i0 + ri
-            rmask = rows < N
-            if SYMMETRIC:
-                acc = _k_times_x_window(k_base, ski, skj, src, CP, rows, rmask, cls, cmask, N,
-                                        False, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
-            else:
-                acc = _k_times_x_window(k_base, ski, skj, src, CP, rows, rmask, cls, cmask, N,
-                                        True, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
-            c = tl.load(c_ptr + pid_b * N + rows, mask=rmask, other=0.0)
-            e = tl.load(e_ptr + pid_b * N + rows, mask=rmask, other=0.0)
-            r = tl.load(r_ptr + pid_b * N + rows, mask=rmask, other=0.0)
-            dnew = acc * c[:, None] + e[:, None]
-            mask = rmask[:, None] & cmask[None, :]
-            tl.store(dst + rows[:, None] * CP + cls[None, :], r[:, None] * dnew, mask=mask)
-            o_ptrs = o_base + rows[:, None] * C + cls[None, :]
-            held = tl.load(o_ptrs, mask=mask, other=0.0)
-            if VELOCITY:
-                # d(l-1) and d(l) unscaled in planes 2 + (l - 1) % 2 and 2 + l % 2
-                d_off = rows[:, None] * CP + cls[None, :]
-                dold = tl.load(src + 2 * plane + d_off, mask=mask, other=0.0, cache_modifier=".cg")
-                tl.store(dst + 2 * plane + d_off, dnew, mask=mask)
-                settled = (tl.abs(dnew - dold) <= tau) & (held > steps)
-                held = tl.where(settled, step * 1.0, held)
-            else:
-                held = held + dnew
-            tl.store(o_ptrs, held, mask=mask)
+            _chain_step_tile(k_base, ski, skj, r_base, c_ptr + pid_b * N, e_ptr + pid_b * N, o_base, src, dst, plane,
+                             CP, C, rows, rows < N, cls, cmask, N, step, steps, tau, VELOCITY, SYMMETRIC, PRECISION,
+                             BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C)
         tl.debug_barrier()
-    dead = qsum <= 0
     for i0 in range(0, N, BLOCK_I):
         rows = i0 + ri
-        mask = (rows < N)[:, None] & cmask[None, :]
-        o_ptrs = o_base + rows[:, None] * C + cls[None, :]
-        s = tl.load(o_ptrs, mask=mask, other=0.0)
-        if VELOCITY:
-            q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
-            s = -s + 1e-3 * (N * q)
-        s = tl.where(dead[None, :], float("-inf"), s)
-        tl.store(o_ptrs, s, mask=mask)
+        _chain_finish_tile(q_base, sqn, sqc, o_base, C, rows, rows < N, cls, cmask, N, qsum <= 0, VELOCITY)
+
+
+@triton.jit(do_not_specialize=["sk_iters", "steps", "phase_lo", "phase_hi"])
+def _markov_persistent_kernel(
+    q_ptr,  # [B, N, C] (any float dtype, any strides)
+    k_ptr,  # [B, N, N] kernel (any float dtype, any strides)
+    r_ptr, c_ptr,  # [B, N] float64 scale vectors (scratch: set to 1 in phase 0)
+    e_ptr,  # [B, N] float32 scratch: T's column sums - 1
+    out_ptr,  # [B, N, C] float32 out (contiguous); the running sum / lstar during the chain
+    y_ptr,  # [2 or 4, B, N, CP] float32 scratch (see _chain_step_tile); plane = B * N * CP
+    part_ptr,  # [B, RB, CP] float32: per row block column sums of q (RB = cdiv(N, BLOCK_R))
+    bar_ptr,  # [3] int32 zeros: barrier counter, exit counter, error flag
+    B, N, C, CP, plane,
+    sqb, sqn, sqc,
+    skb, ski, skj,
+    sk_iters, steps, tau, phase_lo, phase_hi,
+    VELOCITY: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, GRID_SYNC: tl.constexpr,
+    BLOCK_N: tl.constexpr, SK_BLOCK_I: tl.constexpr, SK_BLOCK_J: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The persistent schedule of mv (large N): phases phase_lo..phase_hi - 1 in one launch of at most one
+    program per SM, tiles striped over the programs, a grid barrier between phases when GRID_SYNC
+    (sinkhorn_scores' :func:`_grid_sync`).
+
+    Phase 0: r = c = 1; phases 1..2 sk_iters: Sinkhorn-Knopp row / column steps in turn, float64, over
+    blocks of SK_BLOCK_I patches; phase 2 sk_iters + 1: the drift e; phase 2 sk_iters + 2 + l for
+    l = 0..steps: the chain step l over [BLOCK_R, BLOCK_C] tiles (:func:`_chain_init_tile`, :func:`_chain_step_tile`;
+    l = 0 also stores q's column sums by row block); the last phase: the readout and the dead classes.
+    method.md section 3, mv: the same numbers as the split schedule up to float32 summation order.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    RB = tl.cdiv(N, BLOCK_R)
+    CB = tl.cdiv(C, BLOCK_C)
+    chain0 = 2 * sk_iters + 2
+    last = chain0 + steps + 1
+    for phase in range(phase_lo, phase_hi):
+        if phase < chain0:
+            n_sk = tl.cdiv(N, SK_BLOCK_I)
+            for t in range(pid, B * n_sk, nprog):
+                b = (t // n_sk).to(tl.int64)
+                idx = (t % n_sk) * SK_BLOCK_I + tl.arange(0, SK_BLOCK_I)
+                imask = idx < N
+                if phase == 0:
+                    tl.store(r_ptr + b * N + idx, tl.full((SK_BLOCK_I,), 1.0, tl.float64), mask=imask)
+                    tl.store(c_ptr + b * N + idx, tl.full((SK_BLOCK_I,), 1.0, tl.float64), mask=imask)
+                else:
+                    kind = tl.where(phase == chain0 - 1, 2, 1 - phase % 2)
+                    _sk_phase_tile(k_ptr + b * skb, ski, skj, r_ptr + b * N, c_ptr + b * N, e_ptr + b * N, idx,
+                                   imask, N, kind, SYMMETRIC, SK_BLOCK_I, SK_BLOCK_J)
+        else:
+            step = phase - chain0
+            for t in range(pid, B * RB * CB, nprog):
+                b, rb, rows, cls = _tile_coords(t, RB, CB, BLOCK_R, BLOCK_C)
+                rmask = rows < N
+                cmask = cls < C
+                q_base = q_ptr + b * sqb
+                o_base = out_ptr + b * N * C
+                part = part_ptr + b * RB * CP + cls
+                y_base = y_ptr + b * N * CP
+                if step == 0:
+                    colsum = _chain_init_tile(q_base, sqn, sqc, r_ptr + b * N, o_base, y_base, plane, CP, C, rows,
+                                              rmask, cls, cmask, N, steps, VELOCITY, BLOCK_R, BLOCK_C)
+                    tl.store(part + rb * CP, colsum, mask=cmask)
+                elif phase < last:
+                    _chain_step_tile(k_ptr + b * skb, ski, skj, r_ptr + b * N, c_ptr + b * N, e_ptr + b * N, o_base,
+                                     y_base + ((step - 1) % 2) * plane, y_base + (step % 2) * plane, plane, CP, C,
+                                     rows, rmask, cls, cmask, N, step, steps, tau, VELOCITY, SYMMETRIC, PRECISION,
+                                     BLOCK_N, BLOCK_R, BLOCK_S, BLOCK_C)
+                else:
+                    qsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+                    for rb2 in range(0, RB):
+                        qsum += tl.load(part + rb2 * CP, mask=cmask, other=0.0, cache_modifier=".cg")
+                    _chain_finish_tile(q_base, sqn, sqc, o_base, C, rows, rmask, cls, cmask, N, qsum <= 0, VELOCITY)
+        if GRID_SYNC:
+            if phase < phase_hi - 1:
+                _grid_sync(bar_ptr, (phase - phase_lo + 1) * nprog)
+    if GRID_SYNC:
+        _grid_exit(bar_ptr)
 
 
 _SK_CONFIGS = [
@@ -514,6 +646,12 @@ _chain_window_tuned = autotune(configs=_WINDOW_CONFIGS, key=_CHAIN_WINDOW_KEY)(_
 _chain_window_tuned_tf32x3 = autotune(configs=_WINDOW_CONFIGS_TF32X3, key=_CHAIN_WINDOW_KEY)(_markov_window_kernel)
 #: one SK program per window: [BLOCK_I, BLOCK_J] float64 partial products (untuned)
 _SK_WINDOW_BLOCKS = {"BLOCK_I": 32, "BLOCK_J": 64}
+#: the persistent schedule's Sinkhorn-Knopp blocks: 16 patches per tile, so that N = 1024 has 64 tiles
+#: per phase to share out over the SMs (untuned)
+PERSISTENT_SK_BLOCKS = {"SK_BLOCK_I": 16, "SK_BLOCK_J": 128}
+_PERSISTENT_KEY = ["B", "N", "C", "VELOCITY", "SYMMETRIC", "PRECISION"]
+_persistent_tuned = autotune(configs=PERSISTENT_CONFIGS, key=_PERSISTENT_KEY)(_markov_persistent_kernel)
+_persistent_tuned_tf32x3 = autotune(configs=PERSISTENT_CONFIGS_TF32X3, key=_PERSISTENT_KEY)(_markov_persistent_kernel)
 
 
 def doubly_stochastic_scales(kernel: Tensor, *, sk_iters: int = 15) -> tuple[Tensor, Tensor]:
@@ -572,8 +710,10 @@ def markov_scores(
 
     schedule: "fused" (the whole chain in one launch), "split" (one row-parallel launch per
     step), "window" (Sinkhorn-Knopp in one launch and the chain in one, every row of a window per
-    program; N <= WINDOW_MAX_N) or "auto" (:func:`ovss_fast.triton.sinkhorn_scores.choose_schedule`).
-    ``symmetric=True`` promises K = K^T (as gibbs_kernel builds it); only the window schedule uses it.
+    program; N <= WINDOW_MAX_N), "persistent" (everything in one launch, grid barriers between phases)
+    or "auto" (:func:`ovss_fast.triton.sinkhorn_scores.choose_schedule`).
+    ``symmetric=True`` promises K = K^T (as gibbs_kernel builds it); the window and persistent
+    schedules use it.
     """
     if readout not in ("integrated", "velocity"):
         raise ValueError(f"readout must be 'integrated' or 'velocity', got {readout!r}")
@@ -583,6 +723,9 @@ def markov_scores(
     out = torch.empty((B, N, C), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
+    if chosen == "persistent":
+        return _markov_persistent(q, kernel, out, int(sk_iters), int(steps), float(tau), readout == "velocity",
+                                  bool(symmetric), prec)
     if chosen == "window":
         r, c, e = window_scales(kernel, sk_iters=sk_iters, symmetric=symmetric)
     else:
@@ -638,4 +781,35 @@ def _chain_split(q: Tensor, kernel: Tensor, r: Tensor, c: Tensor, e: Tensor, out
         block_c = 16 if interp else 32
         _markov_finish_kernel[(B, triton.cdiv(C, block_c))](q, out, N, C, *q.stride(), VELOCITY=velocity,
                                                            BLOCK_N=16 if interp else 64, BLOCK_C=block_c)
+    return out
+
+
+def _markov_persistent(q: Tensor, kernel: Tensor, out: Tensor, sk_iters: int, steps: int, tau: float,
+                       velocity: bool, symmetric: bool, prec: str) -> Tensor:
+    """The persistent schedule: Sinkhorn-Knopp, the drift and the whole chain in ONE launch."""
+    B, N, C = q.shape
+    dev = q.device
+    cp = triton.cdiv(C, SCRATCH_PAD) * SCRATCH_PAD
+    interp = interpreting()
+    rows = _INTERPRET_PERSISTENT["BLOCK_R"] if interp else PERSISTENT_MIN_ROWS
+    r = torch.empty((B, N), dtype=torch.float64, device=dev)
+    c = torch.empty_like(r)
+    e = torch.empty((B, N), dtype=torch.float32, device=dev)
+    y = torch.empty((4 if velocity else 2, B, N, cp), dtype=torch.float32, device=dev)
+    part = torch.empty((B, triton.cdiv(N, rows), cp), dtype=torch.float32, device=dev)
+    bar = torch.zeros(3, dtype=torch.int32, device=dev)
+    args = (q, kernel, r, c, e, out, y, part, bar, B, N, C, cp, B * N * cp, *q.stride(), *kernel.stride(),
+            sk_iters, steps, tau)
+    sk_blocks = {"SK_BLOCK_I": 16, "SK_BLOCK_J": 16} if interp else PERSISTENT_SK_BLOCKS
+    consts = {"VELOCITY": velocity, "SYMMETRIC": symmetric, "PRECISION": prec, "BLOCK_N": persistent_block_n(N),
+              **sk_blocks}
+    tuned = _persistent_tuned_tf32x3 if prec == "tf32x3" else _persistent_tuned
+
+    def tiles(m: dict) -> int:
+        return max(B * triton.cdiv(N, m["BLOCK_R"]) * triton.cdiv(C, m["BLOCK_C"]),
+                   B * triton.cdiv(N, sk_blocks["SK_BLOCK_I"]))
+
+    with device_guard(q):
+        launch_persistent(_markov_persistent_kernel, tuned, args, consts, tiles, 2 * sk_iters + steps + 4, bar, dev,
+                          _INTERPRET_PERSISTENT)
     return out

@@ -20,7 +20,17 @@ Three schedules, chosen by :func:`choose_schedule` (or forced with ``schedule=``
   is built from (A + A^T) / 2) K^T u is computed as K u, the same row-major tiles as K v, never a
   transposed read. Its configs (``_WINDOW_CONFIGS``, ``_WINDOW_CONFIGS_TF32X3``) compile for
   sm_90 without register spills. Not yet run on a GPU, so never chosen by auto:
-  OVSS_FAST_TRITON_SCHEDULE=window (or ``schedule="window"``) selects it.
+  OVSS_FAST_TRITON_SCHEDULE=window (or ``schedule="window"``) selects it;
+* persistent (large N: 784-4096 for one image), ONE launch: ``_sinkhorn_persistent_kernel``, at most
+  one program per SM (so all are resident), each taking tiles of [BLOCK_R rows, BLOCK_C classes] of
+  every image in turn for every phase (v = 1; the 2 * iters half-iterations; f; S), with a grid-wide
+  barrier (an atomic counter, ``_grid_sync``) between phases instead of a launch; K streamed from L2
+  by row block (read K[rows, :] and v[:, classes] per tile: the tile shape balances the re-reads of
+  K, C / BLOCK_C per phase, against those of v, N / BLOCK_R), K^T u as K u with ``symmetric=True``;
+  the column sums of the readout go through a per row block buffer (no float atomics: the same
+  numbers every run). The interpreter runs a grid's programs one after another and cannot wait at a
+  barrier, so there each phase is its own launch (or, in the tests, all phases in one program). Not
+  yet run on a GPU: OVSS_FAST_TRITON_SCHEDULE=persistent (or ``schedule="persistent"``) selects it.
 
 OVSS_FAST_TRITON_PRECISION=tf32x3 runs every product of these kernels as split-tf32 tensor-core
 dots (``input_precision="tf32x3"``, about float32 accuracy) instead of IEEE float32 FMAs; the
@@ -45,7 +55,7 @@ SCRATCH_PAD = 64
 #: the largest N the window schedule takes (a small-N schedule: K of a window is read from L1/L2)
 WINDOW_MAX_N = 512
 #: the schedules a caller (or OVSS_FAST_TRITON_SCHEDULE) can name
-SCHEDULES = ("auto", "fused", "split", "window")
+SCHEDULES = ("auto", "fused", "split", "window", "persistent")
 PRECISIONS = ("ieee", "tf32x3")
 
 #: a Triton constexpr so the kernels can read it
@@ -301,6 +311,61 @@ _INTERPRET_STEP = {"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_C": 16}
 
 
 @triton.jit
+def _op_phase_tile(q_base, sqn, sqc, k_base, ski, skj, u_base, v_base, CP, rows, rmask, cls, cmask, N, a, eps,
+                   kind, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One [BLOCK_R rows, BLOCK_C classes] tile of one phase of op (the window and persistent schedules).
+
+    kind 0: v = 1, returns the tile's column sums of q (dead classes);
+    kind 1: u = a / max(K v, 1e-30);  kind 2: v = q / max(K^T u, 1e-30), read as K u when SYMMETRIC (the
+    same row-major tiles as K v, never a transposed read);
+    kind 3: f = eps log(a / max(K v, 1e-30)) into the u scratch, returns the tile's column sums of f.
+    Returns zeros for kinds 1 and 2. ``kind`` may be a runtime value: with SYMMETRIC there is one product
+    in the code (fewer registers held across the branches). method.md section 3, op; u, v: [N, CP] float32.
+    """
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows[:, None] * CP + cls[None, :]
+    colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if kind == 0:
+        q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+        colsum = tl.sum(q, axis=0)
+        tl.store(v_base + offs, tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32), mask=mask)
+    else:
+        if SYMMETRIC:
+            x_base = v_base
+            if kind == 2:
+                x_base = u_base
+            acc = _k_times_x_window(k_base, ski, skj, x_base, CP, rows, rmask, cls, cmask, N,
+                                    False, BLOCK_N, BLOCK_R, BLOCK_S, BLOCK_C, PRECISION)
+        elif kind == 2:
+            acc = _k_times_x_window(k_base, ski, skj, u_base, CP, rows, rmask, cls, cmask, N,
+                                    True, BLOCK_N, BLOCK_R, BLOCK_S, BLOCK_C, PRECISION)
+        else:
+            acc = _k_times_x_window(k_base, ski, skj, v_base, CP, rows, rmask, cls, cmask, N,
+                                    False, BLOCK_N, BLOCK_R, BLOCK_S, BLOCK_C, PRECISION)
+        den = tl.maximum(acc, DENOM_FLOOR)
+        if kind == 2:
+            q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+            tl.store(v_base + offs, q / den, mask=mask)
+        elif kind == 1:
+            tl.store(u_base + offs, a / den, mask=mask)
+        else:
+            f = tl.where(mask, eps * tl.log(a / den), 0.0)
+            colsum = tl.sum(f, axis=0)
+            tl.store(u_base + offs, f, mask=mask)
+    return colsum
+
+
+@triton.jit
+def _center_tile(f_base, CP, out_base, C, rows, rmask, cls, cmask, mean, dead):
+    """S = mean - f for a tile (f in the u scratch); S = -inf for a dead class (method.md section 3, op)."""
+    mask = rmask[:, None] & cmask[None, :]
+    f = tl.load(f_base + rows[:, None] * CP + cls[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+    s = tl.where(dead[None, :], float("-inf"), mean[None, :] - f)
+    tl.store(out_base + rows[:, None] * C + cls[None, :], s, mask=mask)
+
+
+@triton.jit
 def _sinkhorn_window_kernel(
     q_ptr,  # [B, N, C] targets b = Q[:, c] (any float dtype, any strides)
     k_ptr,  # [B, N, N] Gibbs kernel (any float dtype, any strides)
@@ -329,56 +394,151 @@ def _sinkhorn_window_kernel(
     u_base = u_ptr + pid_b * N * CP
     v_base = v_ptr + pid_b * N * CP
     ri = tl.arange(0, BLOCK_I)
-
     qsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for i0 in range(0, N, BLOCK_I):
         rows = i0 + ri
-        mask = (rows < N)[:, None] & cmask[None, :]
-        q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
-        qsum += tl.sum(q, axis=0)
-        tl.store(v_base + rows[:, None] * CP + cls[None, :], tl.full((BLOCK_I, BLOCK_C), 1.0, tl.float32), mask=mask)
+        qsum += _op_phase_tile(q_base, sqn, sqc, k_base, ski, skj, u_base, v_base, CP, rows, rows < N, cls, cmask,
+                               N, a, eps, 0, SYMMETRIC, PRECISION, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C)
     tl.debug_barrier()
     for _ in range(iters):
-        for i0 in range(0, N, BLOCK_I):
-            rows = i0 + ri
-            rmask = rows < N
-            kv = _k_times_x_window(k_base, ski, skj, v_base, CP, rows, rmask, cls, cmask, N,
-                                   False, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
-            tl.store(u_base + rows[:, None] * CP + cls[None, :], a / tl.maximum(kv, DENOM_FLOOR),
-                     mask=rmask[:, None] & cmask[None, :])
-        tl.debug_barrier()
-        for i0 in range(0, N, BLOCK_I):
-            rows = i0 + ri
-            rmask = rows < N
-            if SYMMETRIC:
-                ktu = _k_times_x_window(k_base, ski, skj, u_base, CP, rows, rmask, cls, cmask, N,
-                                        False, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
-            else:
-                ktu = _k_times_x_window(k_base, ski, skj, u_base, CP, rows, rmask, cls, cmask, N,
-                                        True, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
-            mask = rmask[:, None] & cmask[None, :]
-            q = tl.load(q_base + rows[:, None] * sqn + cls[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
-            tl.store(v_base + rows[:, None] * CP + cls[None, :], q / tl.maximum(ktu, DENOM_FLOOR), mask=mask)
-        tl.debug_barrier()
+        for kind in tl.static_range(1, 3):
+            for i0 in range(0, N, BLOCK_I):
+                rows = i0 + ri
+                _op_phase_tile(q_base, sqn, sqc, k_base, ski, skj, u_base, v_base, CP, rows, rows < N, cls, cmask,
+                               N, a, eps, kind, SYMMETRIC, PRECISION, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C)
+            tl.debug_barrier()
     fsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for i0 in range(0, N, BLOCK_I):
         rows = i0 + ri
-        rmask = rows < N
-        kv = _k_times_x_window(k_base, ski, skj, v_base, CP, rows, rmask, cls, cmask, N,
-                               False, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C, PRECISION)
-        mask = rmask[:, None] & cmask[None, :]
-        f = tl.where(mask, eps * tl.log(a / tl.maximum(kv, DENOM_FLOOR)), 0.0)
-        fsum += tl.sum(f, axis=0)
-        tl.store(u_base + rows[:, None] * CP + cls[None, :], f, mask=mask)
+        fsum += _op_phase_tile(q_base, sqn, sqc, k_base, ski, skj, u_base, v_base, CP, rows, rows < N, cls, cmask,
+                               N, a, eps, 3, SYMMETRIC, PRECISION, BLOCK_N, BLOCK_I, BLOCK_S, BLOCK_C)
     tl.debug_barrier()
-    mean = fsum / N
-    dead = qsum <= 0
     for i0 in range(0, N, BLOCK_I):
         rows = i0 + ri
-        mask = (rows < N)[:, None] & cmask[None, :]
-        f = tl.load(u_base + rows[:, None] * CP + cls[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-        s = tl.where(dead[None, :], float("-inf"), mean[None, :] - f)
-        tl.store(out_ptr + pid_b * N * C + rows[:, None] * C + cls[None, :], s, mask=mask)
+        _center_tile(u_base, CP, out_ptr + pid_b * N * C, C, rows, rows < N, cls, cmask, fsum / N, qsum <= 0)
+
+
+#: spins of a grid barrier before a persistent kernel gives up (sets its error flag, leaves the loop):
+#: an atomic read is ~1 us, so about 4 s; a legitimate wait is one phase (<= ~1 ms at N = 4096)
+BARRIER_SPIN_LIMIT = tl.constexpr(1 << 22)
+
+
+@triton.jit
+def _grid_sync(bar_ptr, target):
+    """Grid-wide barrier of a persistent launch: every program adds 1 to the counter at bar_ptr[0] and
+    waits until it reaches ``target`` (phase number x programs: the counter only grows within a
+    launch). Release / acquire atomics at GPU scope order the phase's stores (made visible to the CTA by
+    the barrier before) before the next phase's loads (which read scratch with .cg, past L1). A wait
+    of more than BARRIER_SPIN_LIMIT reads sets bar_ptr[2] = 1 (not every program was resident) and
+    returns; the launcher raises then. Scalar atomics run once per program."""
+    tl.debug_barrier()
+    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    spins = 0
+    while (seen < target) & (spins < BARRIER_SPIN_LIMIT):
+        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+        spins += 1
+    if seen < target:
+        tl.atomic_xchg(bar_ptr + 2, 1)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _grid_exit(bar_ptr):
+    """After its last phase, each program adds 1 to bar_ptr[1]; the last one resets both counters to 0,
+    so the next launch (an autotuner rerun, a graph replay) starts from 0. Safe: every program has left
+    every barrier before the last one arrives here."""
+    done = tl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu")
+    if done == tl.num_programs(0) - 1:
+        tl.atomic_xchg(bar_ptr, 0)
+        tl.atomic_xchg(bar_ptr + 1, 0)
+
+
+@triton.jit
+def _tile_coords(t, RB, CB, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tile t of a persistent phase -> (image, row block, rows, classes); classes fastest, so the
+    programs that run at the same time share K's row block."""
+    cb = t % CB
+    rest = t // CB
+    rb = rest % RB
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    cls = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    return (rest // RB).to(tl.int64), rb, rows, cls
+
+
+@triton.jit(do_not_specialize=["iters", "phase_lo", "phase_hi"])
+def _sinkhorn_persistent_kernel(
+    q_ptr,  # [B, N, C] targets b = Q[:, c] (any float dtype, any strides)
+    k_ptr,  # [B, N, N] Gibbs kernel (any float dtype, any strides)
+    out_ptr,  # [B, N, C] float32 out (contiguous)
+    u_ptr, v_ptr,  # [B, N, CP] float32 scratch, CP = C padded to SCRATCH_PAD
+    part_ptr,  # [2, B, RB, CP] float32 (RB = cdiv(N, BLOCK_R)): per row block column sums of q, f
+    bar_ptr,  # [3] int32 zeros: barrier counter, exit counter, error flag
+    B, N, C, CP,
+    sqb, sqn, sqc,
+    skb, ski, skj,
+    a, eps, iters, phase_lo, phase_hi,
+    SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, GRID_SYNC: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The persistent schedule (large N): phases phase_lo..phase_hi - 1 of op, each over all
+    B * RB * CB tiles of [BLOCK_R rows, BLOCK_C classes], tiles striped over the programs (at most one
+    per SM, so that all are resident), a grid barrier between phases when GRID_SYNC.
+
+    Phase 0: v = 1 and q's column sums; phases 1..2 iters: u = a / max(K v), v = q / max(K^T u) in
+    turn (K u when SYMMETRIC); phase 2 iters + 1: f = eps log(a / max(K v)) and its column sums;
+    phase 2 iters + 2: S = mean f - f, -inf for a dead class. method.md section 3, op, a = 1/N.
+    The column sums go through part_ptr by row block (a fixed order: no float atomics).
+    Without GRID_SYNC the caller launches one phase at a time (the interpreter, which runs programs
+    one after another, and so cannot wait at a barrier for programs it has not started).
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    RB = tl.cdiv(N, BLOCK_R)
+    CB = tl.cdiv(C, BLOCK_C)
+    n_tiles = B * RB * CB
+    plane = B * RB * CP
+    last = 2 * iters + 2
+    for phase in range(phase_lo, phase_hi):
+        for t in range(pid, n_tiles, nprog):
+            b, rb, rows, cls = _tile_coords(t, RB, CB, BLOCK_R, BLOCK_C)
+            rmask = rows < N
+            cmask = cls < C
+            q_base = q_ptr + b * sqb
+            k_base = k_ptr + b * skb
+            u_base = u_ptr + b * N * CP
+            v_base = v_ptr + b * N * CP
+            part = part_ptr + (b * RB + rb) * CP + cls
+            if phase < last:
+                # kind 0: init; 1 / 2: the u / v half-iterations; 3: the potential f
+                kind = tl.where(phase == 0, 0, tl.where(phase == last - 1, 3, 2 - phase % 2))
+                colsum = _op_phase_tile(q_base, sqn, sqc, k_base, ski, skj, u_base, v_base, CP, rows, rmask, cls,
+                                        cmask, N, a, eps, kind, SYMMETRIC, PRECISION, BLOCK_N, BLOCK_R, BLOCK_S,
+                                        BLOCK_C)
+                if phase == 0:
+                    tl.store(part, colsum, mask=cmask)
+                elif phase == last - 1:
+                    tl.store(part + plane, colsum, mask=cmask)
+            else:
+                qsum, fsum = _part_sums(part_ptr + b * RB * CP + cls, plane, CP, RB, cmask, BLOCK_C)
+                _center_tile(u_base, CP, out_ptr + b * N * C, C, rows, rmask, cls, cmask, fsum / N, qsum <= 0)
+        if GRID_SYNC:
+            if phase < phase_hi - 1:
+                _grid_sync(bar_ptr, (phase - phase_lo + 1) * nprog)
+    if GRID_SYNC:
+        _grid_exit(bar_ptr)
+
+
+@triton.jit
+def _part_sums(col_ptr, plane, CP, RB, cmask, BLOCK_C: tl.constexpr):
+    """Column sums of planes 0 and 1 of a [2, RB, CP] partials buffer at col_ptr (a tile's classes), added
+    in row-block order (read with .cg: written by other programs before a grid barrier)."""
+    s0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for rb in range(0, RB):
+        s0 += tl.load(col_ptr + rb * CP, mask=cmask, other=0.0, cache_modifier=".cg")
+        s1 += tl.load(col_ptr + plane + rb * CP, mask=cmask, other=0.0, cache_modifier=".cg")
+    return s0, s1
 
 
 # The window schedule's configs (untimed; chosen so that ptxas reports no spills for sm_90 with
@@ -401,6 +561,67 @@ _window_tuned = autotune(configs=_WINDOW_CONFIGS, key=_WINDOW_KEY)(_sinkhorn_win
 _window_tuned_tf32x3 = autotune(configs=_WINDOW_CONFIGS_TF32X3, key=_WINDOW_KEY)(_sinkhorn_window_kernel)
 _INTERPRET_WINDOW = {"BLOCK_I": 32, "BLOCK_S": 16, "BLOCK_C": 16}
 
+# The persistent schedule's configs: the window schedule's tile shapes but its 256-row one (the same
+# product helper, so about the same register budget for sm_90), a tile = BLOCK_R rows x BLOCK_C classes.
+# Untimed.
+def _as_tiles(configs: list) -> list:
+    """The window configs as [BLOCK_R, BLOCK_C] tiles, but the 256-row one (too few tiles at large N)."""
+    return [triton.Config({"BLOCK_R": c.kwargs["BLOCK_I"], **{k: c.kwargs[k] for k in ("BLOCK_S", "BLOCK_C")}},
+                          num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in configs if c.kwargs["BLOCK_I"] < 256]
+
+
+PERSISTENT_CONFIGS = _as_tiles(_WINDOW_CONFIGS)
+PERSISTENT_CONFIGS_TF32X3 = _as_tiles(_WINDOW_CONFIGS_TF32X3)
+#: the smallest BLOCK_R of the configs (sizes the partial-sums buffer for any of them)
+PERSISTENT_MIN_ROWS = min(c.kwargs["BLOCK_R"] for c in PERSISTENT_CONFIGS + PERSISTENT_CONFIGS_TF32X3)
+_PERSISTENT_KEY = ["B", "N", "C", "SYMMETRIC", "PRECISION"]
+_persistent_tuned = autotune(configs=PERSISTENT_CONFIGS, key=_PERSISTENT_KEY)(_sinkhorn_persistent_kernel)
+_persistent_tuned_tf32x3 = autotune(configs=PERSISTENT_CONFIGS_TF32X3,
+                                    key=_PERSISTENT_KEY)(_sinkhorn_persistent_kernel)
+_INTERPRET_PERSISTENT = {"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_C": 16}
+#: the interpreter runs a grid's programs one after another, so it cannot wait at a grid barrier for
+#: programs it has not started: it launches one phase at a time with this many programs (tiles
+#: striped over them), or, when ``INTERPRET_ONE_LAUNCH`` (the tests set it), all phases in ONE launch of
+#: one program through the barrier code
+INTERPRET_PROGRAMS = 3
+INTERPRET_ONE_LAUNCH = False
+
+
+def persistent_programs(n_tiles: int, device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM at most (a CTA of any config fits on an SM alone, so
+    all are resident and the grid barrier cannot wait for a program that never starts), no more than
+    tiles."""
+    return max(1, min(n_tiles, torch.cuda.get_device_properties(device).multi_processor_count))
+
+
+def persistent_block_n(N: int) -> int:
+    """The product helper's BLOCK_N for the persistent schedule: only whether it is <= SUM_CHUNK matters
+    (one partial sum over N, or partial sums of SUM_CHUNK terms), so two values, two compilations."""
+    return 256 if N <= 256 else 512
+
+
+def launch_persistent(kernel_fn, tuned, args: tuple, consts: dict, tiles, phases: int, bar: Tensor,
+                      device: torch.device, interpret_blocks: dict) -> None:
+    """Launch a persistent kernel (op or mv): ``tiles(meta)`` -> the largest tile count of a phase;
+    its trailing arguments are (phase_lo, phase_hi). On a GPU one launch runs every phase with grid
+    barriers and, unless a CUDA graph is being captured, the error flag is checked (RuntimeError
+    when a barrier timed out). In the interpreter: see INTERPRET_ONE_LAUNCH."""
+    if interpreting():
+        if INTERPRET_ONE_LAUNCH:
+            kernel_fn[(1,)](*args, 0, phases, **consts, GRID_SYNC=True, **interpret_blocks)
+            if int(bar[0]) or int(bar[1]) or int(bar[2]):
+                raise RuntimeError(f"persistent barrier counters not reset: {bar.tolist()}")
+            return
+        grid = (max(1, min(tiles(interpret_blocks), INTERPRET_PROGRAMS)),)
+        for ph in range(phases):
+            kernel_fn[grid](*args, ph, ph + 1, **consts, GRID_SYNC=False, **interpret_blocks)
+        return
+    tuned[lambda m: (persistent_programs(tiles(m), device),)](*args, 0, phases, **consts, GRID_SYNC=True)
+    if not torch.cuda.is_current_stream_capturing() and int(bar[2]):
+        raise RuntimeError("the persistent schedule's grid barrier timed out: not every program was resident "
+                           "(another process holding SMs, MPS limits?); use OVSS_FAST_TRITON_SCHEDULE=split")
+
 
 def window_block_n(N: int) -> int:
     """BLOCK_N of the window schedule: every row of a window in one tile (tl.dot needs >= 16)."""
@@ -416,10 +637,11 @@ def precision() -> str:
 
 
 def choose_schedule(B: int, N: int, C: int, device: torch.device, schedule: str = "auto") -> str:
-    """"fused", "split" or "window" for this call. ``schedule`` (or, when it is "auto",
+    """"fused", "split", "window" or "persistent" for this call. ``schedule`` (or, when it is "auto",
     OVSS_FAST_TRITON_SCHEDULE) names one; a named "window" falls back to the auto choice of fused /
     split when N > WINDOW_MAX_N from the environment, and raises when asked for by argument.
-    Auto never picks "window" (no GPU run has checked it yet): it is :func:`fused_is_better`'s choice.
+    Auto never picks "window" or "persistent" (no GPU run has checked them yet): it is
+    :func:`fused_is_better`'s choice.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
@@ -430,6 +652,8 @@ def choose_schedule(B: int, N: int, C: int, device: torch.device, schedule: str 
     forced = os.environ.get("OVSS_FAST_TRITON_SCHEDULE", "").strip().lower()
     if forced == "window" and N <= WINDOW_MAX_N:
         return "window"
+    if forced == "persistent":
+        return "persistent"
     return "fused" if fused_is_better(B, N, C, device) else "split"
 
 
@@ -453,10 +677,11 @@ def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.1, iters: int =
     """q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C] float32 (see reference.sinkhorn_scores).
 
     schedule: "fused" (one launch), "split" (2 * iters + 2 row-parallel launches), "window" (one
-    launch, every row of a window per program; N <= WINDOW_MAX_N) or "auto" (:func:`choose_schedule`);
+    launch, every row of a window per program; N <= WINDOW_MAX_N), "persistent" (one launch of one
+    program per SM, grid barriers between phases) or "auto" (:func:`choose_schedule`);
     all give the same numbers up to float32 summation order. ``symmetric=True`` promises K = K^T
-    (as gibbs_kernel builds it): the window schedule then reads K^T u as K u. The other schedules
-    ignore it; a non-symmetric kernel passed with it gets wrong numbers.
+    (as gibbs_kernel builds it): the window and persistent schedules then read K^T u as K u. The other
+    schedules ignore it; a non-symmetric kernel passed with it gets wrong numbers.
     """
     B, N, C = q.shape
     chosen = choose_schedule(B, N, C, q.device, schedule)
@@ -469,6 +694,8 @@ def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.1, iters: int =
     v = torch.empty_like(u)
     if chosen == "split":
         return _sinkhorn_split(q, kernel, out, u, v, eps, iters, prec)
+    if chosen == "persistent":
+        return _sinkhorn_persistent(q, kernel, out, u, v, eps, iters, bool(symmetric), prec)
     with device_guard(q):
         if chosen == "window":
             args = (q, kernel, out, u, v, N, C, cp, *q.stride(), *kernel.stride(), 1.0 / N, float(eps), int(iters))
@@ -514,4 +741,26 @@ def _sinkhorn_split(q: Tensor, kernel: Tensor, out: Tensor, u: Tensor, v: Tensor
         block_c = 16 if interp else 32
         _center_potential_kernel[(B, triton.cdiv(C, block_c))](q, u, out, N, C, cp, *q.stride(),
                                                               BLOCK_N=16 if interp else 64, BLOCK_C=block_c)
+    return out
+
+
+def _sinkhorn_persistent(q: Tensor, kernel: Tensor, out: Tensor, u: Tensor, v: Tensor, eps: float, iters: int,
+                         symmetric: bool, prec: str) -> Tensor:
+    """The persistent schedule: every phase in one launch of at most one program per SM."""
+    B, N, C = q.shape
+    cp = u.shape[2]
+    rows = _INTERPRET_PERSISTENT["BLOCK_R"] if interpreting() else PERSISTENT_MIN_ROWS
+    part = torch.empty((2, B, triton.cdiv(N, rows), cp), dtype=torch.float32, device=q.device)
+    bar = torch.zeros(3, dtype=torch.int32, device=q.device)
+    args = (q, kernel, out, u, v, part, bar, B, N, C, cp, *q.stride(), *kernel.stride(), 1.0 / N, float(eps),
+            int(iters))
+    consts = {"SYMMETRIC": symmetric, "PRECISION": prec, "BLOCK_N": persistent_block_n(N)}
+    tuned = _persistent_tuned_tf32x3 if prec == "tf32x3" else _persistent_tuned
+
+    def tiles(m: dict) -> int:
+        return B * triton.cdiv(N, m["BLOCK_R"]) * triton.cdiv(C, m["BLOCK_C"])
+
+    with device_guard(q):
+        launch_persistent(_sinkhorn_persistent_kernel, tuned, args, consts, tiles, 2 * int(iters) + 3, bar,
+                          q.device, _INTERPRET_PERSISTENT)
     return out

@@ -322,6 +322,22 @@ def test_gibbs_kernel_only_through_discrepancy(mode, monkeypatch):
     assert calls == ["gibbs_kernel", "gibbs_kernel_only", "gibbs_kernel"]
 
 
+@interpreted
+def test_gpu_check_runs_the_fused_gibbs_kernel():
+    """bench/gpu_check.py's "triton[gibbs fused]" rows: gibbs_kernel_only on every gibbs_kernel case
+    (the CPU dry run's sizes here), K checked against float64, and only those cases."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import gpu_check
+    finally:
+        sys.path.remove(str(ROOT))
+    rows, ok = gpu_check.run_correctness("cpu", [gpu_check.GIBBS_FUSED], quick=True)
+    n_cases = sum(c.op == "gibbs_kernel" for c in gpu_check.build_cases("cpu", quick=True))
+    assert ok and len(rows) == n_cases >= 3, rows
+    assert all(r[1] == "gibbs_kernel" and r[3] == "PASS" and "kernel only" in r[4] for r in rows), rows
+    assert os.environ.get("OVSS_FAST_TRITON_GIBBS") is None
+
+
 @needs_triton
 def test_gibbs_schedule_switch(monkeypatch):
     """The switch is read on every call and checked before any launch (here no kernel runs)."""

@@ -14,7 +14,8 @@ package there with ``pip install --no-build-isolation --no-deps -e .``. It
 2. runs compute-sanitizer (memcheck, racecheck) on a small script that calls each
    CUDA op (``--sanitizer-payload``), and says so when compute-sanitizer is absent;
 3. times discrepancy (mv, op) at N=1024, C=171, B=1 (gibbs_kernel + scores):
-   reference eager, torch.compile(reference), cuda, triton; and jbu_argmax at
+   reference eager, torch.compile(reference), cuda, triton, triton[gibbs fused]; gibbs_kernel alone
+   (B=1 N=1024, N=4096; B=15 N=196): reference, triton, triton[gibbs fused]; and jbu_argmax at
    2048 x 2048, C=171 (scores 64 x 64): reference, cuda, triton, with peak memory
    (torch.cuda.max_memory_allocated), timed with triton.testing.do_bench;
 4. runs the regime table of bench/bench_discrepancy.py (``run_regimes``: the pipeline's window
@@ -33,7 +34,10 @@ The correctness part also runs the Triton schedules that auto does not pick (lab
 ``triton[fused,tf32x3]``, ``triton[split,tf32x3]``, and the persistent schedule (one launch, grid
 barriers) ``triton[persistent]``, ``triton[persistent,general]`` (N <= 1024),
 ``triton[persistent,tf32x3]``), the window ones at N <= 512 only, and always (``--quick`` too) the
-N = 4096, 50-iteration cases that decide whether tf32x3 holds 1e-4.
+N = 4096, 50-iteration cases that decide whether tf32x3 holds 1e-4; and ``triton[gibbs fused]``:
+the kernel K of every gibbs_kernel case by gibbs_kernel_only
+(OVSS_FAST_TRITON_GIBBS=fused, symmetric tiles, no cost), N = 4096 included in ``--quick``, which
+part 3 also times beside the two-pass triton gibbs_kernel and inside discrepancy.
 
 Exit status: 0 when every correctness case and every sanitizer run that could run passed.
 
@@ -141,6 +145,10 @@ def build_cases(device: str, quick: bool) -> list[Case]:
     for B, N in {(b, n) for b, n, _ in sizes + big}:
         g = _gen("gibbs", B, N)
         cases.append(Case("gibbs_kernel", f"B={B} N={N}", (_affinity(B, N, g),), {"eps": 0.1}))
+    if not cpu and quick:  # the fused gibbs kernel at the largest N, also in --quick
+        g = _gen("gibbs", 1, 4096)
+        cases.append(Case("gibbs_kernel", "B=1 N=4096", (_affinity(1, 4096, g),), {"eps": 0.1},
+                          ("triton", GIBBS_FUSED)))
     for B, N, C in sizes + big:
         g = _gen("scores", B, N, C)
         dead = (0,) if C > 2 else ()
@@ -209,6 +217,11 @@ def compare(case: Case, out: Any, inputs32: tuple[torch.Tensor, ...]) -> tuple[b
     """(passed, detail) for one backend output against the float64 reference on the same float32 values."""
     ref_in = tuple(t.double() for t in inputs32)
     ref = getattr(R, case.op)(*ref_in, **case.params)
+    if case.op == "gibbs_kernel" and isinstance(out, torch.Tensor):  # gibbs_kernel_only: K alone, symmetric
+        err = rel_err(out, ref[1])
+        sym = torch.equal(out, out.transpose(1, 2))
+        return err <= TOL and sym and out.dtype == torch.float32, \
+            f"rel {err:.1e} (kernel only{'' if sym else ', NOT symmetric'})"
     if case.op == "gibbs_kernel":
         errs = [rel_err(o, r) for o, r in zip(out, ref, strict=True)]
         err = max(errs)
@@ -249,6 +262,9 @@ SCHEDULE_ENV = "OVSS_FAST_CUDA_DISCREPANCY"
 TILE_OPS = ("sinkhorn_scores", "markov_scores")
 TRITON_SCHEDULE_ENV = "OVSS_FAST_TRITON_SCHEDULE"
 TRITON_PRECISION_ENV = "OVSS_FAST_TRITON_PRECISION"
+TRITON_GIBBS_ENV = "OVSS_FAST_TRITON_GIBBS"
+#: the label of Triton's gibbs_kernel_only (symmetric tiles, K only), in the correctness and timing parts
+GIBBS_FUSED = "triton[gibbs fused]"
 #: the largest N of the Triton window schedule (ovss_fast.triton.sinkhorn_scores.WINDOW_MAX_N; not imported
 #: here, so that the check runs where triton is missing)
 WINDOW_MAX_N = 512
@@ -266,9 +282,12 @@ class Variant:
     min_n: int | None = None
     #: only these (B, N, C) (None: every size in range); fewer shapes, fewer compiles and autotunings
     shapes: frozenset[tuple[int, int, int]] | None = None
+    #: the ops it runs, and the backend method that runs them (None: the op's own name)
+    ops: tuple[str, ...] = TILE_OPS
+    method: str | None = None
 
     def takes(self, case: Case) -> bool:
-        if case.op not in TILE_OPS:
+        if case.op not in self.ops:
             return False
         B, n, C = case.inputs[0].shape
         if self.shapes is not None and (B, n, C) not in self.shapes:
@@ -295,6 +314,7 @@ VARIANTS: dict[str, Variant] = {
     "triton[persistent,general]": Variant("triton", _P, {}, max_n=1024),
     "triton[persistent,tf32x3]": Variant("triton", {**_P, TRITON_PRECISION_ENV: "tf32x3"}, {"symmetric": True},
                                          min_n=700),
+    GIBBS_FUSED: Variant("triton", {TRITON_GIBBS_ENV: "fused"}, ops=("gibbs_kernel",), method="gibbs_kernel_only"),
 }
 #: the backends of the correctness part on a GPU, in order
 GPU_BACKENDS = ["cuda", "cuda[tile]", "triton", *[k for k in VARIANTS if k.startswith("triton[")]]
@@ -353,7 +373,8 @@ def run_correctness(device: str, backends: list[str], quick: bool) -> tuple[list
             t0 = time.perf_counter()
             try:
                 with torch.no_grad(), _Env(variant.env if variant else {}):
-                    out = getattr(backend, case.op)(*inputs32, **case.params, **(variant.kwargs if variant else {}))
+                    method = (variant.method if variant else None) or case.op
+                    out = getattr(backend, method)(*inputs32, **case.params, **(variant.kwargs if variant else {}))
                     if device == "cuda":
                         torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
@@ -457,6 +478,17 @@ def _timed_row(what: str, shape: str, label: str, fn: Callable[[], object] | str
         return [what, shape, label, "-", "-", "-", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]
 
 
+def _gibbs_fn(label: str) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """How the timing part builds K: gibbs_kernel_only under OVSS_FAST_TRITON_GIBBS=fused for
+    ``GIBBS_FUSED``, the K of gibbs_kernel (which also writes the cost) for every other label."""
+    if label == GIBBS_FUSED:
+        def fused(b: Any, aff: torch.Tensor) -> torch.Tensor:
+            with _Env({TRITON_GIBBS_ENV: "fused"}):
+                return b.gibbs_kernel_only(aff, eps=0.1)
+        return fused
+    return lambda b, aff: b.gibbs_kernel(aff, eps=0.1)[1]
+
+
 def run_timing(quick: bool) -> list[list[str]]:
     rows: list[list[str]] = []
     rep = 100 if quick else 400
@@ -475,7 +507,8 @@ def run_timing(quick: bool) -> list[list[str]]:
 
     def backend_fn(name: str, mode: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str:
         schedule = "tile" if name == "cuda[tile]" else None
-        b = get_backend("cuda" if schedule else name)
+        gibbs = _gibbs_fn(name)
+        b = get_backend("cuda" if schedule else "triton" if name == GIBBS_FUSED else name)
         if isinstance(b, UnavailableBackend):
             return b.reason
         reasons = b.unsupported_reasons("sinkhorn_scores" if mode == "op" else "markov_scores", (q, aff), {})
@@ -483,7 +516,7 @@ def run_timing(quick: bool) -> list[list[str]]:
             return "; ".join(reasons)
 
         def f(q: torch.Tensor, aff: torch.Tensor) -> torch.Tensor:
-            _, k = b.gibbs_kernel(aff, eps=0.1)
+            k = gibbs(b, aff)
             with _Schedule(schedule):
                 if mode == "op":
                     return b.sinkhorn_scores(q, k, eps=0.1, iters=50)
@@ -497,10 +530,25 @@ def run_timing(quick: bool) -> list[list[str]]:
         cands["cuda"] = backend_fn("cuda", mode)
         cands["cuda[tile]"] = backend_fn("cuda[tile]", mode)
         cands["triton"] = backend_fn("triton", mode)
+        cands[GIBBS_FUSED] = backend_fn(GIBBS_FUSED, mode)
         shape = f"B=1 N={N} C={C}"
         for label, fn in cands.items():
             call = fn if isinstance(fn, str) else (lambda fn=fn: fn(q, aff))
             rows.append(_timed_row(f"discrepancy {mode}", shape, label, call, rep, first_call=True))
+            print("  " + " | ".join(rows[-1]), flush=True)
+
+    # gibbs_kernel alone: the two-pass kernel (cost and K) against symmetric tiles (K only)
+    b = get_backend("triton")
+    for B, n in ((1, N), (1, 4096), (15, 196)):
+        a = _affinity(B, n, g).float().cuda()
+        cands = {"reference eager": lambda a=a: R.gibbs_kernel(a, eps=0.1)}
+        for label in ("triton", GIBBS_FUSED):
+            reasons = [b.reason] if isinstance(b, UnavailableBackend) else b.unsupported_reasons(
+                "gibbs_kernel", (a,), {})
+            gibbs = _gibbs_fn(label)
+            cands[label] = "; ".join(reasons) if reasons else (lambda a=a, gibbs=gibbs: gibbs(b, a))
+        for label, fn in cands.items():
+            rows.append(_timed_row("gibbs_kernel", f"B={B} N={n}", label, fn, rep, first_call=True))
             print("  " + " | ".join(rows[-1]), flush=True)
 
     s, guide = _scores_guide(1, 171, 64, 64, 2048, 2048, g, False)

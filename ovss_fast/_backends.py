@@ -61,6 +61,11 @@ class Backend:
         """Why this backend cannot run ``op`` on these (validated) inputs; empty when it can."""
         return []
 
+    def gibbs_kernel_only(self, affinity: Tensor, *, eps: float = 0.1) -> Tensor:
+        """affinity: [B, N, N] -> the kernel K of ``gibbs_kernel`` (what ops.discrepancy needs); a backend
+        that can skip the cost overrides this. Not an op of :data:`OPS`: it calls this backend's gibbs_kernel."""
+        return self.gibbs_kernel(affinity, eps=eps)[1]
+
 
 class ReferenceBackend(Backend):
     """The pure-PyTorch specification: any device, any supported dtype."""

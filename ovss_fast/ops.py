@@ -93,12 +93,12 @@ def discrepancy(
     if mode == "op":
         impl = select("sinkhorn_scores", backend, (q, affinity), op_params)
         with torch.no_grad():
-            _, kernel = impl.gibbs_kernel(affinity, eps=eps)
+            kernel = impl.gibbs_kernel_only(affinity, eps=eps)
             s = impl.sinkhorn_scores(q, kernel, **op_params, **_symmetric(impl))
     else:
         impl = select("markov_scores", backend, (q, affinity), mv_params)
         with torch.no_grad():
-            _, kernel = impl.gibbs_kernel(affinity, eps=eps)
+            kernel = impl.gibbs_kernel_only(affinity, eps=eps)
             s = impl.markov_scores(q, kernel, **mv_params, **_symmetric(impl))
     return check.finite_scores(s, mode, affinity, eps)
 

@@ -199,6 +199,193 @@ def test_gibbs_kernel_constant_affinity():
     assert torch.equal(kern, torch.ones_like(kern))
 
 
+def _gibbs_affinity(B: int, N: int, dtype: torch.dtype, layout: str, seed: int) -> torch.Tensor:
+    """A non-symmetric affinity whose Craw range differs per image (image 0 holds a zero pair, whose
+    Craw is -log(1e-12)); "transposed": a transposed view, "slice": every other column of a larger
+    batch (strides 2 in b and in j)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(2 * B, N + 1, 2 * N + 1, generator=g)
+    a = (a ** (2.0 + 2.0 * torch.arange(2 * B).view(-1, 1, 1))).to(dtype)
+    a = a[::2, 1:, 1::2] if layout == "slice" else a[:B, :N, :N].contiguous()
+    if N > 1:
+        a[0, 0, N - 1] = 0
+        a[0, N - 1, 0] = 0
+    if layout == "transposed":
+        a = a.transpose(1, 2)
+    assert a.shape == (B, N, N) and (N == 1 or a.is_contiguous() == (layout == "contiguous"))
+    return a
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "B,N,dtype,layout",
+    [
+        (1, 1, torch.float32, "contiguous"),
+        (3, 1, torch.float16, "slice"),
+        (1, 17, torch.bfloat16, "contiguous"),
+        (3, 17, torch.float32, "slice"),
+        (1, 40, torch.float16, "transposed"),
+        (3, 40, torch.float32, "contiguous"),
+        (1, 64, torch.float32, "slice"),
+        (3, 64, torch.bfloat16, "transposed"),
+    ],
+)
+def test_gibbs_kernel_only(B, N, dtype, layout):
+    """Symmetric tiles (N not a multiple of the tile, one patch, B > 1, any strides): the K of
+    gibbs_kernel bit for bit, exactly symmetric, and the float64 reference's K within 1e-4."""
+    from ovss_fast.triton import gibbs_kernel as gk
+
+    a = _gibbs_affinity(B, N, dtype, layout, seed=B * 100 + N)
+    kern = gk.gibbs_kernel_only(a, eps=0.1)
+    _, kern_two_pass = gk.gibbs_kernel(a, eps=0.1)
+    _, kern_ref = R.gibbs_kernel(a.double(), eps=0.1)
+    assert kern.dtype == torch.float32 and kern.shape == (B, N, N) and kern.is_contiguous()
+    assert torch.equal(kern, kern_two_pass)
+    assert torch.equal(kern, kern.transpose(1, 2))
+    assert rel_err(kern, kern_ref) <= TOL
+    if N > 1:  # the zero pair is image 0's largest cost, so its K there is exp(-1 / eps)
+        assert abs(float(kern[0, 0, N - 1]) - float(torch.exp(torch.tensor(-10.0)))) <= 1e-9
+
+
+@interpreted
+def test_gibbs_kernel_only_constant_affinity():
+    a = torch.full((2, 19, 19), 0.25)
+    assert torch.equal(_backend().gibbs_kernel_only(a, eps=0.05), torch.ones(2, 19, 19))  # separate
+    from ovss_fast.triton import gibbs_kernel as gk
+
+    assert torch.equal(gk.gibbs_kernel_only(a, eps=0.05), torch.ones(2, 19, 19))  # span 0: cost 0, K 1
+
+
+@interpreted
+def test_tile_pair_covers_the_upper_triangle(monkeypatch):
+    """_tile_pair maps 0 .. T (T + 1) / 2 - 1 onto every (ti, tj), ti <= tj < T, once, column by column
+    (every p up to T = 2048 tiles), and stays right at both sides of every column start up to the
+    largest T whose 8 p + 1 fits int32 (23170), where float32 rounds 8 p + 1 and its square root."""
+    import triton
+    import triton.language as tl
+
+    from ovss_fast.triton import gibbs_kernel as gk
+
+    # a jit function finds the functions it calls among its module's globals, not in closures
+    monkeypatch.setitem(globals(), "_gk_tile_pair", gk._tile_pair)
+
+    @triton.jit
+    def pairs_kernel(p_ptr, ti_ptr, tj_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ti, tj = _gk_tile_pair(tl.load(p_ptr + offs, mask=offs < n, other=0))  # noqa: F821 - set above
+        tl.store(ti_ptr + offs, ti, mask=offs < n)
+        tl.store(tj_ptr + offs, tj, mask=offs < n)
+
+    T = 2048
+    cols = torch.arange(T)
+    every_tj = torch.repeat_interleave(cols, cols + 1)
+    starts = torch.arange(T, 23170) * torch.arange(T + 1, 23171) // 2  # p of (0, k)
+    p = torch.cat([torch.arange(len(every_tj)), starts - 1, starts])
+    want_tj = torch.cat([every_tj, torch.arange(T - 1, 23169), torch.arange(T, 23170)])
+    want_ti = p - want_tj * (want_tj + 1) // 2
+    assert int(p.max()) * 8 + 1 < 2**31
+    ti = torch.empty(len(p), dtype=torch.int32)
+    tj = torch.empty_like(ti)
+    block = 1 << 18
+    pairs_kernel[(triton.cdiv(len(p), block),)](p.to(torch.int32), ti, tj, len(p), BLOCK=block)
+    assert torch.equal(tj.long(), want_tj)
+    assert torch.equal(ti.long(), want_ti)
+
+
+@interpreted
+@pytest.mark.parametrize("mode", ["op", "mv"])
+def test_gibbs_kernel_only_through_discrepancy(mode, monkeypatch):
+    """OVSS_FAST_TRITON_GIBBS=fused: ops.discrepancy builds K with gibbs_kernel_only (and only with it),
+    matches the reference and, K being the same bits, the separate path exactly; unset: gibbs_kernel."""
+    from ovss_fast.triton import gibbs_kernel as gk
+
+    calls = []
+    for name in ("gibbs_kernel", "gibbs_kernel_only"):
+        real = getattr(gk, name)
+        monkeypatch.setattr(gk, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    q = _q(3, 37, 4, dead=(3,), seed=6)
+    aff = _gibbs_affinity(3, 37, torch.float32, "transposed", seed=12)
+    kw = dict(mode=mode, iters=4, sk_iters=3, steps=5)
+    want = ops.discrepancy(q.double(), aff.double(), backend="reference", **kw)
+    monkeypatch.delenv("OVSS_FAST_TRITON_GIBBS", raising=False)
+    separate = ops.discrepancy(q, aff, backend="triton", **kw)
+    assert calls == ["gibbs_kernel"]
+    monkeypatch.setenv("OVSS_FAST_TRITON_GIBBS", " Fused")
+    fused = ops.discrepancy(q, aff, backend="triton", **kw)
+    assert calls == ["gibbs_kernel", "gibbs_kernel_only"]
+    assert rel_err(fused, want) <= TOL
+    assert torch.equal(fused, separate)
+    monkeypatch.setenv("OVSS_FAST_TRITON_GIBBS", "separate")
+    assert torch.equal(ops.discrepancy(q, aff, backend="triton", **kw), separate)
+    monkeypatch.setenv("OVSS_FAST_TRITON_GIBBS", "symmetric")
+    with pytest.raises(ValueError, match="OVSS_FAST_TRITON_GIBBS must be one of separate, fused; got 'symmetric'"):
+        ops.discrepancy(q, aff, backend="triton", **kw)
+    assert calls == ["gibbs_kernel", "gibbs_kernel_only", "gibbs_kernel"]
+
+
+@interpreted
+def test_gpu_check_runs_the_fused_gibbs_kernel():
+    """bench/gpu_check.py's "triton[gibbs fused]" rows: gibbs_kernel_only on every gibbs_kernel case
+    (the CPU dry run's sizes here), K checked against float64, and only those cases."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import gpu_check
+    finally:
+        sys.path.remove(str(ROOT))
+    rows, ok = gpu_check.run_correctness("cpu", [gpu_check.GIBBS_FUSED], quick=True)
+    n_cases = sum(c.op == "gibbs_kernel" for c in gpu_check.build_cases("cpu", quick=True))
+    assert ok and len(rows) == n_cases >= 3, rows
+    assert all(r[1] == "gibbs_kernel" and r[3] == "PASS" and "kernel only" in r[4] for r in rows), rows
+    assert os.environ.get("OVSS_FAST_TRITON_GIBBS") is None
+
+
+@needs_triton
+def test_gibbs_schedule_switch(monkeypatch):
+    """The switch is read on every call and checked before any launch (here no kernel runs)."""
+    from ovss_fast.triton import gibbs_kernel as gk
+
+    monkeypatch.delenv("OVSS_FAST_TRITON_GIBBS", raising=False)
+    assert gk.gibbs_schedule() == "separate"
+    monkeypatch.setenv("OVSS_FAST_TRITON_GIBBS", "FUSED ")
+    assert gk.gibbs_schedule() == "fused"
+    monkeypatch.setenv("OVSS_FAST_TRITON_GIBBS", "1")
+    with pytest.raises(ValueError, match="OVSS_FAST_TRITON_GIBBS must be one of separate, fused; got '1'"):
+        _backend().gibbs_kernel_only(torch.rand(1, 4, 4))
+
+
+def test_backend_default_gibbs_kernel_only():
+    """Backend.gibbs_kernel_only (every backend but Triton): the K of the backend's own gibbs_kernel;
+    the reference's comes through ReferenceBackend.__getattr__."""
+    from ovss_fast._backends import UnavailableBackend, get_backend
+
+    a = _gibbs_affinity(2, 23, torch.float64, "slice", seed=4)
+    want = R.gibbs_kernel(a, eps=0.2)[1]
+    assert torch.equal(get_backend("reference").gibbs_kernel_only(a, eps=0.2), want)
+    cpu = get_backend("cpu")
+    if isinstance(cpu, UnavailableBackend):
+        pytest.skip(cpu.reason)
+    assert torch.equal(cpu.gibbs_kernel_only(a, eps=0.2), cpu.gibbs_kernel(a, eps=0.2)[1])
+    assert rel_err(cpu.gibbs_kernel_only(a, eps=0.2), want) <= 1e-12
+
+
+@pytest.mark.cuda
+@needs_triton
+@pytest.mark.parametrize("B,N,dtype,layout", [(1, 1024, torch.float32, "contiguous"), (1, 4096, torch.float32,
+                                               "contiguous"), (15, 196, torch.float32, "slice"),
+                                              (2, 257, torch.bfloat16, "transposed")])
+def test_gpu_gibbs_kernel_only_real_sizes(B, N, dtype, layout):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("compiled kernels only")
+    from ovss_fast.triton import gibbs_kernel as gk
+
+    a = _gibbs_affinity(B, N, dtype, layout, seed=N).cuda()
+    kern = gk.gibbs_kernel_only(a, eps=0.1)
+    _, kern_two_pass = gk.gibbs_kernel(a, eps=0.1)
+    assert torch.equal(kern, kern.transpose(1, 2))
+    assert rel_err(kern, kern_two_pass) <= 1e-6
+    assert rel_err(kern, R.gibbs_kernel(a.double(), eps=0.1)[1]) <= TOL
+
+
 # --------------------------------------------------------------------------- section 3, kl
 @interpreted
 @pytest.mark.parametrize("dtype,layout", [(torch.float32, "noncontiguous"), (torch.float16, "contiguous")])
@@ -883,10 +1070,49 @@ def test_autotune_results_kept_on_disk(monkeypatch):
     if "cache_results" not in inspect.signature(triton.autotune).parameters:
         pytest.skip("this Triton has no cache_results")
     tuners = [v for m in (cd, gk, jbu, kl, mk, sk) for v in vars(m).values() if isinstance(v, triton.runtime.Autotuner)]
-    assert len(tuners) == 23  # 19 + the persistent schedule (op, mv) x (ieee, tf32x3)
+    # 19 + the persistent schedule (op, mv) x (ieee, tf32x3) + gibbs_kernel_only's two passes
+    assert len(tuners) == 25
     assert all(t.cache_results for t in tuners)
     monkeypatch.setenv("OVSS_FAST_TRITON_AUTOTUNE_CACHE", "0")
     assert not _runtime.autotune(sk._CONFIGS, ["N"])(sk._sinkhorn_scores_kernel).cache_results
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles for the GPU")
+def test_gibbs_kernel_only_compiles_for_h100():
+    """Both symmetric-tile kernels of gibbs_kernel_only, every config, float32 and bfloat16 affinity,
+    lower to sm_90 code within H100 shared memory, and ptxas (Triton's own) spills no register."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    from ovss_fast.triton import gibbs_kernel as gk
+
+    ptxas = get_ptxas(90).path
+    block_s = triton.next_power_of_2(gk.RANGE_PARTS)
+    for cfg in gk.SYM_CONFIGS:
+        for kernel, constexprs in ((gk._sym_range_kernel, cfg.kwargs),
+                                   (gk._sym_gibbs_kernel, {**cfg.kwargs, "BLOCK_S": block_s})):
+            for a_type in ("*fp32", "*bf16"):
+                sig = {name: "constexpr" if name in constexprs else (a_type if name == "a_ptr" else "*fp32")
+                       if name.endswith("_ptr") else "fp32" if name == "inv_eps" else "i32"
+                       for name in kernel.arg_names}
+                compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs),
+                                          target=GPUTarget("cuda", 90, 32),
+                                          options={"num_warps": cfg.num_warps, "num_stages": 3})
+                what = f"{kernel.__name__} {constexprs} {cfg.num_warps} warps {a_type}"
+                assert compiled.metadata.shared <= 227 * 1024, what
+                with tempfile.TemporaryDirectory() as tmp:
+                    ptx = Path(tmp) / "k.ptx"
+                    ptx.write_text(compiled.asm["ptx"])
+                    out = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(tmp) / "k.o")],
+                                         capture_output=True, text=True, check=True)
+                spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", out.stdout + out.stderr)
+                assert spills and all(int(n) == 0 for n in spills), f"{what}: {out.stdout + out.stderr}"
 
 
 # --------------------------------------------------------------------------- GPU, real sizes

@@ -83,6 +83,15 @@ class TritonBackend(Backend):
 
         return mod.gibbs_kernel(affinity, eps=eps)
 
+    def gibbs_kernel_only(self, affinity: Tensor, *, eps: float = 0.1) -> Tensor:
+        """affinity: [B, N, N] -> kernel [B, N, N] float32. OVSS_FAST_TRITON_GIBBS=fused: symmetric tiles,
+        no cost written (gibbs_kernel.gibbs_kernel_only); unset or "separate": gibbs_kernel's K."""
+        from . import gibbs_kernel as mod
+
+        if mod.gibbs_schedule() == "fused":
+            return mod.gibbs_kernel_only(affinity, eps=eps)
+        return self.gibbs_kernel(affinity, eps=eps)[1]
+
     def kl_scores(self, q: Tensor) -> Tensor:
         """q: [B, N, C] -> [B, N, C] float32."""
         from . import kl_scores as mod

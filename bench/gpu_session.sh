@@ -20,7 +20,8 @@
 # compute-sanitizer (no CUDA source changed), BUDGET_S (default 330) seconds in all counting
 # the build: about 6 minutes. full: every case and regime, with compute-sanitizer, BUDGET_S
 # default 420 and at most 150 s of pytest after it (one device command may run 600 s; regime
-# rows past the budget are listed as skipped). The exit status is gpu_check's (0: all correct),
+# rows past the budget are listed as skipped). GPU_CHECK_ARGS adds gpu_check arguments (see below).
+# The exit status is gpu_check's (0: all correct),
 # or the GPU pytest's when gpu_check passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +60,12 @@ cp bench/RESULTS.md bench/results.csv "$OUT/"
 args=(--results-dir "$OUT" --budget-s "$((budget - build_s - 15))")
 if [ "$mode" = "quick" ]; then
   args+=(--quick --skip-sanitizer)
+fi
+# GPU_CHECK_ARGS: more gpu_check arguments, e.g. "--backends triton,triton[persistent] --skip-pipeline"
+# for a shorter first look at a few schedules (word-split on spaces)
+if [ -n "${GPU_CHECK_ARGS:-}" ]; then
+  read -r -a extra <<<"$GPU_CHECK_ARGS"
+  args+=("${extra[@]}")
 fi
 echo "== python -m bench.gpu_check ${args[*]}"
 set -o pipefail

@@ -47,3 +47,12 @@ def tiny_open_clip(seed: int = 0) -> tuple:
         warnings.simplefilter("ignore")  # "random weights" warnings
         model = open_clip.create_model(TINY_MODEL, pretrained=None)
     return model.eval(), open_clip.get_tokenizer(TINY_MODEL)
+
+
+def tiny_segmenter(tiny: tuple, templates: tuple, **kw):
+    """Segmenter.from_model on a tiny_open_clip() pair, on the CPU, backend "reference" unless given."""
+    from ovss_fast.segmenter import Segmenter
+
+    model, tok = tiny
+    kw.setdefault("backend", "reference")
+    return Segmenter.from_model(model, tok, templates=templates, device="cpu", **kw)

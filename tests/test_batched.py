@@ -12,7 +12,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip", reason="the segmentation pipeline needs open_clip_torch")
 
-from conftest import rel_err, tiny_open_clip  # noqa: E402
+from conftest import rel_err, tiny_open_clip, tiny_segmenter  # noqa: E402
 
 from ovss_fast.clip_features import normalise  # noqa: E402
 from ovss_fast.ops import class_distributions, discrepancy, jbu_upsample  # noqa: E402
@@ -29,9 +29,7 @@ def tiny():
 
 
 def segmenter(tiny, **kw):
-    model, tok = tiny
-    kw.setdefault("backend", "reference")
-    return Segmenter.from_model(model, tok, templates=TEMPLATES, device="cpu", **kw)
+    return tiny_segmenter(tiny, TEMPLATES, **kw)
 
 
 def images(batch, h, w, seed=0):

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip", reason="the segmentation pipeline needs open_clip_torch")
 
-from conftest import tiny_open_clip  # noqa: E402
+from conftest import tiny_open_clip, tiny_segmenter  # noqa: E402
 
 from ovss_fast.clip_features import DenseCLIP, normalise  # noqa: E402
 from ovss_fast.ops import class_distributions, discrepancy, jbu_upsample  # noqa: E402
-from ovss_fast.segmenter import Segmenter, window_starts  # noqa: E402
+from ovss_fast.segmenter import window_starts  # noqa: E402
 
 CLASSES = ["background; sky", "cat; kitten", "dog", "grass"]
 GROUPS = [[0, 1], [2, 3], [4], [5]]
@@ -30,9 +30,7 @@ def tiny():
 
 
 def make(tiny, **kw):
-    model, tok = tiny
-    kw.setdefault("backend", "reference")
-    return Segmenter.from_model(model, tok, templates=TEMPLATES, device="cpu", **kw)
+    return tiny_segmenter(tiny, TEMPLATES, **kw)
 
 
 def image(h, w, seed=0):

@@ -574,17 +574,23 @@ def test_window_schedule_sinkhorn_needs_the_transpose_when_not_symmetric():
 @pytest.mark.parametrize("op", ["op", "mv"])
 def test_window_schedule_partial_sums_past_256(op):
     """N = 300: BLOCK_N = 512 (the second config tier), products over N in two partial sums."""
+
+    q, k = _q(1, 300, 2, seed=3), _kernel(1, 300, symmetric=True, seed=4)
+    got, want = _scores_and_reference(op, q, k, "window", sk_iters=1)
+    assert rel_err(got, want) <= TOL
+
+
+def _scores_and_reference(op: str, q, k, schedule: str, *, sk_iters: int):
+    """(triton scores with this schedule and symmetric=True, float64 reference) for op (3 iterations) or
+    mv (sk_iters, 3 steps)."""
     from ovss_fast.triton import markov_scores as mk
     from ovss_fast.triton import sinkhorn_scores as sk
 
-    q, k = _q(1, 300, 2, seed=3), _kernel(1, 300, symmetric=True, seed=4)
     if op == "op":
-        got = sk.sinkhorn_scores(q, k, eps=0.1, iters=3, schedule="window", symmetric=True)
-        want = R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=3)
-    else:
-        got = mk.markov_scores(q, k, sk_iters=1, steps=3, schedule="window", symmetric=True)
-        want = R.markov_scores(q.double(), k.double(), sk_iters=1, steps=3)
-    assert rel_err(got, want) <= TOL
+        return (sk.sinkhorn_scores(q, k, eps=0.1, iters=3, schedule=schedule, symmetric=True),
+                R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=3))
+    return (mk.markov_scores(q, k, sk_iters=sk_iters, steps=3, schedule=schedule, symmetric=True),
+            R.markov_scores(q.double(), k.double(), sk_iters=sk_iters, steps=3))
 
 
 @interpreted
@@ -730,17 +736,11 @@ def test_persistent_schedule_markov(B, N, C, dead, symmetric, dtype, layout, one
 def test_persistent_schedule_partial_sums_past_256(op, monkeypatch):
     """N = 300 (products over N in partial sums of 256), 19 row blocks of 16: the q / f column sums go
     through the per row block partials; one launch, so the barrier counters must also come back to 0."""
-    from ovss_fast.triton import markov_scores as mk
     from ovss_fast.triton import sinkhorn_scores as sk
 
     monkeypatch.setattr(sk, "INTERPRET_ONE_LAUNCH", True)
     q, k = _q(1, 300, 2, dead=(1,), seed=5), _kernel(1, 300, symmetric=True, seed=6)
-    if op == "op":
-        got = sk.sinkhorn_scores(q, k, eps=0.1, iters=3, schedule="persistent", symmetric=True)
-        want = R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=3)
-    else:
-        got = mk.markov_scores(q, k, sk_iters=2, steps=3, schedule="persistent", symmetric=True)
-        want = R.markov_scores(q.double(), k.double(), sk_iters=2, steps=3)
+    got, want = _scores_and_reference(op, q, k, "persistent", sk_iters=2)
     assert rel_err(got, want) <= TOL
     assert bool((got[:, :, 1] == float("-inf")).all()) and bool(torch.isfinite(got[:, :, 0]).all())
 

@@ -90,7 +90,7 @@ class TritonBackend(Backend):
 
         if mod.gibbs_schedule() == "fused":
             return mod.gibbs_kernel_only(affinity, eps=eps)
-        return self.gibbs_kernel(affinity, eps=eps)[1]
+        return super().gibbs_kernel_only(affinity, eps=eps)
 
     def kl_scores(self, q: Tensor) -> Tensor:
         """q: [B, N, C] -> [B, N, C] float32."""

@@ -63,6 +63,7 @@ from .sinkhorn_scores import (
     _grid_exit,
     _grid_sync,
     _k_times_x_window,
+    _part_sum,
     _tile_coords,
     choose_schedule,
     launch_persistent,
@@ -593,9 +594,7 @@ def _markov_persistent_kernel(
                                      rows, rmask, cls, cmask, N, step, steps, tau, VELOCITY, SYMMETRIC, PRECISION,
                                      BLOCK_N, BLOCK_R, BLOCK_S, BLOCK_C)
                 else:
-                    qsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
-                    for rb2 in range(0, RB):
-                        qsum += tl.load(part + rb2 * CP, mask=cmask, other=0.0, cache_modifier=".cg")
+                    qsum = _part_sum(part, CP, RB, cmask, BLOCK_C)
                     _chain_finish_tile(q_base, sqn, sqc, o_base, C, rows, rmask, cls, cmask, N, qsum <= 0, VELOCITY)
         if GRID_SYNC:
             if phase < phase_hi - 1:

@@ -520,7 +520,9 @@ def _sinkhorn_persistent_kernel(
                 elif phase == last - 1:
                     tl.store(part + plane, colsum, mask=cmask)
             else:
-                qsum, fsum = _part_sums(part_ptr + b * RB * CP + cls, plane, CP, RB, cmask, BLOCK_C)
+                col = part_ptr + b * RB * CP + cls
+                qsum = _part_sum(col, CP, RB, cmask, BLOCK_C)
+                fsum = _part_sum(col + plane, CP, RB, cmask, BLOCK_C)
                 _center_tile(u_base, CP, out_ptr + b * N * C, C, rows, rmask, cls, cmask, fsum / N, qsum <= 0)
         if GRID_SYNC:
             if phase < phase_hi - 1:
@@ -530,15 +532,13 @@ def _sinkhorn_persistent_kernel(
 
 
 @triton.jit
-def _part_sums(col_ptr, plane, CP, RB, cmask, BLOCK_C: tl.constexpr):
-    """Column sums of planes 0 and 1 of a [2, RB, CP] partials buffer at col_ptr (a tile's classes), added
-    in row-block order (read with .cg: written by other programs before a grid barrier)."""
-    s0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+def _part_sum(col_ptr, CP, RB, cmask, BLOCK_C: tl.constexpr):
+    """Column sums of a [RB, CP] partials plane at col_ptr (a tile's classes), added in row-block order
+    (read with .cg: written by other programs before a grid barrier)."""
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for rb in range(0, RB):
-        s0 += tl.load(col_ptr + rb * CP, mask=cmask, other=0.0, cache_modifier=".cg")
-        s1 += tl.load(col_ptr + plane + rb * CP, mask=cmask, other=0.0, cache_modifier=".cg")
-    return s0, s1
+        total += tl.load(col_ptr + rb * CP, mask=cmask, other=0.0, cache_modifier=".cg")
+    return total
 
 
 # The window schedule's configs (untimed; chosen so that ptxas reports no spills for sm_90 with

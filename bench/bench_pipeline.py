@@ -298,14 +298,14 @@ def run(device: str = "cpu", *, smoke: bool = False, images: int | None = None, 
                     PATHS[1]: Segmenter.from_model(model, tok, **common)}
             if cache is None:
                 segs[PATHS[0]].text_features(names)  # embed once, outside the clock
-                cache = segs[PATHS[0]]._text_cache
+                cache = segs[PATHS[0]].vocabulary.cache
             for s in segs.values():
-                s._text_cache = cache
+                s.vocabulary.cache = cache
             _, x = protocol_input(segs[PATHS[1]], imgs[0], proto.short_side)
             gh, gw = segs[PATHS[1]].grid_for(*x.shape[-2:])
             layout = segs[PATHS[1]].window_layout((gh, gw))
             wh, ww = layout.cells
-            chunk = segs[PATHS[1]]._windows_per_chunk(*x.shape[-2:], synonyms)
+            chunk = segs[PATHS[1]].windows.per_chunk(*x.shape[-2:], synonyms)
             estimate = {p: s.memory_estimate(*x.shape[-2:], batch=min(chunk, layout.num_windows) if
                                              p == PATHS[1] else 1, synonyms=synonyms) / 2**20
                         for p, s in segs.items()}
@@ -330,7 +330,7 @@ def run(device: str = "cpu", *, smoke: bool = False, images: int | None = None, 
         elif n_loader > 0 and "mv" in modes:
             seg = Segmenter.from_model(model, tok, affinity="clip", mode="mv", device=dev, window=proto.window,
                                        stride=proto.stride, templates=("a photo of a {}.",))
-            seg._text_cache = cache
+            seg.vocabulary.cache = cache
             lo = loader_share(seg, names, proto, n_loader, workers, dataset_spec(proto.name).num_classes)
             loader_rows.append([proto.name, f"{proto.image[0]}x{proto.image[1]}", str(lo["images"]), str(workers),
                                 f"{lo['images_per_s']:.3f}", f"{100 * lo['wait_share']:.1f}%"])

@@ -1,7 +1,8 @@
 """What the command-line front ends share: the model and method flags, their checks, and one way to fail.
 
 ``ovss-fast segment`` and ``ovss-fast eval`` take the same model flags (--model ...
---memory-budget) and method flags (--features --head --scale ... --radius); ``demo``
+--memory-budget) and method flags (--features --head ..., and one flag per head option of
+:class:`ovss_fast.options.HeadOptions`: --scale ... --radius, with that option's check); ``demo``
 and ``backends`` share --backend / --device. Every flag is checked by the functions of
 :mod:`ovss_fast._validate` (the API's own messages, naming the flag), and every command
 fails the same way: ``ovss-fast COMMAND: error: MESSAGE`` on stderr, exit status 2
@@ -12,29 +13,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from typing import Any
 
 from . import _validate as check
 from .clip_features import FEATURES, POS_INTERP, check_features
+from .options import HeadOptions, flag
 
 #: what every command catches and turns into ``fail`` (anything else is a bug and keeps its traceback)
 USER_ERRORS = (ValueError, TypeError, RuntimeError, OSError, ImportError)
-
-#: method flag -> (Segmenter keyword, argparse type, help); default None everywhere = the API's or the protocol's
-METHOD_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--scale": ("scale", float, "logit scale of softmax(scale * cos) (default 100; protocols set their own)"),
-    "--nms": ("nms", float, "class-distribution NMS ratio in [0, 1] (default 0)"),
-    "--eps": ("eps", float, "entropic regularisation of the Gibbs kernel (default 0.1)"),
-    "--iters": ("iters", int, "Markov-chain iterations for mode op (default 50)"),
-    "--sk-iters": ("sk_iters", int, "Sinkhorn iterations (default 15)"),
-    "--steps": ("steps", int, "velocity steps for mode mv (default 50)"),
-    "--readout": ("readout", str, f"mv readout: {', '.join(check.READOUTS)} (default integrated)"),
-    "--tau": ("tau", float, "mv temperature (default 0.3)"),
-    "--sigma-spatial": ("sigma_spatial", float, "JBU spatial sigma in patches (default 1.0)"),
-    "--sigma-range": ("sigma_range", float, "JBU range sigma on [0, 1] colours (default 0.1)"),
-    "--radius": ("radius", int, "JBU radius in patches (default 2)"),
-}
-
 
 def fail(prog: str, message: object, code: int = 2) -> int:
     """Print ``PROG: error: MESSAGE`` on stderr and return the exit status (2: bad input, 1: the run failed)."""
@@ -101,33 +88,26 @@ def add_method_arguments(parser: argparse.ArgumentParser, *, protocol_note: str 
                    help="positional-embedding interpolation: size (default) or peers (scale_factor (g + 0.1) / g0)")
     g.add_argument("--antialias", default=None, action=argparse.BooleanOptionalAction,
                    help="antialias the resizes (default on)")
-    for flag, (_, typ, text) in METHOD_FLAGS.items():
-        g.add_argument(flag, type=typ, default=None, help=text)
+    for f in fields(HeadOptions):  # one flag per head option: --sk-iters for sk_iters, its help and choices
+        choices = f.metadata["choices"]
+        g.add_argument(flag(f.name), type=type(f.default), default=None, help=f.metadata["help"],
+                       metavar="|".join(choices) if choices else None)
 
 
 def check_method_arguments(args: argparse.Namespace) -> None:
     """The method flags through the API's checks, with the flag's name in the message."""
     if args.features is not None:
         check_features(args.features)
-    for flag, choices in (("head", check.HEADS), ("aggregation", check.AGGREGATIONS), ("crop", check.CROPS),
+    for name, choices in (("head", check.HEADS), ("aggregation", check.AGGREGATIONS), ("crop", check.CROPS),
                           ("pos_interp", POS_INTERP)):
-        value = getattr(args, flag)
+        value = getattr(args, name)
         if value is not None:
-            check.choice(f"--{flag.replace('_', '-')}", value, choices)
+            check.choice(flag(name), value, choices)
     if isinstance(args.bg_threshold, float):
         check.threshold("--bg-threshold", args.bg_threshold)
-    v = {flag: getattr(args, key) for flag, (key, _, _) in METHOD_FLAGS.items()}
-    for flag in ("--scale", "--eps", "--tau", "--sigma-spatial", "--sigma-range"):
-        if v[flag] is not None:
-            check.positive(flag, v[flag])
-    if v["--nms"] is not None:
-        if not 0.0 <= v["--nms"] <= 1.0:
-            raise ValueError(f"--nms must lie in [0, 1], got {v['--nms']}")
-    for flag, minimum in (("--iters", 1), ("--sk-iters", 0), ("--steps", 1), ("--radius", 0)):
-        if v[flag] is not None:
-            check.count(flag, v[flag], minimum=minimum)
-    if v["--readout"] is not None:
-        check.choice("--readout", v["--readout"], check.READOUTS)
+    for f in fields(HeadOptions):
+        if getattr(args, f.name) is not None:
+            f.metadata["check"](flag(f.name), getattr(args, f.name))
     if args.memory_budget <= 0:
         raise ValueError(f"--memory-budget must be positive, got {args.memory_budget}")
 
@@ -141,7 +121,7 @@ def method_kwargs(args: argparse.Namespace, defaults: dict | None = None) -> dic
             out[name] = getattr(args, name)
     if args.bg_threshold is not None:
         out["bg_threshold"] = None if args.bg_threshold == "none" else args.bg_threshold
-    for key, _, _ in METHOD_FLAGS.values():
+    for key in HeadOptions.names():
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)
     return out

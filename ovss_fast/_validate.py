@@ -91,11 +91,11 @@ def count(name: str, value: int, *, minimum: int = 0, maximum: int | None = None
 MAX_RADIUS = 64
 
 
-def radius(value: int) -> int:
+def radius(value: int, name: str = "radius") -> int:
     """The JBU radius: 0..64, the compiled backends' cap and message, for every backend."""
-    r = count("radius", value, minimum=0)
+    r = count(name, value, minimum=0)
     if r > MAX_RADIUS:
-        raise ValueError(f"radius must be <= {MAX_RADIUS} ({(2 * r + 1) * (2 * r + 1)} taps per pixel), got {r}")
+        raise ValueError(f"{name} must be <= {MAX_RADIUS} ({(2 * r + 1) * (2 * r + 1)} taps per pixel), got {r}")
     return r
 
 
@@ -122,11 +122,11 @@ def flag(name: str, value: object) -> bool:
     return value
 
 
-def nms_ratio(value: float) -> float:
+def nms_ratio(value: float, name: str = "nms") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"nms must be a number, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (0.0 <= value <= 1.0):
-        raise ValueError(f"nms must lie in [0, 1], got {value}")
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
     return float(value)
 
 

@@ -18,6 +18,7 @@ import difflib
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -298,4 +299,42 @@ def load_model(model: str, pretrained: str | os.PathLike | None, *, device: torc
     return clip, tokenizer or tok, model
 
 
-__all__ = ["HFCLIP", "HFTokenizer", "build_open_clip", "is_hf_clip", "load_hf", "load_model", "wrap_model"]
+@dataclass(frozen=True)
+class LoadedModel:
+    """What a Segmenter runs on: the model (eval mode, no grad), its tokenizer and name, its device and dtype."""
+
+    model: nn.Module
+    tokenizer: Callable
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_frozen(model: str | nn.Module, pretrained: str | os.PathLike | None = None, *,
+                device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                tokenizer: Callable | None = None, cache_dir: str | None = None) -> LoadedModel:
+    """A model name (:func:`load_model`) or an already-built model (:func:`wrap_model`) on ``device``
+    (default CUDA if available) in ``dtype`` (default: a built model's own; for names float16 on CUDA,
+    float32 on the CPU), in eval mode with every parameter frozen."""
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu'")
+    if isinstance(model, nn.Module):
+        clip, tok, name = wrap_model(model, tokenizer)
+        clip = clip.to(dev).eval()
+        if dtype is not None:
+            clip = clip.to(dtype)
+        dtype = dtype or next(model.parameters()).dtype
+    else:
+        dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+        clip, tok, name = load_model(model, pretrained, device=dev, dtype=dtype, cache_dir=cache_dir,
+                                     tokenizer=tokenizer)
+    for p in clip.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(clip, tok, name, dev, dtype)
+
+
+__all__ = ["HFCLIP", "HFTokenizer", "LoadedModel", "build_open_clip", "is_hf_clip", "load_frozen", "load_hf",
+           "load_model", "wrap_model"]

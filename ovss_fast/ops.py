@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import _validate as check
 from ._backends import select
+from .options import HeadOptions
 
 
 def class_distributions(feats: Tensor, text: Tensor, *, scale: float = 100.0, nms: float = 0.0,
@@ -152,44 +153,35 @@ def segment_features(
     grid: tuple[int, int] | None = None,
     guide: Tensor | None = None,
     mode: str = "mv",
-    scale: float = 100.0,
-    nms: float = 0.0,
-    eps: float = 0.1,
-    iters: int = 50,
-    sk_iters: int = 15,
-    steps: int = 50,
-    readout: str = "integrated",
-    tau: float = 0.3,
-    sigma_spatial: float = 1.0,
-    sigma_range: float = 0.1,
-    radius: int = 2,
     return_scores: bool = False,
     backend: str = "auto",
+    **options: Any,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Features to a segmentation map in one call: sections 1 -> 2 -> 3 -> 4 of method.md.
 
     feats: [B, N, D]; text: [C, D]; affinity: [B, N, N] (None only for mode "kl");
     grid: (h, w) with h * w = N (None: square). Returns labels [B, h, w] int64 when
     guide is None, else labels [B, H, W] for guide [B, 3, H, W]. With
-    ``return_scores=True`` returns (labels, scores [B, C, h, w]).
+    ``return_scores=True`` returns (labels, scores [B, C, h, w]). options: the head's
+    knobs, :class:`~ovss_fast.options.HeadOptions` (scale, nms, eps, iters, sk_iters,
+    steps, readout, tau, sigma_spatial, sigma_range, radius; all checked, used or not).
     """
     feats, text = check.features_and_text(feats, text)
     B, N, _ = feats.shape
     h, w = check.grid(N, grid)
-    jbu = _jbu_params(sigma_spatial, sigma_range, radius)  # checked with or without a guide
+    opts = HeadOptions.of("segment_features", options)
     if guide is not None:
         check.tensor("guide", guide, 4)
         check.same_device(feats=feats, guide=guide)
     if affinity is not None:
         check.same_device(feats=feats, affinity=affinity)
-    q = class_distributions(feats, text, scale=scale, nms=nms, backend=backend)
-    s = discrepancy(q, affinity, mode=mode, eps=eps, iters=iters, sk_iters=sk_iters, steps=steps,
-                    readout=readout, tau=tau, backend=backend)
+    q = class_distributions(feats, text, backend=backend, **opts.for_op("class_distributions"))
+    s = discrepancy(q, affinity, mode=mode, backend=backend, **opts.for_op("discrepancy"))
     scores = s.transpose(1, 2).reshape(B, text.shape[0], h, w)  # [B, C, h, w]; B = 0 gives empty results
     if guide is None:
         labels = scores.argmax(dim=1)
     else:
-        labels = jbu_argmax(scores, guide, backend=backend, **jbu)
+        labels = jbu_argmax(scores, guide, backend=backend, **opts.for_op("jbu"))
     return (labels, scores) if return_scores else labels
 
 
@@ -197,17 +189,17 @@ class DSLOHead(torch.nn.Module):
     """Post-processing head: ``segment_features`` as a module, for codebases that compose modules.
 
     ``DSLOHead(mode="mv", **params)(feats, text, affinity, grid=None, guide=None)``
-    returns labels like :func:`segment_features`. It runs without autograd and detaches
-    its inputs, so it can sit after a network whose outputs still carry grad.
+    returns labels like :func:`segment_features`; params: its ``return_scores``,
+    ``backend`` and the head's options (:class:`~ovss_fast.options.HeadOptions`), checked
+    here. It runs without autograd and detaches its inputs, so it can sit after a network
+    whose outputs still carry grad.
     """
 
     def __init__(self, mode: str = "mv", **params: Any) -> None:
         super().__init__()
         check.choice("mode", mode, check.MODES)
-        allowed = set(segment_features.__kwdefaults__) - {"grid", "guide", "mode"}
-        unknown = set(params) - allowed
-        if unknown:
-            raise TypeError(f"DSLOHead got unknown parameters {sorted(unknown)}; allowed: {sorted(allowed)}")
+        # the head's options are checked now, not at the first forward; return_scores and backend pass through
+        HeadOptions.of("DSLOHead", {k: v for k, v in params.items() if k not in ("return_scores", "backend")})
         self.mode = mode
         self.params = params
 

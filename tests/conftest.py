@@ -49,6 +49,12 @@ def tiny_open_clip(seed: int = 0) -> tuple:
     return model.eval(), open_clip.get_tokenizer(TINY_MODEL)
 
 
+@pytest.fixture(scope="module")
+def tiny() -> tuple:
+    """tiny_open_clip(0), built once per test module (a module using it has importorskip'ed open_clip)."""
+    return tiny_open_clip(0)
+
+
 def tiny_segmenter(tiny: tuple, templates: tuple, **kw):
     """Segmenter.from_model on a tiny_open_clip() pair, on the CPU, backend "reference" unless given."""
     from ovss_fast.segmenter import Segmenter

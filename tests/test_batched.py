@@ -12,7 +12,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip", reason="the segmentation pipeline needs open_clip_torch")
 
-from conftest import rel_err, tiny_open_clip, tiny_segmenter  # noqa: E402
+from conftest import rel_err, tiny_segmenter  # noqa: E402
 
 from ovss_fast.clip_features import normalise  # noqa: E402
 from ovss_fast.ops import class_distributions, discrepancy, jbu_upsample  # noqa: E402
@@ -21,11 +21,6 @@ from ovss_fast.segmenter import Segmenter, WindowLayout, window_starts  # noqa: 
 TOL = 1e-4
 CLASSES = ["cat; kitten; kitty", "dog; puppy", "grass", "sky; clouds"]  # 8 synonym columns
 TEMPLATES = ("a photo of a {}.",)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_open_clip(0)
 
 
 def segmenter(tiny, **kw):

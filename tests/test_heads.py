@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip", reason="the segmentation pipeline needs open_clip_torch")
 
-from conftest import tiny_open_clip, tiny_segmenter  # noqa: E402
+from conftest import tiny_segmenter  # noqa: E402
 
 from ovss_fast.clip_features import DenseCLIP, normalise  # noqa: E402
 from ovss_fast.ops import class_distributions, discrepancy, jbu_upsample  # noqa: E402
@@ -22,11 +22,6 @@ from ovss_fast.segmenter import window_starts  # noqa: E402
 CLASSES = ["background; sky", "cat; kitten", "dog", "grass"]
 GROUPS = [[0, 1], [2, 3], [4], [5]]
 TEMPLATES = ("a photo of a {}.",)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_open_clip(0)
 
 
 def make(tiny, **kw):
@@ -155,19 +150,7 @@ def test_per_window_and_batched_paths_agree_for_every_head(tiny):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # softmax(100 cos) amplifies float32 noise
 
 
-def test_bad_head_arguments(tiny):
-    with pytest.raises(ValueError, match="head must be one of 'dslo', 'logits'"):
-        make(tiny, head="argmax")
-    with pytest.raises(ValueError, match=r"bg_threshold must lie in \(0, 1\]"):
-        make(tiny, bg_threshold=1.5)
-    with pytest.raises(TypeError, match="bg_threshold must be a number"):
-        make(tiny, bg_threshold="0.1")
-    with pytest.raises(ValueError, match="aggregation must be one of 'grid', 'pixels'"):
-        make(tiny, aggregation="mean")
-    with pytest.raises(ValueError, match="crop must be one of 'floor', 'pad'"):
-        make(tiny, crop="resize")
-    with pytest.raises(TypeError, match="antialias must be True or False"):
-        make(tiny, antialias=1)
+def test_guide_must_match_the_image(tiny):  # the bad head keywords: test_segmenter.test_bad_arguments
     seg = make(tiny)
     with pytest.raises(ValueError, match="guide must match image"):
         seg.seg(image(32, 32), CLASSES, guide=[image(32, 32)])

@@ -7,7 +7,6 @@ registered open_clip config, or loaded from a checkpoint file written here.
 from __future__ import annotations
 
 import importlib.util
-import warnings
 
 import numpy as np
 import pytest
@@ -18,27 +17,13 @@ open_clip = pytest.importorskip("open_clip", reason="the segmentation pipeline n
 from PIL import Image  # noqa: E402
 
 from ovss_fast.affinity import DinoAffinity, SD2Affinity, resize_attention  # noqa: E402
-from ovss_fast.clip_features import TINY_MODEL, DenseCLIP, parse_class_names, register_tiny_config  # noqa: E402
+from ovss_fast.clip_features import TINY_MODEL, DenseCLIP, parse_class_names  # noqa: E402
 from ovss_fast.segmenter import Segmenter, as_image_batches, window_starts  # noqa: E402
 
 # the spec backend keeps these tests independent of which compiled backends are built
 BACKEND = "reference"
 CLASSES = ["cat; kitten", "dog", "grass"]
 TEMPLATES = ("a photo of a {}.", "a {}.")  # two templates keep text encoding fast; the default is tested once
-
-
-def make_model(seed: int = 0):
-    register_tiny_config()
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = open_clip.create_model(TINY_MODEL, pretrained=None)
-    return model.eval(), open_clip.get_tokenizer(TINY_MODEL)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return make_model()
 
 
 def segmenter(tiny, **kw):
@@ -387,21 +372,25 @@ def test_wrong_image_inputs(tiny, bad, match):
         segmenter(tiny).seg(bad, CLASSES)
 
 
-def test_bad_arguments(tiny):
-    with pytest.raises(ValueError, match="window=100 is not a multiple of the patch size 16; use 96 or 112"):
-        segmenter(tiny, window=100)
-    with pytest.raises(ValueError, match="stride .* is larger than window"):
-        segmenter(tiny, window=32, stride=48)
-    with pytest.raises(ValueError, match="stride is given without window"):
-        segmenter(tiny, stride=32)
-    with pytest.raises(ValueError, match="mode must be one of"):
-        segmenter(tiny, mode="fast")
-    with pytest.raises(ValueError, match="affinity must be one of"):
-        segmenter(tiny, affinity="sd3")
-    with pytest.raises(ValueError, match="features must be one of"):
-        segmenter(tiny, features="proxyclip")
-    with pytest.raises(ValueError, match="self_self.*removed.*sclip"):
-        segmenter(tiny, features="self_self")
+@pytest.mark.parametrize("kw, error, message", [
+    ({"window": 100}, ValueError, "window=100 is not a multiple of the patch size 16; use 96 or 112"),
+    ({"window": 32, "stride": 48}, ValueError, "stride .* is larger than window"),
+    ({"stride": 32}, ValueError, "stride is given without window"),
+    ({"mode": "fast"}, ValueError, "mode must be one of"),
+    ({"affinity": "sd3"}, ValueError, "affinity must be one of"),
+    ({"features": "proxyclip"}, ValueError, "features must be one of"),
+    ({"features": "self_self"}, ValueError, "self_self.*removed.*sclip"),
+    ({"head": "argmax"}, ValueError, "head must be one of 'dslo', 'logits'"),
+    ({"bg_threshold": 1.5}, ValueError, r"bg_threshold must lie in \(0, 1\]"),
+    ({"bg_threshold": "0.1"}, TypeError, "bg_threshold must be a number"),
+    ({"aggregation": "mean"}, ValueError, "aggregation must be one of 'grid', 'pixels'"),
+    ({"crop": "resize"}, ValueError, "crop must be one of 'floor', 'pad'"),
+    ({"antialias": 1}, TypeError, "antialias must be True or False"),
+    ({"itres": 3}, TypeError, r"Segmenter got unknown parameters \['itres'\]"),
+])
+def test_bad_arguments(tiny, kw, error, message):
+    with pytest.raises(error, match=message):
+        segmenter(tiny, **kw)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

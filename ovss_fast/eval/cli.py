@@ -12,16 +12,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from .._cli import (
-    USER_ERRORS,
-    add_method_arguments,
-    add_model_arguments,
-    check_method_arguments,
-    fail,
-    method_kwargs,
-    pretrained_arg,
-    segmenter_from_args,
-)
+from .. import _cli
+from ..options import HeadOptions
 from .checkpoint import BadItem, Interrupted, RunState, check_writable, write_json_atomic
 from .datasets import DATASETS, LONG_SIDE_CAP
 from .protocols import BACKGROUND_DATASETS, PROTOCOLS, resolve_protocol
@@ -64,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluation protocol: dslo (ours, default), sclip, clearclip, naclip; per dataset it sets "
                              "the short side, window / stride, logit scale, bg threshold, resize flavour, aggregation, "
                              "positional interpolation and head (flags given here override it)")
-    add_model_arguments(parser)
+    _cli.add_model_arguments(parser)
     parser.add_argument("--short-side", type=int, default=None, help="resize short side (default: per dataset)")
     parser.add_argument("--long-side", type=int, default=LONG_SIDE_CAP,
                         help=f"cap on the resized long side (default {LONG_SIDE_CAP})")
@@ -85,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip unreadable images / annotations (counted and named in the report) instead of "
                              "stopping at the first")
-    add_method_arguments(parser, protocol_note="--protocol sets scale, bg-threshold, head, aggregation, crop, "
+    _cli.add_method_arguments(parser, protocol_note="--protocol sets scale, bg-threshold, head, aggregation, crop, "
                                                "pos-interp and antialias")
 
 
@@ -93,7 +85,7 @@ PROG = "ovss-fast eval"
 
 
 def _fail(msg: object, code: int = 2) -> int:
-    return fail(PROG, msg, code)
+    return _cli.fail(PROG, msg, code)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -105,7 +97,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError("--resume needs the checkpoint of the run to continue: pass the same --out (or --checkpoint)")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    check_method_arguments(args)
+    _cli.check_method_arguments(args)
     given_bg = isinstance(args.bg_threshold, float)
     for flag in ("short_side", "long_side", "stride"):
         value = getattr(args, flag)
@@ -143,7 +135,7 @@ def _resolved(args: argparse.Namespace, dataset: str | None) -> tuple[dict, dict
     proto = resolve_protocol(args.protocol, dataset)
     defaults = {k: proto[k] for k in ("scale", "bg_threshold", "head", "aggregation", "crop", "pos_interp",
                                       "antialias")}
-    kwargs = method_kwargs(args, defaults)
+    kwargs = _cli.method_kwargs(args, defaults)
     overridden = sorted(k for k in defaults if kwargs[k] != defaults[k])
     for key in ("short_side", "window", "stride", "snap"):
         value = getattr(args, key)
@@ -168,8 +160,8 @@ def _synthetic(args: argparse.Namespace, ctx: DistContext) -> tuple:
               f"{', '.join('--' + k.replace('_', '-') for k in not_applied)}; the head, mode and op/JBU flags do",
               file=sys.stderr)
     dataset = SyntheticScenes(args.limit or 16, seed=args.seed, difficulty=args.difficulty)
-    params = {k: v for k, v in kwargs.items() if k not in _MODEL_ONLY and k not in ("head", "bg_threshold")}
-    predict = synthetic_predictor(args.mode, args.backend, ctx.device, head=kwargs["head"], **params)
+    options = HeadOptions.of("--synthetic", {k: v for k, v in kwargs.items() if k in HeadOptions.names()})
+    predict = synthetic_predictor(args.mode, args.backend, ctx.device, head=kwargs["head"], **options.as_dict())
     applied = {k: proto[k] for k in ("protocol", "head", "scale")}
     config = {"dataset": "synthetic", "scenes": len(dataset), "seed": args.seed, "difficulty": args.difficulty,
               "grid": list(dataset.grid), "image_size": list(dataset.image_size), "mode": args.mode,
@@ -177,7 +169,7 @@ def _synthetic(args: argparse.Namespace, ctx: DistContext) -> tuple:
               "features": "synthetic", "head": kwargs["head"], "protocol": {**applied, "overridden": overridden},
               "not_applied": [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in not_applied]
               + [f"protocol {k}" for k in _MODEL_ONLY if k != "features"],
-              "op_params": params}
+              "op_params": options.as_dict()}
     return dataset, predict, config, 0
 
 
@@ -195,7 +187,7 @@ def _benchmark(args: argparse.Namespace, ctx: DistContext) -> tuple:
     import torch
 
     torch.manual_seed(args.seed)  # with --pretrained none every rank must build the same random model
-    seg = segmenter_from_args(args, device=ctx.device, window=window, stride=stride, **kwargs)
+    seg = _cli.segmenter_from_args(args, device=ctx.device, window=window, stride=stride, **kwargs)
     seg.text_features(dataset.class_names)  # embed the class names before the clock starts
     flavour = "bilinear " + ("antialiased" if proto["antialias"] else "without antialias")
     config = {
@@ -207,7 +199,7 @@ def _benchmark(args: argparse.Namespace, ctx: DistContext) -> tuple:
             "size, then argmax" if seg.aggregation == "grid" else
             "window maps upsampled bilinearly to pixels and averaged, bilinear to the annotation size, then argmax"),
         "protocol": {**proto, "overridden": overridden},
-        "ignore_index": 255, "seed": args.seed, "pretrained": pretrained_arg(args.pretrained),
+        "ignore_index": 255, "seed": args.seed, "pretrained": _cli.pretrained_arg(args.pretrained),
         "affinity_weights": args.affinity_weights, "class_names": dataset.class_names, **segmenter_config(seg),
     }
     predict = SegmenterPredictor(seg, dataset.class_names, short, args.long_side, antialias=proto["antialias"],
@@ -267,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             build = _synthetic if args.synthetic else _benchmark
             dataset, predict, config, workers = build(args, ctx)
-        except USER_ERRORS as exc:
+        except _cli.USER_ERRORS as exc:
             return _fail(exc)
         try:
             state = _run_state(args, config, dataset.num_classes, ctx)

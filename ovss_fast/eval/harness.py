@@ -41,6 +41,7 @@ from torch import Tensor
 from .. import __version__
 from .. import _validate as check
 from ..ops import jbu_argmax, segment_features
+from ..options import HeadOptions
 from ..synthetic import make_scene
 from .checkpoint import Guarded, RunState
 from .datasets import IGNORE_INDEX, LONG_SIDE_CAP
@@ -114,19 +115,20 @@ def synthetic_predictor(mode: str = "mv", backend: str = "auto", device: torch.d
                         head: str = "dslo", **params: Any) -> Callable[[dict], Tensor]:
     """item {"scene": Scene} -> labels [H, W]: the scene's features, text and affinity through segment_features
     (head "dslo"), or the argmax of the joint-bilaterally upsampled class probabilities softmax(scale * cos)
-    (head "logits"). params: segment_features' keywords (scale, nms, eps, ..., sigma_range, radius)."""
+    (head "logits"). params: the head's options (:class:`~ovss_fast.options.HeadOptions`)."""
     check.choice("head", head, check.HEADS)
-    jbu = {k: params[k] for k in ("sigma_spatial", "sigma_range", "radius") if k in params}
+    options = HeadOptions.of("synthetic_predictor", params)
 
     def predict(item: dict) -> Tensor:
         s = item["scene"]
         feats, text, aff, guide = (t.to(device) for t in (s.feats, s.text, s.affinity, s.guide))
         if head == "logits":
             cos = F.normalize(feats.float(), dim=-1) @ F.normalize(text.float(), dim=-1).t()  # [1, N, C]
-            probs = torch.softmax(params.get("scale", 100.0) * cos, dim=-1)
+            probs = torch.softmax(options.scale * cos, dim=-1)
             probs = probs.transpose(1, 2).reshape(1, -1, *s.grid)
-            return jbu_argmax(probs, guide, backend=backend, **jbu)[0]
-        return segment_features(feats, text, aff, grid=s.grid, guide=guide, mode=mode, backend=backend, **params)[0]
+            return jbu_argmax(probs, guide, backend=backend, **options.for_op("jbu"))[0]
+        return segment_features(feats, text, aff, grid=s.grid, guide=guide, mode=mode, backend=backend,
+                                **options.as_dict())[0]
 
     return predict
 
@@ -300,7 +302,7 @@ def segmenter_config(seg: Any) -> dict:
         "pos_interp": seg.pos_interp, "antialias": seg.antialias,
         "window_px": px, "stride_px": stride, "patch": list(seg.patch), "dtype": str(seg.dtype).replace("torch.", ""),
         "device": str(seg.device), "backend": seg.backend, "templates": len(seg.templates),
-        "memory_budget_gib": seg.memory_budget / 2**30, **seg.op_params, **seg.jbu_params,
+        "memory_budget_gib": seg.memory_budget / 2**30, **seg.options.as_dict(),
     }
 
 

@@ -13,7 +13,11 @@ one process:
 - ``per-window reference``: ``Segmenter(batch_windows=False, backend="reference")``, one
   tower forward and one head call per window (the path before windows were batched);
 - ``batched auto``: ``Segmenter()`` defaults, all windows of the image in chunks sized by
-  ``memory_budget``, ``backend="auto"``.
+  ``memory_budget``, ``backend="auto"``;
+- ``whole image auto`` (the ``dslo`` protocol, method.md section 7; the two above are
+  ``dslo-windows``): the whole image at the protocol's short side as one window, the dataset's
+  windows only for an image over ``memory_budget`` (``fallback_window``), checked against
+  ``backend="reference"`` on the same image (``--no-whole-image`` leaves it out).
 
 Correctness first: on one image the two paths' patch-grid scores must agree within the
 tolerance of method.md (float32 tower 1e-4, float16 tower 1e-2, relative to the largest
@@ -70,6 +74,8 @@ STAGES = ("visual", "affinity", "class_distributions", "discrepancy", "jbu", "ot
 STAGE_LABELS = {"visual": "visual tower", "affinity": "affinity", "class_distributions": "class_distributions",
                 "discrepancy": "discrepancy", "jbu": "JBU + argmax", "other": "other"}
 PATHS = ("per-window reference", "batched auto")
+#: the dslo protocol (method.md section 7): the whole image at the dataset's short side, one window
+WHOLE = "whole image auto"
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class Protocol:
     short_side: int
     window: int
     stride: int
+    whole_short: int  # the dslo protocol's short side (whole image)
 
 
 def protocols(smoke: bool) -> list[Protocol]:
@@ -87,9 +94,11 @@ def protocols(smoke: bool) -> list[Protocol]:
     typical = {"voc21": (375, 500), "context60": (375, 500), "coco_stuff": (480, 640), "ade": (512, 683),
                "cityscapes": (1024, 2048)}
     if smoke:  # scaled down by 4: seconds on the tiny model
-        return [Protocol("voc21", (94, 125), 84, 64, 32), Protocol("cityscapes", (256, 512), 140, 64, 32)]
-    return [Protocol(n, hw, DATASETS[n].short_side, DATASETS[n].window, DATASETS[n].stride)
-            for n, hw in typical.items()]
+        return [Protocol("voc21", (94, 125), 84, 64, 32, 84), Protocol("cityscapes", (256, 512), 140, 64, 32, 140)]
+    from ovss_fast.eval.protocols import resolve_protocol
+
+    return [Protocol(n, hw, DATASETS[n].short_side, DATASETS[n].window, DATASETS[n].stride,
+                     resolve_protocol("dslo", n)["short_side"]) for n, hw in typical.items()]
 
 
 # --------------------------------------------------------------------------- timing
@@ -146,12 +155,11 @@ def predict(seg, names: list[str], short: int, img_u8: torch.Tensor, timer: Stag
         return jbu_argmax(scores[None], img, backend=seg.backend, **seg.jbu_params)[0]
 
 
-def check_paths(segs: dict, names: list[str], proto: Protocol, img_u8: torch.Tensor, tol: float) -> tuple[bool, str]:
-    """The two paths on one image: grid scores within tol, labels equal except near-ties of the per-window path."""
+def check_paths(base, fast, names: list[str], short: int, img_u8: torch.Tensor, tol: float) -> tuple[bool, str]:
+    """Two Segmenters on one image: grid scores within tol, labels equal except near-ties of ``base``'s."""
     from ovss_fast.ops import jbu_upsample
 
-    base, fast = segs[PATHS[0]], segs[PATHS[1]]
-    img, x = protocol_input(base, img_u8, proto.short_side)
+    img, x = protocol_input(base, img_u8, short)
     with torch.inference_mode():
         s_base = base.scores(x[0], names, upsample=False)
         s_fast = fast.scores(x[0], names, upsample=False)
@@ -161,7 +169,7 @@ def check_paths(segs: dict, names: list[str], proto: Protocol, img_u8: torch.Ten
         err = float(((s_fast - s_base)[fin].abs().max() / scale).double()) if same_inf else float("inf")
         up = jbu_upsample(s_base[None], img, backend="reference", **base.jbu_params)[0]
         ref = up.argmax(0)
-        labels = predict(fast, names, proto.short_side, img_u8, None)
+        labels = predict(fast, names, short, img_u8, None)
         differ = labels != ref
         top2 = up.topk(2, dim=0).values
         tie = (top2[0] - top2[1]) <= tol * up.abs().amax()
@@ -171,7 +179,7 @@ def check_paths(segs: dict, names: list[str], proto: Protocol, img_u8: torch.Ten
                 f"({off_tie} away from near-ties)")
 
 
-def time_path(seg, names: list[str], proto: Protocol, images: list[torch.Tensor], cuda: bool) -> dict:
+def time_path(seg, names: list[str], short: int, images: list[torch.Tensor], cuda: bool) -> dict:
     """Per-image ms and the stage breakdown over images[1:] (images[0] went through check_paths: the warm-up)."""
     timer = StageTimer(sync=cuda)
     with torch.inference_mode():
@@ -181,13 +189,13 @@ def time_path(seg, names: list[str], proto: Protocol, images: list[torch.Tensor]
             base_mem = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
             for im in images[1:]:
-                predict(seg, names, proto.short_side, im, None)
+                predict(seg, names, short, im, None)
             torch.cuda.synchronize()
             total = (time.perf_counter() - t0) / (len(images) - 1)
             peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
             seg.stage_timer = timer
             t0 = time.perf_counter()
-            predict(seg, names, proto.short_side, images[1], timer)
+            predict(seg, names, short, images[1], timer)
             torch.cuda.synchronize()
             timed_total = time.perf_counter() - t0
             seg.stage_timer = None
@@ -196,7 +204,7 @@ def time_path(seg, names: list[str], proto: Protocol, images: list[torch.Tensor]
             seg.stage_timer = timer
             t0 = time.perf_counter()
             for im in images[1:]:
-                predict(seg, names, proto.short_side, im, timer)
+                predict(seg, names, short, im, timer)
             total = (time.perf_counter() - t0) / (len(images) - 1)
             seg.stage_timer = None
             stages = {k: v / (len(images) - 1) for k, v in timer.totals.items()}
@@ -263,9 +271,36 @@ def build_model(smoke: bool, device: torch.device, dtype: torch.dtype):
     return name, model.to(device=device, dtype=dtype).eval(), open_clip.get_tokenizer(name)
 
 
+def whole_image_row(model, tok, common: dict, proto: Protocol, names: list[str], imgs: list[torch.Tensor], cuda: bool,
+                    tol: float, cache, base_total: float, synonyms: int) -> dict:
+    """The dslo protocol's row: the whole image at its short side as one window (the dataset's windows only
+    when it is over memory_budget), checked against backend "reference" on the same image, then timed."""
+    from ovss_fast.segmenter import Segmenter
+
+    kw = {**common, "window": None, "stride": None, "fallback_window": proto.window}
+    seg, ref = Segmenter.from_model(model, tok, **kw), Segmenter.from_model(model, tok, backend="reference", **kw)
+    seg.vocabulary.cache = ref.vocabulary.cache = cache
+    _, x = protocol_input(seg, imgs[0], proto.whole_short)
+    gh, gw = seg.grid_for(*x.shape[-2:])
+    ok, detail = check_paths(ref, seg, names, proto.whole_short, imgs[0], tol)
+    r = time_path(seg, names, proto.whole_short, imgs, cuda)
+    fell = " (over memory_budget: fell back to windows)" if seg.windows.fallbacks else ""
+    shape = (f"{proto.name} (dslo): {proto.image[0]}x{proto.image[1]} -> {x.shape[-2]}x{x.shape[-1]}, whole image "
+             f"N={gh * gw}{fell}, S={synonyms}")
+    print(f"  {shape} {common['mode']}: {'ok' if ok else 'FAIL'} ({detail}, vs backend reference)", flush=True)
+    print(f"    {WHOLE:<22} {1 / r['total']:8.3f} images/s  " + "  ".join(
+        f"{k} {1e3 * v:.0f}" for k, v in r["stages"].items()) + " ms", flush=True)
+    head = r["stages"]["class_distributions"] + r["stages"]["discrepancy"] + r["stages"]["jbu"]
+    return {"protocol": proto.name, "shape": shape, "mode": common["mode"], "path": WHOLE, "ok": ok,
+            "check": detail + " vs backend reference", "total_s": r["total"], "stages": r["stages"],
+            "head_share": head / r["total"], "peak_mb": r["peak_mb"],
+            "estimate_mb": seg.memory_estimate(*x.shape[-2:], synonyms=synonyms) / 2**20, "chunk": 1, "windows": 1,
+            "speedup": base_total / r["total"]}
+
+
 def run(device: str = "cpu", *, smoke: bool = False, images: int | None = None, workers: int = 2,
         loader_images: int | None = None, modes: tuple[str, ...] = ("mv", "op"), only: list[str] | None = None,
-        out_dir: Path | None = None, write: bool = True) -> tuple[bool, list[dict]]:
+        out_dir: Path | None = None, write: bool = True, whole_image: bool = True) -> tuple[bool, list[dict]]:
     """Run the benchmark; returns (all correctness checks passed, result rows). Writes into out_dir (bench/)."""
     from ovss_fast.clip_features import parse_class_names
     from ovss_fast.eval.datasets import dataset_spec, load_class_names
@@ -311,10 +346,10 @@ def run(device: str = "cpu", *, smoke: bool = False, images: int | None = None, 
                         for p, s in segs.items()}
             shape = (f"{proto.name}: {proto.image[0]}x{proto.image[1]} -> {x.shape[-2]}x{x.shape[-1]}, "
                      f"{layout.num_windows} windows of N={wh * ww}, S={synonyms}")
-            ok, detail = check_paths(segs, names, proto, imgs[0], tol)
+            ok, detail = check_paths(segs[PATHS[0]], segs[PATHS[1]], names, proto.short_side, imgs[0], tol)
             all_ok &= ok
             print(f"  {shape} {mode}: {'ok' if ok else 'FAIL'} ({detail})", flush=True)
-            res = {p: time_path(segs[p], names, proto, imgs, cuda) for p in PATHS}
+            res = {p: time_path(segs[p], names, proto.short_side, imgs, cuda) for p in PATHS}
             for p in PATHS:
                 r = res[p]
                 head = r["stages"]["class_distributions"] + r["stages"]["discrepancy"] + r["stages"]["jbu"]
@@ -325,6 +360,10 @@ def run(device: str = "cpu", *, smoke: bool = False, images: int | None = None, 
                              "speedup": res[PATHS[0]]["total"] / r["total"]})
                 print(f"    {p:<22} {1 / r['total']:8.3f} images/s  " + "  ".join(
                     f"{k} {1e3 * v:.0f}" for k, v in r["stages"].items()) + " ms", flush=True)
+            if whole_image:
+                rows.append(whole_image_row(model, tok, common, proto, names, imgs, cuda, tol, cache,
+                                            res[PATHS[0]]["total"], synonyms))
+                all_ok &= rows[-1]["ok"]
         if n_loader > 0 and "mv" in modes and importlib.util.find_spec("PIL") is None:
             loader_rows.append([proto.name, "-", "-", str(workers), "-", "not run: Pillow not installed"])
         elif n_loader > 0 and "mv" in modes:
@@ -362,9 +401,9 @@ def write_results(rows: list[dict], loader_rows: list[list[str]], out_dir: Path,
                       f"{1 / r['total_s']:.3f}", _ms(r["total_s"]), *(_ms(st[k]) for k in STAGES),
                       f"{100 * r['head_share']:.1f}%", f"{r['speedup']:.2f}x",
                       f"{r['estimate_mb']:.0f}", "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}",
-                      ("ok: " if r["ok"] else "FAIL: ") + r["check"] if r["path"] == PATHS[1] else ""])
+                      ("ok: " if r["ok"] else "FAIL: ") + r["check"] if r["path"] != PATHS[0] else ""])
     header = ["protocol", "mode", "path", "images/s", "ms/image", *(f"{STAGE_LABELS[k]} ms" for k in STAGES),
-              "head + JBU share", "speed-up", "estimate MiB", "peak MiB", "check (batched vs per-window)"]
+              "head + JBU share", "speed-up", "estimate MiB", "peak MiB", "check"]
     plots = plot(rows, out_dir / "plots", kind)
     cmd = "python -m bench.bench_pipeline" + (" --smoke" if smoke else "") + (" --device cuda" if kind == "cuda"
                                                                               else "")
@@ -377,7 +416,11 @@ def write_results(rows: list[dict], loader_rows: list[list[str]], out_dir: Path,
             + (" (stage breakdown from one more run with CUDA synchronised at stage boundaries, scaled to the "
                "mean)" if kind == "cuda" else "") + ". `per-window reference` = batch_windows=False, "
             "backend=\"reference\" (one tower forward and one head call per window); `batched auto` = the "
-            "defaults (all windows of the image in chunks fitting memory_budget, backend=\"auto\"). "
+            "defaults (all windows of the image in chunks fitting memory_budget, backend=\"auto\"), checked "
+            "against the per-window path; `whole image auto` = the `dslo` protocol (method.md section 7: the "
+            "whole image at the dataset's short side as one window, the dataset's windows only over "
+            "memory_budget), checked against backend=\"reference\" on the same image; the two rows above it are "
+            "the windowed protocol (`dslo-windows`). "
             "head + JBU share = (class_distributions + discrepancy + JBU) / total. speed-up = the per-window "
             "path's time / this row's. Estimate = Segmenter.memory_estimate of one chunk (the per-window path: "
             "one window); peak = torch.cuda.max_memory_allocated above the baseline (GPU only; it includes the "
@@ -397,7 +440,7 @@ def write_results(rows: list[dict], loader_rows: list[list[str]], out_dir: Path,
                  "median_ms": f"{1e3 * r['total_s']:.1f}",
                  "peak_mem_mb": "" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}",
                  "note": "; ".join(f"{k} {1e3 * v:.1f} ms" for k, v in r["stages"].items())
-                 + f"; mean of {n_images} image(s)" + (f"; {r['check']}" if r["path"] == PATHS[1] else "")
+                 + f"; mean of {n_images} image(s)" + (f"; {r['check']}" if r["path"] != PATHS[0] else "")
                  + f"; load {eb.load_average()}"} for r in rows]
     append_rows(csv_rows, out_dir / "results.csv")
 
@@ -420,7 +463,8 @@ def plot(rows: list[dict], out_dir: Path, kind: str) -> list[str]:
               "discrepancy": "#c44e52", "jbu": "#dd8452", "other": "#b0b0b0"}
     for ax, proto in zip(axes[0], protos, strict=True):
         mine = [r for r in rows if r["protocol"] == proto]
-        labels = [f"{r['mode']}\n{'per-window' if r['path'] == PATHS[0] else 'batched'}" for r in mine]
+        short = {PATHS[0]: "per-window", PATHS[1]: "batched", WHOLE: "whole"}
+        labels = [f"{r['mode']}\n{short[r['path']]}" for r in mine]
         bottom = np.zeros(len(mine))
         for k in STAGES:
             vals = np.array([1e3 * r["stages"][k] for r in mine])
@@ -451,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocols", default=None, help="comma-separated subset of voc21,context60,coco_stuff,ade,"
                                                      "cityscapes")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default torch's)")
+    p.add_argument("--whole-image", default=True, action=argparse.BooleanOptionalAction,
+                   help="also time the dslo protocol's whole image (default on)")
     p.add_argument("--out", type=Path, default=BENCH_DIR, help="folder for RESULTS.md, results.csv, plots/")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -464,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     only = [s.strip() for s in args.protocols.split(",")] if args.protocols else None
     ok, _ = run(args.device, smoke=args.smoke, images=args.images, workers=args.workers,
-                loader_images=args.loader_images, modes=modes, only=only, out_dir=args.out)
+                loader_images=args.loader_images, modes=modes, only=only, out_dir=args.out,
+                whole_image=args.whole_image)
     return 0 if ok else 1
 
 

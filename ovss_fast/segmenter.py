@@ -72,11 +72,10 @@ class Segmenter:
     ViT), or a callable ``(image [B, 3, H, W] in [0, 1], grid (h, w)) -> [B, N, N]``;
     ``affinity_weights`` is the local weights path for "sd2"/"dino".
     mode: "mv", "op" or "kl" (method.md section 3). device: default CUDA if available;
-    dtype: default float16 on CUDA, float32 on CPU (the model's; the DSLO ops run in
-    float32). window / stride: sliding windows in pixels (int or (h, w), multiples of
-    the patch size; stride defaults to half the window); None processes the whole
-    image as one window. resize: shorter side in pixels the image is resized to
-    before windowing (None: native size, rounded to the patch size).
+    dtype: default float16 on CUDA, float32 on CPU (the DSLO ops run in float32).
+    window / stride: sliding windows in pixels (int or (h, w), multiples of the patch
+    size; stride defaults to half the window); None: the whole image as one window.
+    resize: the shorter side in pixels before windowing (None: native, to whole patches).
     features: the dense-feature preset, "clip" (plain patch tokens, the paper's),
     "maskclip", "sclip", "clearclip" or "naclip", each as its method publishes it
     (:data:`~ovss_fast.clip_features.FEATURE_PRESETS`). pos_interp: "size" (default) or
@@ -92,12 +91,13 @@ class Segmenter:
     averaged, then bilinear to the output; not snapped to whole patches, and crops that
     are not whole patches follow ``crop``: "floor" or "pad"). antialias: whether internal
     resizes antialias. templates: prompt templates (callables or "{}" format strings;
-    default open_clip's 80 OpenAI ImageNet ones).
-    memory_budget: bytes for one chunk of windows (:meth:`memory_estimate`); a ValueError
-    names a window that fits when one does not. batch_windows: False runs one window at
-    a time (the older path). backend: the ops' ("auto", "reference", "cpu", "cuda",
-    "triton"). Other keywords: the head's options (scale, nms, eps, iters, sk_iters, steps,
-    readout, tau, sigma_spatial, sigma_range, radius; :class:`~ovss_fast.options.HeadOptions`).
+    default open_clip's 80 OpenAI ImageNet ones). memory_budget: bytes for one chunk of
+    windows (:meth:`memory_estimate`); when one window does not fit, ``fallback_window``
+    (pixels, stride half of it) is used if given, else a ValueError names one that fits.
+    batch_windows: False runs one window at a time (the older path). backend: the ops'
+    ("auto", "reference", "cpu", "cuda", "triton"). Other keywords: the head's options
+    (scale, nms, eps, iters, sk_iters, steps, readout, tau, sigma_spatial, sigma_range,
+    radius; :class:`~ovss_fast.options.HeadOptions`).
     """
 
 
@@ -110,7 +110,7 @@ class Segmenter:
                  tokenizer: Callable | None = None, templates: Sequence[str | Callable[[str], str]] | None = None,
                  affinity_weights: str | os.PathLike | None = None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
                  batch_windows: bool = True, cache_dir: str | None = None, backend: str = "auto",
-                 **options: Any) -> None:
+                 fallback_window: int | tuple[int, int] | None = None, **options: Any) -> None:
         # every argument is checked before the model is built and the text embedded
         check.choice("backend", backend, ("auto", *BACKENDS))
         self.maps = HeadMaps(head, mode, bg_threshold, backend, HeadOptions.of("Segmenter", options))
@@ -130,7 +130,8 @@ class Segmenter:
         self.dense = DenseCLIP(self.model.visual, features=features, pos_interp=pos_interp)
         self.patch = self.dense.patch
         self.mean, self.std = preprocess_stats(self.model)
-        self.windows = Windows.from_pixels(self.patch, window, stride, one_window_bytes=self._window_bytes, **windows)
+        self.windows = Windows.from_pixels(self.patch, window, stride, fallback_window,
+                                           one_window_bytes=self._window_bytes, **windows)
         self.vocabulary = Vocabulary(self.model, self.tokenizer, self.device, templates)
         self.affinity_name = affinity if isinstance(affinity, str) else getattr(affinity, "__name__", "callable")
         self.affinity_fn = build_affinity(
@@ -167,6 +168,7 @@ class Segmenter:
     antialias = _held_by("windows", "antialias", "whether internal resizes antialias")
     memory_budget = _held_by("windows", "memory_budget", "bytes allowed for one chunk of windows")
     batch_windows = _held_by("windows", "batch_windows", "all windows in a few batched calls (False: one by one)")
+    fallback_window = _held_by("windows", "fallback", "window in patches for images too large (None: refuse them)")
     templates = _held_by("vocabulary", "templates", "the prompt templates")
 
     @property
@@ -260,8 +262,7 @@ class Segmenter:
 
     def _run(self, image: ImageLike, class_names: str | Sequence[str], want: str,
              guide: ImageLike | None = None) -> Tensor | list[Tensor]:
-        text, groups = self.text_features(class_names)
-        text = text.to(self.device)
+        text, groups = self.text_features(class_names)  # embedded on self.device
         return map_by_size(image, guide, lambda img, g: self._finish(img, g, text, groups, want), self.device)
 
     def seg(self, image: ImageLike, class_names: str | Sequence[str], *,

@@ -14,14 +14,16 @@ whole images:
   upsampled bilinearly to its pixels and averaged where windows overlap.
 
 The memory guard: :func:`window_bytes` estimates one window's bytes (visual tower, last block,
-head, affinity source); a chunk holds as many windows as fit the budget, and when even one does
-not, a ValueError says which window to use.
+head, affinity source); a chunk holds as many windows as fit the budget. When even one does not,
+the ``fallback`` window is used instead if one is set (:meth:`Windows.plan`; e.g. the whole-image
+``dslo`` protocol falls back to the dataset's 224-pixel windows, and counts it in
+``Windows.fallbacks``), else a ValueError says which window to use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -149,7 +151,9 @@ class Windows:
 
     patch (ph, pw) pixels; window / stride in patches (None: the whole image as one window);
     resize: the shorter side images are resized to (None: native size, snapped to whole patches);
-    one_window_bytes(cells, synonyms): the memory guard's estimate of one window (:func:`window_bytes`).
+    one_window_bytes(cells, synonyms): the memory guard's estimate of one window (:func:`window_bytes`);
+    fallback: the window (in patches; stride half of it) for images whose windows do not fit
+    ``memory_budget`` (None: refuse them); fallbacks counts the image batches that fell back.
     """
 
     patch: Cells
@@ -161,11 +165,16 @@ class Windows:
     memory_budget: float
     batch_windows: bool
     one_window_bytes: Callable[[Cells, int], int]
+    fallback: Cells | None = None
+    fallbacks: int = field(default=0, compare=False)
 
     @classmethod
-    def from_pixels(cls, patch: Cells, window: object, stride: object, **kwargs: Any) -> Windows:
-        """Windows from a window / stride in pixels, checked; the stride defaults to half the window."""
+    def from_pixels(cls, patch: Cells, window: object, stride: object, fallback: object = None,
+                    **kwargs: Any) -> Windows:
+        """Windows from a window / stride / fallback window in pixels, checked; the stride defaults to half
+        the window."""
         win, step = pixels_to_cells("window", window, patch), pixels_to_cells("stride", stride, patch)
+        kwargs["fallback"] = pixels_to_cells("fallback_window", fallback, patch)
         if step is not None and win is None:
             raise ValueError("stride is given without window; pass window too (stride is the step between windows)")
         if win is not None and step is None:
@@ -181,7 +190,8 @@ class Windows:
         return str(h) if h == w else f"({h}, {w})"
 
     def describe(self) -> str:
-        return "whole image" if self.window is None else f"{self.px(self.window)} / {self.px(self.stride)}"
+        out = "whole image" if self.window is None else f"{self.px(self.window)} / {self.px(self.stride)}"
+        return out if self.fallback is None else f"{out} (too large for memory_budget: {self.px(self.fallback)})"
 
     # ----------------------------------------------------------------------- geometry
     def grid_for(self, height: int, width: int) -> Cells:
@@ -215,6 +225,15 @@ class Windows:
     def memory_estimate(self, height: int, width: int, batch: int = 1, synonyms: int = 0) -> int:
         (wh, ww), _ = self.cells(self.grid_for(height, width))
         return int(batch) * self.one_window_bytes((wh, ww), int(synonyms))
+
+    def plan(self, height: int, width: int, synonyms: int, batch: int = 1) -> Windows:
+        """The windows for ``batch`` images of height x width: these, or when ``batch`` of their windows do
+        not fit ``memory_budget`` and a fallback is set, the fallback window every half window (counted)."""
+        if self.fallback is None or self.memory_estimate(height, width, batch, synonyms) <= self.memory_budget:
+            return self
+        self.fallbacks += 1
+        step = (max(1, self.fallback[0] // 2), max(1, self.fallback[1] // 2))
+        return replace(self, window=self.fallback, stride=step, fallback=None, fallbacks=0)
 
     def per_chunk(self, height: int, width: int, synonyms: int) -> int:
         """How many windows go through together so a chunk fits ``memory_budget``; raises if one does not."""
@@ -256,9 +275,12 @@ class Windows:
         scatter-added onto the grid (index_add_ with precomputed patch indices), then divided
         by the number of windows covering each cell.
         """
+        B, _, H, W = img.shape
+        plan = self.plan(H, W, K, 1 if self.batch_windows else B)
+        if plan is not self:
+            return plan.grid_maps(img, K, window_maps)
         if not self.batch_windows:
             return self.grid_maps_per_window(img, K, window_maps)
-        B, _, H, W = img.shape
         chunk = self.per_chunk(H, W, K)
         x01 = self.on_grid(img)
         gh, gw = self.grid_for(H, W)
@@ -312,6 +334,9 @@ class Windows:
         each window's patch maps upsampled bilinearly to the window's pixels and averaged where windows
         overlap. pad: the colour crop="pad" pads with (the normalisation mean: zeros once normalised)."""
         B, _, H, W = img.shape
+        plan = self.plan(H, W, K)
+        if plan is not self:
+            return plan.pixel_maps(img, K, window_maps, pad)
         h, w = self.pixel_size(H, W)
         x01 = img if (h, w) == (H, W) else F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False,
                                                           antialias=self.antialias).clamp(0, 1)

@@ -73,6 +73,10 @@ def test_pipeline_smoke_writes_its_section_plot_and_rows(tmp_path):
     batched = [r for r in rows if "| batched auto" in r]
     assert len(batched) == 4 and all("ok: scores rel. err" in r for r in batched)
     assert all(r.count("|") == 17 for r in rows)  # 16 columns: every stage has a number
+    # the dslo protocol's whole image beside them, checked against backend "reference"
+    whole = [line for line in text.splitlines() if line.startswith(("| voc21 (dslo):", "| cityscapes (dslo):"))]
+    assert len(whole) == 4 and all("| whole image auto" in r and "vs backend reference" in r for r in whole)
+    assert all("ok: scores rel. err" in r and r.count("|") == 17 for r in whole)
     loader = [line for line in text.splitlines() if line.startswith(("| voc21 |", "| cityscapes |"))]
     assert len(loader) == 2 and all(line.rstrip(" |").endswith("%") for line in loader)
     if importlib.util.find_spec("matplotlib") is None:
@@ -82,7 +86,8 @@ def test_pipeline_smoke_writes_its_section_plot_and_rows(tmp_path):
         assert "(plots/pipeline_breakdown.png)" in text
     with (tmp_path / "results.csv").open() as f:
         csv_rows = [r for r in csv.DictReader(f) if r["bench"] == "pipeline"]
-    assert len(csv_rows) == 8 and {r["backend"] for r in csv_rows} == {"per-window reference", "batched auto"}
+    assert len(csv_rows) == 12
+    assert {r["backend"] for r in csv_rows} == {"per-window reference", "batched auto", "whole image auto"}
     assert all(float(r["median_ms"]) > 0 for r in csv_rows)
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before
 

@@ -324,7 +324,8 @@ def test_eval_command_on_a_fake_voc(tmp_path, capsys):
     s = scores_from_confusion(cm)
     assert r["mIoU"] == pytest.approx(100 * s["mIoU"], abs=0.006)
     c = r["config"]
-    assert (c["dataset"], c["short_side"], c["window_px"], c["stride_px"]) == ("voc21", 336, [224, 224], [112, 112])
+    assert (c["dataset"], c["short_side"], c["window_px"], c["stride_px"]) == ("voc21", 336, None, None)  # whole image
+    assert c["fallback_window_px"] == [224, 224] and r["window_fallback"]["count"] == 0
     assert c["model"] == "ovss-fast-tiny" and c["mode"] == "mv" and c["limit"] is None
     assert r["environment"]["world_size"] == 1
 

@@ -30,9 +30,9 @@ PEERS = {
     ("clearclip", "context60"): (448, 448, 224, 50.0, 0.15),
     ("clearclip", "coco_object"): (448, 448, 224, 50.0, 0.4),
     ("clearclip", "cityscapes"): (448, 224, 112, 50.0, None),
-    ("dslo", "voc21"): (336, 224, 112, 100.0, None),
-    ("dslo", "ade"): (448, 224, 112, 100.0, None),
-    ("dslo", "cityscapes"): (560, 224, 112, 100.0, None),
+    ("dslo-windows", "voc21"): (336, 224, 112, 100.0, None),
+    ("dslo-windows", "ade"): (448, 224, 112, 100.0, None),
+    ("dslo-windows", "cityscapes"): (560, 224, 112, 100.0, None),
 }
 
 
@@ -52,9 +52,56 @@ def test_protocol_switches():
     assert (d["head"], d["aggregation"], d["pos_interp"], d["antialias"], d["snap"]) == \
         ("dslo", "grid", "size", True, True)
     assert "PAMR" in " ".join(resolve_protocol("naclip", "voc21")["not_reproduced"])
-    with pytest.raises(ValueError, match="unknown protocol 'tcl'; valid names: dslo, sclip, clearclip, naclip"):
+    with pytest.raises(ValueError, match="unknown protocol 'tcl'; valid names: dslo, dslo-windows, sclip, clearclip, "
+                                         "naclip"):
         resolve_protocol("tcl", "voc21")
-    assert list(PROTOCOLS) == ["dslo", "sclip", "clearclip", "naclip"]
+    assert list(PROTOCOLS) == ["dslo", "dslo-windows", "sclip", "clearclip", "naclip"]
+
+
+def test_dslo_is_the_whole_image_at_the_papers_short_side():
+    """method.md section 7: no windows, short side 336 (COCO-Stuff 448, Cityscapes 560); the dataset's
+    window only as the memory guard's fallback."""
+    from ovss_fast.eval.datasets import DATASETS
+
+    for name, spec in DATASETS.items():
+        p = resolve_protocol("dslo", name)
+        short = {"coco_stuff": 448, "cityscapes": 560}.get(name, 336)
+        assert (p["short_side"], p["window"], p["stride"], p["fallback_window"]) == (short, None, None, spec.window)
+        w = resolve_protocol("dslo-windows", name)
+        assert (w["short_side"], w["window"], w["stride"]) == (spec.short_side, spec.window, spec.stride)
+        assert w["fallback_window"] is None and (p["head"], p["aggregation"]) == (w["head"], w["aggregation"])
+
+
+def test_dslo_falls_back_to_windows_for_an_image_over_the_budget_and_lists_it(tmp_path, capsys):
+    import warnings
+
+    import torch
+
+    from ovss_fast.clip_features import parse_class_names
+    from ovss_fast.eval import load_class_names
+    from ovss_fast.segmenter import Segmenter
+
+    make_layout(tmp_path, "voc21", [0, 1, 7, 15, 20, 255])  # 40x56, 48x48, 36x60 -> 256x352, 256x256, 256x432
+    synonyms = sum(len(c) for c in parse_class_names(load_class_names("voc21")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seg = Segmenter("ovss-fast-tiny", pretrained=None, device="cpu", templates=("{}",))
+    budget = seg.memory_estimate(256, 256, synonyms=synonyms)  # the square image fits as one window, no other
+    assert seg.memory_estimate(256, 352, synonyms=synonyms) > budget >= seg.memory_estimate(224, 224, synonyms=synonyms)
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--dataset", "voc21", "--root", str(tmp_path), *TINY, "--quiet", "--short-side", "256",
+               "--memory-budget", repr(budget / 2**30), "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    r = json.loads(out.read_text())
+    assert (r["config"]["window_px"], r["config"]["fallback_window_px"]) == (None, [224, 224])
+    fell = r["window_fallback"]
+    assert (fell["window_px"], fell["count"]) == ([224, 224], 2)
+    assert [(f["name"], f["resized"]) for f in fell["images"]] == [("2008_000002", [256, 352]),
+                                                                   ("2009_000001", [256, 432])]
+    # without the fallback window the same budget refuses the first image, naming a window that fits
+    with pytest.raises(ValueError, match="over memory_budget .* pass window=256"):
+        Segmenter.from_model(seg.model, seg.tokenizer, device="cpu", memory_budget=budget, templates=("{}",)).seg(
+            torch.rand(3, 256, 352), load_class_names("voc21"))
 
 
 def test_eval_with_a_peer_protocol_records_everything(tmp_path, capsys):

@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     table = "\n".join(f"  {s.name:<12} {s.short_side:>5} {s.window:>6} {s.stride:>6}   {s.title}"
                       for s in DATASETS.values())
     parser.epilog = (
-        "--protocol dslo sizes (pixels; sclip, clearclip, naclip: see README \"Protocols\"):\n"
+        "--protocol dslo: the whole image at short side 336 (coco_stuff 448, cityscapes 560), the window below "
+        "only for an image over --memory-budget (listed in the results file); --protocol dslo-windows sizes "
+        "(pixels; sclip, clearclip, naclip: see README \"Protocols\"):\n"
         "  dataset      short window stride\n" + table + "\n"
         f"long side capped at {LONG_SIDE_CAP}; labels predicted at the annotation's size (JBU), 255 ignored.\n\n"
         "examples:\n"
@@ -53,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="results JSON to write (rank 0); default: print only")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--protocol", default="dslo", choices=list(PROTOCOLS),
-                        help="evaluation protocol: dslo (ours, default), sclip, clearclip, naclip; per dataset it sets "
+                        help="evaluation protocol: dslo (the paper's whole image, default), dslo-windows (sliding "
+                             "windows), sclip, clearclip, naclip; per dataset it sets "
                              "the short side, window / stride, logit scale, bg threshold, resize flavour, aggregation, "
                              "positional interpolation and head (flags given here override it)")
     _cli.add_model_arguments(parser)
@@ -187,7 +190,8 @@ def _benchmark(args: argparse.Namespace, ctx: DistContext) -> tuple:
     import torch
 
     torch.manual_seed(args.seed)  # with --pretrained none every rank must build the same random model
-    seg = _cli.segmenter_from_args(args, device=ctx.device, window=window, stride=stride, **kwargs)
+    seg = _cli.segmenter_from_args(args, device=ctx.device, window=window, stride=stride,
+                                   fallback_window=proto["fallback_window"], **kwargs)
     seg.text_features(dataset.class_names)  # embed the class names before the clock starts
     flavour = "bilinear " + ("antialiased" if proto["antialias"] else "without antialias")
     config = {
@@ -221,11 +225,14 @@ def _run_state(args: argparse.Namespace, config: dict, num_classes: int, ctx: Di
 
 
 def _report(args: argparse.Namespace, outcome: object, class_names: list, config: dict, ctx: DistContext,
-            state: RunState) -> int:
+            state: RunState, fell_back: list[dict]) -> int:
     """Rank 0: print the report, name the skipped items, write --out atomically; the exit code."""
     from .harness import format_report, make_report
 
     report = make_report(outcome, class_names, config, ctx)
+    report["window_fallback"] = {  # this run's images (not those of a resumed checkpoint)
+        "window_px": config.get("fallback_window_px"), "count": len(fell_back),
+        "images": sorted(fell_back, key=lambda f: str(f["name"]))}
     if not args.quiet:
         print(format_report(report))
     else:
@@ -278,7 +285,8 @@ def run(args: argparse.Namespace) -> int:
             if state.stop_signal is not None:  # e.g. the signal also reached the DataLoader workers
                 return _fail(f"interrupted by {state.interrupted()}", code=130)
             return _fail(str(exc), code=1)
-        code = _report(args, outcome, dataset.class_names, config, ctx, state) if ctx.is_main else 0
+        fell_back = ctx.gather_objects(getattr(predict, "fell_back", []))  # every rank takes part
+        code = _report(args, outcome, dataset.class_names, config, ctx, state, fell_back) if ctx.is_main else 0
         # every rank keeps its checkpoint until rank 0 has written the results
         import torch
 

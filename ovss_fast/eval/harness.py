@@ -7,7 +7,9 @@ Per image (a benchmark of :mod:`ovss_fast.eval.datasets`), with the DSLO protoco
       -> resized (bilinear, antialiased) so the short side is the dataset's short side and
          the long side at most 2048 (aspect kept; mmseg's Resize(scale=(2048, short),
          keep_ratio=True)), then rounded to whole patches
-      -> Segmenter scores on the patch grid, sliding windows of the dataset's window / stride
+      -> Segmenter scores on the whole image's patch grid (method.md section 7; windows of the
+         dataset's window size only for an image over the memory budget, listed in the results
+         file; ``--protocol dslo-windows``: always the dataset's window / stride)
       -> joint bilateral upsampling guided by the ORIGINAL image straight to the annotation's
          [H, W], argmax (the method's own upsampler stands in for the usual bilinear resize
          of scores; nothing is predicted at an intermediate size)
@@ -75,6 +77,8 @@ class SegmenterPredictor:
         self.long_side = int(long_side)
         self.antialias = bool(antialias)
         self.snap = bool(snap)
+        #: the images that were too large for the memory budget as one window and fell back to windows
+        self.fell_back: list[dict] = []
 
     def __call__(self, item: dict) -> Tensor:
         seg = self.segmenter
@@ -86,7 +90,16 @@ class SegmenterPredictor:
             size = (max(1, round(size[0] / ph)) * ph, max(1, round(size[1] / pw)) * pw)
         x = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False,
                           antialias=self.antialias).clamp_(0, 1)
-        return seg.seg(x[0], self.class_names, guide=img)  # at the annotation's size, guided by the original
+        before = _fallbacks(seg)
+        labels = seg.seg(x[0], self.class_names, guide=img)  # at the annotation's size, guided by the original
+        if _fallbacks(seg) > before:
+            self.fell_back.append({"name": item.get("name"), "size": [H, W], "resized": list(size)})
+        return labels
+
+
+def _fallbacks(seg: Any) -> int:
+    """How many image batches the Segmenter's memory guard sent to its fallback windows so far."""
+    return getattr(getattr(seg, "windows", None), "fallbacks", 0)
 
 
 class SyntheticScenes(torch.utils.data.Dataset):
@@ -294,13 +307,15 @@ def _num(x: float, digits: int = 2) -> float | None:
 
 def segmenter_config(seg: Any) -> dict:
     """The Segmenter settings that decide its predictions (for the results file)."""
-    px = None if seg.window is None else [seg.window[0] * seg.patch[0], seg.window[1] * seg.patch[1]]
-    stride = None if seg.stride is None else [seg.stride[0] * seg.patch[0], seg.stride[1] * seg.patch[1]]
+    def px(cells: tuple[int, int] | None) -> list[int] | None:
+        return None if cells is None else [cells[0] * seg.patch[0], cells[1] * seg.patch[1]]
+
     return {
         "model": seg.model_name, "affinity": seg.affinity_name, "mode": seg.mode, "features": seg.features,
         "head": seg.head, "bg_threshold": seg.bg_threshold, "aggregation": seg.aggregation, "crop": seg.crop,
         "pos_interp": seg.pos_interp, "antialias": seg.antialias,
-        "window_px": px, "stride_px": stride, "patch": list(seg.patch), "dtype": str(seg.dtype).replace("torch.", ""),
+        "window_px": px(seg.window), "stride_px": px(seg.stride), "fallback_window_px": px(seg.fallback_window),
+        "patch": list(seg.patch), "dtype": str(seg.dtype).replace("torch.", ""),
         "device": str(seg.device), "backend": seg.backend, "templates": len(seg.templates),
         "memory_budget_gib": seg.memory_budget / 2**30, **seg.options.as_dict(),
     }
@@ -350,6 +365,10 @@ def format_report(report: dict) -> str:
     share = report.get("loader_wait_share")
     if share is not None:
         lines.append(f"{100 * share:.0f}% of the loop waiting on the data loader (raise --workers if this is large)")
+    fell = report.get("window_fallback", {}).get("count", 0)
+    if fell:
+        lines.append(f"{fell} image(s) over the memory budget as one window fell back to windows (listed in the "
+                     "results file)")
     skipped = report.get("skipped", {}).get("count", 0)
     if skipped:
         lines.append(f"{skipped} unreadable item(s) skipped (--skip-bad; listed in the results file)")

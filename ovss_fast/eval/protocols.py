@@ -44,6 +44,9 @@ class Protocol:
     scale: dict[str, float] = field(default_factory=dict)
     bg_threshold: dict[str, float] = field(default_factory=dict)
     not_reproduced: tuple[str, ...] = ()
+    #: window (pixels, stride half of it) for images too large for the memory budget as they are (None: refuse)
+    default_fallback: int | None = None
+    fallback: dict[str, int] = field(default_factory=dict)
 
     def resolve(self, dataset: str) -> dict:
         """The protocol's values for one dataset (``dataset=None``: the defaults, for synthetic scenes)."""
@@ -54,12 +57,25 @@ class Protocol:
             "bg_threshold": self.bg_threshold.get(dataset), "antialias": self.antialias, "snap": self.snap,
             "aggregation": self.aggregation, "crop": self.crop, "pos_interp": self.pos_interp, "head": self.head,
             "not_reproduced": list(self.not_reproduced),
+            "fallback_window": self.fallback.get(dataset, self.default_fallback),
         }
 
 
 def _dslo() -> Protocol:
+    """The paper's (method.md section 7): the whole image at 336 (COCO-Stuff 448, Cityscapes 560), one tower
+    forward, the head on the full patch grid; the dataset's windows only for an image over the memory budget."""
     return Protocol(
-        "dslo", "DSLO (ours): patch-grid window averaging, joint bilateral upsampling to the annotation",
+        "dslo", "DSLO (the paper's): the whole image, joint bilateral upsampling to the annotation",
+        head="dslo", aggregation="grid", pos_interp="size", antialias=True, snap=True, crop="floor",
+        default_short=336, default_window=None, default_stride=None, default_scale=100.0,
+        short_side={"coco_stuff": 448, "cityscapes": 560},
+        default_fallback=224, fallback={n: s.window for n, s in DATASETS.items()},
+    )
+
+
+def _dslo_windows() -> Protocol:
+    return Protocol(
+        "dslo-windows", "DSLO with sliding windows: patch-grid window averaging, joint bilateral upsampling",
         head="dslo", aggregation="grid", pos_interp="size", antialias=True, snap=True, crop="floor",
         default_short=336, default_window=224, default_stride=112, default_scale=100.0,
         short_side={n: s.short_side for n, s in DATASETS.items()},
@@ -69,6 +85,7 @@ def _dslo() -> Protocol:
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
     _dslo(),
+    _dslo_windows(),
     Protocol(
         "sclip", "SCLIP (wangf3014/SCLIP): mmseg slide inference, logits argmax, prob_thd",
         head="logits", aggregation="pixels", pos_interp="peers", antialias=False, snap=False, crop="floor",

@@ -312,7 +312,7 @@ def run(device: str = "cpu", *, smoke: bool = False, images: int | None = None, 
     dtype = torch.float16 if cuda else torch.float32
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     n_images = images or (1 if smoke else (5 if cuda else 2))
-    n_loader = loader_images or (2 if smoke else (8 if cuda else 3))
+    n_loader = loader_images if loader_images is not None else (2 if smoke else (8 if cuda else 3))
     model_name, model, tok = build_model(smoke, dev, dtype)
     card, vers = device_name(device), f"{versions()}, ovss_fast {eb.commit()}"
     print(f"pipeline benchmark on {card}; {vers}; model {model_name} (random weights), {dtype}", flush=True)

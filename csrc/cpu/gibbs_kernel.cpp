@@ -19,6 +19,7 @@
 
 #include "common/checks.h"
 #include "common/gibbs_kernel_math.h"
+#include "common/gibbs_kernel_checks.h"
 #include "cpu/cpu_simd.h"
 
 namespace ovss_fast {
@@ -136,12 +137,7 @@ void gibbs_kernel_cpu_impl(const T* a,  // [B, N, N]
 
 std::tuple<at::Tensor, at::Tensor> gibbs_kernel_cpu(const at::Tensor& affinity,  // [B, N, N]
                                                     double eps) {
-  check_rank(affinity, "affinity", 3, "[B, N, N]");
-  check_floating(affinity, "affinity");
-  check_device(affinity, "affinity", c10::DeviceType::CPU);
-  TORCH_CHECK(affinity.size(1) == affinity.size(2), "affinity must be square [B, N, N], got shape ",
-              shape_str(affinity));
-  TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
+  check_gibbs_kernel_args(affinity, eps, c10::DeviceType::CPU);
   const auto dt = compute_dtype(affinity);
   const at::Tensor a = prepare(affinity, dt);
   at::Tensor cost = at::empty(a.sizes(), a.options());

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._runtime import LOG_FLOOR as _LOG_FLOOR
-from ._runtime import autotune, device_guard, interpreting, next_pow2
+from ._runtime import autotune, configs, device_guard, interpreting, next_pow2
 
 #: rows per program of the range pass (fixes the number of partials per image)
 RANGE_ROWS = 32
@@ -63,8 +63,9 @@ def _craw_tile(base, rows, cols, N, sai, saj):
 
 
 @triton.jit
-def _fold_range(lo, hi, craw, mask):
-    """Element-wise running min / max of Craw over the in-bounds entries."""
+def _fold_range(lo, hi, base, rows, cols, N, sai, saj):
+    """Element-wise running min / max of Craw over the in-bounds entries of tile [rows, cols]."""
+    craw, mask = _craw_tile(base, rows, cols, N, sai, saj)
     return tl.minimum(lo, tl.where(mask, craw, float("inf"))), tl.maximum(hi, tl.where(mask, craw, float("-inf")))
 
 
@@ -125,8 +126,7 @@ def _cost_range_kernel(
     lo = tl.full((BLOCK_M, BLOCK_N), float("inf"), tl.float32)
     hi = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
     for j0 in range(0, N, BLOCK_N):
-        craw, mask = _craw_tile(base, rows, j0 + tl.arange(0, BLOCK_N), N, sai, saj)
-        lo, hi = _fold_range(lo, hi, craw, mask)
+        lo, hi = _fold_range(lo, hi, base, rows, j0 + tl.arange(0, BLOCK_N), N, sai, saj)
     _store_range(lo_ptr, hi_ptr, pid_b * n_strips + pid_s, lo, hi)
 
 
@@ -178,9 +178,8 @@ def _sym_range_kernel(
     hi = tl.full((BLOCK, BLOCK), float("-inf"), tl.float32)
     for p in range(pid, n_tiles * (n_tiles + 1) // 2, n_parts):
         ti, tj = _tile_pair(p)
-        craw, mask = _craw_tile(base, ti * BLOCK + tl.arange(0, BLOCK), tj * BLOCK + tl.arange(0, BLOCK),
-                                N, sai, saj)
-        lo, hi = _fold_range(lo, hi, craw, mask)
+        lo, hi = _fold_range(lo, hi, base, ti * BLOCK + tl.arange(0, BLOCK), tj * BLOCK + tl.arange(0, BLOCK), N,
+                             sai, saj)
     _store_range(lo_ptr, hi_ptr, pid_b * n_parts + pid, lo, hi)
 
 
@@ -212,27 +211,13 @@ def _sym_gibbs_kernel(
              mask=(cols[:, None] < N) & (rows[None, :] < N) & (ti != tj))
 
 
-_RANGE_CONFIGS = [
-    triton.Config({"BLOCK_N": 64}, num_warps=4),
-    triton.Config({"BLOCK_N": 128}, num_warps=4),
-    triton.Config({"BLOCK_N": 128}, num_warps=8),
-    triton.Config({"BLOCK_N": 256}, num_warps=8),
-]
+_RANGE_CONFIGS = configs("BLOCK_N", [(64, 4), (128, 4), (128, 8), (256, 8)])
 # elementwise over [N, N]: 64x64 tiles give 4096 programs per image at N = 4096 (132 SMs)
-_TILE_CONFIGS = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8),
-]
+_TILE_CONFIGS = configs("BLOCK_M BLOCK_N", [(32, 32, 4), (64, 64, 4), (64, 64, 8), (32, 128, 8)])
 # symmetric tiles are square (tile ti of the rows is tile ti of the columns); both passes of
 # gibbs_kernel_only tune over these. No 128 x 128 tile: for sm_90 ptxas spills registers there at 8 and
 # at 16 warps (the range pass's running min / max and the tile pair are all live at once).
-SYM_CONFIGS = [
-    triton.Config({"BLOCK": 32}, num_warps=4),
-    triton.Config({"BLOCK": 64}, num_warps=4),
-    triton.Config({"BLOCK": 64}, num_warps=8),
-]
+SYM_CONFIGS = configs("BLOCK", [(32, 4), (64, 4), (64, 8)])
 #: the one configuration of both symmetric passes under the interpreter (which cannot time)
 _SYM_INTERPRET_BLOCK = 16
 _range_tuned = autotune(configs=_RANGE_CONFIGS, key=["N"])(_cost_range_kernel)

@@ -16,6 +16,12 @@ from torch import Tensor
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MODES = ("kl", "op", "mv")
 READOUTS = ("integrated", "velocity")
+#: mode "mv"'s matrix before Sinkhorn-Knopp: the Gibbs kernel K (ours) or the symmetrised attention Sym / M
+#: (the paper); method.md section 3
+TRANSITIONS = ("gibbs", "attention")
+#: the axis NMS compares a probability along: its patch's classes (ours) or its class's patches (a reading of
+#: the paper); method.md section 1
+NMS_AXES = ("classes", "patches")
 #: Segmenter heads: the DSLO discrepancy scores, or the peers' plain logits argmax.
 HEADS = ("dslo", "logits")
 #: How overlapping windows are combined: on the patch grid then JBU (ours), or upsampled bilinearly to

@@ -142,6 +142,10 @@ def features_and_text(feats: object, text: object) -> tuple[Tensor, Tensor]:
     same_device(feats=feats, text=text)
     if text.shape[0] == 0:
         raise ValueError("text has C = 0 classes (shape (0, D)); give at least one class")
+    for name, x in (("feats", feats), ("text", text)):
+        if x.shape[-1] == 0:
+            raise ValueError(f"{name} has D = 0 feature width (shape {tuple(x.shape)}); the cosine needs at least "
+                             "one feature")
     if feats.shape[2] != text.shape[1]:
         raise ValueError(
             f"feats and text disagree on the feature width D: feats {tuple(feats.shape)} has D = "

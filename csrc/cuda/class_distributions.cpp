@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "common/class_distributions_checks.h"
 #include "cuda/class_distributions_kernel.h"
 #include "cuda/cuda_call.h"
 
@@ -13,14 +14,10 @@ namespace {
 
 at::Tensor class_distributions_cuda(const at::Tensor& feats,  // [B, N, D]
                                     const at::Tensor& text,   // [C, D]
-                                    double scale, double nms) {
-  check_rank(feats, "feats", 3, "[B, N, D]");
-  check_rank(text, "text", 2, "[C, D]");
-  check_floating(feats, "feats");
-  check_floating(text, "text");
-  check_same_device(feats, "feats", text, "text");
-  TORCH_CHECK(feats.size(2) == text.size(1), "feats and text disagree on the feature width D: feats ",
-              shape_str(feats), ", text ", shape_str(text));
+                                    double scale, double nms, c10::string_view nms_axis) {
+  check_features_and_text(feats, text, c10::DeviceType::CUDA);
+  // the kernel applies NMS along classes; along patches it is the exact post-pass below
+  const bool patches = nms_axis_code(nms_axis) == kNmsPatches;
   return on_cuda(feats, "feats", [&](cudaStream_t stream) {
     const auto dt = compute_dtype(feats, text);
     const int64_t B = feats.size(0), N = feats.size(1), D = feats.size(2), C = text.size(0);
@@ -37,7 +34,7 @@ at::Tensor class_distributions_cuda(const at::Tensor& feats,  // [B, N, D]
     p.C = C;
     p.D = D;
     p.scale = scale;
-    p.nms = nms;
+    p.nms = patches ? 0.0 : nms;
     p.is_double = dt == at::kDouble;
     // one patch's features and logits sit in shared memory (227 KiB on sm_80 / sm_90)
     TORCH_CHECK(class_distributions_shared_bytes(p) <= 200 * 1024, "class_distributions (CUDA): D + C = ", D + C,
@@ -47,7 +44,7 @@ at::Tensor class_distributions_cuda(const at::Tensor& feats,  // [B, N, D]
     p.scratch = cuda_scratch(scratch, class_distributions_scratch_bytes(p), x);
     check_launch(launch_class_distributions(p, stream), "class_distributions", "feats ", shape_str(feats),
                  ", text ", shape_str(text));
-    return out;
+    return patches ? suppress_patches(out, nms) : out;
   });
 }
 

@@ -2,7 +2,8 @@
 //
 //   T = K;  sk_iters times: rows of T to sum 1, then columns (floor 1e-30)
 //   f(0) = N q;  f(l) = T^T f(l-1);  integrated: S = sum_{l=1..steps} (f(l) - 1)
-//   velocity: lstar = first l >= 1 with |f(l) - f(l-1)| <= tau (steps+1 if never), S = -lstar + 1e-3 f(0)
+//   velocity: lstar = first l >= 1 with |f(l) - f(l-1)| <= tau (steps+1 if never),
+//             S = lstar + f(0) / (1 + f(0))   (slow settling wins; ties to the larger f(0))
 //   dead class -> -inf
 //
 // One launch per call, with two schedules (csrc/cuda/discrepancy_coop.cuh says why):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, velocity_lstar
 
 from ovss_fast import ops
 from ovss_fast import reference as R
@@ -257,6 +257,26 @@ def test_gibbs_kernel_only_constant_affinity():
 
 
 @interpreted
+def test_gibbs_kernel_scale_free():
+    """Spec v2 (method.md section 2): Craw = -log(Sym / M + 1e-12), M the image's max of Sym. One batch whose
+    affinities differ by 1e20 in scale (1e-20 A, A', 1e20 A'') and an all-zero image (M = 0: cost 0, K = 1):
+    both Triton paths match the float64 reference image by image, and 7 A gives A's cost."""
+    from ovss_fast.triton import gibbs_kernel as gk
+
+    g = torch.Generator().manual_seed(11)
+    a = torch.rand(4, 23, 23, generator=g) * torch.tensor([1e-20, 1.0, 1e20, 0.0]).view(4, 1, 1)
+    cost, kern = gk.gibbs_kernel(a, eps=0.1)
+    cost_ref, kern_ref = R.gibbs_kernel(a.double(), eps=0.1)
+    for b in range(4):
+        assert rel_err(cost[b], cost_ref[b]) <= TOL, b
+        assert rel_err(kern[b], kern_ref[b]) <= TOL, b
+    assert float(cost[0].amax()) == 1.0 and float(cost[2].amax()) == 1.0  # the tiny / huge images span [0, 1]
+    assert torch.equal(cost[3], torch.zeros(23, 23)) and torch.equal(kern[3], torch.ones(23, 23))
+    assert torch.equal(gk.gibbs_kernel_only(a, eps=0.1), kern)
+    assert float((gk.gibbs_kernel(7.0 * a, eps=0.1)[0] - cost).abs().max()) <= 1e-6
+
+
+@interpreted
 def test_tile_pair_covers_the_upper_triangle(monkeypatch):
     """_tile_pair maps 0 .. T (T + 1) / 2 - 1 onto every (ti, tj), ti <= tj < T, once, column by column
     (every p up to T = 2048 tiles), and stays right at both sides of every column start up to the
@@ -471,8 +491,8 @@ def test_markov_scores_velocity(B, N, C, sk_iters, steps, tau, dead):
     robust = (_velocity_margin(q, k, sk_iters, steps, tau) > 1e-3) & torch.isfinite(want)
     # the test is about lstar, not about its edge cases
     assert float(robust.sum()) > 0.9 * float(torch.isfinite(want).sum())
-    lstar_got = torch.round(-got.double() + 1e-3 * q.shape[1] * q.double())
-    lstar_want = torch.round(-want + 1e-3 * q.shape[1] * q.double())
+    lstar_got = velocity_lstar(got.double(), q)  # S = lstar + f0 / (1 + f0) (spec v2)
+    lstar_want = velocity_lstar(want, q)
     assert torch.equal(lstar_got[robust], lstar_want[robust])
     assert bool(((lstar_want[torch.isfinite(want)] >= 1) & (lstar_want[torch.isfinite(want)] <= steps + 1)).all())
     assert float((got.double() - want)[robust].abs().max()) <= TOL * float(want[robust].abs().max())

@@ -84,9 +84,11 @@ def _sk_sums(k_base, ski, skj, w_base, idx, imask, N, ROWS: tl.constexpr, CACHE:
 
 @triton.jit
 def _sk_rescale(x_base, idx, imask, sums, CACHE: tl.constexpr):
-    """A Sinkhorn-Knopp step for the patches idx: x_i <- x_i / max(x_i sums_i, 1e-30), float64 (x = r or c)."""
+    """A Sinkhorn-Knopp step for the patches idx: x_i <- x_i / max(x_i sums_i, 1e-30), float64 (x = r or c);
+    x_i kept where sums_i = 0 (a zero row / column of K, as W = Sym / M may have: T's row stays 0, as in the
+    reference, instead of x growing by 1e30 a step to inf and 0 * inf = NaN)."""
     x = tl.load(x_base + idx, mask=imask, other=1.0, cache_modifier=CACHE)
-    tl.store(x_base + idx, x / tl.maximum(x * sums, sched.DENOM_FLOOR), mask=imask)
+    tl.store(x_base + idx, tl.where(sums > 0, x / tl.maximum(x * sums, sched.DENOM_FLOOR), x), mask=imask)
 
 
 @triton.jit
@@ -233,12 +235,14 @@ def _mv_step_tile(k_base, ski, skj, r_base, c_base, e_base, src, dst, o_base, CP
 @triton.jit
 def _chain_finish_tile(q_base, sqn, sqc, o_base, C, rows, rmask, cls, cmask, N, dead, VELOCITY: tl.constexpr):
     """The readout of a tile (every schedule): integrated: S = sum_l d(l) (as held in out); velocity:
-    S = -lstar + 1e-3 f(0), f(0) = N q; S = -inf for a dead class (method.md section 3, mv)."""
+    S = lstar + f(0) / (1 + f(0)), f(0) = N q (slow settling wins, ties to the stronger f(0));
+    S = -inf for a dead class (method.md section 3, mv)."""
     mask = rmask[:, None] & cmask[None, :]
     s = tl.load(o_base + rows[:, None] * C + cls[None, :], mask=mask, other=0.0)
     if VELOCITY:
         q, mask = sched._q_tile(q_base, sqn, sqc, rows, rmask, cls, cmask)
-        s = -s + 1e-3 * (N * q)
+        f0 = N * q
+        s = s + f0 / (1.0 + f0)
     sched._scores_tile(o_base, C, rows, cls, mask, s, dead)
 
 
@@ -262,7 +266,7 @@ def _markov_scores_kernel(
     d(l)[j] = c_j sum_i K_ij r_i d(l-1)[i] + e_j (= (T^T f(l-1))[j] - 1), l = 1..steps.
 
     integrated: S = sum_l d(l).  velocity: lstar = first l with |d(l) - d(l-1)| <= tau
-    (steps + 1 if never), S = -lstar + 1e-3 f(0).  S = -inf for a dead class (sum_i q = 0).
+    (steps + 1 if never), S = lstar + f(0) / (1 + f(0)).  S = -inf for a dead class (sum_i q = 0).
     method.md section 3, mv. Products run in IEEE float32 (no tf32). Patches j in blocks of BLOCK_J,
     the sum over i in blocks of BLOCK_I (:func:`_mv_step_tile`), a CTA barrier between steps.
     """
@@ -327,7 +331,7 @@ def _markov_finish_kernel(
     VELOCITY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """velocity: S = -lstar + 1e-3 f(0) with f(0) = N q; S = -inf for a dead class (sum_i q = 0).
+    """velocity: S = lstar + f(0) / (1 + f(0)) with f(0) = N q; S = -inf for a dead class (sum_i q = 0).
     method.md section 3, mv (split schedule, :func:`_chain_finish_tile`)."""
     pid_b, cls, cmask = sched._class_tile(C, BLOCK_C)
     q_base = q_ptr + pid_b * sqb
@@ -404,7 +408,7 @@ def _markov_window_kernel(
     d(0) = N q - 1; d(l)[j] = c_j sum_i K_ij r_i d(l-1)[i] + e_j (read as K_ji when SYMMETRIC), l = 1..steps.
 
     integrated: S = sum_l d(l).  velocity: lstar = first l with |d(l) - d(l-1)| <= tau
-    (steps + 1 if never), S = -lstar + 1e-3 f(0).  S = -inf for a dead class (sum_i q = 0).
+    (steps + 1 if never), S = lstar + f(0) / (1 + f(0)).  S = -inf for a dead class (sum_i q = 0).
     method.md section 3, mv. Rows in blocks of BLOCK_I (:func:`_chain_init_tile`, :func:`_chain_step_tile`);
     a CTA barrier between steps.
     """

@@ -145,8 +145,10 @@ def _op_phase(q_base, sqn, sqc, k_base, ski, skj, u_base, v_base, CP, N, cls, cm
     total = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for i0 in range(0, N, BLOCK_R):
         rows = i0 + tl.arange(0, BLOCK_R)
-        total += _op_phase_tile(q_base, sqn, sqc, k_base, ski, skj, u_base, v_base, CP, rows, rows < N, cls, cmask,
+        colsum = _op_phase_tile(q_base, sqn, sqc, k_base, ski, skj, u_base, v_base, CP, rows, rows < N, cls, cmask,
                                 N, a, eps, kind, SYMMETRIC, PRECISION, BLOCK_N, BLOCK_R, BLOCK_S, BLOCK_C)
+        if (kind == 0) or (kind == 3):  # kinds 1 and 2 carry no sum through their loop
+            total += colsum
     tl.debug_barrier()
     return total
 
@@ -165,10 +167,11 @@ def _op_class_tile(q_base, sqn, sqc, k_base, ski, skj, u_base, v_base, out_base,
     for _ in range(iters):
         _op_phase(*args, 1, SYMMETRIC, PRECISION, BLOCK_N, BLOCK_U, BLOCK_US, BLOCK_C)
         _op_phase(*args, 2, SYMMETRIC, PRECISION, BLOCK_N, BLOCK_V, BLOCK_VS, BLOCK_C)
-    fsum = _op_phase(*args, 3, SYMMETRIC, PRECISION, BLOCK_N, BLOCK_U, BLOCK_US, BLOCK_C)
+    mean = _op_phase(*args, 3, SYMMETRIC, PRECISION, BLOCK_N, BLOCK_U, BLOCK_US, BLOCK_C) / N
+    dead = qsum <= 0
     for i0 in range(0, N, BLOCK_U):
         rows = i0 + tl.arange(0, BLOCK_U)
-        _center_tile(u_base, CP, out_base, C, rows, rows < N, cls, cmask, fsum / N, qsum <= 0)
+        _center_tile(u_base, CP, out_base, C, rows, rows < N, cls, cmask, mean, dead)
 
 
 @triton.jit

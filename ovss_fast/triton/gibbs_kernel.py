@@ -66,9 +66,11 @@ def _sym_tile(base, rows, cols, N, sai, saj):
 
 
 @triton.jit
-def _craw(sym, scale):
-    """The scale-free Craw = -log(Sym / M + 1e-12), ``scale`` = M (1 where M <= 0)."""
-    return -tl.log(sym / scale + LOG_FLOOR)
+def _craw(sym, inv_scale):
+    """The scale-free Craw = -log(Sym / M + 1e-12), ``inv_scale`` = 1 / M (1 where M <= 0): a product, not a
+    division per entry (an IEEE division holds more registers; ptxas spilled in _sym_gibbs_kernel 64 x 64 at
+    4 warps), within one rounding of Sym / M."""
+    return -tl.log(sym * inv_scale + LOG_FLOOR)
 
 
 @triton.jit
@@ -94,16 +96,16 @@ def _image_range(lo_ptr, hi_ptr, pid_b, n_parts, BLOCK_S: tl.constexpr):
     smask = s < n_parts
     smin = tl.min(tl.load(lo_ptr + pid_b * n_parts + s, mask=smask, other=float("inf")), axis=0)
     smax = tl.max(tl.load(hi_ptr + pid_b * n_parts + s, mask=smask, other=float("-inf")), axis=0)
-    scale = tl.where(smax > 0, smax, 1.0)
-    lo = _craw(smax, scale)
-    return scale, lo, _craw(smin, scale) - lo
+    inv_scale = 1.0 / tl.where(smax > 0, smax, 1.0)
+    lo = _craw(smax, inv_scale)
+    return inv_scale, lo, _craw(smin, inv_scale) - lo
 
 
 @triton.jit
-def _cost_and_kernel(sym, scale, lo, span, inv_eps):
+def _cost_and_kernel(sym, inv_scale, lo, span, inv_eps):
     """Craw = -log(Sym / M + 1e-12); cost = (Craw - lo) / span (0 everywhere when span == 0),
     K = exp(-cost / eps)."""
-    craw = _craw(sym, scale)
+    craw = _craw(sym, inv_scale)
     cost = tl.where(span > 0, (craw - lo) / tl.where(span > 0, span, 1.0), 0.0)
     return cost, tl.exp(-cost * inv_eps)
 
@@ -161,11 +163,11 @@ def _gibbs_kernel_kernel(
     method.md section 2 (second pass); min and max over the whole image from the partials.
     """
     pid_b = tl.program_id(0).to(tl.int64)
-    scale, lo, span = _image_range(lo_ptr, hi_ptr, pid_b, n_strips, BLOCK_S)
+    inv_scale, lo, span = _image_range(lo_ptr, hi_ptr, pid_b, n_strips, BLOCK_S)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     sym, mask = _sym_tile(a_ptr + pid_b * sab, rows, cols, N, sai, saj)
-    cost, kern = _cost_and_kernel(sym, scale, lo, span, inv_eps)
+    cost, kern = _cost_and_kernel(sym, inv_scale, lo, span, inv_eps)
     out = pid_b * N * N + rows[:, None] * N + cols[None, :]
     tl.store(cost_ptr + out, cost, mask=mask)
     tl.store(k_ptr + out, kern, mask=mask)
@@ -217,11 +219,11 @@ def _sym_gibbs_kernel(
     """
     ti, tj = _tile_pair(tl.program_id(0))
     pid_b = tl.program_id(1).to(tl.int64)
-    scale, lo, span = _image_range(lo_ptr, hi_ptr, pid_b, n_parts, BLOCK_S)
+    inv_scale, lo, span = _image_range(lo_ptr, hi_ptr, pid_b, n_parts, BLOCK_S)
     rows = ti * BLOCK + tl.arange(0, BLOCK)
     cols = tj * BLOCK + tl.arange(0, BLOCK)
     sym, mask = _sym_tile(a_ptr + pid_b * sab, rows, cols, N, sai, saj)
-    _, kern = _cost_and_kernel(sym, scale, lo, span, inv_eps)
+    _, kern = _cost_and_kernel(sym, inv_scale, lo, span, inv_eps)
     out = k_ptr + pid_b * N * N
     tl.store(out + rows[:, None] * N + cols[None, :], kern, mask=mask)
     tl.store(out + cols[:, None] * N + rows[None, :], tl.trans(kern),

@@ -70,7 +70,6 @@ from ._ext_bench import time_gpu, time_gpu_graph
 from ._results_io import append_rows, device_name, markdown_table, now, versions, write_section
 
 TOL = 1e-4
-TAU_BAND = 1e-4
 
 
 # --------------------------------------------------------------------------- cases
@@ -202,17 +201,6 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((a[fin] - e[fin]).abs().max() / e[fin].abs().max().clamp_min(1e-30))
 
 
-def _velocity_borderline(q: torch.Tensor, k: torch.Tensor, sk_iters: int, steps: int, tau: float) -> torch.Tensor:
-    tt = R.doubly_stochastic(k, sk_iters=sk_iters).transpose(1, 2)
-    f = q.shape[1] * q
-    near = torch.zeros_like(q, dtype=torch.bool)
-    for _ in range(steps):
-        nxt = torch.bmm(tt, f)
-        near |= ((nxt - f).abs() - tau).abs() <= TAU_BAND
-        f = nxt
-    return near
-
-
 def compare(case: Case, out: Any, inputs32: tuple[torch.Tensor, ...]) -> tuple[bool, str]:
     """(passed, detail) for one backend output against the float64 reference on the same float32 values."""
     ref_in = tuple(t.double() for t in inputs32)
@@ -241,11 +229,13 @@ def compare(case: Case, out: Any, inputs32: tuple[torch.Tensor, ...]) -> tuple[b
     if out.dtype != torch.float32:
         return False, f"output dtype {out.dtype}, expected float32"
     if case.op == "markov_scores" and case.params["readout"] == "velocity":
-        near = _velocity_borderline(ref_in[0], ref_in[1], case.params["sk_iters"], case.params["steps"],
-                                    case.params["tau"])
-        n = ref_in[0].shape[1]
-        lstar_o = (-out.double() + 1e-3 * n * ref_in[0]).round()
-        lstar_r = (-ref + 1e-3 * n * ref_in[0]).round()
+        # the tests' helpers (run from the repository root, as python -m bench.gpu_check)
+        from tests.conftest import velocity_borderline, velocity_lstar
+
+        near = velocity_borderline(ref_in[0], ref_in[1], sk_iters=case.params["sk_iters"],
+                                   steps=case.params["steps"], tau=case.params["tau"]).to(ref.device)
+        lstar_o = velocity_lstar(out.double(), ref_in[0])
+        lstar_r = velocity_lstar(ref, ref_in[0])
         bad = torch.isfinite(ref) & (lstar_o != lstar_r) & ~near
         if bool(bad.any()):
             return False, f"{int(bad.sum())} lstar differ away from tau"

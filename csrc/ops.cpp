@@ -23,8 +23,8 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(ovss_fast, m) {
-  // method.md section 1: feats [B, N, D], text [C, D] -> Q [B, N, C]
-  m.def("class_distributions(Tensor feats, Tensor text, float scale, float nms) -> Tensor");
+  // method.md section 1: feats [B, N, D], text [C, D] -> Q [B, N, C]; nms_axis "classes" or "patches"
+  m.def("class_distributions(Tensor feats, Tensor text, float scale, float nms, str nms_axis=\"classes\") -> Tensor");
   // section 2: affinity [B, N, N] -> (cost [B, N, N], kernel [B, N, N])
   m.def("gibbs_kernel(Tensor affinity, float eps) -> (Tensor, Tensor)");
   // section 3, kl: q [B, N, C] -> scores [B, N, C]

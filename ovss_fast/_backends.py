@@ -66,11 +66,20 @@ class Backend:
         that can skip the cost overrides this. Not an op of :data:`OPS`: it calls this backend's gibbs_kernel."""
         return self.gibbs_kernel(affinity, eps=eps)[1]
 
+    def markov_transition(self, affinity: Tensor, *, transition: str = "gibbs", eps: float = 0.1) -> Tensor:
+        """affinity: [B, N, N] -> the matrix mode "mv" makes doubly stochastic (method.md section 3): this
+        backend's Gibbs kernel ("gibbs") or W = Sym / M ("attention"), the latter one elementwise PyTorch pass
+        on the affinity's device (reference.attention_transition) for every backend. Both are symmetric."""
+        if transition == "attention":
+            return reference.attention_transition(affinity)
+        return self.gibbs_kernel_only(affinity, eps=eps)
+
 
 class ReferenceBackend(Backend):
     """The pure-PyTorch specification: any device, any supported dtype."""
 
     name = "reference"
+    takes_nms_axis = True
 
     def __getattr__(self, op: str) -> Callable[..., Any]:
         if op in OPS:

@@ -40,6 +40,10 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 class ExtensionBackend(Backend):
     """One device type of the compiled extension; every op calls ``torch.ops.ovss_fast.<op>``."""
 
+    #: class_distributions applies nms_axis "patches" itself (in the CPU kernel; as the exact post-pass on Q in
+    #: the CUDA wrapper, csrc/common/class_distributions_checks.h)
+    takes_nms_axis = True
+
     def __init__(self, name: str, device_type: str, dispatch_key: str) -> None:
         self.name = name
         self.device_type = device_type
@@ -67,9 +71,10 @@ class ExtensionBackend(Backend):
         return reasons
 
     # method.md section 1
-    def class_distributions(self, feats: Tensor, text: Tensor, *, scale: float = 100.0, nms: float = 0.0) -> Tensor:
+    def class_distributions(self, feats: Tensor, text: Tensor, *, scale: float = 100.0, nms: float = 0.0,
+                            nms_axis: str = "classes") -> Tensor:
         """feats [B, N, D], text [C, D] -> Q [B, N, C]."""
-        return torch.ops.ovss_fast.class_distributions(feats, text, float(scale), float(nms))
+        return torch.ops.ovss_fast.class_distributions(feats, text, float(scale), float(nms), str(nms_axis))
 
     # section 2
     def gibbs_kernel(self, affinity: Tensor, *, eps: float = 0.1) -> tuple[Tensor, Tensor]:

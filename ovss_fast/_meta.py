@@ -16,7 +16,7 @@ def _dtype(*tensors: Tensor) -> torch.dtype:
 
 
 @torch.library.register_fake("ovss_fast::class_distributions")
-def _class_distributions(feats: Tensor, text: Tensor, scale: float, nms: float) -> Tensor:
+def _class_distributions(feats: Tensor, text: Tensor, scale: float, nms: float, nms_axis: str = "classes") -> Tensor:
     B, N, _ = feats.shape
     return feats.new_empty((B, N, text.shape[0]), dtype=_dtype(feats, text))
 

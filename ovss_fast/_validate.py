@@ -16,6 +16,12 @@ from torch import Tensor
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MODES = ("kl", "op", "mv")
 READOUTS = ("integrated", "velocity")
+#: mode "mv"'s matrix before Sinkhorn-Knopp: the Gibbs kernel K (ours) or the symmetrised attention Sym / M
+#: (the paper); method.md section 3
+TRANSITIONS = ("gibbs", "attention")
+#: the axis NMS compares a probability along: its patch's classes (ours) or its class's patches (a reading of
+#: the paper); method.md section 1
+NMS_AXES = ("classes", "patches")
 #: Segmenter heads: the DSLO discrepancy scores, or the peers' plain logits argmax.
 HEADS = ("dslo", "logits")
 #: How overlapping windows are combined: on the patch grid then JBU (ours), or upsampled bilinearly to
@@ -136,6 +142,10 @@ def features_and_text(feats: object, text: object) -> tuple[Tensor, Tensor]:
     same_device(feats=feats, text=text)
     if text.shape[0] == 0:
         raise ValueError("text has C = 0 classes (shape (0, D)); give at least one class")
+    for name, x in (("feats", feats), ("text", text)):
+        if x.shape[-1] == 0:
+            raise ValueError(f"{name} has D = 0 feature width (shape {tuple(x.shape)}); the cosine needs at least "
+                             "one feature")
     if feats.shape[2] != text.shape[1]:
         raise ValueError(
             f"feats and text disagree on the feature width D: feats {tuple(feats.shape)} has D = "

@@ -13,23 +13,34 @@ import torch
 from torch import Tensor
 
 from . import _validate as check
+from . import reference
 from ._backends import select
 from .options import HeadOptions
 
 
 def class_distributions(feats: Tensor, text: Tensor, *, scale: float = 100.0, nms: float = 0.0,
-                        backend: str = "auto") -> Tensor:
+                        nms_axis: str = "classes", backend: str = "auto") -> Tensor:
     """Each class's distribution over patches (method.md section 1).
 
     feats: [B, N, D] patch features; text: [C, D] class embeddings -> Q: [B, N, C],
-    softmax over classes of ``scale * cos``, optional NMS (ratio ``nms``), then each
-    column normalised to sum 1 over patches (a column NMS emptied stays 0).
+    softmax over classes of ``scale * cos``, optional NMS (ratio ``nms``: a probability
+    below ``nms`` times the largest of its patch, ``nms_axis="classes"``, or of its class
+    over patches, ``nms_axis="patches"``, becomes 0), then each column normalised to sum 1
+    over patches (a column NMS emptied stays 0).
     """
     feats, text = check.features_and_text(feats, text)
-    params = {"scale": check.positive("scale", scale), "nms": check.nms_ratio(nms)}
-    impl = select("class_distributions", backend, (feats, text), params)
+    nms = check.nms_ratio(nms)
+    nms_axis = check.choice("nms_axis", nms_axis, check.NMS_AXES)
+    params = {"scale": check.positive("scale", scale), "nms": nms}
+    impl = select("class_distributions", backend, (feats, text), {**params, "nms_axis": nms_axis})
     with torch.no_grad():
-        return impl.class_distributions(feats, text, **params)
+        if getattr(impl, "takes_nms_axis", False):
+            return impl.class_distributions(feats, text, **params, nms_axis=nms_axis)
+        if nms_axis == "classes":
+            return impl.class_distributions(feats, text, **params)
+        # a kernel with the classes rule only: Q without NMS, then the patches rule as an exact post-pass
+        # on Q (Q's columns are P's rescaled by positive constants; reference.suppress_patches says why)
+        return reference.suppress_patches(impl.class_distributions(feats, text, scale=params["scale"], nms=0.0), nms)
 
 
 def gibbs_kernel(affinity: Tensor, *, eps: float = 0.1, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -55,6 +66,7 @@ def discrepancy(
     steps: int = 50,
     readout: str = "integrated",
     tau: float = 0.3,
+    transition: str = "gibbs",
     backend: str = "auto",
 ) -> Tensor:
     """Per-patch distribution-discrepancy scores (method.md section 3).
@@ -66,14 +78,19 @@ def discrepancy(
 
     mode "kl": per-patch KL term to the uniform distribution; "op": optimal path,
     entropic OT from 1/N to each class (``iters`` Sinkhorn iterations, ``eps``),
-    read off the source potential; "mv": maximum velocity, a Markov chain on the
-    doubly stochastic kernel (``sk_iters``, ``steps``; ``readout`` "integrated" or
-    "velocity" with threshold ``tau``).
+    read off the source potential; "mv": maximum velocity, a Markov chain on a
+    matrix made doubly stochastic (``sk_iters``, ``steps``; ``readout`` "integrated"
+    or "velocity" with threshold ``tau``). ``transition`` picks mv's matrix: "gibbs"
+    (ours), the Gibbs kernel K of ``eps``; "attention" (the paper), the symmetrised
+    affinity over its per-image max, W = Sym / M (M = 0 gives W = 0, on which the
+    chain empties: reference.attention_transition). Modes "kl" and "op" check
+    ``transition`` like every other parameter and ignore it.
     """
     q = check.class_scores(q)
     check.choice("mode", mode, check.MODES)
     # every parameter is checked, also those this mode does not use (a typo should not wait for a mode switch)
     eps = check.positive("eps", eps)
+    transition = check.choice("transition", transition, check.TRANSITIONS)
     op_params: dict[str, Any] = {"eps": eps, "iters": check.count("iters", iters, minimum=1)}
     mv_params: dict[str, Any] = {
         "sk_iters": check.count("sk_iters", sk_iters, minimum=1, why=check.SK_ITERS_WHY),
@@ -99,14 +116,16 @@ def discrepancy(
     else:
         impl = select("markov_scores", backend, (q, affinity), mv_params)
         with torch.no_grad():
-            kernel = impl.gibbs_kernel_only(affinity, eps=eps)
-            s = impl.markov_scores(q, kernel, **mv_params, **_symmetric(impl))
+            # K or W goes where the kernel goes: both are symmetric, so the symmetric fast path holds
+            matrix = impl.markov_transition(affinity, transition=transition, eps=eps)
+            s = impl.markov_scores(q, matrix, **mv_params, **_symmetric(impl))
     return check.finite_scores(s, mode, affinity, eps)
 
 
 def _symmetric(impl: Any) -> dict[str, bool]:
-    """{"symmetric": True} for a backend whose op / mv can use K = K^T (gibbs_kernel builds K from
-    (A + A^T) / 2, so K^T u = K u and one matrix is read, never its transpose); {} for the others."""
+    """{"symmetric": True} for a backend whose op / mv can use K = K^T (gibbs_kernel builds K, and
+    attention_transition W, from (A + A^T) / 2, so K^T u = K u and one matrix is read, never its
+    transpose); {} for the others."""
     return {"symmetric": True} if getattr(impl, "takes_symmetric_kernel", False) else {}
 
 

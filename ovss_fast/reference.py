@@ -15,9 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._validate import NMS_AXES, TRANSITIONS
+
 #: Divisions floor their denominators here (method.md section 3; a normal float32).
 DENOM_FLOOR = 1e-30
-#: Added to the symmetrised affinity before the log (method.md section 2).
+#: Added to Sym / M, the symmetrised affinity over its per-image max, before the log (method.md section 2).
 LOG_FLOOR = 1e-12
 
 
@@ -29,11 +31,16 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- section 1
-def class_distributions(feats: Tensor, text: Tensor, *, scale: float = 100.0, nms: float = 0.0) -> Tensor:
+def class_distributions(feats: Tensor, text: Tensor, *, scale: float = 100.0, nms: float = 0.0,
+                        nms_axis: str = "classes") -> Tensor:
     """Q[b,:,c]: each class's distribution over patches (method.md section 1).
 
-    feats: [B, N, D]; text: [C, D] -> Q: [B, N, C].
+    feats: [B, N, D]; text: [C, D] -> Q: [B, N, C]. NMS (ratio ``nms``, 0 = off) zeroes
+    P[b,i,c] below nms times the largest probability of its patch (``nms_axis="classes"``,
+    over c') or of its class (``nms_axis="patches"``, over patches i').
     """
+    if nms_axis not in NMS_AXES:
+        raise ValueError(f"nms_axis must be one of {', '.join(map(repr, NMS_AXES))}; got {nms_axis!r}")
     dt = compute_dtype(feats, text)
     # cosine: normalise both sides; a zero vector gets cosine 0 rather than NaN
     x = unit_vectors(feats.to(dt))
@@ -41,11 +48,32 @@ def class_distributions(feats: Tensor, text: Tensor, *, scale: float = 100.0, nm
     logits = scale * torch.einsum("bnd,cd->bnc", x, t)
     p = torch.softmax(logits, dim=-1)
     if nms > 0:
-        pmax = p.amax(dim=-1, keepdim=True)
-        p = torch.where(p < nms * pmax, torch.zeros_like(p), p)
+        p = suppress_weak(p, nms, dim=-1 if nms_axis == "classes" else 1)
+    return normalise_columns(p)
+
+
+def suppress_weak(p: Tensor, nms: float, dim: int) -> Tensor:
+    """p with 0 wherever p < nms * (its max along ``dim``): dim=-1 is the "classes" NMS rule, dim=1 "patches"."""
+    return torch.where(p < nms * p.amax(dim=dim, keepdim=True), torch.zeros_like(p), p)
+
+
+def normalise_columns(p: Tensor) -> Tensor:
+    """[B, N, C]: each column divided by its sum over patches; a column summing to 0 stays 0."""
     colsum = p.sum(dim=1, keepdim=True)  # [B, 1, C]
-    q = torch.where(colsum > 0, p / colsum.clamp_min(DENOM_FLOOR), torch.zeros_like(p))
-    return q
+    return torch.where(colsum > 0, p / colsum.clamp_min(DENOM_FLOOR), torch.zeros_like(p))
+
+
+def suppress_patches(q: Tensor, nms: float) -> Tensor:
+    """The "patches" NMS applied after the fact to Q = class_distributions(..., nms=0).
+
+    Q[:, c] = P[:, c] / s_c with s_c > 0 (or Q[:, c] = 0 = P[:, c]), so P < nms * max_i P
+    exactly where Q < nms * max_i Q, and renormalising the kept part of Q's column gives
+    the kept part of P's column over its sum: the result equals
+    ``class_distributions(..., nms=nms, nms_axis="patches")`` up to rounding (an entry
+    within an ulp of the threshold may fall on either side). Backends without the
+    patches rule in their kernel run this post-pass (ops.class_distributions).
+    """
+    return normalise_columns(suppress_weak(q, nms, dim=1)) if nms > 0 else q
 
 
 def unit_vectors(v: Tensor) -> Tensor:
@@ -63,15 +91,22 @@ def dead_classes(q: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- section 2
+def scaled_affinity(affinity: Tensor) -> Tensor:
+    """Sym / M (method.md sections 2 and 3): Sym = (A + A^T) / 2, M its max over each image;
+    an image whose Sym is all 0 (M = 0) stays all 0. [B, N, N] -> [B, N, N] in [0, 1], symmetric."""
+    a = affinity.to(compute_dtype(affinity))
+    sym = 0.5 * a + 0.5 * a.transpose(1, 2)  # halved first: (A + A^T) overflows near the float32 maximum
+    m = sym.amax(dim=(1, 2), keepdim=True)
+    return sym / torch.where(m > 0, m, torch.ones_like(m))
+
+
 def gibbs_kernel(affinity: Tensor, *, eps: float = 0.1) -> tuple[Tensor, Tensor]:
     """Cost C in [0, 1] and Gibbs kernel K = exp(-C / eps) (method.md section 2).
 
-    affinity: [B, N, N] (non-negative) -> (cost [B, N, N], kernel [B, N, N]).
+    affinity: [B, N, N] (non-negative) -> (cost [B, N, N], kernel [B, N, N]). The cost is
+    scale-free: Craw = -log(Sym / M + 1e-12), so A and 7 * A (or 1e-20 * A) give the same C.
     """
-    dt = compute_dtype(affinity)
-    a = affinity.to(dt)
-    sym = 0.5 * a + 0.5 * a.transpose(1, 2)  # halved first: (A + A^T) overflows near the float32 maximum
-    craw = -torch.log(sym + LOG_FLOOR)
+    craw = -torch.log(scaled_affinity(affinity) + LOG_FLOOR)
     lo = craw.amin(dim=(1, 2), keepdim=True)
     hi = craw.amax(dim=(1, 2), keepdim=True)
     span = hi - lo
@@ -79,6 +114,28 @@ def gibbs_kernel(affinity: Tensor, *, eps: float = 0.1) -> tuple[Tensor, Tensor]
                        torch.zeros_like(craw))
     kernel = torch.exp(-cost / eps)
     return cost, kernel
+
+
+def attention_transition(affinity: Tensor) -> Tensor:
+    """W = Sym / M, the matrix ``transition="attention"`` (paper) makes doubly stochastic (method.md section 3).
+
+    affinity: [B, N, N] (non-negative) -> W [B, N, N], symmetric, in [0, 1]. M = 0 (an all-zero
+    affinity) gives W = 0: Sinkhorn-Knopp leaves it 0 (its denominators are floored), so the
+    chain empties, f(l) = 0 for every l >= 1: "integrated" scores -steps for every live class
+    (a tie, which argmax gives to the lowest class) and "velocity" settles at l = 1 or 2.
+    A zero row of W (a patch with no affinity at all) likewise drains that patch to 0.
+    """
+    return scaled_affinity(affinity)
+
+
+def markov_transition(affinity: Tensor, *, transition: str = "gibbs", eps: float = 0.1) -> Tensor:
+    """The matrix mode "mv" makes doubly stochastic: K of :func:`gibbs_kernel` ("gibbs", ours) or
+    W of :func:`attention_transition` ("attention", paper). [B, N, N] -> [B, N, N]."""
+    if transition == "gibbs":
+        return gibbs_kernel(affinity, eps=eps)[1]
+    if transition == "attention":
+        return attention_transition(affinity)
+    raise ValueError(f"transition must be one of {', '.join(map(repr, TRANSITIONS))}; got {transition!r}")
 
 
 # --------------------------------------------------------------------------- section 3
@@ -164,7 +221,10 @@ def markov_scores(
 
     q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C].
     readout "integrated": S = sum_{l=1..steps} (f(l) - 1).
-    readout "velocity":   S = -lstar + 1e-3 f(0), lstar the first l with |f(l) - f(l-1)| <= tau.
+    readout "velocity":   S = lstar + f(0) / (1 + f(0)), lstar the first l >= 1 with
+    |f(l) - f(l-1)| <= tau (steps + 1 if never): the class whose chain settles last wins
+    (the paper), ties (same lstar) go to the stronger initial evidence f(0) = N q.
+    ``kernel`` is the transition before Sinkhorn-Knopp: K (gibbs) or W (attention).
     """
     dt = compute_dtype(q, kernel)
     q = q.to(dt)
@@ -193,7 +253,7 @@ def markov_scores(
             settled = ((nxt - d).abs() <= tau) & (lstar > steps)
             lstar = torch.where(settled, torch.full_like(lstar, float(step)), lstar)
             d = nxt
-        s = -lstar + 1e-3 * f0
+        s = lstar + f0 / (1.0 + f0)
     else:
         raise ValueError(f"readout must be 'integrated' or 'velocity', got {readout!r}")
     return _mask_dead(s, q)

@@ -29,6 +29,32 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((a[fin] - e[fin]).abs().max() / scale)
 
 
+#: |f(l) - f(l-1)| this close to tau may settle a step apart in float32 (velocity readout)
+TAU_BAND = 1e-4
+
+
+def velocity_borderline(q: torch.Tensor, kernel: torch.Tensor, *, sk_iters: int, steps: int, tau: float):
+    """[B, N, C] bool: where some step's float64 change |f(l) - f(l-1)| lies within TAU_BAND of tau
+    (``kernel``: the matrix mode "mv" makes doubly stochastic, K or W)."""
+    from ovss_fast import reference as R
+
+    q = q.double().cpu()
+    tt = R.doubly_stochastic(kernel.double().cpu(), sk_iters=sk_iters).transpose(1, 2)
+    f = q.shape[1] * q
+    near = torch.zeros_like(q, dtype=torch.bool)
+    for _ in range(steps):
+        nxt = torch.bmm(tt, f)
+        near |= ((nxt - f).abs() - tau).abs() <= TAU_BAND
+        f = nxt
+    return near
+
+
+def velocity_lstar(scores: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The settling step lstar of velocity scores S = lstar + f0 / (1 + f0), f0 = N q (method.md section 3)."""
+    f0 = q.shape[1] * q.to(scores.dtype)
+    return (scores - f0 / (1 + f0)).round()
+
+
 def tiny_open_clip(seed: int = 0) -> tuple:
     """The tiny random-weight open_clip model (eval mode) and its tokenizer, built after torch.manual_seed(seed).
 

@@ -198,6 +198,11 @@ def test_shape_mismatches_name_the_argument():
 def test_empty_class_list():
     feats, _, aff, _ = inputs()
     expect(ValueError, r"text has C = 0 classes", ovss_fast.class_distributions, feats, torch.zeros(0, D))
+    # D = 0 (no feature width) is bad input too, named before the width comparison (method.md section 1)
+    expect(ValueError, r"feats has D = 0 feature width \(shape \(2, 12, 0\)\)", ovss_fast.class_distributions,
+           feats[..., :0], torch.zeros(C, 0))
+    expect(ValueError, r"text has D = 0 feature width \(shape \(3, 0\)\)", ovss_fast.class_distributions, feats,
+           torch.zeros(C, 0))
     expect(ValueError, r"q has C = 0 classes", ovss_fast.discrepancy, torch.zeros(B, N, 0), aff)
     expect(ValueError, r"scores has C = 0 classes", ovss_fast.jbu_argmax, torch.zeros(B, 0, 3, 4),
            torch.rand(B, 3, 5, 5))

@@ -36,6 +36,19 @@ def test_segment_features_and_head_accept_an_empty_batch(mode, with_guide):
     assert head(feats, text, aff, guide=g).shape == labels.shape
 
 
+# --------------------------------------------------------------------------- D = 0
+def test_zero_feature_width_is_a_value_error_naming_the_argument():
+    """method.md section 1: D = 0 is bad input (it was an IndexError inside the reference)."""
+    feats, text, aff, _ = inputs(D=0)
+    for backend in ("reference", "auto"):
+        with pytest.raises(ValueError, match=r"feats has D = 0 feature width \(shape \(2, 16, 0\)\)"):
+            ops.class_distributions(feats, text, backend=backend)
+        with pytest.raises(ValueError, match="feats has D = 0"):
+            ops.segment_features(feats, text, aff, mode="mv", backend=backend)
+    with pytest.raises(ValueError, match=r"text has D = 0 feature width \(shape \(3, 0\)\)"):
+        ops.class_distributions(torch.randn(2, 16, 4), text)
+
+
 # --------------------------------------------------------------------------- non-finite scores
 def test_non_finite_scores_name_the_affinity(monkeypatch):
     feats, text, aff, _ = inputs()

@@ -344,6 +344,12 @@ def test_opcheck(op):
     torch.library.opcheck(getattr(torch.ops.ovss_fast, op).default, doubles)
 
 
+@pytest.mark.parametrize("nms_axis", ["classes", "patches"])
+def test_opcheck_class_distributions_nms_axis(nms_axis):
+    feats, text, scale, nms = _opcheck_cases()["class_distributions"]
+    torch.library.opcheck(torch.ops.ovss_fast.class_distributions.default, (feats, text, scale, nms, nms_axis))
+
+
 def test_torch_compile_traces_the_ops():
     f = torch.compile(lambda a: torch.ops.ovss_fast.gibbs_kernel(a, 0.1)[1], backend="eager", fullgraph=True)
     a = torch.rand(1, 8, 8)
@@ -355,6 +361,10 @@ BAD_CALLS = [
     ("class_distributions", (torch.rand(4, 8), torch.rand(3, 8), 100.0, 0.0), r"feats should be a 3D tensor.*got 2D"),
     ("class_distributions", (torch.rand(1, 4, 8), torch.rand(3, 8, 1), 100.0, 0.0), r"text should be a 2D tensor"),
     ("class_distributions", (torch.rand(1, 4, 8), torch.rand(3, 7), 100.0, 0.0), r"feature width D"),
+    ("class_distributions", (torch.rand(1, 4, 0), torch.rand(3, 0), 100.0, 0.0), r"feats has D = 0 feature width"),
+    ("class_distributions", (torch.rand(1, 4, 3), torch.rand(3, 0), 100.0, 0.0), r"text has D = 0 feature width"),
+    ("class_distributions", (torch.rand(1, 4, 8), torch.rand(3, 8), 100.0, 0.5, "rows"),
+     r"nms_axis must be 'classes' or 'patches', got 'rows'"),
     ("class_distributions", (torch.ones(1, 4, 8, dtype=torch.int32), torch.rand(3, 8), 1.0, 0.0),
      r"feats has unsupported dtype"),
     ("gibbs_kernel", (torch.rand(4, 4), 0.1), r"affinity should be a 3D tensor.*got 2D"),

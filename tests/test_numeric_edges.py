@@ -2,7 +2,9 @@
 
 - class_distributions with feature / text norms near 1e30 or 1e-30 (each vector is divided by
   its max |entry| before the sum of squares; cos is scale-invariant);
-- gibbs_kernel with an affinity near the float32 maximum (Sym = A/2 + A^T/2 never overflows);
+- gibbs_kernel with an affinity near the float32 maximum (Sym = A/2 + A^T/2 never overflows), and a
+  batch whose images' affinities differ by 1e20 in scale (the cost divides Sym by its per-image max:
+  each image gets the kernel and the op / mv scores of its unit-scale affinity, and of itself alone);
 - jbu_upsample with a tiny sigma_range (the tap exponents are taken relative to the
   pixel's largest one as a difference of squares, so float32 does not cancel).
 
@@ -86,6 +88,29 @@ def test_gibbs_kernel_near_float32_max(backend):
     cost, kern = _call("gibbs_kernel", backend, a, eps=0.1)
     assert bool(torch.isfinite(cost).all()) and bool(torch.isfinite(kern).all())
     assert rel_err(cost.cpu(), cost_ref) <= TOL and rel_err(kern.cpu(), kern_ref) <= TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gibbs_kernel_and_scores_are_scale_free(backend):
+    g = torch.Generator().manual_seed(3)
+    unit = torch.softmax(4 * torch.randn(2, 13, 13, generator=g), dim=-1)  # float32, attention-like
+    batch = unit * torch.tensor([1e-10, 1e10])[:, None, None]  # images 1e20 apart in scale
+    q = R.class_distributions(torch.randn(2, 13, 6, generator=g), torch.randn(3, 6, generator=g), scale=20.0)
+    cost_ref, kern_ref = R.gibbs_kernel(unit.double(), eps=0.1)
+    cost, kern = _call("gibbs_kernel", backend, batch, eps=0.1)
+    for b in range(2):
+        assert rel_err(cost[b].cpu(), cost_ref[b]) <= TOL and rel_err(kern[b].cpu(), kern_ref[b]) <= TOL
+        alone = _call("gibbs_kernel", backend, batch[b:b + 1], eps=0.1)[1]
+        assert rel_err(alone[0].cpu(), kern[b].cpu().double()) <= 1e-6
+    dev = "cuda" if backend == "cuda" else "cpu"
+    for kw in (dict(mode="op"), dict(mode="mv"), dict(mode="mv", transition="attention"),
+               dict(mode="mv", transition="attention", readout="velocity", tau=0.05)):
+        want = ops.discrepancy(q.double(), unit.double(), backend="reference", **kw)
+        got = ops.discrepancy(q.to(dev), batch.to(dev), backend=backend, **kw).cpu()
+        for b in range(2):
+            assert rel_err(got[b], want[b]) <= TOL, (kw, b)
+            alone = ops.discrepancy(q[b:b + 1].to(dev), batch[b:b + 1].to(dev), backend=backend, **kw).cpu()
+            assert rel_err(alone[0], got[b].double()) <= TOL, (kw, b)
 
 
 @pytest.mark.skipif(CHILD, reason="public API, not a kernel")

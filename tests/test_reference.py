@@ -59,6 +59,32 @@ def test_nms_zeroes_weak_classes_and_kills_empty_columns():
         assert torch.isfinite(scores[..., ~dead[0]]).all()
 
 
+@pytest.mark.parametrize("nms", [0.3, 0.9])
+def test_nms_patches_axis_matches_formula(nms):
+    feats, text, _, _ = random_problem(16, b=2, n=25, c=5)
+    q = ref.class_distributions(feats, text, scale=30.0, nms=nms, nms_axis="patches")
+    normalize = torch.nn.functional.normalize
+    p = torch.softmax(30 * normalize(feats, dim=-1) @ normalize(text, dim=-1).T, dim=-1)
+    p = torch.where(p < nms * p.amax(dim=1, keepdim=True), torch.zeros_like(p), p)  # per class, over patches
+    torch.testing.assert_close(q, p / p.sum(dim=1, keepdim=True))
+    assert (q.amax(dim=1) > 0).all()  # every class keeps its best patch: the patches rule never kills a class
+    assert ((q == 0).sum() > 0).item()
+
+
+@pytest.mark.parametrize("nms", [0.0, 0.2, 0.7, 1.0])
+def test_suppress_patches_post_pass_equals_the_patches_rule(nms):
+    feats, text, _, _ = random_problem(17, b=3, n=40, c=6)
+    q0 = ref.class_distributions(feats, text, scale=50.0)
+    want = ref.class_distributions(feats, text, scale=50.0, nms=nms, nms_axis="patches")
+    torch.testing.assert_close(ref.suppress_patches(q0, nms), want, atol=1e-15, rtol=1e-12)
+
+
+def test_nms_axis_rejects_unknown():
+    feats, text, _, _ = random_problem(18)
+    with pytest.raises(ValueError, match="nms_axis must be one of 'classes', 'patches'; got 'rows'"):
+        ref.class_distributions(feats, text, nms=0.5, nms_axis="rows")
+
+
 # ----------------------------------------------------------------------------- section 2
 def test_gibbs_kernel_cost_range_and_symmetry():
     _, _, aff, _ = random_problem(3)
@@ -68,6 +94,33 @@ def test_gibbs_kernel_cost_range_and_symmetry():
         assert cost[b].max().item() == pytest.approx(1.0, abs=1e-12)
     torch.testing.assert_close(cost, cost.transpose(1, 2))
     torch.testing.assert_close(kernel, torch.exp(-cost / 0.1))
+
+
+@pytest.mark.parametrize("factor", [7.0, 1e-20, 1e20])
+def test_gibbs_kernel_is_scale_free(factor):
+    # method.md section 2: Craw = -log(Sym / M + 1e-12), so A and factor * A give the same C (also in float32,
+    # where the old -log(Sym + 1e-12) flattened an affinity of 1e-20 to a constant cost)
+    _, _, aff, _ = random_problem(14, structured=True)
+    cost64, kern64 = ref.gibbs_kernel(aff)
+    for dtype in (F64, torch.float32):
+        cost, kern = ref.gibbs_kernel((aff * factor).to(dtype))
+        torch.testing.assert_close(cost.double(), cost64, atol=2e-6 if dtype == torch.float32 else 1e-12, rtol=0)
+        assert ((kern.double() - kern64).abs().max() / kern64.abs().max()).item() < 1e-4
+
+
+def test_gibbs_kernel_matches_formula():
+    _, _, aff, _ = random_problem(15)
+    sym = (aff + aff.transpose(1, 2)) / 2
+    craw = -torch.log(sym / sym.amax(dim=(1, 2), keepdim=True) + 1e-12)
+    lo, hi = craw.amin(dim=(1, 2), keepdim=True), craw.amax(dim=(1, 2), keepdim=True)
+    cost, kernel = ref.gibbs_kernel(aff, eps=0.2)
+    torch.testing.assert_close(cost, (craw - lo) / (hi - lo))
+    torch.testing.assert_close(kernel, torch.exp(-(craw - lo) / (hi - lo) / 0.2))
+
+
+def test_gibbs_kernel_zero_affinity_gives_zero_cost():
+    cost, kernel = ref.gibbs_kernel(torch.zeros(2, 6, 6, dtype=F64))
+    assert (cost == 0).all() and (kernel == 1).all()
 
 
 def test_gibbs_kernel_constant_affinity_gives_zero_cost():
@@ -127,6 +180,46 @@ def test_doubly_stochastic_columns_exact_rows_converge():
     assert rows300 < rows15
 
 
+def test_attention_transition_is_scaled_symmetric_affinity():
+    _, _, aff, _ = random_problem(19)
+    w = ref.attention_transition(aff)
+    sym = (aff + aff.transpose(1, 2)) / 2
+    torch.testing.assert_close(w, sym / sym.amax(dim=(1, 2), keepdim=True))
+    assert torch.equal(w, w.transpose(1, 2))  # exactly symmetric: the kernels' symmetric fast path holds
+    torch.testing.assert_close(ref.attention_transition(aff * 1e-20), w)
+    assert (ref.attention_transition(torch.zeros(1, 4, 4, dtype=F64)) == 0).all()
+    torch.testing.assert_close(ref.markov_transition(aff, transition="attention"), w)
+    torch.testing.assert_close(ref.markov_transition(aff, transition="gibbs", eps=0.3),
+                               ref.gibbs_kernel(aff, eps=0.3)[1])
+    with pytest.raises(ValueError, match="transition must be one of 'gibbs', 'attention'; got 'x'"):
+        ref.markov_transition(aff, transition="x")
+
+
+def test_markov_attention_transition_matches_explicit_chain():
+    _, _, aff, q = random_problem(20, b=1, n=12, c=2, structured=True)
+    w = ref.attention_transition(aff)
+    t = ref.doubly_stochastic(w, sk_iters=15)[0]
+    for c in range(2):
+        f = 12 * q[0, :, c]
+        total = torch.zeros(12, dtype=F64)
+        for _ in range(5):
+            f = f @ t
+            total += f - 1
+        torch.testing.assert_close(ref.markov_scores(q, w, steps=5)[0, :, c], total)
+
+
+def test_markov_on_zero_attention_empties_the_chain():
+    # method.md / attention_transition: M = 0 gives W = 0; the chain drains to f = 0 after one step
+    _, _, _, q = random_problem(21, b=1, n=9, c=3)
+    w = ref.attention_transition(torch.zeros(1, 9, 9, dtype=F64))
+    s = ref.markov_scores(q, w, steps=4)
+    torch.testing.assert_close(s, torch.full_like(s, -4.0))
+    v = ref.markov_scores(q, w, steps=4, readout="velocity", tau=0.3)
+    f0 = 9 * q
+    lstar = torch.where(f0 <= 0.3, 1.0, 2.0).to(F64)
+    torch.testing.assert_close(v, lstar + f0 / (1 + f0))
+
+
 def test_markov_integrated_scores_sum_to_zero_per_class():
     _, _, aff, q = random_problem(6, structured=True)
     _, kernel = ref.gibbs_kernel(aff)
@@ -165,7 +258,27 @@ def test_markov_velocity_readout_definition():
                     lstar = step
                     break
                 f = nxt
-            assert s[i, c].item() == pytest.approx(-lstar + 1e-3 * f0[i].item(), abs=1e-12)
+            f0i = f0[i].item()
+            assert s[i, c].item() == pytest.approx(lstar + f0i / (1 + f0i), abs=1e-12)
+
+
+def test_markov_velocity_slow_settling_wins_and_ties_go_to_stronger_evidence():
+    # method.md section 3: S = lstar + f0 / (1 + f0), f0 / (1 + f0) in [0, 1): a later settling step always
+    # outranks an earlier one, and at the same step the larger f(0) wins
+    _, _, aff, q = random_problem(13, b=1, n=16, c=3, structured=True)
+    _, kernel = ref.gibbs_kernel(aff)
+    s = ref.markov_scores(q, kernel, steps=8, readout="velocity", tau=0.05)[0]
+    f0 = 16 * q[0]
+    lstar = s.floor()
+    assert (lstar >= 1).all() and (lstar <= 9).all()
+    torch.testing.assert_close(s - lstar, f0 / (1 + f0))
+    for i in range(16):
+        for a in range(3):
+            for b in range(3):
+                if lstar[i, a] > lstar[i, b]:
+                    assert s[i, a] > s[i, b]
+                elif lstar[i, a] == lstar[i, b] and f0[i, a] > f0[i, b]:
+                    assert s[i, a] > s[i, b]
 
 
 def test_kl_scores_formula():

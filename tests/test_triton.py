@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, velocity_lstar
 
 from ovss_fast import ops
 from ovss_fast import reference as R
@@ -257,6 +257,26 @@ def test_gibbs_kernel_only_constant_affinity():
 
 
 @interpreted
+def test_gibbs_kernel_scale_free():
+    """Spec v2 (method.md section 2): Craw = -log(Sym / M + 1e-12), M the image's max of Sym. One batch whose
+    affinities differ by 1e20 in scale (1e-20 A, A', 1e20 A'') and an all-zero image (M = 0: cost 0, K = 1):
+    both Triton paths match the float64 reference image by image, and 7 A gives A's cost."""
+    from ovss_fast.triton import gibbs_kernel as gk
+
+    g = torch.Generator().manual_seed(11)
+    a = torch.rand(4, 23, 23, generator=g) * torch.tensor([1e-20, 1.0, 1e20, 0.0]).view(4, 1, 1)
+    cost, kern = gk.gibbs_kernel(a, eps=0.1)
+    cost_ref, kern_ref = R.gibbs_kernel(a.double(), eps=0.1)
+    for b in range(4):
+        assert rel_err(cost[b], cost_ref[b]) <= TOL, b
+        assert rel_err(kern[b], kern_ref[b]) <= TOL, b
+    assert float(cost[0].amax()) == 1.0 and float(cost[2].amax()) == 1.0  # the tiny / huge images span [0, 1]
+    assert torch.equal(cost[3], torch.zeros(23, 23)) and torch.equal(kern[3], torch.ones(23, 23))
+    assert torch.equal(gk.gibbs_kernel_only(a, eps=0.1), kern)
+    assert float((gk.gibbs_kernel(7.0 * a, eps=0.1)[0] - cost).abs().max()) <= 1e-6
+
+
+@interpreted
 def test_tile_pair_covers_the_upper_triangle(monkeypatch):
     """_tile_pair maps 0 .. T (T + 1) / 2 - 1 onto every (ti, tj), ti <= tj < T, once, column by column
     (every p up to T = 2048 tiles), and stays right at both sides of every column start up to the
@@ -471,8 +491,8 @@ def test_markov_scores_velocity(B, N, C, sk_iters, steps, tau, dead):
     robust = (_velocity_margin(q, k, sk_iters, steps, tau) > 1e-3) & torch.isfinite(want)
     # the test is about lstar, not about its edge cases
     assert float(robust.sum()) > 0.9 * float(torch.isfinite(want).sum())
-    lstar_got = torch.round(-got.double() + 1e-3 * q.shape[1] * q.double())
-    lstar_want = torch.round(-want + 1e-3 * q.shape[1] * q.double())
+    lstar_got = velocity_lstar(got.double(), q)  # S = lstar + f0 / (1 + f0) (spec v2)
+    lstar_want = velocity_lstar(want, q)
     assert torch.equal(lstar_got[robust], lstar_want[robust])
     assert bool(((lstar_want[torch.isfinite(want)] >= 1) & (lstar_want[torch.isfinite(want)] <= steps + 1)).all())
     assert float((got.double() - want)[robust].abs().max()) <= TOL * float(want[robust].abs().max())
@@ -540,15 +560,29 @@ def test_markov_scores_float32_chain_accuracy(schedule):
 )
 def test_window_schedule_sinkhorn(B, N, C, dead, symmetric, dtype, layout):
     """One launch for the batch, every row of a window per program; symmetric reads K^T u as K u."""
-    from ovss_fast.triton import sinkhorn_scores as sk
+    _check_sinkhorn_schedule(_inputs(B, N, C, dead, symmetric, dtype, layout, N, C), "window", symmetric, dead)
 
-    q, k = _q(B, N, C, dead=dead, seed=N), _kernel(B, N, symmetric=symmetric, seed=C)
+
+def _inputs(B: int, N: int, C: int, dead: tuple, symmetric: bool, dtype, layout: str, q_seed: int, k_seed: int):
+    """q [B, N, C] (classes ``dead`` dead) and a [B, N, N] kernel (symmetric or not) in ``dtype``, contiguous or
+    not (``layout``)."""
+    q, k = _q(B, N, C, dead=dead, seed=q_seed), _kernel(B, N, symmetric=symmetric, seed=k_seed)
     q, k = q.to(dtype), k.to(dtype)
     if layout == "noncontiguous":
         q, k = _noncontig(q), _noncontig(k)
-    got = sk.sinkhorn_scores(q, k, eps=0.1, iters=4, schedule="window", symmetric=symmetric)
+    return q, k
+
+
+def _check_sinkhorn_schedule(qk: tuple, schedule: str, symmetric: bool, dead: tuple) -> None:
+    """sinkhorn_scores(schedule=schedule) (iters 4) against float64 within TOL and against the fused schedule
+    within 1e-5; the dead classes -inf."""
+    from ovss_fast.triton import sinkhorn_scores as sk
+
+    q, k = qk
+    got = sk.sinkhorn_scores(q, k, eps=0.1, iters=4, schedule=schedule, symmetric=symmetric)
     want = R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=4)
-    assert got.dtype == torch.float32 and got.shape == (B, N, C)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
     assert rel_err(got, want) <= TOL
     assert rel_err(got, sk.sinkhorn_scores(q, k, eps=0.1, iters=4, schedule="fused")) <= 1e-5
     for c in dead:
@@ -606,10 +640,7 @@ def _scores_and_reference(op: str, q, k, schedule: str, *, sk_iters: int):
 )
 def test_window_schedule_markov(B, N, C, dead, symmetric, dtype, layout, readout):
 
-    q, k = _q(B, N, C, dead=dead, seed=N + 1), _kernel(B, N, symmetric=symmetric, seed=C + 1)
-    q, k = q.to(dtype), k.to(dtype)
-    if layout == "noncontiguous":
-        q, k = _noncontig(q), _noncontig(k)
+    q, k = _inputs(B, N, C, dead, symmetric, dtype, layout, N + 1, C + 1)
     _check_markov_schedule(q, k, "window", "fused", symmetric, dead, readout)
 
 
@@ -699,21 +730,11 @@ _PERSISTENT_CASES = [
 def test_persistent_schedule_sinkhorn(B, N, C, dead, symmetric, dtype, layout, one_launch, monkeypatch):
     """Every phase of op over tiles striped across the programs (three in the interpreter, more tiles than
     that), or all phases in one launch through the grid barrier; against float64 and the fused schedule."""
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.triton import _schedules
 
-    monkeypatch.setattr(sk, "INTERPRET_ONE_LAUNCH", one_launch)
-    q, k = _q(B, N, C, dead=dead, seed=N + 7), _kernel(B, N, symmetric=symmetric, seed=C + 7)
-    q, k = q.to(dtype), k.to(dtype)
-    if layout == "noncontiguous":
-        q, k = _noncontig(q), _noncontig(k)
-    got = sk.sinkhorn_scores(q, k, eps=0.1, iters=4, schedule="persistent", symmetric=symmetric)
-    want = R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=4)
-    assert got.dtype == torch.float32 and got.shape == (B, N, C)
-    assert torch.equal(torch.isinf(got), torch.isinf(want))
-    assert rel_err(got, want) <= TOL
-    assert rel_err(got, sk.sinkhorn_scores(q, k, eps=0.1, iters=4, schedule="fused")) <= 1e-5
-    for c in dead:
-        assert bool((got[:, :, c] == float("-inf")).all())
+    monkeypatch.setattr(_schedules, "INTERPRET_ONE_LAUNCH", one_launch)
+    qk = _inputs(B, N, C, dead, symmetric, dtype, layout, N + 7, C + 7)
+    _check_sinkhorn_schedule(qk, "persistent", symmetric, dead)
 
 
 @interpreted
@@ -721,13 +742,10 @@ def test_persistent_schedule_sinkhorn(B, N, C, dead, symmetric, dtype, layout, o
 @pytest.mark.parametrize("B,N,C,dead,symmetric,dtype,layout,one_launch", _PERSISTENT_CASES[:3] + _PERSISTENT_CASES[4:])
 def test_persistent_schedule_markov(B, N, C, dead, symmetric, dtype, layout, one_launch, readout, monkeypatch):
     """Sinkhorn-Knopp, the drift and the chain of mv as phases of one persistent kernel."""
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.triton import _schedules
 
-    monkeypatch.setattr(sk, "INTERPRET_ONE_LAUNCH", one_launch)
-    q, k = _q(B, N, C, dead=dead, seed=N + 8), _kernel(B, N, symmetric=symmetric, seed=C + 8)
-    q, k = q.to(dtype), k.to(dtype)
-    if layout == "noncontiguous":
-        q, k = _noncontig(q), _noncontig(k)
+    monkeypatch.setattr(_schedules, "INTERPRET_ONE_LAUNCH", one_launch)
+    q, k = _inputs(B, N, C, dead, symmetric, dtype, layout, N + 8, C + 8)
     _check_markov_schedule(q, k, "persistent", "split", symmetric, dead, readout)
 
 
@@ -736,9 +754,9 @@ def test_persistent_schedule_markov(B, N, C, dead, symmetric, dtype, layout, one
 def test_persistent_schedule_partial_sums_past_256(op, monkeypatch):
     """N = 300 (products over N in partial sums of 256), 19 row blocks of 16: the q / f column sums go
     through the per row block partials; one launch, so the barrier counters must also come back to 0."""
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.triton import _schedules
 
-    monkeypatch.setattr(sk, "INTERPRET_ONE_LAUNCH", True)
+    monkeypatch.setattr(_schedules, "INTERPRET_ONE_LAUNCH", True)
     q, k = _q(1, 300, 2, dead=(1,), seed=5), _kernel(1, 300, symmetric=True, seed=6)
     got, want = _scores_and_reference(op, q, k, "persistent", sk_iters=2)
     assert rel_err(got, want) <= TOL
@@ -1005,9 +1023,9 @@ def test_kernels_compile_for_h100():
         (mk._markov_step_kernel, {"VELOCITY": False, "PRECISION": "tf32x3", **_largest_step(sk.TF32X3_STEP_CONFIGS)},
          8, {}),
         (mk._markov_finish_kernel, {"VELOCITY": True, "BLOCK_N": 64, "BLOCK_C": 32}, 4, {}),
-        (mk._sk_rows_kernel, {"BLOCK_I": 32, "BLOCK_J": 128}, 4, scales64),
-        (mk._sk_cols_kernel, {"BLOCK_I": 64, "BLOCK_J": 64}, 4, scales64),
-        (mk._drift_kernel, {"BLOCK_I": 64, "BLOCK_J": 64}, 4, scales64),
+        (mk._sk_step_kernel, {"KIND": 0, "BLOCK_I": 32, "BLOCK_J": 128}, 4, scales64),
+        (mk._sk_step_kernel, {"KIND": 1, "BLOCK_I": 64, "BLOCK_J": 64}, 4, scales64),
+        (mk._sk_step_kernel, {"KIND": 2, "BLOCK_I": 64, "BLOCK_J": 64}, 4, scales64),
         (mk._markov_scores_kernel, {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_C": 32, "VELOCITY": True,
                                     "PRECISION": "ieee"}, 4, {}),
         # the window schedule: every config, both tiers of N (BLOCK_N 256: one partial sum; 512: two),

@@ -2,7 +2,8 @@
 // csrc/cpu/class_distributions.cpp and csrc/cuda/class_distributions_kernel.cu.
 //
 //   L[i, c] = scale * cos(X[i], T[c]),  P[i, :] = softmax_c L[i, :]
-//   NMS:  P[i, c] = 0 where P[i, c] < nms * max_c P[i, c]
+//   NMS, axis "classes":  P[i, c] = 0 where P[i, c] < nms * max_c' P[i, c']
+//        axis "patches":  P[i, c] = 0 where P[i, c] < nms * max_i' P[i', c]
 //   Q[:, c] = P[:, c] / sum_i P[i, c]   (a column that sums to 0 stays 0)
 //
 // cos is scale-invariant, so each vector is divided by its largest |entry| before its sum
@@ -14,6 +15,9 @@
 #include "hostdevice.h"
 
 namespace ovss_fast {
+
+// nms_axis codes shared by the wrappers and kernels
+enum NmsAxis : int { kNmsClasses = 0, kNmsPatches = 1 };
 
 // what a vector is divided by before its sum of squares: its max |entry| (1 for a zero vector)
 template <typename T>
@@ -40,7 +44,7 @@ HOSTDEVICE T softmax_numerator(T logit, T max_logit) {
   return math_exp(logit - max_logit);
 }
 
-// NMS: a probability below nms * (the patch's largest probability) is dropped
+// NMS: a probability below nms * (the largest probability of its patch, or of its class) is dropped
 template <typename T>
 HOSTDEVICE T nms_keep(T p, T p_max, T nms) {
   return p < nms * p_max ? T(0) : p;

@@ -17,7 +17,11 @@
 // readout (rel. error 2e-4 .. 4e-4 at N = 784: over the 1e-4 budget).
 //   integrated: S = sum_{l=1..steps} d(l)
 //   velocity:   lstar = first l >= 1 with |d(l) - d(l-1)| <= tau (steps + 1 if never);
-//               S = -lstar + 1e-3 f(0)
+//               S = lstar + f(0) / (1 + f(0))   (the paper: slow settling wins; ties, the
+//               same lstar, go to the stronger initial evidence; f(0) / (1 + f(0)) < 1)
+// The matrix made doubly stochastic is K (transition "gibbs") or W = Sym / M ("attention",
+// built by the ops layer); both are symmetric. W may hold zero rows (a patch without
+// affinity): sk_scale_update leaves their scaling alone, as the reference's row of T stays 0.
 #pragma once
 
 #include <cmath>
@@ -29,10 +33,12 @@ namespace ovss_fast {
 // Readout codes shared by the wrappers and kernels.
 enum MarkovReadout : int { kMarkovIntegrated = 0, kMarkovVelocity = 1 };
 
-// One IPF scaling update: s <- s / max(s * weighted_sum, floor).
+// One IPF scaling update: s <- s / max(s * weighted_sum, floor). A zero weighted sum is a
+// zero row (column) of K: that row of T is 0 whatever s is, so s is kept (dividing by the
+// floor would multiply it by 1e30 per iteration, to inf, and 0 * inf = NaN in the chain).
 template <typename T>
 HOSTDEVICE T sk_scale_update(T s, T weighted_sum) {
-  return s / floored(s * weighted_sum);
+  return weighted_sum > T(0) ? s / floored(s * weighted_sum) : s;
 }
 
 // One chain step for one entry: d(l)[j] = c[j] * (K^T (r * d(l-1)))[j] + e[j].
@@ -51,9 +57,10 @@ HOSTDEVICE T velocity_update(T lstar, T d_new, T d_old, T tau, int step, int ste
   return (diff <= tau && lstar > static_cast<T>(steps)) ? static_cast<T>(step) : lstar;
 }
 
+// S = lstar + f0 / (1 + f0): a later settling step always wins; at the same step, the larger f(0)
 template <typename T>
 HOSTDEVICE T velocity_score(T lstar, T f0) {
-  return -lstar + static_cast<T>(1e-3) * f0;
+  return lstar + f0 / (T(1) + f0);
 }
 
 }  // namespace ovss_fast

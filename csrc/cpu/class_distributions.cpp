@@ -2,7 +2,8 @@
 // scale * cos(feats, text). The dot products are one GEMM written straight into the
 // output [B*N, C] (feats against the unit text vectors, so nothing the size of feats
 // is copied); the rest is two passes over that [B, N, C] buffer: per patch (norm,
-// scale, softmax, NMS) and per class (column sums, then normalisation). Nothing
+// scale, softmax, NMS along "classes") and per class (NMS along "patches": the
+// column's max, then the threshold; column sums, then normalisation). Nothing
 // larger than [B, N, C] is ever allocated. Elementwise math: common/class_distributions_math.h.
 
 #include <ATen/Parallel.h>
@@ -14,12 +15,15 @@
 #include <algorithm>
 #include <vector>
 
-#include "common/checks.h"
+#include "common/class_distributions_checks.h"
 #include "common/class_distributions_math.h"
 #include "cpu/cpu_simd.h"
 
 namespace ovss_fast {
 namespace {
+
+// classes per task of the per-class pass
+constexpr int64_t kCols = 64;
 
 // text rows divided by their max |entry|, then by their floored norms, as the reference does
 template <typename T>
@@ -57,8 +61,22 @@ OVSS_INLINE void patch_softmax(const T* x,  // [D]
   }
 }
 
+// columns c0..c1 (at most kCols) of one image [N, C]: with nms > 0, the "patches" NMS
+// (entries below nms * the column's max over patches become 0, in place), then the sums s
 template <typename T>
-OVSS_INLINE void column_sums(const T* p, int64_t N, int64_t C, int64_t c0, int64_t c1, T* s) {
+OVSS_INLINE void column_sums(T* p, int64_t N, int64_t C, int64_t c0, int64_t c1, T nms, T* s) {
+  if (nms > T(0)) {
+    T m[kCols];
+    for (int64_t c = c0; c < c1; ++c) m[c - c0] = T(0);
+    for (int64_t i = 0; i < N; ++i) {
+      const T* row = p + i * C;
+      for (int64_t c = c0; c < c1; ++c) m[c - c0] = row[c] > m[c - c0] ? row[c] : m[c - c0];
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      T* row = p + i * C;
+      for (int64_t c = c0; c < c1; ++c) row[c] = nms_keep(row[c], m[c - c0], nms);
+    }
+  }
   for (int64_t i = 0; i < N; ++i) {
     const T* row = p + i * C;
     for (int64_t c = c0; c < c1; ++c) s[c] += row[c];
@@ -76,8 +94,8 @@ OVSS_CPU_CLONES void patch_softmax_rows_f32(const float* x, float* p, int64_t ro
                                             float nms) {
   for (int64_t r = 0; r < rows; ++r) patch_softmax<float>(x + r * D, p + r * C, C, D, scale, nms);
 }
-OVSS_CPU_CLONES void column_sums_f32(const float* p, int64_t N, int64_t C, int64_t c0, int64_t c1, float* s) {
-  column_sums<float>(p, N, C, c0, c1, s);
+OVSS_CPU_CLONES void column_sums_f32(float* p, int64_t N, int64_t C, int64_t c0, int64_t c1, float nms, float* s) {
+  column_sums<float>(p, N, C, c0, c1, nms, s);
 }
 OVSS_CPU_CLONES void normalise_rows_f32(float* p, const float* colsum, int64_t rows, int64_t C) {
   normalise_rows<float>(p, colsum, rows, C);
@@ -89,11 +107,11 @@ inline void patch_softmax_rows(const double* x, double* p, int64_t rows, int64_t
                                double nms) {
   for (int64_t r = 0; r < rows; ++r) patch_softmax<double>(x + r * D, p + r * C, C, D, scale, nms);
 }
-inline void column_sums_any(const float* p, int64_t N, int64_t C, int64_t c0, int64_t c1, float* s) {
-  column_sums_f32(p, N, C, c0, c1, s);
+inline void column_sums_any(float* p, int64_t N, int64_t C, int64_t c0, int64_t c1, float nms, float* s) {
+  column_sums_f32(p, N, C, c0, c1, nms, s);
 }
-inline void column_sums_any(const double* p, int64_t N, int64_t C, int64_t c0, int64_t c1, double* s) {
-  column_sums<double>(p, N, C, c0, c1, s);
+inline void column_sums_any(double* p, int64_t N, int64_t C, int64_t c0, int64_t c1, double nms, double* s) {
+  column_sums<double>(p, N, C, c0, c1, nms, s);
 }
 inline void normalise_rows_any(float* p, const float* colsum, int64_t rows, int64_t C) {
   normalise_rows_f32(p, colsum, rows, C);
@@ -106,20 +124,20 @@ inline void normalise_rows_any(double* p, const double* colsum, int64_t rows, in
 template <typename T>
 void class_distributions_cpu_impl(const T* feats,  // [B, N, D]
                                   T* out,          // [B, N, C]
-                                  int64_t B, int64_t N, int64_t C, int64_t D, T scale, T nms) {
-  // per patch: logits, softmax, NMS (in place)
+                                  int64_t B, int64_t N, int64_t C, int64_t D, T scale, T nms, int axis) {
+  const T nms_classes = axis == kNmsClasses ? nms : T(0), nms_patches = axis == kNmsPatches ? nms : T(0);
+  // per patch: logits, softmax, NMS along classes (in place)
   at::parallel_for(0, B * N, 64, [&](int64_t r0, int64_t r1) {
-    patch_softmax_rows(feats + r0 * D, out + r0 * C, r1 - r0, C, D, scale, nms);
+    patch_softmax_rows(feats + r0 * D, out + r0 * C, r1 - r0, C, D, scale, nms_classes);
   });
-  // per class: column sums over patches (rows outer so each row is read contiguously)
+  // per class: NMS along patches, column sums over patches (rows outer so each row is read contiguously)
   std::vector<T> colsum(B * C, T(0));
-  constexpr int64_t kCols = 64;
   const int64_t blocks_per_image = (C + kCols - 1) / kCols;
   at::parallel_for(0, B * blocks_per_image, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t b = k / blocks_per_image;
       const int64_t c0 = (k % blocks_per_image) * kCols, c1 = std::min(C, c0 + kCols);
-      column_sums_any(out + b * N * C, N, C, c0, c1, colsum.data() + b * C);
+      column_sums_any(out + b * N * C, N, C, c0, c1, nms_patches, colsum.data() + b * C);
     }
   });
   // the column normalisation, a row block at a time (blocks never straddle images)
@@ -132,15 +150,10 @@ void class_distributions_cpu_impl(const T* feats,  // [B, N, D]
   });
 }
 
-at::Tensor class_distributions_cpu(const at::Tensor& feats, const at::Tensor& text, double scale, double nms) {
-  check_rank(feats, "feats", 3, "[B, N, D]");
-  check_rank(text, "text", 2, "[C, D]");
-  check_floating(feats, "feats");
-  check_floating(text, "text");
-  check_device(feats, "feats", c10::DeviceType::CPU);
-  check_device(text, "text", c10::DeviceType::CPU);
-  TORCH_CHECK(feats.size(2) == text.size(1), "feats and text disagree on the feature width D: feats ",
-              shape_str(feats), ", text ", shape_str(text));
+at::Tensor class_distributions_cpu(const at::Tensor& feats, const at::Tensor& text, double scale, double nms,
+                                  c10::string_view nms_axis) {
+  check_features_and_text(feats, text, c10::DeviceType::CPU);
+  const int axis = nms_axis_code(nms_axis);
   const auto dt = compute_dtype(feats, text);
   const int64_t B = feats.size(0), N = feats.size(1), D = feats.size(2), C = text.size(0);
   at::Tensor out = at::empty({B, N, C}, feats.options().dtype(dt));
@@ -153,15 +166,15 @@ at::Tensor class_distributions_cpu(const at::Tensor& feats, const at::Tensor& te
   } else {
     unit_text<float>(t.const_data_ptr<float>(), unit.mutable_data_ptr<float>(), C, D);
   }
-  // [B*N, D] @ [D, C] -> the output buffer; the zero-width case (D = 0) gives cosines of 0
+  // [B*N, D] @ [D, C] -> the output buffer
   at::Tensor out2d = out.view({B * N, C});
   at::mm_out(out2d, x.view({B * N, D}), unit.t());
   if (dt == at::kDouble) {
     class_distributions_cpu_impl<double>(x.const_data_ptr<double>(), out.mutable_data_ptr<double>(), B, N, C, D,
-                                         scale, nms);
+                                         scale, nms, axis);
   } else {
     class_distributions_cpu_impl<float>(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), B, N, C, D,
-                                        static_cast<float>(scale), static_cast<float>(nms));
+                                        static_cast<float>(scale), static_cast<float>(nms), axis);
   }
   return out;
 }

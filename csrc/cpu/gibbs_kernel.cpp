@@ -1,10 +1,11 @@
-// method.md section 2 on the CPU: cost C = normalised -log((A + A^T)/2 + 1e-12) and
-// kernel K = exp(-C / eps). Two passes over [B, N, N] in 64 x 64 tiles; each tile
-// first copies its mirror tile of A, transposed, into a local buffer, so Sym's rows
-// are two contiguous reads and the per-element math (common/gibbs_kernel_math.h,
-// branch-free float exp / log) vectorises:
+// method.md section 2 on the CPU: cost C = normalised -log(Sym / M + 1e-12), Sym =
+// (A + A^T)/2 and M its per-image max (scale-free), and kernel K = exp(-C / eps).
+// Two passes over [B, N, N] in 64 x 64 tiles; each tile first copies its mirror tile
+// of A, transposed, into a local buffer, so Sym's rows are two contiguous reads and
+// the per-element math (common/gibbs_kernel_math.h, branch-free float exp / log)
+// vectorises:
 //   pass 1: Sym's min and max per image, over the upper tiles (Sym is symmetric);
-//   pass 2: C and K for every tile, written row by row.
+//   pass 2: C and K for every tile, written row by row (M is pass 1's max).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,6 +20,7 @@
 
 #include "common/checks.h"
 #include "common/gibbs_kernel_math.h"
+#include "common/gibbs_kernel_checks.h"
 #include "cpu/cpu_simd.h"
 
 namespace ovss_fast {
@@ -61,7 +63,8 @@ OVSS_INLINE void tile_minmax(const T* a, int64_t N, int64_t i0, int64_t j0, T* l
 }
 
 template <typename T>
-OVSS_INLINE void tile_values(const T* a, int64_t N, int64_t i0, int64_t j0, T lo, T span, T eps, T* cost, T* kern) {
+OVSS_INLINE void tile_values(const T* a, int64_t N, int64_t i0, int64_t j0, T scale, T lo, T span, T eps, T* cost,
+                             T* kern) {
   alignas(64) T mt[kTile * kTile];
   const int64_t ni = std::min(kTile, N - i0), nj = std::min(kTile, N - j0);
   load_mirror(a, N, i0, ni, j0, nj, mt);
@@ -72,7 +75,7 @@ OVSS_INLINE void tile_values(const T* a, int64_t N, int64_t i0, int64_t j0, T lo
     T* crow = cost + off;
     T* krow = kern + off;
     for (int64_t jj = 0; jj < nj; ++jj) {
-      const T c = normalised_cost(symmetric_affinity(row[jj], mrow[jj]), lo, span);
+      const T c = normalised_cost(symmetric_affinity(row[jj], mrow[jj]), scale, lo, span);
       crow[jj] = c;
       krow[jj] = gibbs_value(c, eps);
     }
@@ -83,9 +86,9 @@ OVSS_INLINE void tile_values(const T* a, int64_t N, int64_t i0, int64_t j0, T lo
 OVSS_CPU_CLONES void tile_minmax_f32(const float* a, int64_t N, int64_t i0, int64_t j0, float* lo, float* hi) {
   tile_minmax<float>(a, N, i0, j0, lo, hi);
 }
-OVSS_CPU_CLONES void tile_values_f32(const float* a, int64_t N, int64_t i0, int64_t j0, float lo, float span,
-                                     float eps, float* cost, float* kern) {
-  tile_values<float>(a, N, i0, j0, lo, span, eps, cost, kern);
+OVSS_CPU_CLONES void tile_values_f32(const float* a, int64_t N, int64_t i0, int64_t j0, float scale, float lo,
+                                     float span, float eps, float* cost, float* kern) {
+  tile_values<float>(a, N, i0, j0, scale, lo, span, eps, cost, kern);
 }
 inline void tile_minmax_any(const float* a, int64_t N, int64_t i0, int64_t j0, float* lo, float* hi) {
   tile_minmax_f32(a, N, i0, j0, lo, hi);
@@ -93,13 +96,13 @@ inline void tile_minmax_any(const float* a, int64_t N, int64_t i0, int64_t j0, f
 inline void tile_minmax_any(const double* a, int64_t N, int64_t i0, int64_t j0, double* lo, double* hi) {
   tile_minmax<double>(a, N, i0, j0, lo, hi);
 }
-inline void tile_values_any(const float* a, int64_t N, int64_t i0, int64_t j0, float lo, float span, float eps,
-                            float* cost, float* kern) {
-  tile_values_f32(a, N, i0, j0, lo, span, eps, cost, kern);
+inline void tile_values_any(const float* a, int64_t N, int64_t i0, int64_t j0, float scale, float lo, float span,
+                            float eps, float* cost, float* kern) {
+  tile_values_f32(a, N, i0, j0, scale, lo, span, eps, cost, kern);
 }
-inline void tile_values_any(const double* a, int64_t N, int64_t i0, int64_t j0, double lo, double span, double eps,
-                            double* cost, double* kern) {
-  tile_values<double>(a, N, i0, j0, lo, span, eps, cost, kern);
+inline void tile_values_any(const double* a, int64_t N, int64_t i0, int64_t j0, double scale, double lo, double span,
+                            double eps, double* cost, double* kern) {
+  tile_values<double>(a, N, i0, j0, scale, lo, span, eps, cost, kern);
 }
 
 template <typename T>
@@ -124,11 +127,11 @@ void gibbs_kernel_cpu_impl(const T* a,  // [B, N, N]
           return acc;
         },
         [](MinMax x, MinMax y) { return MinMax{std::min(x.first, y.first), std::max(x.second, y.second)}; });
-    T lo, span;
-    cost_range(mm.first, mm.second, &lo, &span);
+    T scale, lo, span;
+    cost_range(mm.first, mm.second, &scale, &lo, &span);
     at::parallel_for(0, nt * nt, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k)
-        tile_values_any(ab, N, (k / nt) * kTile, (k % nt) * kTile, lo, span, eps, cost + b * N * N,
+        tile_values_any(ab, N, (k / nt) * kTile, (k % nt) * kTile, scale, lo, span, eps, cost + b * N * N,
                         kern + b * N * N);
     });
   }
@@ -136,12 +139,7 @@ void gibbs_kernel_cpu_impl(const T* a,  // [B, N, N]
 
 std::tuple<at::Tensor, at::Tensor> gibbs_kernel_cpu(const at::Tensor& affinity,  // [B, N, N]
                                                     double eps) {
-  check_rank(affinity, "affinity", 3, "[B, N, N]");
-  check_floating(affinity, "affinity");
-  check_device(affinity, "affinity", c10::DeviceType::CPU);
-  TORCH_CHECK(affinity.size(1) == affinity.size(2), "affinity must be square [B, N, N], got shape ",
-              shape_str(affinity));
-  TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
+  check_gibbs_kernel_args(affinity, eps, c10::DeviceType::CPU);
   const auto dt = compute_dtype(affinity);
   const at::Tensor a = prepare(affinity, dt);
   at::Tensor cost = at::empty(a.sizes(), a.options());

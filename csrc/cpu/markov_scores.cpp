@@ -1,8 +1,10 @@
 // Maximum-velocity scores on the CPU (shared/method.md section 3, "mv"):
 //
 //   T = K;  sk_iters times: rows of T to sum 1, then columns (floor 1e-30)
+//   (K is the `kernel` argument: the Gibbs kernel, or W = Sym / M for transition "attention")
 //   f(0) = N q;  f(l) = T^T f(l-1);  integrated: S = sum_{l=1..steps} (f(l) - 1)
-//   velocity: lstar = first l >= 1 with |f(l) - f(l-1)| <= tau (steps+1 if never), S = -lstar + 1e-3 f(0)
+//   velocity: lstar = first l >= 1 with |f(l) - f(l-1)| <= tau (steps+1 if never),
+//             S = lstar + f(0) / (1 + f(0))   (slow settling wins; ties to the larger f(0))
 //   a class whose q column sums to 0 -> -inf
 //
 // T is kept as scaling vectors, T = diag(r) K diag(c), computed in double by our

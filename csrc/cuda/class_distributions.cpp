@@ -3,57 +3,49 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "common/checks.h"
+#include "common/class_distributions_checks.h"
 #include "cuda/class_distributions_kernel.h"
+#include "cuda/cuda_call.h"
 
 namespace ovss_fast {
 namespace {
 
 at::Tensor class_distributions_cuda(const at::Tensor& feats,  // [B, N, D]
                                     const at::Tensor& text,   // [C, D]
-                                    double scale, double nms) {
-  check_rank(feats, "feats", 3, "[B, N, D]");
-  check_rank(text, "text", 2, "[C, D]");
-  check_floating(feats, "feats");
-  check_floating(text, "text");
-  check_device(feats, "feats", c10::DeviceType::CUDA);
-  check_same_device(feats, "feats", text, "text");
-  TORCH_CHECK(feats.size(2) == text.size(1), "feats and text disagree on the feature width D: feats ",
-              shape_str(feats), ", text ", shape_str(text));
-  const c10::cuda::CUDAGuard guard(feats.device());
-  const auto dt = compute_dtype(feats, text);
-  const int64_t B = feats.size(0), N = feats.size(1), D = feats.size(2), C = text.size(0);
-  at::Tensor out = at::empty({B, N, C}, feats.options().dtype(dt));
-  if (out.numel() == 0) return out;
-  const at::Tensor x = prepare(feats, dt);
-  const at::Tensor t = prepare(text, dt);
-  ClassDistributionsParams p{};
-  p.feats = x.const_data_ptr();
-  p.text = t.const_data_ptr();
-  p.out = out.mutable_data_ptr();
-  p.B = B;
-  p.N = N;
-  p.C = C;
-  p.D = D;
-  p.scale = scale;
-  p.nms = nms;
-  p.is_double = dt == at::kDouble;
-  // one patch's features and logits sit in shared memory (227 KiB on sm_80 / sm_90)
-  TORCH_CHECK(class_distributions_shared_bytes(p) <= 200 * 1024, "class_distributions (CUDA): D + C = ", D + C,
-              " is too large for one block's shared memory (feats ", shape_str(feats), ", text ", shape_str(text),
-              "); use backend='reference'");
-  at::Tensor scratch = at::empty({static_cast<int64_t>(class_distributions_scratch_bytes(p))},
-                                 x.options().dtype(at::kByte));
-  p.scratch = scratch.mutable_data_ptr();
-  const cudaError_t err =
-      launch_class_distributions(p, c10::cuda::getCurrentCUDAStream(feats.device().index()).stream());
-  TORCH_CHECK(err == cudaSuccess, "class_distributions (CUDA): kernel launch failed: ", cudaGetErrorString(err),
-              " (feats ", shape_str(feats), ", text ", shape_str(text), ")");
-  return out;
+                                    double scale, double nms, c10::string_view nms_axis) {
+  check_features_and_text(feats, text, c10::DeviceType::CUDA);
+  // the kernel applies NMS along classes; along patches it is the exact post-pass below
+  const bool patches = nms_axis_code(nms_axis) == kNmsPatches;
+  return on_cuda(feats, "feats", [&](cudaStream_t stream) {
+    const auto dt = compute_dtype(feats, text);
+    const int64_t B = feats.size(0), N = feats.size(1), D = feats.size(2), C = text.size(0);
+    at::Tensor out = at::empty({B, N, C}, feats.options().dtype(dt));
+    if (out.numel() == 0) return out;
+    const at::Tensor x = prepare(feats, dt);
+    const at::Tensor t = prepare(text, dt);
+    ClassDistributionsParams p{};
+    p.feats = x.const_data_ptr();
+    p.text = t.const_data_ptr();
+    p.out = out.mutable_data_ptr();
+    p.B = B;
+    p.N = N;
+    p.C = C;
+    p.D = D;
+    p.scale = scale;
+    p.nms = patches ? 0.0 : nms;
+    p.is_double = dt == at::kDouble;
+    // one patch's features and logits sit in shared memory (227 KiB on sm_80 / sm_90)
+    TORCH_CHECK(class_distributions_shared_bytes(p) <= 200 * 1024, "class_distributions (CUDA): D + C = ", D + C,
+                " is too large for one block's shared memory (feats ", shape_str(feats), ", text ", shape_str(text),
+                "); use backend='reference'");
+    at::Tensor scratch;
+    p.scratch = cuda_scratch(scratch, class_distributions_scratch_bytes(p), x);
+    check_launch(launch_class_distributions(p, stream), "class_distributions", "feats ", shape_str(feats),
+                 ", text ", shape_str(text));
+    return patches ? suppress_patches(out, nms) : out;
+  });
 }
 
 }  // namespace

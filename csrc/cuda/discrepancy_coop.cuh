@@ -22,6 +22,8 @@ namespace ovss_fast {
 namespace coop {
 
 constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kClassTile = 4;                                  // classes per block of the tile schedule
 constexpr int kTileRows = 64;                                  // output rows per tile
 constexpr int kTileCls = 16;                                   // classes per tile
 constexpr int kChunk = 32;                                     // reduction chunk staged in shared memory
@@ -158,8 +160,62 @@ inline cudaError_t launch_cooperative(const void* kernel, Args& args, cudaStream
   return cudaLaunchCooperativeKernel(kernel, dim3(grid), dim3(kThreads), kargs, 0, stream);
 }
 
+// The tile schedule's dynamic shared memory limit: what a block may opt in to on the current device,
+// less 1 KiB for the kernels' static shared arrays (0 when the query fails).
+inline size_t optin_shared_limit() {
+  int dev = 0, limit = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
+  return limit > 1024 ? static_cast<size_t>(limit) - 1024 : 0;
+}
+
+// A tile-schedule launch: `kernel<<<blocks, kThreads, smem, stream>>>(args...)`, opting in to `smem` bytes
+// of dynamic shared memory first when smem > 0; returns the launch's error code.
+template <typename... Params, typename... Args>
+inline cudaError_t launch_tile(void (*kernel)(Params...), int64_t blocks, size_t smem, cudaStream_t stream,
+                               Args... args) {
+  if (blocks > 2147483647LL) return cudaErrorInvalidConfiguration;
+  if (smem > 0) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+// launch_sinkhorn_scores / launch_markov_scores: nothing for an empty problem, else the cooperative or the
+// tile schedule (use_cooperative) in float or double: coop(T{}) / tile(T{}) launch it for element type T.
+template <typename Params, typename Coop, typename Tile>
+inline cudaError_t dispatch(const Params& p, Coop coop, Tile tile) {
+  if (p.B == 0 || p.N == 0 || p.C == 0) return cudaSuccess;
+  if (use_cooperative()) return p.is_double ? coop(double{}) : coop(float{});
+  return p.is_double ? tile(double{}) : tile(float{});
+}
+
+// The fields every CoopArgs<T> has, from the launch parameters: q, kernel, out as T*, and B, N, C.
+template <typename T, typename Args, typename Params>
+inline void set_common_args(Args& args, const Params& p) {
+  args.q = static_cast<const T*>(p.q);
+  args.kernel = static_cast<const T*>(p.kernel);
+  args.out = static_cast<T*>(p.out);
+  args.B = p.B;
+  args.N = p.N;
+  args.C = p.C;
+}
+
 // Bytes rounded up to 256 so each scratch array starts aligned.
 inline size_t aligned_bytes(size_t n) { return (n + 255) & ~size_t{255}; }
 
 }  // namespace coop
+
+// What the tile schedule's kernels (a block of kThreads threads per batch and kClassTile classes) of
+// both files take from coop.
+namespace tile_schedule {
+using coop::kClassTile;
+using coop::kThreads;
+using coop::kWarps;
+using coop::warp_sum;
+}  // namespace tile_schedule
+
 }  // namespace ovss_fast

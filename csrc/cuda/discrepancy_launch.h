@@ -1,17 +1,51 @@
-// Host-side launch check shared by the CUDA wrappers of sinkhorn_scores and markov_scores.
+// Host side shared by the CUDA wrappers of sinkhorn_scores and markov_scores: the inputs in the
+// compute dtype, the output, the common launch parameters, and the launch check. Host only.
 #pragma once
 
-#include <c10/util/Exception.h>
-#include <cuda_runtime.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
-#include <cstdint>
+#include "common/discrepancy_checks.h"
+#include "cuda/cuda_call.h"
+#include "cuda/discrepancy_params.h"
 
 namespace ovss_fast {
 
-inline void check_discrepancy_launch(cudaError_t err, const char* op, int64_t B, int64_t N, int64_t C) {
-  TORCH_CHECK(err == cudaSuccess, op, " (CUDA): kernel launch failed: ", cudaGetErrorString(err),
-              " (B=", B, ", N=", N, ", C=", C, "); where cooperative launches are refused ",
-              "(e.g. under MPS), OVSS_FAST_CUDA_DISCREPANCY=tile selects the other CUDA schedule");
+// q, kernel in their compute dtype (half / bfloat16 computed in float32), contiguous, and the output.
+struct DiscrepancyTensors {
+  at::Tensor q, kernel, out;
+};
+
+// Fills the shared fields of `p` (pointers, B, N, C, dtype) from q [B, N, C] and kernel [B, N, N].
+inline DiscrepancyTensors discrepancy_tensors(const at::Tensor& q, const at::Tensor& kernel, DiscrepancyParams& p) {
+  const auto dt = compute_dtype(q, kernel);
+  DiscrepancyTensors t{q.to(dt).contiguous(), kernel.to(dt).contiguous(), {}};
+  t.out = at::empty(t.q.sizes(), t.q.options());
+  p.q = t.q.const_data_ptr();
+  p.kernel = t.kernel.const_data_ptr();
+  p.out = t.out.mutable_data_ptr();
+  p.B = t.q.size(0);
+  p.N = t.q.size(1);
+  p.C = t.q.size(2);
+  p.is_double = dt == at::kDouble;
+  return t;
+}
+
+// The rest of a discrepancy wrapper, once its op-specific fields of `p` are set and checked: on q's device
+// and stream, the tensors and shared fields (discrepancy_tensors), scratch_bytes(p) bytes of scratch, one
+// launch(p, stream), the launch check; returns S [B, N, C] in the compute dtype.
+template <typename Params>
+at::Tensor run_discrepancy(const char* op, const at::Tensor& q, const at::Tensor& kernel, Params p,
+                           size_t (*scratch_bytes)(const Params&), cudaError_t (*launch)(const Params&, cudaStream_t)) {
+  return on_cuda(q, "q", [&](cudaStream_t stream) {
+    const DiscrepancyTensors t = discrepancy_tensors(q, kernel, p);
+    if (t.out.numel() == 0) return t.out;
+    at::Tensor scratch;
+    p.scratch = cuda_scratch(scratch, scratch_bytes(p), t.q);
+    check_launch(launch(p, stream), op, "B=", p.B, ", N=", p.N, ", C=", p.C, "; where cooperative launches are ",
+                 "refused (e.g. under MPS), OVSS_FAST_CUDA_DISCREPANCY=tile selects the other CUDA schedule");
+    return t.out;
+  });
 }
 
 }  // namespace ovss_fast

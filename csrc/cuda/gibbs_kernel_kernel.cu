@@ -1,5 +1,5 @@
-// method.md section 2 on CUDA: cost C = normalised -log((A + A^T)/2 + 1e-12), kernel
-// K = exp(-C / eps). Two passes over [B, N, N] in 32 x 32 tiles, each block staging
+// method.md section 2 on CUDA: cost C = normalised -log(Sym / M + 1e-12), Sym =
+// (A + A^T)/2 and M its per-image max, kernel K = exp(-C / eps). Two passes over [B, N, N] in 32 x 32 tiles, each block staging
 // its tile and the mirror tile in shared memory so A and A^T are both read coalesced:
 //   1. Sym's per-image min and max (upper-triangle tiles only: Sym is symmetric),
 //      a warp-shuffle reduction per block, then one atomicMin / atomicMax per block on
@@ -106,12 +106,12 @@ __global__ void gibbs_values_kernel(const T* __restrict__ affinity,      // [B, 
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, j0 = static_cast<int64_t>(blockIdx.x) * kTile;
   for (int64_t b = blockIdx.z; b < B; b += gridDim.z) {
     load_tiles(affinity + b * N * N, N, i0, j0, ta, tt);
-    T lo, span;
-    cost_range(from_key<T>(minmax[2 * b]), from_key<T>(minmax[2 * b + 1]), &lo, &span);
+    T scale, lo, span;
+    cost_range(from_key<T>(minmax[2 * b]), from_key<T>(minmax[2 * b + 1]), &scale, &lo, &span);
     for (int r = threadIdx.y; r < kTile; r += kRows) {
       const int64_t i = i0 + r, j = j0 + threadIdx.x;
       if (i < N && j < N) {
-        const T c = normalised_cost(symmetric_affinity(ta[r][threadIdx.x], tt[threadIdx.x][r]), lo, span);
+        const T c = normalised_cost(symmetric_affinity(ta[r][threadIdx.x], tt[threadIdx.x][r]), scale, lo, span);
         cost[(b * N + i) * N + j] = c;
         kern[(b * N + i) * N + j] = gibbs_value(c, eps);
       }

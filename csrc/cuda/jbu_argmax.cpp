@@ -4,10 +4,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/cuda_call.h"
 #include "cuda/jbu_argmax_kernel.h"
 #include "cuda/jbu_prepare_cuda.h"
 
@@ -18,17 +17,17 @@ at::Tensor jbu_argmax_cuda(const at::Tensor& scores,  // [B, C, h, w]
                            const at::Tensor& guide,   // [B, 3, H, W]
                            double sigma_spatial, double sigma_range, int64_t radius) {
   check_jbu_args(scores, guide, sigma_spatial, sigma_range, radius, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(scores.device());
-  const int64_t B = scores.size(0), C = scores.size(1), H = guide.size(2), W = guide.size(3);
-  at::Tensor labels = at::empty({B, H, W}, scores.options().dtype(at::kLong));
-  if (labels.numel() == 0) return labels;
-  TORCH_CHECK(C > 0, "scores has C = 0 classes (shape ", shape_str(scores), "): no label to choose");
-  const JbuInputs in = prepare_jbu(scores, guide, true);
-  const JbuParams p = jbu_params(in, sigma_spatial, sigma_range, radius, labels.mutable_data_ptr());
-  const cudaError_t err = launch_jbu_argmax(p, c10::cuda::getCurrentCUDAStream(scores.device().index()).stream());
-  TORCH_CHECK(err == cudaSuccess, "jbu_argmax (CUDA): kernel launch failed: ", cudaGetErrorString(err),
-              " (scores ", shape_str(scores), ", guide ", shape_str(guide), ")");
-  return labels;
+  return on_cuda(scores, "scores", [&](cudaStream_t stream) {
+    const int64_t B = scores.size(0), C = scores.size(1), H = guide.size(2), W = guide.size(3);
+    at::Tensor labels = at::empty({B, H, W}, scores.options().dtype(at::kLong));
+    if (labels.numel() == 0) return labels;
+    TORCH_CHECK(C > 0, "scores has C = 0 classes (shape ", shape_str(scores), "): no label to choose");
+    const JbuInputs in = prepare_jbu(scores, guide, true);
+    const JbuParams p = jbu_params(in, sigma_spatial, sigma_range, radius, labels.mutable_data_ptr());
+    check_launch(launch_jbu_argmax(p, stream), "jbu_argmax", "scores ", shape_str(scores), ", guide ",
+                 shape_str(guide));
+    return labels;
+  });
 }
 
 }  // namespace

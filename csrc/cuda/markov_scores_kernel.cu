@@ -2,7 +2,8 @@
 //
 //   T = K;  sk_iters times: rows of T to sum 1, then columns (floor 1e-30)
 //   f(0) = N q;  f(l) = T^T f(l-1);  integrated: S = sum_{l=1..steps} (f(l) - 1)
-//   velocity: lstar = first l >= 1 with |f(l) - f(l-1)| <= tau (steps+1 if never), S = -lstar + 1e-3 f(0)
+//   velocity: lstar = first l >= 1 with |f(l) - f(l-1)| <= tau (steps+1 if never),
+//             S = lstar + f(0) / (1 + f(0))   (slow settling wins; ties to the larger f(0))
 //   dead class -> -inf
 //
 // One launch per call, with two schedules (csrc/cuda/discrepancy_coop.cuh says why):
@@ -43,15 +44,7 @@
 namespace ovss_fast {
 namespace {
 
-constexpr int kClassTile = 4;
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-
-template <typename T>
-__device__ inline T warp_sum(T x) {
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
-}
+using namespace tile_schedule;  // kClassTile, kThreads, kWarps, warp_sum
 
 // Vector stride: N rounded up to 4 elements, so every vector starts 16-byte aligned.
 __host__ __device__ inline int64_t padded(int64_t N) { return (N + 3) & ~int64_t{3}; }
@@ -396,9 +389,7 @@ cudaError_t launch_coop(const MarkovScoresParams& p, cudaStream_t stream) {
   const CoopLayout l = coop_layout(p);
   unsigned char* base = static_cast<unsigned char*>(p.scratch);
   CoopArgs<T> args;
-  args.q = static_cast<const T*>(p.q);
-  args.kernel = static_cast<const T*>(p.kernel);
-  args.out = static_cast<T*>(p.out);
+  coop::set_common_args<T>(args, p);
   args.rd = reinterpret_cast<double*>(base + l.rd);
   args.cd = reinterpret_cast<double*>(base + l.cd);
   args.rt = reinterpret_cast<T*>(base + l.rt);
@@ -408,9 +399,6 @@ cudaError_t launch_coop(const MarkovScoresParams& p, cudaStream_t stream) {
   args.h1 = reinterpret_cast<T*>(base + l.h1);
   args.acc = reinterpret_cast<T*>(base + l.acc);
   args.dprev = reinterpret_cast<T*>(base + l.dprev);
-  args.B = p.B;
-  args.N = p.N;
-  args.C = p.C;
   args.sk_iters = p.sk_iters;
   args.steps = p.steps;
   args.readout = p.readout;
@@ -424,13 +412,6 @@ size_t vector_bytes(int64_t N) {
   return static_cast<size_t>(kVectors) * static_cast<size_t>(padded(N)) * sizeof(T);
 }
 
-size_t optin_shared_limit() {
-  int dev = 0, limit = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
-  return limit > 1024 ? static_cast<size_t>(limit) - 1024 : 0;
-}
-
 struct Layout {
   bool in_shared;
   size_t state_bytes, vector_bytes_total;
@@ -442,7 +423,7 @@ Layout layout_of(const MarkovScoresParams& p) {
   const size_t P = static_cast<size_t>(padded(p.N));
   const size_t vec = static_cast<size_t>(kVectors) * P * elem;
   Layout l;
-  l.in_shared = vec <= optin_shared_limit();
+  l.in_shared = vec <= coop::optin_shared_limit();
   l.state_bytes = blocks * static_cast<size_t>(kStateVectors) * P * elem;
   l.vector_bytes_total = l.in_shared ? 0 : blocks * vec;
   return l;
@@ -451,22 +432,13 @@ Layout layout_of(const MarkovScoresParams& p) {
 template <typename T>
 cudaError_t launch_typed(const MarkovScoresParams& p, cudaStream_t stream) {
   const int64_t tiles = (p.C + kClassTile - 1) / kClassTile;
-  const int64_t blocks = p.B * tiles;
-  if (blocks > 2147483647LL) return cudaErrorInvalidConfiguration;
   if (p.scratch == nullptr) return cudaErrorInvalidValue;
   const Layout l = layout_of(p);
   T* state = static_cast<T*>(p.scratch);
   T* vectors = l.in_shared ? nullptr : reinterpret_cast<T*>(static_cast<unsigned char*>(p.scratch) + l.state_bytes);
-  const size_t smem = l.in_shared ? vector_bytes<T>(p.N) : 0;
-  if (l.in_shared) {
-    cudaError_t err = cudaFuncSetAttribute(markov_scores_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  markov_scores_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
-      static_cast<const T*>(p.q), static_cast<const T*>(p.kernel), static_cast<T*>(p.out), state, vectors, p.N,
-      p.C, tiles, p.sk_iters, p.steps, p.readout, static_cast<T>(p.tau));
-  return cudaGetLastError();
+  return coop::launch_tile(&markov_scores_kernel<T>, p.B * tiles, l.in_shared ? vector_bytes<T>(p.N) : 0, stream,
+                           static_cast<const T*>(p.q), static_cast<const T*>(p.kernel), static_cast<T*>(p.out), state,
+                           vectors, p.N, p.C, tiles, p.sk_iters, p.steps, p.readout, static_cast<T>(p.tau));
 }
 
 }  // namespace
@@ -479,11 +451,9 @@ size_t markov_scores_scratch_bytes(const MarkovScoresParams& p) {
 }
 
 cudaError_t launch_markov_scores(const MarkovScoresParams& p, cudaStream_t stream) {
-  if (p.B == 0 || p.N == 0 || p.C == 0) return cudaSuccess;
-  if (coop::use_cooperative()) {
-    return p.is_double ? launch_coop<double>(p, stream) : launch_coop<float>(p, stream);
-  }
-  return p.is_double ? launch_typed<double>(p, stream) : launch_typed<float>(p, stream);
+  return coop::dispatch(
+      p, [&](auto t) { return launch_coop<decltype(t)>(p, stream); },
+      [&](auto t) { return launch_typed<decltype(t)>(p, stream); });
 }
 
 }  // namespace ovss_fast

@@ -7,18 +7,14 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "discrepancy_params.h"
+
 namespace ovss_fast {
 
-struct MarkovScoresParams {
-  const void* q;       // [B, N, C] contiguous, float or double
-  const void* kernel;  // [B, N, N] contiguous, same dtype
-  void* out;           // [B, N, C] contiguous, same dtype
-  void* scratch;       // markov_scores_scratch_bytes(...) bytes, never nullptr when that is > 0
-  int64_t B, N, C;
+struct MarkovScoresParams : DiscrepancyParams {  // scratch: markov_scores_scratch_bytes(...), never nullptr when > 0
   int64_t sk_iters, steps;
   int readout;  // kMarkovIntegrated or kMarkovVelocity (csrc/common/markov_math.h)
   double tau;
-  bool is_double;
 };
 
 // Global scratch the launch needs (the per-class readout state always lives there;

@@ -3,14 +3,10 @@
 // The kernel is csrc/cuda/sinkhorn_scores_kernel.cu.
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../common/discrepancy_checks.h"
-#include "discrepancy_launch.h"
-#include "sinkhorn_scores_kernel.h"
+#include "cuda/discrepancy_launch.h"
+#include "cuda/sinkhorn_scores_kernel.h"
 
 namespace ovss_fast {
 
@@ -19,33 +15,10 @@ at::Tensor sinkhorn_scores_cuda(const at::Tensor& q,       // [B, N, C]
                                 double eps, int64_t iters) {
   check_q_and_kernel(q, kernel);
   check_sinkhorn_params(eps, iters);
-  check_device(q, "q", c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const auto dt = compute_dtype(q, kernel);
-  const at::Tensor qc = q.to(dt).contiguous();       // half / bfloat16 computed in float32
-  const at::Tensor kc = kernel.to(dt).contiguous();
-  at::Tensor out = at::empty(qc.sizes(), qc.options());
-  if (out.numel() == 0) return out;
-
   SinkhornScoresParams p{};
-  p.q = qc.data_ptr();
-  p.kernel = kc.data_ptr();
-  p.out = out.data_ptr();
-  p.B = qc.size(0);
-  p.N = qc.size(1);
-  p.C = qc.size(2);
   p.eps = eps;
   p.iters = iters;
-  p.is_double = dt == at::kDouble;
-  const size_t scratch_bytes = sinkhorn_scores_scratch_bytes(p);
-  at::Tensor scratch;
-  if (scratch_bytes > 0) {
-    scratch = at::empty({static_cast<int64_t>(scratch_bytes)}, qc.options().dtype(at::kByte));
-    p.scratch = scratch.data_ptr();
-  }
-  check_discrepancy_launch(launch_sinkhorn_scores(p, c10::cuda::getCurrentCUDAStream(q.device().index()).stream()),
-                           "sinkhorn_scores", p.B, p.N, p.C);
-  return out;
+  return run_discrepancy("sinkhorn_scores", q, kernel, p, sinkhorn_scores_scratch_bytes, launch_sinkhorn_scores);
 }
 
 TORCH_LIBRARY_IMPL(ovss_fast, CUDA, m) {

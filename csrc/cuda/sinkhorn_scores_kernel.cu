@@ -37,16 +37,8 @@
 namespace ovss_fast {
 namespace {
 
-constexpr int kClassTile = 4;
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+using namespace tile_schedule;  // kClassTile, kThreads, kWarps, warp_sum
 constexpr int kSumChunk = 64;  // rows per partial sum in the K^T u column pass
-
-template <typename T>
-__device__ inline T warp_sum(T x) {
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -259,15 +251,10 @@ template <typename T>
 cudaError_t launch_coop(const SinkhornScoresParams& p, cudaStream_t stream) {
   if (p.scratch == nullptr) return cudaErrorInvalidValue;
   CoopArgs<T> args;
-  args.q = static_cast<const T*>(p.q);
-  args.kernel = static_cast<const T*>(p.kernel);
-  args.out = static_cast<T*>(p.out);
+  coop::set_common_args<T>(args, p);
   args.u = static_cast<T*>(p.scratch);
   args.v = reinterpret_cast<T*>(static_cast<unsigned char*>(p.scratch) +
                                 coop::aligned_bytes(static_cast<size_t>(p.B * p.N * p.C) * sizeof(T)));
-  args.B = p.B;
-  args.N = p.N;
-  args.C = p.C;
   args.iters = p.iters;
   args.eps = static_cast<T>(p.eps);
   return coop::launch_cooperative(reinterpret_cast<const void*>(&sinkhorn_scores_coop_kernel<T>), args, stream);
@@ -279,30 +266,14 @@ size_t shared_bytes(int64_t N) {
   return static_cast<size_t>(2) * kClassTile * static_cast<size_t>(N) * sizeof(T);
 }
 
-size_t optin_shared_limit() {
-  int dev = 0, limit = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
-  // leave room for the kernel's static shared arrays
-  return limit > 1024 ? static_cast<size_t>(limit) - 1024 : 0;
-}
-
 template <typename T>
 cudaError_t launch_typed(const SinkhornScoresParams& p, cudaStream_t stream) {
   const int64_t tiles = (p.C + kClassTile - 1) / kClassTile;
-  const int64_t blocks = p.B * tiles;
-  if (blocks > 2147483647LL) return cudaErrorInvalidConfiguration;
-  const bool in_shared = p.scratch == nullptr;
-  const size_t smem = in_shared ? shared_bytes<T>(p.N) : 0;
-  if (in_shared) {
-    cudaError_t err = cudaFuncSetAttribute(sinkhorn_scores_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  sinkhorn_scores_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
-      static_cast<const T*>(p.q), static_cast<const T*>(p.kernel), static_cast<T*>(p.out),
-      static_cast<T*>(p.scratch), p.N, p.C, tiles, static_cast<T>(p.eps), p.iters);
-  return cudaGetLastError();
+  // no scratch: u and v of a block in shared memory
+  return coop::launch_tile(&sinkhorn_scores_kernel<T>, p.B * tiles, p.scratch == nullptr ? shared_bytes<T>(p.N) : 0,
+                           stream, static_cast<const T*>(p.q), static_cast<const T*>(p.kernel),
+                           static_cast<T*>(p.out), static_cast<T*>(p.scratch), p.N, p.C, tiles,
+                           static_cast<T>(p.eps), p.iters);
 }
 
 }  // namespace
@@ -314,17 +285,15 @@ size_t sinkhorn_scores_scratch_bytes(const SinkhornScoresParams& p) {
   }
   const size_t elem = p.is_double ? sizeof(double) : sizeof(float);
   const size_t smem = static_cast<size_t>(2) * kClassTile * static_cast<size_t>(p.N) * elem;
-  if (smem <= optin_shared_limit()) return 0;
+  if (smem <= coop::optin_shared_limit()) return 0;
   const int64_t tiles = (p.C + kClassTile - 1) / kClassTile;
   return static_cast<size_t>(p.B * tiles) * smem;
 }
 
 cudaError_t launch_sinkhorn_scores(const SinkhornScoresParams& p, cudaStream_t stream) {
-  if (p.B == 0 || p.N == 0 || p.C == 0) return cudaSuccess;
-  if (coop::use_cooperative()) {
-    return p.is_double ? launch_coop<double>(p, stream) : launch_coop<float>(p, stream);
-  }
-  return p.is_double ? launch_typed<double>(p, stream) : launch_typed<float>(p, stream);
+  return coop::dispatch(
+      p, [&](auto t) { return launch_coop<decltype(t)>(p, stream); },
+      [&](auto t) { return launch_typed<decltype(t)>(p, stream); });
 }
 
 }  // namespace ovss_fast

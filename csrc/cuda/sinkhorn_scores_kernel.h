@@ -7,17 +7,13 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "discrepancy_params.h"
+
 namespace ovss_fast {
 
-struct SinkhornScoresParams {
-  const void* q;       // [B, N, C] contiguous, float or double
-  const void* kernel;  // [B, N, N] contiguous, same dtype
-  void* out;           // [B, N, C] contiguous, same dtype
-  void* scratch;       // sinkhorn_scores_scratch_bytes(...) bytes (nullptr when that is 0)
-  int64_t B, N, C;
+struct SinkhornScoresParams : DiscrepancyParams {  // scratch: sinkhorn_scores_scratch_bytes(...)
   double eps;
   int64_t iters;
-  bool is_double;
 };
 
 // Global scratch the launch needs: 0 when u and v of a block fit in shared memory

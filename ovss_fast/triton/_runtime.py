@@ -143,6 +143,21 @@ class GraphCache:
 GRAPHS = GraphCache()
 
 
+def configs(keys: str, rows: list[tuple], num_stages: int | None = None) -> list:
+    """triton.Config tables, one row a config: the block sizes named by ``keys`` (space separated) in
+    order, then num_warps, then (optionally) that row's num_stages, else ``num_stages`` (Triton's
+    default when None)."""
+    import triton
+
+    names = keys.split()
+    out = []
+    for row in rows:
+        stages = row[len(names) + 1] if len(row) > len(names) + 1 else num_stages
+        extra = {} if stages is None else {"num_stages": stages}
+        out.append(triton.Config(dict(zip(names, row[:len(names)], strict=True)), num_warps=row[len(names)], **extra))
+    return out
+
+
 def autotune_bench(kernel_call: Callable[[], object], quantiles: object = None) -> object:
     """The autotuner's timing of one config: triton.testing.do_bench with Triton's own defaults
     (25 ms warm-up, 100 ms of repeats), or OVSS_FAST_TRITON_AUTOTUNE_REP_MS of repeats (a quarter of

@@ -16,12 +16,24 @@ import triton.language as tl
 from torch import Tensor
 
 from ._runtime import DENOM_FLOOR as _DENOM_FLOOR
-from ._runtime import MAX_CLASSES, autotune, device_guard, interpreting, next_pow2
+from ._runtime import MAX_CLASSES, autotune, configs, device_guard, interpreting, next_pow2
 
 __all__ = ["MAX_CLASSES", "class_distributions"]
 
 #: a Triton constexpr so the kernels can read it
 DENOM_FLOOR = tl.constexpr(_DENOM_FLOOR)
+
+
+@triton.jit
+def _feature_tiles(x_base, sxn, sxd, t_ptr, std, stc, rows, rmask, cls, cmask, d0, D, BLOCK_D: tl.constexpr):
+    """Features d0..d0 + BLOCK_D - 1 as float32 (0 outside): x [BLOCK_N rows, BLOCK_D] and t [BLOCK_D, BLOCK_C]."""
+    dd = d0 + tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    x = tl.load(x_base + rows[:, None] * sxn + dd[None, :] * sxd,
+                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + dd[:, None] * std + cls[None, :] * stc,
+                mask=dmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    return x, t
 
 
 @triton.jit
@@ -54,12 +66,7 @@ def _class_distributions_kernel(
     xmax = tl.zeros((BLOCK_N,), dtype=tl.float32)
     tmax = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < D
-        x = tl.load(x_base + rows[:, None] * sxn + dd[None, :] * sxd,
-                    mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
-        t = tl.load(t_ptr + dd[:, None] * std + cls[None, :] * stc,
-                    mask=dmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_C]
+        x, t = _feature_tiles(x_base, sxn, sxd, t_ptr, std, stc, rows, rmask, cls, cmask, d0, D, BLOCK_D)
         xmax = tl.maximum(xmax, tl.max(tl.abs(x), axis=1))
         tmax = tl.maximum(tmax, tl.max(tl.abs(t), axis=0))
     xsc = tl.where(xmax > 0, xmax, 1.0)
@@ -68,12 +75,9 @@ def _class_distributions_kernel(
     xsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     tsq = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < D
-        x = tl.load(x_base + rows[:, None] * sxn + dd[None, :] * sxd,
-                    mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) / xsc[:, None]
-        t = tl.load(t_ptr + dd[:, None] * std + cls[None, :] * stc,
-                    mask=dmask[:, None] & cmask[None, :], other=0.0).to(tl.float32) / tsc[None, :]
+        x, t = _feature_tiles(x_base, sxn, sxd, t_ptr, std, stc, rows, rmask, cls, cmask, d0, D, BLOCK_D)
+        x = x / xsc[:, None]
+        t = t / tsc[None, :]
         acc = tl.dot(x, t, acc, input_precision="ieee")
         xsq += tl.sum(x * x, axis=1)
         tsq += tl.sum(t * t, axis=0)
@@ -123,16 +127,9 @@ def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
 
 
 # H100 / H200: 132 SMs; a [64, 256] float32 accumulator is 64 registers per thread at 8 warps
-_CONFIGS = [
-    triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 16, "BLOCK_D": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 32, "BLOCK_D": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 32, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_D": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-]
+_CONFIGS = configs("BLOCK_N BLOCK_D", [
+    (16, 16, 4, 2), (16, 32, 8, 2), (32, 32, 4), (32, 64, 8), (64, 32, 4), (64, 32, 8), (64, 64, 8, 2), (128, 32, 8)
+], num_stages=3)
 _tuned = autotune(configs=_CONFIGS, key=["N", "C", "D"], reset_to_zero=["colsum_ptr"],
                          prune_configs_by={"early_config_prune": _prune})(_class_distributions_kernel)
 #: the interpreter runs one small configuration (several blocks and masks on tiny tests)

@@ -2,23 +2,26 @@
 
 :func:`gibbs_kernel` (cost and K), two launches per call:
   1. ``_cost_range_kernel``: per (image, strip of RANGE_ROWS rows) the min and max of
-     Craw = -log((A + A^T) / 2 + 1e-12) over the strip, into partials [B, n_strips];
-  2. ``_gibbs_kernel_kernel``: per (image, tile) reduces the image's partials to the
-     global min / max and writes cost = (Craw - min) / (max - min) (0 if max == min)
-     and K = exp(-cost / eps).
+     Sym = (A + A^T) / 2 over the strip, into partials [B, n_strips];
+  2. ``_gibbs_kernel_kernel``: per (image, tile) reduces the image's partials to M = max Sym and
+     the min / max of the scale-free Craw = -log(Sym / M + 1e-12) (M = 0: Sym / 1), and writes
+     cost = (Craw - min) / (max - min) (0 if max == min) and K = exp(-cost / eps).
+Craw decreases as Sym grows, so its min and max are Craw of Sym's max and min: the range pass
+needs no log, and knows M only at its end.
 Each pass reads every tile of A and its mirror tile: 4 N^2 reads and 2 N^2 writes per image.
 
 :func:`gibbs_kernel_only` (K only; what ops.discrepancy needs), symmetric tiles. Sym is
-symmetric, so Craw[J, I] = Craw[I, J]^T: one program per tile pair ti <= tj (a linear program
+symmetric, so Sym[J, I] = Sym[I, J]^T: one program per tile pair ti <= tj (a linear program
 id mapped onto the upper triangle of tiles, :func:`_tile_pair`) reads A[I, J] and A[J, I] once
 and covers both tiles. Two launches:
   1. ``_sym_range_kernel``: RANGE_PARTS programs per image, each striding over the tile
-     pairs, min / max of Craw into partials [B, n_parts];
-  2. ``_sym_gibbs_kernel``: per (tile pair, image) the global min / max from the partials,
+     pairs, min / max of Sym into partials [B, n_parts];
+  2. ``_sym_gibbs_kernel``: per (tile pair, image) M and Craw's min / max from the partials,
      K[I, J] and its transpose K[J, I] (one store on a diagonal tile). The cost is never written:
      2 N^2 reads and N^2 writes per image.
-The per-tile math (:func:`_craw_tile`, :func:`_fold_range`, :func:`_store_range`,
+The per-tile math (:func:`_sym_tile`, :func:`_fold_range`, :func:`_store_range`,
 :func:`_image_range`, :func:`_cost_and_kernel`) is shared by all four kernels, so both paths give the same bits.
+method.md section 2 (spec v2: the scale-free cost).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._runtime import LOG_FLOOR as _LOG_FLOOR
-from ._runtime import autotune, device_guard, interpreting, next_pow2
+from ._runtime import autotune, configs, device_guard, interpreting, next_pow2
 
 #: rows per program of the range pass (fixes the number of partials per image)
 RANGE_ROWS = 32
@@ -48,24 +51,33 @@ LOG_FLOOR = tl.constexpr(_LOG_FLOOR)
 
 # --------------------------------------------------------------------------- per-tile math (every kernel)
 @triton.jit
-def _craw_tile(base, rows, cols, N, sai, saj):
-    """(Craw[rows, cols], in-bounds mask): A[rows, cols] and its mirror A[cols, rows] (loaded as a
-    row-contiguous tile and transposed) -> -log((A + A^T) / 2 + 1e-12), halved first (no overflow
-    near the float32 maximum). Craw[cols, rows] is the transpose of this tile, bit for bit
-    (0.5 * a + 0.5 * b == 0.5 * b + 0.5 * a)."""
+def _sym_tile(base, rows, cols, N, sai, saj):
+    """(Sym[rows, cols], in-bounds mask): A[rows, cols] and its mirror A[cols, rows] (loaded as a
+    row-contiguous tile and transposed) -> (A + A^T) / 2, halved first (no overflow near the float32
+    maximum). Sym[cols, rows] is the transpose of this tile, bit for bit (0.5 * a + 0.5 * b ==
+    0.5 * b + 0.5 * a)."""
     rmask = rows < N
     cmask = cols < N
     mask = rmask[:, None] & cmask[None, :]
     a = tl.load(base + rows[:, None] * sai + cols[None, :] * saj, mask=mask, other=0.0).to(tl.float32)
     at = tl.load(base + cols[:, None] * sai + rows[None, :] * saj,
                  mask=cmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
-    return -tl.log((0.5 * a + 0.5 * tl.trans(at)) + LOG_FLOOR), mask
+    return 0.5 * a + 0.5 * tl.trans(at), mask
 
 
 @triton.jit
-def _fold_range(lo, hi, craw, mask):
-    """Element-wise running min / max of Craw over the in-bounds entries."""
-    return tl.minimum(lo, tl.where(mask, craw, float("inf"))), tl.maximum(hi, tl.where(mask, craw, float("-inf")))
+def _craw(sym, inv_scale):
+    """The scale-free Craw = -log(Sym / M + 1e-12), ``inv_scale`` = 1 / M (1 where M <= 0): a product, not a
+    division per entry (an IEEE division holds more registers; ptxas spilled in _sym_gibbs_kernel 64 x 64 at
+    4 warps), within one rounding of Sym / M."""
+    return -tl.log(sym * inv_scale + LOG_FLOOR)
+
+
+@triton.jit
+def _fold_range(lo, hi, base, rows, cols, N, sai, saj):
+    """Element-wise running min / max of Sym over the in-bounds entries of tile [rows, cols]."""
+    sym, mask = _sym_tile(base, rows, cols, N, sai, saj)
+    return tl.minimum(lo, tl.where(mask, sym, float("inf"))), tl.maximum(hi, tl.where(mask, sym, float("-inf")))
 
 
 @triton.jit
@@ -77,17 +89,23 @@ def _store_range(lo_ptr, hi_ptr, idx, lo, hi):
 
 @triton.jit
 def _image_range(lo_ptr, hi_ptr, pid_b, n_parts, BLOCK_S: tl.constexpr):
-    """(min Craw, max Craw - min Craw) of image pid_b from its n_parts partials."""
+    """(M, min Craw, max Craw - min Craw) of image pid_b from its n_parts partial min / max of Sym:
+    M = max Sym (1 where it is <= 0: Sym / M stays Sym); Craw decreases as Sym grows, so its min / max
+    are Craw of Sym's max / min (the same float32 values as reducing Craw itself)."""
     s = tl.arange(0, BLOCK_S)
     smask = s < n_parts
-    lo = tl.min(tl.load(lo_ptr + pid_b * n_parts + s, mask=smask, other=float("inf")), axis=0)
-    hi = tl.max(tl.load(hi_ptr + pid_b * n_parts + s, mask=smask, other=float("-inf")), axis=0)
-    return lo, hi - lo
+    smin = tl.min(tl.load(lo_ptr + pid_b * n_parts + s, mask=smask, other=float("inf")), axis=0)
+    smax = tl.max(tl.load(hi_ptr + pid_b * n_parts + s, mask=smask, other=float("-inf")), axis=0)
+    inv_scale = 1.0 / tl.where(smax > 0, smax, 1.0)
+    lo = _craw(smax, inv_scale)
+    return inv_scale, lo, _craw(smin, inv_scale) - lo
 
 
 @triton.jit
-def _cost_and_kernel(craw, lo, span, inv_eps):
-    """cost = (Craw - lo) / span (0 everywhere when span == 0), K = exp(-cost / eps)."""
+def _cost_and_kernel(sym, inv_scale, lo, span, inv_eps):
+    """Craw = -log(Sym / M + 1e-12); cost = (Craw - lo) / span (0 everywhere when span == 0),
+    K = exp(-cost / eps)."""
+    craw = _craw(sym, inv_scale)
     cost = tl.where(span > 0, (craw - lo) / tl.where(span > 0, span, 1.0), 0.0)
     return cost, tl.exp(-cost * inv_eps)
 
@@ -114,7 +132,7 @@ def _cost_range_kernel(
     sab, sai, saj,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """lo/hi[b, s] = min/max over rows i of strip s and all j of Craw[i, j] = -log((A[i,j] + A[j,i]) / 2 + 1e-12).
+    """lo/hi[b, s] = min/max over rows i of strip s and all j of Sym[i, j] = (A[i, j] + A[j, i]) / 2.
 
     method.md section 2 (first pass).
     """
@@ -125,31 +143,31 @@ def _cost_range_kernel(
     lo = tl.full((BLOCK_M, BLOCK_N), float("inf"), tl.float32)
     hi = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
     for j0 in range(0, N, BLOCK_N):
-        craw, mask = _craw_tile(base, rows, j0 + tl.arange(0, BLOCK_N), N, sai, saj)
-        lo, hi = _fold_range(lo, hi, craw, mask)
+        lo, hi = _fold_range(lo, hi, base, rows, j0 + tl.arange(0, BLOCK_N), N, sai, saj)
     _store_range(lo_ptr, hi_ptr, pid_b * n_strips + pid_s, lo, hi)
 
 
 @triton.jit
 def _gibbs_kernel_kernel(
     a_ptr,  # [B, N, N] affinity
-    lo_ptr, hi_ptr,  # [B, n_strips] float32 partial min / max of Craw
+    lo_ptr, hi_ptr,  # [B, n_strips] float32 partial min / max of Sym
     cost_ptr, k_ptr,  # [B, N, N] float32 out (contiguous)
     N, n_strips,
     sab, sai, saj,
     inv_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """cost = (Craw - min Craw) / (max Craw - min Craw) (0 where max == min); K = exp(-cost / eps).
+    """cost = (Craw - min Craw) / (max Craw - min Craw) (0 where max == min), Craw = -log(Sym / M + 1e-12);
+    K = exp(-cost / eps).
 
     method.md section 2 (second pass); min and max over the whole image from the partials.
     """
     pid_b = tl.program_id(0).to(tl.int64)
-    lo, span = _image_range(lo_ptr, hi_ptr, pid_b, n_strips, BLOCK_S)
+    inv_scale, lo, span = _image_range(lo_ptr, hi_ptr, pid_b, n_strips, BLOCK_S)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    craw, mask = _craw_tile(a_ptr + pid_b * sab, rows, cols, N, sai, saj)
-    cost, kern = _cost_and_kernel(craw, lo, span, inv_eps)
+    sym, mask = _sym_tile(a_ptr + pid_b * sab, rows, cols, N, sai, saj)
+    cost, kern = _cost_and_kernel(sym, inv_scale, lo, span, inv_eps)
     out = pid_b * N * N + rows[:, None] * N + cols[None, :]
     tl.store(cost_ptr + out, cost, mask=mask)
     tl.store(k_ptr + out, kern, mask=mask)
@@ -164,9 +182,9 @@ def _sym_range_kernel(
     sab, sai, saj,
     BLOCK: tl.constexpr,
 ):
-    """lo/hi[b, s] = min/max of Craw over the tile pairs p = s, s + n_parts, ... (ti <= tj).
+    """lo/hi[b, s] = min/max of Sym over the tile pairs p = s, s + n_parts, ... (ti <= tj).
 
-    method.md section 2 (first pass). A pair's tile covers Craw[I, J] and, by symmetry, Craw[J, I],
+    method.md section 2 (first pass). A pair's tile covers Sym[I, J] and, by symmetry, Sym[J, I],
     so every entry of A is read once. A program left without a pair (n_parts is fixed by the
     smallest tile, see :func:`gibbs_kernel_only`) writes +inf / -inf, which the second pass ignores.
     """
@@ -178,61 +196,47 @@ def _sym_range_kernel(
     hi = tl.full((BLOCK, BLOCK), float("-inf"), tl.float32)
     for p in range(pid, n_tiles * (n_tiles + 1) // 2, n_parts):
         ti, tj = _tile_pair(p)
-        craw, mask = _craw_tile(base, ti * BLOCK + tl.arange(0, BLOCK), tj * BLOCK + tl.arange(0, BLOCK),
-                                N, sai, saj)
-        lo, hi = _fold_range(lo, hi, craw, mask)
+        lo, hi = _fold_range(lo, hi, base, ti * BLOCK + tl.arange(0, BLOCK), tj * BLOCK + tl.arange(0, BLOCK), N,
+                             sai, saj)
     _store_range(lo_ptr, hi_ptr, pid_b * n_parts + pid, lo, hi)
 
 
 @triton.jit
 def _sym_gibbs_kernel(
     a_ptr,  # [B, N, N] affinity
-    lo_ptr, hi_ptr,  # [B, n_parts] float32 partial min / max of Craw
+    lo_ptr, hi_ptr,  # [B, n_parts] float32 partial min / max of Sym
     k_ptr,  # [B, N, N] float32 out (contiguous)
     N, n_parts,
     sab, sai, saj,
     inv_eps,
     BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """K[I, J] = exp(-(Craw - min) / (max - min) / eps) for tile pair ti <= tj, and K[J, I] = K[I, J]^T.
+    """K[I, J] = exp(-(Craw - min) / (max - min) / eps), Craw = -log(Sym / M + 1e-12), for tile pair
+    ti <= tj, and K[J, I] = K[I, J]^T.
 
     method.md section 2 (second pass, K only). On a diagonal tile (ti == tj) the transposed store
     would rewrite the same entries with the same values; it is masked off.
     """
     ti, tj = _tile_pair(tl.program_id(0))
     pid_b = tl.program_id(1).to(tl.int64)
-    lo, span = _image_range(lo_ptr, hi_ptr, pid_b, n_parts, BLOCK_S)
+    inv_scale, lo, span = _image_range(lo_ptr, hi_ptr, pid_b, n_parts, BLOCK_S)
     rows = ti * BLOCK + tl.arange(0, BLOCK)
     cols = tj * BLOCK + tl.arange(0, BLOCK)
-    craw, mask = _craw_tile(a_ptr + pid_b * sab, rows, cols, N, sai, saj)
-    _, kern = _cost_and_kernel(craw, lo, span, inv_eps)
+    sym, mask = _sym_tile(a_ptr + pid_b * sab, rows, cols, N, sai, saj)
+    _, kern = _cost_and_kernel(sym, inv_scale, lo, span, inv_eps)
     out = k_ptr + pid_b * N * N
     tl.store(out + rows[:, None] * N + cols[None, :], kern, mask=mask)
     tl.store(out + cols[:, None] * N + rows[None, :], tl.trans(kern),
              mask=(cols[:, None] < N) & (rows[None, :] < N) & (ti != tj))
 
 
-_RANGE_CONFIGS = [
-    triton.Config({"BLOCK_N": 64}, num_warps=4),
-    triton.Config({"BLOCK_N": 128}, num_warps=4),
-    triton.Config({"BLOCK_N": 128}, num_warps=8),
-    triton.Config({"BLOCK_N": 256}, num_warps=8),
-]
+_RANGE_CONFIGS = configs("BLOCK_N", [(64, 4), (128, 4), (128, 8), (256, 8)])
 # elementwise over [N, N]: 64x64 tiles give 4096 programs per image at N = 4096 (132 SMs)
-_TILE_CONFIGS = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8),
-]
+_TILE_CONFIGS = configs("BLOCK_M BLOCK_N", [(32, 32, 4), (64, 64, 4), (64, 64, 8), (32, 128, 8)])
 # symmetric tiles are square (tile ti of the rows is tile ti of the columns); both passes of
 # gibbs_kernel_only tune over these. No 128 x 128 tile: for sm_90 ptxas spills registers there at 8 and
 # at 16 warps (the range pass's running min / max and the tile pair are all live at once).
-SYM_CONFIGS = [
-    triton.Config({"BLOCK": 32}, num_warps=4),
-    triton.Config({"BLOCK": 64}, num_warps=4),
-    triton.Config({"BLOCK": 64}, num_warps=8),
-]
+SYM_CONFIGS = configs("BLOCK", [(32, 4), (64, 4), (64, 8)])
 #: the one configuration of both symmetric passes under the interpreter (which cannot time)
 _SYM_INTERPRET_BLOCK = 16
 _range_tuned = autotune(configs=_RANGE_CONFIGS, key=["N"])(_cost_range_kernel)

@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from ._runtime import autotune, device_guard, interpreting
+from ._runtime import autotune, configs, device_guard, interpreting
 
 
 @triton.jit
@@ -83,7 +83,7 @@ def _peak(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, h, w, R, pmask, inv_s, inv_r,
 
 
 @triton.jit
-def _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask,
+def _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, h, w, R, pmask, t,
                   mqy, mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s, inv_r):
     """Tap t's exponent relative to the peak, r = e(q) - e(m) (-inf off the grid), from differences of
     squares written as products (common/jbu_math.h, jbu_relative_exponent); valid, clamped cell."""
@@ -94,6 +94,59 @@ def _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask,
           + ((mh2 - hi2) + (ml2 - lo2)) * (a2 + ma2))
     r = tl.where(valid, -ds * inv_s - dr * inv_r, float("-inf"))
     return r, valid, qyc, qxc
+
+
+@triton.jit
+def _pixels(g_ptr, gd_ptr, py_ptr, px_ptr, cy_ptr, cx_ptr, h, w, H, W, R, sgb, sgc, sgh, sgw, inv_s, inv_r,
+            BLOCK_P: tl.constexpr):
+    """A program's BLOCK_P output pixels p and what every tap needs: (image, p, mask, G[p] (g0-g2), Gd's base,
+    p' and the tap centres, the peak tap (:func:`_peak`), rmax = max_q r(q)). Pixel blocks are on grid axis 0,
+    the image on axis 1: axes 1 and 2 stop at 65535 blocks (2048 x 2048 px is 65536 of 64)."""
+    pid_b = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < H * W
+    y = p // W
+    x = p % W
+    pyv = tl.load(py_ptr + y, mask=pmask, other=0.0)
+    pxv = tl.load(px_ptr + x, mask=pmask, other=0.0)
+    cyv = tl.load(cy_ptr + y, mask=pmask, other=0)
+    cxv = tl.load(cx_ptr + x, mask=pmask, other=0)
+    g_base = g_ptr + pid_b * sgb + y * sgh + x * sgw
+    g0 = tl.load(g_base, mask=pmask, other=0.0).to(tl.float32)
+    g1 = tl.load(g_base + sgc, mask=pmask, other=0.0).to(tl.float32)
+    g2 = tl.load(g_base + 2 * sgc, mask=pmask, other=0.0).to(tl.float32)
+    gd_base = gd_ptr + pid_b * 6 * h * w
+    mqy, mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2 = _peak(
+        g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, h, w, R, pmask, inv_s, inv_r, BLOCK_P)
+    rmax = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    for t in range(0, (2 * R + 1) * (2 * R + 1)):
+        r, valid, qyc, qxc = _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, h, w, R, pmask, t, mqy, mqx, mdy,
+                                           mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s, inv_r)
+        rmax = tl.maximum(rmax, r)
+    return (pid_b, p, pmask, g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, mqy, mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1,
+            ml2, ma0, ma1, ma2, rmax)
+
+
+@triton.jit
+def _class_taps(s_base, ssh, ssw, cmask, rmax, g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, h, w, R, pmask, mqy, mqx, mdy,
+                mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s, inv_r,
+                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(num [BLOCK_P, BLOCK_C], den [BLOCK_P]) = (sum_q wt(q) S[c, q], sum_q wt(q)) over the taps,
+    wt = exp(r(q) - rmax); a -inf score at an on-grid tap makes num -inf; den = 1 past the image (no taps:
+    0 / 0 kept out of the math). s_base: S[b, classes] as a [1, BLOCK_C] pointer row."""
+    num = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    den = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for t in range(0, (2 * R + 1) * (2 * R + 1)):
+        r, valid, qyc, qxc = _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, h, w, R, pmask, t, mqy, mqx, mdy,
+                                           mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s, inv_r)
+        wgt = tl.exp(tl.where(valid, r - rmax, float("-inf")))
+        m2 = valid[:, None] & cmask[None, :]
+        sq = tl.load(s_base + (qyc * ssh + qxc * ssw)[:, None], mask=m2, other=0.0).to(tl.float32)
+        dead = sq == float("-inf")
+        term = tl.where(dead, float("-inf"), wgt[:, None] * tl.where(dead, 0.0, sq))
+        num += tl.where(m2, term, 0.0)
+        den += wgt
+    return num, tl.where(pmask, den, 1.0)
 
 
 @triton.jit
@@ -115,50 +168,17 @@ def _jbu_upsample_kernel(
     formed as exp(r - max r) with r = e(q) - e(m) relative to the peak tap m (see _tap_relative);
     a -inf score at an on-grid tap makes out[c, p] = -inf (method.md section 4).
     """
-    # pixel blocks on grid axis 0: axes 1 and 2 stop at 65535 blocks (2048 x 2048 px is 65536 of 64)
-    pid_b = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < H * W
-    y = p // W
-    x = p % W
+    (pid_b, p, pmask, g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, mqy, mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0,
+     ma1, ma2, rmax) = _pixels(
+        g_ptr, gd_ptr, py_ptr, px_ptr, cy_ptr, cx_ptr, h, w, H, W, R, sgb, sgc, sgh, sgw, inv_s, inv_r, BLOCK_P)
     cls = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cls < C
-    pyv = tl.load(py_ptr + y, mask=pmask, other=0.0)
-    pxv = tl.load(px_ptr + x, mask=pmask, other=0.0)
-    cyv = tl.load(cy_ptr + y, mask=pmask, other=0)
-    cxv = tl.load(cx_ptr + x, mask=pmask, other=0)
-    g_base = g_ptr + pid_b * sgb + y * sgh + x * sgw
-    g0 = tl.load(g_base, mask=pmask, other=0.0).to(tl.float32)
-    g1 = tl.load(g_base + sgc, mask=pmask, other=0.0).to(tl.float32)
-    g2 = tl.load(g_base + 2 * sgc, mask=pmask, other=0.0).to(tl.float32)
-    gd_base = gd_ptr + pid_b * 6 * h * w
-    taps = (2 * R + 1) * (2 * R + 1)
-
-    mqy, mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2 = _peak(
-        g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, h, w, R, pmask, inv_s, inv_r, BLOCK_P)
-    rmax = tl.full((BLOCK_P,), float("-inf"), tl.float32)
-    for t in range(0, taps):
-        r, valid, qyc, qxc = _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask, mqy, mqx,
-                                           mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s, inv_r)
-        rmax = tl.maximum(rmax, r)
-
-    s_base = s_ptr + pid_b * ssb + cls[None, :] * ssc
-    num = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    den = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for t in range(0, taps):
-        r, valid, qyc, qxc = _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask, mqy, mqx,
-                                           mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s, inv_r)
-        wgt = tl.exp(tl.where(valid, r - rmax, float("-inf")))
-        m2 = valid[:, None] & cmask[None, :]
-        sq = tl.load(s_base + (qyc * ssh + qxc * ssw)[:, None], mask=m2, other=0.0).to(tl.float32)
-        dead = sq == float("-inf")
-        term = tl.where(dead, float("-inf"), wgt[:, None] * tl.where(dead, 0.0, sq))
-        num += tl.where(m2, term, 0.0)
-        den += wgt
-    den = tl.where(pmask, den, 1.0)  # pixels past the image: no taps; keep 0 / 0 out of the math
-    out = num / den[:, None]
+    num, den = _class_taps(s_ptr + pid_b * ssb + cls[None, :] * ssc, ssh, ssw, cmask, rmax, g0, g1, g2, gd_base, pyv,
+                           pxv, cyv, cxv, h, w, R, pmask, mqy, mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1,
+                           ma2, inv_s,
+                           inv_r, BLOCK_P, BLOCK_C)
     o_ptrs = out_ptr + (pid_b * C + cls[None, :]) * H * W + p[:, None]
-    tl.store(o_ptrs, out, mask=pmask[:, None] & cmask[None, :])
+    tl.store(o_ptrs, num / den[:, None], mask=pmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -178,54 +198,18 @@ def _jbu_argmax_kernel(
     """label[p] = argmax_c out[c, p] of the joint bilateral upsampling (see _jbu_upsample_kernel),
     ties to the lowest class; the running best over class tiles replaces [B, C, H, W] (method.md section 4).
     """
-    # pixel blocks on grid axis 0: axes 1 and 2 stop at 65535 blocks (2048 x 2048 px is 65536 of 64)
-    pid_b = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < H * W
-    y = p // W
-    x = p % W
-    pyv = tl.load(py_ptr + y, mask=pmask, other=0.0)
-    pxv = tl.load(px_ptr + x, mask=pmask, other=0.0)
-    cyv = tl.load(cy_ptr + y, mask=pmask, other=0)
-    cxv = tl.load(cx_ptr + x, mask=pmask, other=0)
-    g_base = g_ptr + pid_b * sgb + y * sgh + x * sgw
-    g0 = tl.load(g_base, mask=pmask, other=0.0).to(tl.float32)
-    g1 = tl.load(g_base + sgc, mask=pmask, other=0.0).to(tl.float32)
-    g2 = tl.load(g_base + 2 * sgc, mask=pmask, other=0.0).to(tl.float32)
-    gd_base = gd_ptr + pid_b * 6 * h * w
-    taps = (2 * R + 1) * (2 * R + 1)
-
-    mqy, mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2 = _peak(
-        g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, h, w, R, pmask, inv_s, inv_r, BLOCK_P)
-    rmax = tl.full((BLOCK_P,), float("-inf"), tl.float32)
-    for t in range(0, taps):
-        r, valid, qyc, qxc = _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask, mqy, mqx,
-                                           mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s, inv_r)
-        rmax = tl.maximum(rmax, r)
-    den = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for t in range(0, taps):
-        r, valid, qyc, qxc = _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask, mqy, mqx,
-                                           mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s, inv_r)
-        den += tl.exp(tl.where(valid, r - rmax, float("-inf")))
-    den = tl.where(pmask, den, 1.0)  # pixels past the image: no taps; keep 0 / 0 out of the argmax
-
+    (pid_b, p, pmask, g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, mqy, mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0,
+     ma1, ma2, rmax) = _pixels(
+        g_ptr, gd_ptr, py_ptr, px_ptr, cy_ptr, cx_ptr, h, w, H, W, R, sgb, sgc, sgh, sgw, inv_s, inv_r, BLOCK_P)
     best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
     label = tl.zeros((BLOCK_P,), dtype=tl.int64)
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
         cmask = cls < C
-        s_base = s_ptr + pid_b * ssb + cls[None, :] * ssc
-        num = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for t in range(0, taps):
-            r, valid, qyc, qxc = _tap_relative(g0, g1, g2, gd_base, pyv, pxv, cyv, cxv, t, h, w, R, pmask, mqy,
-                                               mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2, ma0, ma1, ma2, inv_s,
-                                               inv_r)
-            wgt = tl.exp(tl.where(valid, r - rmax, float("-inf")))
-            m2 = valid[:, None] & cmask[None, :]
-            sq = tl.load(s_base + (qyc * ssh + qxc * ssw)[:, None], mask=m2, other=0.0).to(tl.float32)
-            dead = sq == float("-inf")
-            term = tl.where(dead, float("-inf"), wgt[:, None] * tl.where(dead, 0.0, sq))
-            num += tl.where(m2, term, 0.0)
+        num, den = _class_taps(s_ptr + pid_b * ssb + cls[None, :] * ssc, ssh, ssw, cmask, rmax, g0, g1, g2, gd_base,
+                               pyv, pxv, cyv, cxv, h, w, R, pmask, mqy, mqx, mdy, mdx, mh0, mh1, mh2, ml0, ml1, ml2,
+                               ma0, ma1, ma2,
+                               inv_s, inv_r, BLOCK_P, BLOCK_C)
         val = tl.where(cmask[None, :], num / den[:, None], float("-inf"))
         tile_best = tl.max(val, axis=1)
         tile_arg = tl.argmax(val, axis=1, tie_break_left=True)
@@ -235,18 +219,8 @@ def _jbu_argmax_kernel(
     tl.store(label_ptr + pid_b * H * W + p, label, mask=pmask)
 
 
-_UP_CONFIGS = [
-    triton.Config({"BLOCK_P": 64, "BLOCK_C": 16}, num_warps=4),
-    triton.Config({"BLOCK_P": 128, "BLOCK_C": 16}, num_warps=4),
-    triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=8),
-    triton.Config({"BLOCK_P": 256, "BLOCK_C": 8}, num_warps=4),
-]
-_ARGMAX_CONFIGS = [
-    triton.Config({"BLOCK_P": 64, "BLOCK_C": 16}, num_warps=4),
-    triton.Config({"BLOCK_P": 128, "BLOCK_C": 16}, num_warps=4),
-    triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=8),
-    triton.Config({"BLOCK_P": 256, "BLOCK_C": 16}, num_warps=8),
-]
+_UP_CONFIGS = configs("BLOCK_P BLOCK_C", [(64, 16, 4), (128, 16, 4), (128, 32, 8), (256, 8, 4)])
+_ARGMAX_CONFIGS = configs("BLOCK_P BLOCK_C", [(64, 16, 4), (128, 16, 4), (128, 32, 8), (256, 16, 8)])
 _up_tuned = autotune(configs=_UP_CONFIGS, key=["C", "h", "w", "H", "W", "R"])(_jbu_upsample_kernel)
 _argmax_tuned = autotune(configs=_ARGMAX_CONFIGS, key=["C", "h", "w", "H", "W", "R"])(_jbu_argmax_kernel)
 _INTERPRET = {"BLOCK_P": 128, "BLOCK_C": 4}

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._runtime import autotune, device_guard, interpreting
+from ._runtime import autotune, configs, device_guard, interpreting
 
 
 @triton.jit
@@ -59,12 +59,7 @@ def _kl_scores_kernel(
     tl.store(out_ptr + pid_b * N * C + rows[:, None] * C + cls[None, :], s, mask=mask)
 
 
-_CONFIGS = [
-    triton.Config({"BLOCK_N": 32, "BLOCK_C": 32}, num_warps=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_C": 32}, num_warps=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_C": 64}, num_warps=8),
-    triton.Config({"BLOCK_N": 128, "BLOCK_C": 32}, num_warps=8),
-]
+_CONFIGS = configs("BLOCK_N BLOCK_C", [(32, 32, 4), (64, 32, 4), (64, 64, 8), (128, 32, 8)])
 _sums_tuned = autotune(configs=_CONFIGS, key=["N", "C"], reset_to_zero=["colsum_ptr"])(_column_sums_kernel)
 _kl_tuned = autotune(configs=_CONFIGS, key=["N", "C"])(_kl_scores_kernel)
 _INTERPRET = {"BLOCK_N": 16, "BLOCK_C": 16}

@@ -10,6 +10,8 @@
 
 #include <stdint.h>
 
+#include <cmath>
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define OVSS_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -26,6 +28,51 @@
 namespace ovss_fast {
 
 constexpr int kLanes = 16;
+
+// One 32-byte vector of T (GCC/Clang vector extensions): the register blocks of the
+// small matrix products (cpu/jbu_cpu.h). Each clone maps it to its widest registers
+// (two SSE halves in the baseline build); loads and stores go through memcpy (unaligned).
+template <typename T>
+struct Vec32;
+template <>
+struct Vec32<float> {
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int kLen = 8;
+};
+template <>
+struct Vec32<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int kLen = 4;
+};
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+// common/hostdevice.h's math_exp(float) on 8 lanes, operation for operation (so the same bits)
+OVSS_INLINE Vec32<float>::type math_exp_x8(Vec32<float>::type x) {
+  typedef Vec32<float>::type F;
+  const F zero = F{}, hi = zero + 88.72283935546875f, lo = zero - 87.33654022216797f;
+  F xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  const F nf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const i32x8 n = __builtin_convertvector(nf, i32x8);
+  F r = xc - nf * 0.693359375f;
+  r = r - nf * -2.12194440e-4f;
+  const F z = r * r;
+  F y = zero + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const i32x8 n1 = n >> 1, n2 = n - n1;
+  y = y * (F)((n1 + 127) << 23);  // GCC vector cast: the same bits
+  y = y * (F)((n2 + 127) << 23);
+  const F inf = zero + static_cast<float>(INFINITY);
+  y = x > hi ? inf : y;
+  y = x < lo ? zero : y;
+  return x != x ? x : y;
+}
 
 template <typename T>
 OVSS_INLINE T lane_sum_of_squares(const T* x, int64_t n) {

@@ -47,12 +47,17 @@ struct Vec32<double> {
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
-// common/hostdevice.h's math_exp(float) on 8 lanes, operation for operation (so the same bits)
-OVSS_INLINE Vec32<float>::type math_exp_x8(Vec32<float>::type x) {
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // always inlined: no call passes a vector
+#endif
+// common/hostdevice.h's math_exp(float) on 8 lanes for x <= 0 (not NaN), operation for operation
+// where it matters: the same bits. (Its overflow clamp and NaN select do nothing there, and one
+// factor 2^n equals its two, n >= -126: both products round y 2^n once.)
+OVSS_INLINE Vec32<float>::type math_exp_nonpositive_x8(Vec32<float>::type x) {
   typedef Vec32<float>::type F;
-  const F zero = F{}, hi = zero + 88.72283935546875f, lo = zero - 87.33654022216797f;
-  F xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;
+  const F zero = F{}, lo = zero - 87.33654022216797f;
+  const F xc = x < lo ? lo : x;
   const F nf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const i32x8 n = __builtin_convertvector(nf, i32x8);
   F r = xc - nf * 0.693359375f;
@@ -65,14 +70,12 @@ OVSS_INLINE Vec32<float>::type math_exp_x8(Vec32<float>::type x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
-  const i32x8 n1 = n >> 1, n2 = n - n1;
-  y = y * (F)((n1 + 127) << 23);  // GCC vector cast: the same bits
-  y = y * (F)((n2 + 127) << 23);
-  const F inf = zero + static_cast<float>(INFINITY);
-  y = x > hi ? inf : y;
-  y = x < lo ? zero : y;
-  return x != x ? x : y;
+  y = y * (F)((n + 127) << 23);  // GCC vector cast: the same bits
+  return x < lo ? zero : y;
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 template <typename T>
 OVSS_INLINE T lane_sum_of_squares(const T* x, int64_t n) {

@@ -35,6 +35,12 @@
 #include "common/jbu_prepare.h"
 #include "cpu/cpu_simd.h"
 
+// vector values live only inside always-inlined code; GCC reports the clones' -Wpsabi at the end
+// of the including file, so the warning stays off for the two files that include this header
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace ovss_fast {
 
 // pixels per segment (a multiple of the vector length and of the 4-pixel register block)
@@ -114,15 +120,15 @@ template <typename T>
 struct JbuWork {
   std::vector<double> e;      // [taps][kJbuChunk] exponents (float path)
   std::vector<T> wt;          // [taps][kJbuChunk] weights
-  std::vector<T> num;         // [kJbuChunk][Cp] numerators
+  std::vector<T> num;         // [W + kJbuChunk][Cp] numerators (jbu_upsample: the whole row)
   std::vector<int64_t> off;   // [taps] the segment's on-grid cells
   std::vector<T> pw;          // [taps] one pixel's weights (per-pixel path)
   std::vector<int64_t> poff;  // [taps] one pixel's cells (per-pixel path)
   T den[kJbuChunk];
-  JbuWork(int taps, int64_t Cp)
+  JbuWork(int taps, int64_t Cp, int64_t W)
       : e(static_cast<size_t>(taps) * kJbuChunk),
         wt(static_cast<size_t>(taps) * kJbuChunk),
-        num(static_cast<size_t>(kJbuChunk) * Cp),
+        num(static_cast<size_t>(W + kJbuChunk) * Cp),
         off(taps),
         pw(taps),
         poff(taps) {}
@@ -264,23 +270,24 @@ OVSS_INLINE bool jbu_segment_weights(const JbuShape<float>& s, const float* g, c
       memcpy(emax + l, &m, sizeof(D));
     }
   }
-  alignas(32) float r[8];
+  // r = float(e - max e) into wt, then the weights in place (two passes: no store-to-load stall)
+  for (int t = 0; t < taps; ++t) {
+    const double* et = e + t * K;
+    float* rt = wt + t * K;
+    for (int l = 0; l < n8; l += 4) {
+      D v, m;
+      memcpy(&v, et + l, sizeof(D));
+      memcpy(&m, emax + l, sizeof(D));
+      const f32x4 r = __builtin_convertvector(v - m, f32x4);
+      memcpy(rt + l, &r, sizeof(r));
+    }
+  }
   for (int l = 0; l < n8; l += 8) {
     F d = F{};
-    D m0, m1;
-    memcpy(&m0, emax + l, sizeof(D));
-    memcpy(&m1, emax + l + 4, sizeof(D));
     for (int t = 0; t < taps; ++t) {
-      const double* et = e + t * K + l;
-      D e0, e1;
-      memcpy(&e0, et, sizeof(D));
-      memcpy(&e1, et + 4, sizeof(D));
-      const f32x4 r0 = __builtin_convertvector(e0 - m0, f32x4), r1 = __builtin_convertvector(e1 - m1, f32x4);
-      memcpy(r, &r0, sizeof(r0));
-      memcpy(r + 4, &r1, sizeof(r1));
       F x;
-      memcpy(&x, r, sizeof(F));
-      const F w = math_exp_x8(x);
+      memcpy(&x, wt + t * K + l, sizeof(F));
+      const F w = math_exp_nonpositive_x8(x);  // r <= 0: e <= max e
       memcpy(wt + t * K + l, &w, sizeof(F));
       d = d + w;
     }
@@ -356,8 +363,9 @@ OVSS_INLINE void jbu_row(const JbuCpuData<T>& d, const std::vector<JbuSegment>& 
   const T* gd = d.gd + b * 6 * hw;
   const T* st = d.st + b * hw * Cp;
   const int64_t cy = jbu_nearest(jbu_lowres_position(y, s.ratio_y));
-  T* num = wk.num.data();
   for (const JbuSegment& seg : segs) {
+    // argmax: one segment's numerators at a time; upsample: the row's, written once per class below
+    T* num = wk.num.data() + (kArgmax ? 0 : seg.x0 * Cp);
     bool bad;
     const int taps = jbu_segment_cells(s, cy, seg.cx, d.bad + b * hw, wk.off.data(), &bad);
     bool fast = !bad;
@@ -409,9 +417,15 @@ OVSS_INLINE void jbu_row(const JbuCpuData<T>& d, const std::vector<JbuSegment>& 
           memcpy(v + c, &x, sizeof(V));
         }
       }
+    }
+  }
+  if constexpr (!kArgmax) {  // the row channel-first, in tiles of 32 pixels (whole cache lines per class)
+    const T* num = wk.num.data();
+    for (int64_t x0 = 0; x0 < s.W; x0 += 32) {
+      const int64_t x1 = x0 + 32 < s.W ? x0 + 32 : s.W;
       for (int64_t c = 0; c < C; ++c) {
-        T* o = out + ((b * C + c) * s.H + y) * s.W + seg.x0;
-        for (int l = 0; l < seg.n; ++l) o[l] = num[l * Cp + c];
+        T* o = out + ((b * C + c) * s.H + y) * s.W;
+        for (int64_t x = x0; x < x1; ++x) o[x] = num[x * Cp + c];
       }
     }
   }
@@ -425,7 +439,7 @@ inline void jbu_cpu_rows(const JbuCpuData<T>& d, RowFn row_fn) {
   const int taps = (2 * d.s.radius + 1) * (2 * d.s.radius + 1);
   const int64_t H = d.s.H;
   at::parallel_for(0, d.s.B * H, 1, [&](int64_t r0, int64_t r1) {
-    JbuWork<T> wk(taps, d.Cp);
+    JbuWork<T> wk(taps, d.Cp, d.s.W);
     for (int64_t r = r0; r < r1; ++r) row_fn(d, segs, r / H, r % H, wk);
   });
 }

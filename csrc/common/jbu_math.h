@@ -20,9 +20,11 @@
 // A -inf score at any on-grid tap makes out[c, p] = -inf (even where the weight underflowed).
 // Labels: argmax over c, ties to the lowest class, NaN counted largest (torch.argmax's rule).
 //
-// The arithmetic follows ovss_fast/reference.py operation by operation (the same
-// order of additions over taps and colour channels), so float32 kernels round
-// like the float32 reference. No torch headers.
+// The float64 kernels follow ovss_fast/reference.py operation by operation (the same
+// order of additions over taps and colour channels). The float32 kernels take p' and
+// the exponents in double (jbu_lowres_position, jbu_wide_exponent): closer to the
+// float64 reference than the float32 reference is (which picks other cells where
+// float32 rounds p' = k + 0.5 down). No torch headers.
 #pragma once
 
 #include <stdint.h>

@@ -255,7 +255,7 @@ def main_before_after(old_so: str, reps: int, with_kornia: bool, check: bool) ->
         new.close()
         old.close()
     append_rows(rows)
-    body = (f"{now()}; {device_name('cpu')} ({new.info['threads']} threads); {versions()}, ovss_fast "
+    body = (f"{now()}; {device_name('cpu')}; {versions()}, ovss_fast "
             f"{eb.commit()}; load average (1, 5, 15 min) at the start {load_start}, at the end "
             f"{eb.load_average()}.\n\n"
             "float32, B = 1, radius 2 (25 taps), sigma_s 1, sigma_r 0.1; scores smooth random, guide a smooth "

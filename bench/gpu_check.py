@@ -175,12 +175,20 @@ def build_cases(device: str, quick: bool) -> list[Case]:
         jbu += [(1, 21, 32, 32, 512, 512, True), (2, 171, 24, 24, 300, 301, False)]
         if not quick:
             jbu.append((1, 171, 64, 64, 1024, 1024, True))
+        # issue 21: the protocol image sizes (bench/bench_jbu_argmax.py PROTOCOL)
+        jbu += [(1, 21, 21, 28, 375, 500, False), (1, 19, 35, 70, 1024, 2048, False)]
     for B, C, h, w, H, W, dead in jbu:
         g = _gen("jbu", B, C, h, w, H, W)
         s, guide = _scores_guide(B, C, h, w, H, W, g, dead)
         for op in ("jbu_upsample", "jbu_argmax"):
             cases.append(Case(op, f"B={B} C={C} {h}x{w}->{H}x{W}{' dead' if dead else ''}", (s, guide),
                               {"sigma_spatial": 1.0, "sigma_range": 0.1, "radius": 2}))
+    # issue 21: float32 weights from exponents in double (jbu_wide_exponent): sigma_r = 1e-3 makes them ~1e6
+    g = _gen("jbu-sigma-r", 1, 6, 9, 11, 70, 83)
+    s, guide = _scores_guide(1, 6, 9, 11, 70, 83, g, False)
+    for op in ("jbu_upsample", "jbu_argmax"):
+        cases.append(Case(op, "B=1 C=6 9x11->70x83 sigma_r=1e-3", (s, guide),
+                          {"sigma_spatial": 1.0, "sigma_range": 1e-3, "radius": 2}))
     return cases
 
 
@@ -554,6 +562,16 @@ def run_timing(quick: bool) -> list[list[str]]:
         rows.append(_timed_row("jbu_argmax", shape, label, fn, rep, first_call=False))
         print("  " + " | ".join(rows[-1]), flush=True)
         torch.cuda.empty_cache()
+    # issue 21: the CUDA kernels at the protocol image sizes (bench/bench_jbu_argmax.py PROTOCOL)
+    for B, C, h, w, H, W in ((1, 21, 21, 28, 375, 500), (1, 171, 28, 37, 480, 640), (1, 19, 35, 70, 1024, 2048)):
+        s, guide = _scores_guide(B, C, h, w, H, W, g, False)
+        s, guide = s.float().cuda(), guide.float().cuda()
+        b = get_backend("cuda")
+        for op in ("jbu_argmax", "jbu_upsample"):
+            fn = b.reason if isinstance(b, UnavailableBackend) else (lambda b=b, op=op, s=s, guide=guide:
+                                                                     getattr(b, op)(s, guide))
+            rows.append(_timed_row(op, f"B={B} C={C} {h}x{w}->{H}x{W}", "cuda", fn, rep, first_call=False))
+            print("  " + " | ".join(rows[-1]), flush=True)
     return rows
 
 

@@ -14,13 +14,17 @@
 //     formed by subtracting two large exponents but from differences of squares written as
 //     products, a^2 - b^2 = (a - b)(a + b), whose factors are differences of nearby numbers:
 //     jbu_relative_exponent. The weights are exp(r - max r), r the relative exponents.
+//     (The float32 kernels reach the same precision by forming e(q) in double instead:
+//     jbu_wide_exponent below; float64 kernels keep the relative exponents.)
 //   out[c, p] = sum_q w(q) S[c, q] / sum_q w(q)
 // A -inf score at any on-grid tap makes out[c, p] = -inf (even where the weight underflowed).
 // Labels: argmax over c, ties to the lowest class, NaN counted largest (torch.argmax's rule).
 //
-// The arithmetic follows ovss_fast/reference.py operation by operation (the same
-// order of additions over taps and colour channels), so float32 kernels round
-// like the float32 reference. No torch headers.
+// The float64 kernels follow ovss_fast/reference.py operation by operation (the same
+// order of additions over taps and colour channels). The float32 kernels take p' and
+// the exponents in double (jbu_lowres_position, jbu_wide_exponent): closer to the
+// float64 reference than the float32 reference is (which picks other cells where
+// float32 rounds p' = k + 0.5 down). No torch headers.
 #pragma once
 
 #include <stdint.h>
@@ -29,16 +33,16 @@
 
 namespace ovss_fast {
 
-// p' along one axis; ratio = low / high (h / H), rounded to T once by the caller
-template <typename T>
-HOSTDEVICE T jbu_lowres_position(int64_t out_index, T ratio) {
-  return (static_cast<T>(out_index) + T(0.5)) * ratio - T(0.5);
+// p' along one axis, in double for every compute dtype: ratio = low / high (h / H) in double,
+// the float64 reference's arithmetic, so every backend picks the float64 reference's cells
+// (in float32, p' = 2.5 exactly can round to 2.4999998 and move a pixel's whole tap window)
+HOSTDEVICE double jbu_lowres_position(int64_t out_index, double ratio) {
+  return (static_cast<double>(out_index) + 0.5) * ratio - 0.5;
 }
 
 // the nearest grid cell, round half up: floor(p' + 0.5)
-template <typename T>
-HOSTDEVICE int64_t jbu_nearest(T pos) {
-  return static_cast<int64_t>(math_floor(pos + T(0.5)));
+HOSTDEVICE int64_t jbu_nearest(double pos) {
+  return static_cast<int64_t>(math_floor(pos + 0.5));
 }
 
 // |q - p'|^2 in low-res pixels
@@ -72,15 +76,15 @@ struct JbuTap {
   T a0, a1, a2;
 };
 
-// gd: [6, h, w] of the pixel's image (hi then lo), k = qy * w + qx, hw = h * w
+// gd: [6, h, w] of the pixel's image (hi then lo), k = qy * w + qx, hw = h * w; py, px: p' in double
 template <typename T>
-HOSTDEVICE JbuTap<T> jbu_tap(int64_t qy, T py, int64_t qx, T px, T g0, T g1, T g2, const T* gd, int64_t k,
+HOSTDEVICE JbuTap<T> jbu_tap(int64_t qy, double py, int64_t qx, double px, T g0, T g1, T g2, const T* gd, int64_t k,
                              int64_t hw) {
   JbuTap<T> t;
   t.qy = qy;
   t.qx = qx;
-  t.dy = static_cast<T>(qy) - py;
-  t.dx = static_cast<T>(qx) - px;
+  t.dy = static_cast<T>(static_cast<double>(qy) - py);
+  t.dx = static_cast<T>(static_cast<double>(qx) - px);
   t.hi0 = gd[k];
   t.hi1 = gd[hw + k];
   t.hi2 = gd[2 * hw + k];
@@ -111,6 +115,22 @@ HOSTDEVICE T jbu_relative_exponent(const JbuTap<T>& q, const JbuTap<T>& m, T inv
   return -ds * inv_s - dr * inv_r;
 }
 
+// Float kernels (CPU and CUDA) take a shorter road to the same precision: the exponent in
+// double, e(q) = -|q - p'|^2 inv_s - |a|^2 inv_r with a = G[p] - (hi + lo) formed in double,
+// then w = exp(float(e(q) - max e)). At e ~ 1e6 (sigma_r = 1e-3) double keeps e - max e to
+// ~1e-10, more than float32 needs; one pass finds max e, one forms the weights (no peak tap).
+// dy = qy - p'y, dx = qx - p'x in low-res pixels; inv_s, inv_r in double (the float kernel's
+// JbuShape values, so the float32 reference's rounding of 1 / (2 sigma^2) is kept).
+HOSTDEVICE double jbu_wide_exponent(double dy, double dx, double a0, double a1, double a2, double inv_s,
+                                    double inv_r) {
+  return jbu_exponent(dy * dy + dx * dx, a0 * a0 + a1 * a1 + a2 * a2, inv_s, inv_r);
+}
+
+// Gd[q] channel k (0-2) in double from its hi + lo floats; gd: [6, h, w] of the image
+HOSTDEVICE double jbu_guide_wide(const float* gd, int k, int64_t q, int64_t hw) {
+  return static_cast<double>(gd[k * hw + q]) + static_cast<double>(gd[(k + 3) * hw + q]);
+}
+
 template <typename T>
 HOSTDEVICE T jbu_weight(T exponent, T max_exponent) {
   return math_exp(exponent - max_exponent);
@@ -134,7 +154,7 @@ template <typename T>
 struct JbuShape {
   int64_t B, C, h, w, H, W;
   int radius;
-  T ratio_y, ratio_x;  // h / H, w / W
+  double ratio_y, ratio_x;  // h / H, w / W (in double: jbu_lowres_position)
   T inv_s, inv_r;      // 1 / (2 sigma_s^2), 1 / (2 sigma_r^2)
 };
 

@@ -75,9 +75,9 @@ JbuShape<T> jbu_shape(const JbuInputs& in, double sigma_spatial, double sigma_ra
   s.H = in.H;
   s.W = in.W;
   s.radius = static_cast<int>(radius);
-  // as the reference: the ratios and 1 / (2 sigma^2) in double, rounded to T once
-  s.ratio_y = static_cast<T>(static_cast<double>(in.h) / static_cast<double>(in.H));
-  s.ratio_x = static_cast<T>(static_cast<double>(in.w) / static_cast<double>(in.W));
+  // as the float64 reference: the ratios in double; 1 / (2 sigma^2) in double, rounded to T once
+  s.ratio_y = static_cast<double>(in.h) / static_cast<double>(in.H);
+  s.ratio_x = static_cast<double>(in.w) / static_cast<double>(in.W);
   s.inv_s = static_cast<T>(1.0 / (2.0 * sigma_spatial * sigma_spatial));
   s.inv_r = static_cast<T>(1.0 / (2.0 * sigma_range * sigma_range));
   return s;

@@ -10,6 +10,8 @@
 
 #include <stdint.h>
 
+#include <cmath>
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define OVSS_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -26,6 +28,54 @@
 namespace ovss_fast {
 
 constexpr int kLanes = 16;
+
+// One 32-byte vector of T (GCC/Clang vector extensions): the register blocks of the
+// small matrix products (cpu/jbu_cpu.h). Each clone maps it to its widest registers
+// (two SSE halves in the baseline build); loads and stores go through memcpy (unaligned).
+template <typename T>
+struct Vec32;
+template <>
+struct Vec32<float> {
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int kLen = 8;
+};
+template <>
+struct Vec32<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int kLen = 4;
+};
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // always inlined: no call passes a vector
+#endif
+// common/hostdevice.h's math_exp(float) on 8 lanes for x <= 0 (not NaN), operation for operation
+// where it matters: the same bits. (Its overflow clamp and NaN select do nothing there, and one
+// factor 2^n equals its two, n >= -126: both products round y 2^n once.)
+OVSS_INLINE Vec32<float>::type math_exp_nonpositive_x8(Vec32<float>::type x) {
+  typedef Vec32<float>::type F;
+  const F zero = F{}, lo = zero - 87.33654022216797f;
+  const F xc = x < lo ? lo : x;
+  const F nf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const i32x8 n = __builtin_convertvector(nf, i32x8);
+  F r = xc - nf * 0.693359375f;
+  r = r - nf * -2.12194440e-4f;
+  const F z = r * r;
+  F y = zero + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  y = y * (F)((n + 127) << 23);  // GCC vector cast: the same bits
+  return x < lo ? zero : y;
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 template <typename T>
 OVSS_INLINE T lane_sum_of_squares(const T* x, int64_t n) {

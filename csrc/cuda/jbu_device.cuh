@@ -8,6 +8,10 @@
 // weights are computed once into shared memory, [tap][thread], then reused for every
 // class. With too many taps for shared memory (large radius) the kernel recomputes
 // each tap's weight per class instead: the same arithmetic, so the same numbers.
+// Weights as the CPU kernels (cpu/jbu_cpu.h): float exponents in double, one pass for
+// their max and one for the weights (jbu_wide_exponent); double the relative exponents.
+// (The CPU's class-innermost matrix product does not carry over: a thread would hold
+// C numerators; here the class loop reuses the shared weights instead.)
 #pragma once
 
 #include <cuda_runtime.h>
@@ -22,12 +26,16 @@ namespace ovss_fast {
 
 template <typename T>
 struct JbuPixel {
-  T py, px, g0, g1, g2;
+  double py, px;  // p' (jbu_lowres_position)
+  T g0, g1, g2;
   int64_t cy, cx;
   const T* gd;  // [6, h, w] of the pixel's image (hi, lo)
   int64_t h, w;
+  int radius;
   T inv_s, inv_r;
-  JbuTap<T> peak;  // the tap of the largest exponent (set by the first pass)
+  JbuTap<T> peak;  // double: the tap of the largest exponent (find_max)
+  T rmax;          // double: the largest exponent relative to the peak (find_max)
+  double emax;     // float: the largest exponent, in double (find_max)
 
   // tap (dy, dx) and its flat low-res index; false when it is off the grid
   __device__ __forceinline__ bool tap(int dy, int dx, JbuTap<T>* t, int* q) const {
@@ -39,11 +47,72 @@ struct JbuPixel {
     return true;
   }
 
-  // exponent of tap (dy, dx) relative to the peak (common/jbu_math.h, "Precision")
+  // float: the exponent of tap (dy, dx) in double (jbu_wide_exponent, as the CPU kernel)
+  __device__ __forceinline__ bool wide(int dy, int dx, double* e, int* q) const {
+    const int64_t qy = cy + dy, qx = cx + dx;
+    if (qy < 0 || qy >= h || qx < 0 || qx >= w) return false;
+    const int64_t k = qy * w + qx, hw = h * w;
+    *e = jbu_wide_exponent(static_cast<double>(qy) - py, static_cast<double>(qx) - px,
+                           static_cast<double>(g0) - jbu_guide_wide(gd, 0, k, hw),
+                           static_cast<double>(g1) - jbu_guide_wide(gd, 1, k, hw),
+                           static_cast<double>(g2) - jbu_guide_wide(gd, 2, k, hw), static_cast<double>(inv_s),
+                           static_cast<double>(inv_r));
+    *q = static_cast<int>(k);
+    return true;
+  }
+
+  // double: the exponent of tap (dy, dx) relative to the peak (common/jbu_math.h, "Precision")
   __device__ __forceinline__ bool relative(int dy, int dx, T* r, int* q) const {
     JbuTap<T> t;
     if (!tap(dy, dx, &t, q)) return false;
     *r = jbu_relative_exponent(t, peak, inv_s, inv_r);
+    return true;
+  }
+
+  // the passes before the weights: float one (max e), double two (peak tap, max relative exponent)
+  __device__ __forceinline__ void find_max() {
+    if constexpr (sizeof(T) == 4) {
+      emax = -static_cast<double>(INFINITY);
+      for (int dy = -radius; dy <= radius; ++dy)
+        for (int dx = -radius; dx <= radius; ++dx) {
+          double e;
+          int q;
+          if (wide(dy, dx, &e, &q)) emax = e > emax ? e : emax;
+        }
+    } else {
+      T best = neg_inf<T>();
+      for (int dy = -radius; dy <= radius; ++dy)
+        for (int dx = -radius; dx <= radius; ++dx) {
+          JbuTap<T> t;
+          int q;
+          if (!tap(dy, dx, &t, &q)) continue;
+          const T e = jbu_tap_exponent(t, inv_s, inv_r);
+          if (e > best) {
+            best = e;
+            peak = t;
+          }
+        }
+      rmax = neg_inf<T>();
+      for (int dy = -radius; dy <= radius; ++dy)
+        for (int dx = -radius; dx <= radius; ++dx) {
+          T r;
+          int q;
+          if (relative(dy, dx, &r, &q)) rmax = r > rmax ? r : rmax;
+        }
+    }
+  }
+
+  // the weight of tap (dy, dx) (after find_max); false when it is off the grid
+  __device__ __forceinline__ bool weight(int dy, int dx, T* wt, int* q) const {
+    if constexpr (sizeof(T) == 4) {
+      double e;
+      if (!wide(dy, dx, &e, q)) return false;
+      *wt = math_exp(static_cast<float>(e - emax));
+    } else {
+      T r;
+      if (!relative(dy, dx, &r, q)) return false;
+      *wt = jbu_weight(r, rmax);
+    }
     return true;
   }
 };
@@ -51,13 +120,13 @@ struct JbuPixel {
 template <typename T, bool kSharedWeights, bool kArgmax>
 __global__ void jbu_kernel(const T* __restrict__ scores,  // [B, C, h, w]
                            const T* __restrict__ guide,   // [B, 3, H, W]
-                           const T* __restrict__ gd,      // [B, 3, h, w]
+                           const T* __restrict__ gd,      // [B, 6, h, w]
                            void* __restrict__ out,        // [B, C, H, W] T, or labels [B, H, W] int64
                            int64_t B, int64_t C, int64_t h, int64_t w, int64_t H, int64_t W, int radius,
-                           T ratio_y, T ratio_x, T inv_s, T inv_r) {
+                           double ratio_y, double ratio_x, T inv_s, T inv_r) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int taps = (2 * radius + 1) * (2 * radius + 1);
-  T* wbuf = reinterpret_cast<T*>(smem_raw);                  // [taps][blockDim.x]
+  T* wbuf = reinterpret_cast<T*>(smem_raw);                      // [taps][blockDim.x]
   int* obuf = reinterpret_cast<int*>(wbuf + taps * blockDim.x);  // [taps][blockDim.x]
   const int64_t HW = H * W, hw = h * w, total = B * HW;
   const int tid = threadIdx.x, bd = blockDim.x;
@@ -76,54 +145,28 @@ __global__ void jbu_kernel(const T* __restrict__ scores,  // [B, C, h, w]
     px.gd = gd + b * 6 * hw;
     px.h = h;
     px.w = w;
+    px.radius = radius;
     px.inv_s = inv_s;
     px.inv_r = inv_r;
 
-    // the peak tap, the exponents relative to it and their max, then the weights and their sum
-    T emax = neg_inf<T>();
-    for (int dy = -radius; dy <= radius; ++dy) {
-      for (int dx = -radius; dx <= radius; ++dx) {
-        JbuTap<T> t;
-        int q;
-        if (!px.tap(dy, dx, &t, &q)) continue;
-        const T e = jbu_tap_exponent(t, inv_s, inv_r);
-        if (e > emax) {
-          emax = e;
-          px.peak = t;
-        }
-      }
-    }
-    T rmax = neg_inf<T>();
+    // the tap weights once per pixel (into shared memory when they fit) and their sum
+    px.find_max();
+    T den = 0;
     int n = 0;
-    for (int dy = -radius; dy <= radius; ++dy) {
+    for (int dy = -radius; dy <= radius; ++dy)
       for (int dx = -radius; dx <= radius; ++dx) {
-        T r;
+        T wt;
         int q;
-        if (!px.relative(dy, dx, &r, &q)) continue;
+        if (!px.weight(dy, dx, &wt, &q)) continue;
         if (kSharedWeights) {
-          wbuf[n * bd + tid] = r;
+          wbuf[n * bd + tid] = wt;
           obuf[n * bd + tid] = q;
         }
-        rmax = r > rmax ? r : rmax;
+        den += wt;
         ++n;
       }
-    }
-    T den = 0;
-    if (kSharedWeights) {
-      for (int t = 0; t < n; ++t) {
-        const T wt = jbu_weight(wbuf[t * bd + tid], rmax);
-        wbuf[t * bd + tid] = wt;
-        den += wt;
-      }
-    } else {
-      for (int dy = -radius; dy <= radius; ++dy)
-        for (int dx = -radius; dx <= radius; ++dx) {
-          T r;
-          int q;
-          if (px.relative(dy, dx, &r, &q)) den += jbu_weight(r, rmax);
-        }
-    }
 
+    // then every class over the same weights
     const T* sb = scores + b * C * hw;
     T best = neg_inf<T>();
     int64_t arg = 0;
@@ -135,9 +178,9 @@ __global__ void jbu_kernel(const T* __restrict__ scores,  // [B, C, h, w]
       } else {
         for (int dy = -radius; dy <= radius; ++dy)
           for (int dx = -radius; dx <= radius; ++dx) {
-            T r;
+            T wt;
             int q;
-            if (px.relative(dy, dx, &r, &q)) num = jbu_accumulate(num, jbu_weight(r, rmax), sc[q]);
+            if (px.weight(dy, dx, &wt, &q)) num = jbu_accumulate(num, wt, sc[q]);
           }
       }
       const T v = num / den;
@@ -174,12 +217,12 @@ cudaError_t launch_jbu_typed(const JbuParams& p, cudaStream_t stream) {
   if (threads > 0) {
     const size_t shared = static_cast<size_t>(taps) * (sizeof(T) + sizeof(int)) * threads;
     jbu_kernel<T, true, kArgmax><<<grid_for(total, threads), threads, shared, stream>>>(
-        s, g, gd, p.out, p.B, p.C, p.h, p.w, p.H, p.W, p.radius, static_cast<T>(p.ratio_y),
-        static_cast<T>(p.ratio_x), static_cast<T>(p.inv_s), static_cast<T>(p.inv_r));
+        s, g, gd, p.out, p.B, p.C, p.h, p.w, p.H, p.W, p.radius, p.ratio_y, p.ratio_x,
+        static_cast<T>(p.inv_s), static_cast<T>(p.inv_r));
   } else {
     jbu_kernel<T, false, kArgmax><<<grid_for(total, 128), 128, 0, stream>>>(
-        s, g, gd, p.out, p.B, p.C, p.h, p.w, p.H, p.W, p.radius, static_cast<T>(p.ratio_y),
-        static_cast<T>(p.ratio_x), static_cast<T>(p.inv_s), static_cast<T>(p.inv_r));
+        s, g, gd, p.out, p.B, p.C, p.h, p.w, p.H, p.W, p.radius, p.ratio_y, p.ratio_x,
+        static_cast<T>(p.inv_s), static_cast<T>(p.inv_r));
   }
   return cudaGetLastError();
 }

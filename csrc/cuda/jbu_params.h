@@ -13,7 +13,7 @@ struct JbuParams {
   void* out;           // jbu_upsample: [B, C, H, W] same dtype; jbu_argmax: labels [B, H, W] int64
   int64_t B, C, h, w, H, W;
   int radius;
-  double ratio_y, ratio_x;  // h / H, w / W (rounded to the compute dtype in the kernel, as the reference)
+  double ratio_y, ratio_x;  // h / H, w / W (in double for every dtype, as the float64 reference)
   double inv_s, inv_r;      // 1 / (2 sigma_s^2), 1 / (2 sigma_r^2)
   bool is_double;
 };

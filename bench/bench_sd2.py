@@ -1,6 +1,8 @@
 """Stable Diffusion 2's affinity at its real size: time and peak memory of one ``SD2Affinity`` call.
 
-``python -m bench.bench_sd2 [--device cpu|cuda|all] [--repeats R] [--run-to-end] [--no-write]``
+``python -m bench.bench_sd2 [--device cpu|cuda|all] [--repeats R] [--run-to-end] [--no-write] [--results-dir DIR]``
+
+Needs diffusers and transformers (``pip install -e ".[sd]"``; nothing is downloaded).
 
 The published architecture (ovss_fast.sd2_config: stabilityai/stable-diffusion-2-1-base's UNet,
 VAE and text encoder) built offline with RANDOM weights (``SD2Affinity.from_config``; the time
@@ -102,6 +104,7 @@ def measure(device: str, repeats: int, run_to_end: bool) -> dict:
         "device": device, "dtype": str(sd.dtype).removeprefix("torch."), "build_s": build_s,
         "median_s": times[len(times) // 2], "cpu_s": sorted(cpu)[len(cpu) // 2], "repeats": repeats,
         "peak_mb": peak_mb, "peak_how": how, "rss_before_mb": (rss_before or 0) / 1024,
+        "estimate_mb": sd.memory_per_crop(GRID) / 2**20,
         "params": sum(p.numel() for p in sd.unet.parameters()), "hooked": sd.hooked_blocks,
         "captured": sd.last_captured, "ok": ok, "run_to_end": run_to_end, "device_name": device_name(device),
         "threads": torch.get_num_threads(), "load": " ".join(f"{v:.1f}" for v in os.getloadavg()),
@@ -126,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default 1 on cpu, 5 on cuda)")
     p.add_argument("--run-to-end", action="store_true", help="run the whole UNet (no early stop)")
     p.add_argument("--no-write", action="store_true", help="print only; no results.csv row, no RESULTS.md section")
+    p.add_argument("--results-dir", default=None,
+                   help="write RESULTS.md and results.csv in this folder (e.g. gpu_session.sh's $OUT, holding "
+                        "copies of bench/'s) instead of bench/")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -151,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                      "median_ms": f"{r['median_s'] * 1e3:.0f}", "peak_mem_mb": f"{r['peak_mb']:.0f}", "note": note})
         table.append([r["device_name"], r["dtype"], stop, f"{r['build_s']:.0f}", f"{r['median_s']:.1f}",
                       f"{r['cpu_s']:.0f}", r["repeats"], f"{r['rss_before_mb']:.0f}", f"{r['peak_mb']:.0f}",
-                      r["peak_how"], r["load"], "ok" if r["ok"] else "FAILED"])
-    append_rows(rows)
+                      r["peak_how"], f"{r['estimate_mb']:.0f}", r["load"], "ok" if r["ok"] else "FAILED"])
+    out = Path(args.results_dir) if args.results_dir else None
+    append_rows(rows, out / "results.csv" if out else None)
     body = (
         f"`python -m bench.bench_sd2` ({now()}; {versions()}). `SD2Affinity.from_config(seed=0)`: Stable "
         "Diffusion 2's published architecture (stabilityai/stable-diffusion-2-1-base: UNet 865,910,724 "
@@ -161,12 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         "maps each, on 22x28 and 44x56 tokens). Time: median of the timed calls (after one warm-up on CUDA); "
         "CPU s = user + system seconds of the call (a shared machine inflates the wall clock, not this). "
         "Memory: weights resident before the calls, and the calls' peak (CPU: peak RSS after resetting it past "
-        "the build; CUDA: max_memory_allocated, weights included). Run on CUDA (float16) with "
+        "the build; CUDA: max_memory_allocated, weights included); memory_per_crop = the estimate the "
+        "Segmenter sizes its chunks with (activations only: compare it with peak minus resident). Run on CUDA "
+        "(float16) with "
         "`python -m bench.bench_sd2 --device cuda`.\n\n"
         + markdown_table(["device", "dtype", "UNet", "build s", "call s", "CPU s", "calls", "resident before MiB",
-                          "peak MiB", "peak is", "load avg", "check"], table)
+                          "peak MiB", "peak is", "memory_per_crop MiB", "load avg", "check"], table)
     )
-    write_section(SECTION, body)
+    write_section(SECTION, body, out / "RESULTS.md" if out else None)
     return 0 if all(r["ok"] for r in results) else 1
 
 

@@ -279,12 +279,15 @@ class SD2Affinity:
         #: captured in the last call, tokens being the map's side n (it is [B, n, n])
         self.hooked: list[str] = []
         self.last_captured: list[tuple[str, int]] = []
+        self._capture_sizes: list[tuple[int, int]] = []
         for i in carrying[:blocks]:
             for j, transformer in enumerate(self.unet.up_blocks[i].attentions):
                 for k, tb in enumerate(transformer.transformer_blocks):
                     name = f"up_blocks.{i}.attentions.{j}.transformer_blocks.{k}.attn1"
                     tb.attn1.set_processor(_CaptureSelfAttention(self._store, name))
                     self.hooked.append(name)
+                    # (heads, the latent's tokens per captured token): block i runs at 1 / 2^(last - i) per side
+                    self._capture_sizes.append((int(tb.attn1.heads), 4 ** (len(self.unet.up_blocks) - 1 - i)))
         self.layers = len(self.hooked)
         self._last_block = self.unet.up_blocks[carrying[blocks - 1]]
 
@@ -302,18 +305,22 @@ class SD2Affinity:
     def memory_per_crop(self, grid: tuple[int, int]) -> int:
         """Rough, conservative bytes one crop holds in one call (Segmenter sizes its window chunks with it).
 
-        VAE encoder: 4 x 128 channels at the resized crop's P pixels; UNet at the latent's L
-        tokens: attention scores and probabilities of the first block's heads (2 x heads x L x L)
-        and 30 x L x 320 activations; all in the models' dtype; plus the float32 maps kept.
+        In the models' dtype: the VAE encoder, 4 x 128 channels at the resized crop's P pixels; at
+        the latent's L = P / 64 tokens, 30 x L x 320 UNet activations and one L x L score matrix
+        (the uncaptured attention runs through scaled_dot_product_attention, which holds no L x L
+        on its flash and memory-efficient kernels: one head's worth is a margin for its math
+        kernel); the captured layers' scores and probabilities (2 x heads x n x n, n = L / 16 for
+        up_blocks.1 and L / 4 for up_blocks.2 of SD2; the largest layer, they are transient). In
+        float32: the maps kept (n x n per captured layer). Measured at the voc21 whole image (grid
+        21x28, float32 CPU): 2.6 GB estimated, 1.6 GB held (bench/RESULTS.md).
         """
         h, w = grid
         pixels = 32 * (h + h % 2) * 32 * (w + w % 2)
         tokens = pixels // 64  # the latent is 1/8 of the crop on each side
         e = torch.empty((), dtype=self.dtype).element_size()
-        heads = getattr(self.unet.config, "attention_head_dim", None) or 5
-        heads = int(heads[0] if isinstance(heads, (list, tuple)) else heads)
-        return (4 * 128 * pixels * e + 2 * heads * tokens * tokens * e + 30 * tokens * 320 * e
-                + self.layers * tokens * tokens * 4)
+        scores = max(2 * heads * (tokens // div) ** 2 * e for heads, div in self._capture_sizes)
+        kept = sum((tokens // div) ** 2 * 4 for _, div in self._capture_sizes)
+        return 4 * 128 * pixels * e + 30 * tokens * 320 * e + tokens * tokens * e + scores + kept
 
     @staticmethod
     def _empty_prompt_embedding(weights: str | None) -> Tensor:

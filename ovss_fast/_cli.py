@@ -60,7 +60,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="patch affinity: clip (CLIP's last-block attention, default), sd2 (Stable Diffusion 2 "
                              "self-attention, needs ovss_fast[sd]), dino (DINO ViT features, needs timm)")
     parser.add_argument("--affinity-weights", default=None,
-                        help="local weights for --affinity sd2 (a diffusers folder) or dino (a checkpoint file)")
+                        help="local weights for --affinity sd2 (a diffusers folder; 'random:sd2' builds its published "
+                             "architecture with RANDOM weights, for smoke tests) or dino (a checkpoint file)")
     parser.add_argument("--mode", default="mv", choices=list(check.MODES),
                         help="discrepancy: mv maximum velocity (default), op optimal path, kl no affinity")
     parser.add_argument("--memory-budget", type=float, default=4.0,

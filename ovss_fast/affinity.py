@@ -32,6 +32,9 @@ BUILTIN = ("clip", "sd2", "dino")
 
 #: Hub id used by :class:`SD2Affinity` when no local directory is given.
 SD2_DEFAULT = "stabilityai/stable-diffusion-2-1-base"
+#: ``weights`` (or ``affinity_weights``) that build SD2 from its published configuration with RANDOM weights
+#: (``random:sd2:SEED`` picks the seed; tests and timing only: the affinities are meaningless)
+SD2_RANDOM = "random:sd2"
 #: timm name used by :class:`DinoAffinity` when no model is given.
 DINO_DEFAULT = "vit_small_patch16_224.dino"
 
@@ -84,10 +87,11 @@ def resize_attention(attn: Tensor, src: tuple[int, int], dst: tuple[int, int]) -
 # --------------------------------------------------------------------------- Stable Diffusion 2
 class _CaptureSelfAttention:
     """diffusers attention processor that computes attention like ``AttnProcessor``
-    and appends the head-averaged probabilities [B, n, n] (float32) to ``store``."""
+    and appends (``name``, the head-averaged probabilities [B, n, n] in float32) to ``store``."""
 
-    def __init__(self, store: list[Tensor]) -> None:
+    def __init__(self, store: list[tuple[str, Tensor]], name: str) -> None:
         self.store = store
+        self.name = name
 
     def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any,
@@ -114,7 +118,7 @@ class _CaptureSelfAttention:
         key = attn.head_to_batch_dim(key)
         value = attn.head_to_batch_dim(value)
         probs = attn.get_attention_scores(query, key, attention_mask)  # [batch * heads, seq, seq]
-        self.store.append(probs.float().reshape(batch, -1, seq, probs.shape[-1]).mean(dim=1))
+        self.store.append((self.name, probs.float().reshape(batch, -1, seq, probs.shape[-1]).mean(dim=1)))
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -143,6 +147,54 @@ def _to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Modul
     return module
 
 
+class _UNetStopped(Exception):
+    """Raised by :func:`_stop_unet` to end the UNet's forward pass once the captured blocks have run."""
+
+
+def _stop_unet(module: nn.Module, args: Any, output: Any) -> None:
+    raise _UNetStopped
+
+
+def _random_seed(weights: str) -> int:
+    """The seed of ``random:sd2`` (0) or ``random:sd2:SEED``."""
+    rest = weights[len(SD2_RANDOM):]
+    if rest == "":
+        return 0
+    if rest.startswith(":") and rest[1:].lstrip("-").isdigit():
+        return int(rest[1:])
+    raise ValueError(f"SD2 random weights are {SD2_RANDOM!r} or '{SD2_RANDOM}:SEED' (an integer), got {weights!r}")
+
+
+def _random_sd2(seed: int, device: torch.device) -> tuple[nn.Module, nn.Module, Tensor]:
+    """Stable Diffusion 2's UNet, VAE and empty-prompt embedding [1, 77, 1024] at their real size with random
+    weights, from :mod:`ovss_fast.sd2_config` (float32; built on ``device``; the caller's RNG is left as it was)."""
+    import warnings
+
+    diffusers = _require_diffusers()
+    try:
+        from transformers import CLIPTextConfig, CLIPTextModel
+    except ImportError:
+        raise ImportError("affinity='sd2' needs transformers for the empty-prompt embedding: "
+                          "pip install 'ovss_fast[sd]'") from None
+    from . import sd2_config
+
+    warnings.warn(
+        f"SD2Affinity with RANDOM weights ({sd2_config.MODEL} architecture, seed {seed}): the affinities are "
+        "meaningless; use this for tests, timing and memory only (pass the real weights' directory for results)",
+        UserWarning, stacklevel=3,
+    )
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        unet = diffusers.UNet2DConditionModel.from_config(sd2_config.UNET)
+        vae = diffusers.AutoencoderKL.from_config(sd2_config.VAE)
+        encoder = CLIPTextModel(CLIPTextConfig(**sd2_config.TEXT_ENCODER)).eval()
+        ids = torch.tensor([sd2_config.empty_prompt_ids()], device=device)
+        with torch.no_grad():
+            uncond = encoder(ids)[0]
+        del encoder
+    return unet, vae, uncond
+
+
 class SD2Affinity:
     """Stable Diffusion 2 UNet self-attention as a patch affinity (the DSLO paper's choice).
 
@@ -154,15 +206,19 @@ class SD2Affinity:
     unconditional step (the empty prompt's text embedding) at ``timestep``. The
     self-attention (attn1) probabilities of every transformer layer in the first
     ``blocks`` attention-carrying up-blocks are averaged over heads, each resized to
-    the CLIP grid, and averaged over layers.
+    the CLIP grid, and averaged over layers. The UNet stops once those blocks have run
+    (``stop_early``; its output is not used).
 
     weights: a local diffusers directory (with unet/, vae/, text_encoder/, tokenizer/)
-    or a hub id (downloaded by diffusers when online). Researchers can pass ``unet``,
+    or a hub id (downloaded by diffusers when online), or ``"random:sd2[:SEED]"``
+    (:meth:`from_config`: the published architecture with RANDOM weights, offline;
+    meaningless affinities, for tests and timing). Researchers can pass ``unet``,
     ``vae`` and ``uncond_embedding`` [1, L, cross_attention_dim] directly.
 
     Needs ``pip install 'ovss_fast[sd]'``. Untested against the real SD2 weights in
     this repository's CI (no network there); the tests run the same code on a small
-    random-weight UNet and VAE when diffusers is installed.
+    random-weight UNet and VAE, and on the real-size architecture with random weights
+    (tests/test_sd2_real.py), when diffusers is installed.
     """
 
     def __init__(self, weights: str | None = SD2_DEFAULT, *, device: str | torch.device | None = None,
@@ -173,6 +229,15 @@ class SD2Affinity:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.timestep = int(timestep)
+        #: stop the UNet once the last hooked block has run (its output is not used); False runs it to the end
+        self.stop_early = True
+        if isinstance(weights, str) and weights.startswith(SD2_RANDOM) and (unet is None or vae is None
+                                                                            or uncond_embedding is None):
+            seed = _random_seed(weights)
+            r_unet, r_vae, r_uncond = _random_sd2(seed, self.device)
+            unet = r_unet if unet is None else unet
+            vae = r_vae if vae is None else vae
+            uncond_embedding = r_uncond if uncond_embedding is None else uncond_embedding
         if unet is None or vae is None or uncond_embedding is None:
             if weights is None:
                 raise ValueError("SD2Affinity needs weights (a local diffusers directory or a hub id) "
@@ -204,32 +269,58 @@ class SD2Affinity:
         self.unet = _to(unet, self.device, self.dtype).eval()
         self.vae = _to(vae, self.device, self.dtype).eval()
         self.uncond = uncond_embedding.to(self.device, self.dtype)
-        self._store: list[Tensor] = []
-        carrying = [b for b in self.unet.up_blocks if getattr(b, "attentions", None)]
+        self._store: list[tuple[str, Tensor]] = []
+        carrying = [i for i, b in enumerate(self.unet.up_blocks) if getattr(b, "attentions", None)]
         if len(carrying) < blocks:
             raise ValueError(f"the UNet has {len(carrying)} attention-carrying up-blocks, fewer than blocks={blocks}")
-        self.layers = 0
-        for block in carrying[:blocks]:
-            for transformer in block.attentions:
-                for tb in transformer.transformer_blocks:
-                    tb.attn1.set_processor(_CaptureSelfAttention(self._store))
-                    self.layers += 1
+        #: the up-blocks whose self-attention is captured (the first ``blocks`` attention-carrying ones)
+        self.hooked_blocks = [f"up_blocks.{i}" for i in carrying[:blocks]]
+        #: the attn1 modules captured, in the order they run; ``last_captured`` lists (name, tokens) of the maps
+        #: captured in the last call, tokens being the map's side n (it is [B, n, n])
+        self.hooked: list[str] = []
+        self.last_captured: list[tuple[str, int]] = []
+        self._capture_sizes: list[tuple[int, int]] = []
+        for i in carrying[:blocks]:
+            for j, transformer in enumerate(self.unet.up_blocks[i].attentions):
+                for k, tb in enumerate(transformer.transformer_blocks):
+                    name = f"up_blocks.{i}.attentions.{j}.transformer_blocks.{k}.attn1"
+                    tb.attn1.set_processor(_CaptureSelfAttention(self._store, name))
+                    self.hooked.append(name)
+                    # (heads, the latent's tokens per captured token): block i runs at 1 / 2^(last - i) per side
+                    self._capture_sizes.append((int(tb.attn1.heads), 4 ** (len(self.unet.up_blocks) - 1 - i)))
+        self.layers = len(self.hooked)
+        self._last_block = self.unet.up_blocks[carrying[blocks - 1]]
+
+    @classmethod
+    def from_config(cls, seed: int = 0, *, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None, timestep: int = 0, blocks: int = 2) -> SD2Affinity:
+        """Stable Diffusion 2 at its real size with RANDOM weights, built offline from its published
+        configuration (:mod:`ovss_fast.sd2_config`; nothing is downloaded): the UNet, the VAE and the
+        empty prompt's encoding by a random text encoder, all seeded by ``seed``. The affinities are
+        meaningless (a warning says so): for tests, timing and memory only. Same as
+        ``SD2Affinity(f"random:sd2:{seed}", ...)`` (``--affinity-weights random:sd2`` on the command line).
+        """
+        return cls(f"{SD2_RANDOM}:{int(seed)}", device=device, dtype=dtype, timestep=timestep, blocks=blocks)
 
     def memory_per_crop(self, grid: tuple[int, int]) -> int:
         """Rough, conservative bytes one crop holds in one call (Segmenter sizes its window chunks with it).
 
-        VAE encoder: 4 x 128 channels at the resized crop's P pixels; UNet at the latent's L
-        tokens: attention scores and probabilities of the first block's heads (2 x heads x L x L)
-        and 30 x L x 320 activations; all in the models' dtype; plus the float32 maps kept.
+        In the models' dtype: the VAE encoder, 4 x 128 channels at the resized crop's P pixels; at
+        the latent's L = P / 64 tokens, 30 x L x 320 UNet activations and one L x L score matrix
+        (the uncaptured attention runs through scaled_dot_product_attention, which holds no L x L
+        on its flash and memory-efficient kernels: one head's worth is a margin for its math
+        kernel); the captured layers' scores and probabilities (2 x heads x n x n, n = L / 16 for
+        up_blocks.1 and L / 4 for up_blocks.2 of SD2; the largest layer, they are transient). In
+        float32: the maps kept (n x n per captured layer). Measured at the voc21 whole image (grid
+        21x28, float32 CPU): 2.6 GB estimated, 1.6 GB held (bench/RESULTS.md).
         """
         h, w = grid
         pixels = 32 * (h + h % 2) * 32 * (w + w % 2)
         tokens = pixels // 64  # the latent is 1/8 of the crop on each side
         e = torch.empty((), dtype=self.dtype).element_size()
-        heads = getattr(self.unet.config, "attention_head_dim", None) or 5
-        heads = int(heads[0] if isinstance(heads, (list, tuple)) else heads)
-        return (4 * 128 * pixels * e + 2 * heads * tokens * tokens * e + 30 * tokens * 320 * e
-                + self.layers * tokens * tokens * 4)
+        scores = max(2 * heads * (tokens // div) ** 2 * e for heads, div in self._capture_sizes)
+        kept = sum((tokens // div) ** 2 * 4 for _, div in self._capture_sizes)
+        return 4 * 128 * pixels * e + 30 * tokens * 320 * e + tokens * tokens * e + scores + kept
 
     @staticmethod
     def _empty_prompt_embedding(weights: str | None) -> Tensor:
@@ -257,20 +348,26 @@ class SD2Affinity:
         latent = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
         t = torch.full((B,), self.timestep, device=self.device, dtype=torch.long)
         self._store.clear()
+        stop = self._last_block.register_forward_hook(_stop_unet) if self.stop_early else None
         try:
             self.unet(latent, t, encoder_hidden_states=self.uncond.expand(B, -1, -1))
-            maps = list(self._store)
+        except _UNetStopped:
+            pass
         finally:
+            if stop is not None:
+                stop.remove()
+            captured = list(self._store)
             self._store.clear()
-        if len(maps) != self.layers:
-            raise RuntimeError(f"captured {len(maps)} self-attention maps, expected {self.layers}")
+        self.last_captured = [(name, a.shape[-1]) for name, a in captured]
+        if len(captured) != self.layers:
+            raise RuntimeError(f"captured {len(captured)} self-attention maps, expected {self.layers}")
         lh, lw = latent.shape[-2:]
         out = torch.zeros(B, h * w, h * w, device=self.device, dtype=torch.float32)
-        for a in maps:
+        for _, a in captured:
             n = a.shape[-1]
             f = round((lh * lw / n) ** 0.5)  # the map's downsampling factor relative to the latent
             out += resize_attention(a, (lh // f, lw // f), (h, w))
-        return out / len(maps)
+        return out / len(captured)
 
 
 # --------------------------------------------------------------------------- DINO

@@ -296,15 +296,14 @@ def test_dino_declares_its_memory_per_crop():
 
 def test_sd2_memory_per_crop_arithmetic():
     # the formula alone (diffusers is optional): an object with the attributes memory_per_crop reads
-    from types import SimpleNamespace
-
     from ovss_fast.affinity import SD2Affinity
 
     sd2 = SD2Affinity.__new__(SD2Affinity)
-    sd2.dtype, sd2.layers = torch.float16, 6
-    sd2.unet = SimpleNamespace(config=SimpleNamespace(attention_head_dim=[5, 10, 20, 20]))
+    sd2.dtype = torch.float16
+    sd2._capture_sizes = [(20, 16)] * 3 + [(10, 4)] * 3  # SD2: up_blocks.1 (20 heads, L/16), up_blocks.2 (10, L/4)
     pixels = (32 * 14) ** 2  # a 14 x 14 grid (224 px window) is resized to 448 x 448
     tokens = pixels // 64
-    expected = 4 * 128 * pixels * 2 + 2 * 5 * tokens**2 * 2 + 30 * tokens * 320 * 2 + 6 * tokens**2 * 4
-    assert sd2.memory_per_crop((14, 14)) == expected  # about 0.5 GB per 224 px window
+    expected = (4 * 128 * pixels * 2 + 30 * tokens * 320 * 2 + tokens**2 * 2 + 2 * 10 * (tokens // 4) ** 2 * 2
+                + 3 * ((tokens // 16) ** 2 + (tokens // 4) ** 2) * 4)
+    assert sd2.memory_per_crop((14, 14)) == expected  # about 0.3 GB per 224 px window
     assert sd2.memory_per_crop((3, 5)) == SD2Affinity.memory_per_crop(sd2, (4, 6))  # rounded up to even

@@ -80,12 +80,12 @@ class Plan:
     nms_ratios: tuple[float, ...] = NMS_RATIOS
     eps: tuple[float, ...] = (0.05, 0.1, 0.2)
     tau: tuple[float, ...] = (0.1, 0.3, 0.5)
-    iters: tuple[int, ...] = (25, 50, 100)
+    iters: tuple[int, ...] = (25, 50)
     sk_iters: tuple[int, ...] = (5, 15, 30)
     steps: tuple[int, ...] = (25, 50, 100)
     sigma_spatial: tuple[float, ...] = (0.5, 1.0, 2.0)
     sigma_range: tuple[float, ...] = (0.05, 0.1, 0.2)
-    radius: tuple[int, ...] = (1, 2, 3)
+    radius: tuple[int, ...] = (1, 2)
 
 
 FULL = Plan(seeds=8, grid={"voc": None, "stuff": None})

@@ -416,8 +416,8 @@ def plot(res: dict, out_dir: Path) -> list[str]:
     for k, (lab, marker) in enumerate((("paper VOC21", "^"), ("paper Stuff", "v"))):
         pts = [(i, PAPER_ROWS[paper_key[n]][k] / 100) for i, n in enumerate(names) if n in paper_key]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color="k", zorder=3, s=22, label=lab)
-    short = [res["labels"][n].replace("+ MV (instead of OP), ", "MV ").replace(", ratio", "\nratio")
-             .replace("OP and MV fused ", "fused\n") for n in names]
+    short = [res["labels"][n].replace("+ MV (instead of OP), ", "MV\n").replace(", ratio", "\nratio")
+             .replace(", axis", "\naxis").replace("OP and MV fused ", "fused\n") for n in names]
     ax.set_xticks(x, short, fontsize=7)
     ax.set_ylabel("mIoU")
     ax.set_ylim(0, 1)

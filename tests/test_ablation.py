@@ -1,0 +1,136 @@
+"""bench/bench_ablation.py in its --smoke mode, and the dataset-like scenes it runs on."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from ovss_fast.synthetic import DATASETS, make_dataset_scene, make_scene, miou
+
+
+@pytest.mark.parametrize("kind", sorted(DATASETS))
+def test_dataset_scene_shapes_classes_and_seeds(kind):
+    spec = DATASETS[kind]
+    a = make_dataset_scene(3, kind, difficulty="hard")
+    h, w = spec.grid
+    n = h * w
+    assert a.feats.shape == (1, n, 512) and a.text.shape == (spec.num_classes, 512)
+    assert a.affinity.shape == (1, n, n) and a.guide.shape == (1, 3, h * spec.patch_px, w * spec.patch_px)
+    assert float(a.guide.min()) >= 0 and float(a.guide.max()) <= 1
+    present = a.labels_full.unique()
+    lo, hi = spec.present
+    assert lo <= present.numel() <= hi and int(present.max()) < spec.num_classes
+    assert set(a.labels.unique().tolist()) <= set(present.tolist())
+    if spec.background:
+        assert 0 in present.tolist()
+    b = make_dataset_scene(3, kind, difficulty="hard")
+    assert torch.equal(a.feats, b.feats) and torch.equal(a.labels_full, b.labels_full)
+    c = make_dataset_scene(4, kind, difficulty="hard")
+    assert not torch.equal(a.feats, c.feats)
+    small = make_dataset_scene(3, kind, grid=(6, 7))
+    assert small.labels.shape == (1, 6, 7) and small.guide.shape[-2:] == (6 * spec.patch_px, 7 * spec.patch_px)
+
+
+def test_dataset_scene_rejects_unknown_kind_and_difficulty():
+    with pytest.raises(ValueError, match="kind"):
+        make_dataset_scene(0, "ade")
+    with pytest.raises(ValueError, match="difficulty"):
+        make_dataset_scene(0, "voc", difficulty="medium")
+
+
+def test_make_scene_unchanged_by_the_dataset_scenes():
+    """The demo's scene keeps its numbers (the per-image code is now shared with make_dataset_scene)."""
+    s = make_scene()
+    assert float(s.feats.double().sum()) == pytest.approx(-86.96753968732509, rel=1e-9)
+    assert float(s.guide.double().sum()) == pytest.approx(56620.097187675536, rel=1e-9)
+    assert int(s.labels.sum()) == 1294 and int(s.labels_full.sum()) == 83074
+
+
+def test_miou_counts_classes_in_prediction_or_target():
+    t = torch.tensor([0, 0, 1, 1])
+    assert miou(t, t, 3) == 1.0
+    assert miou(torch.tensor([0, 0, 1, 2]), t, 3) == pytest.approx((1 + 0.5 + 0) / 3)
+    assert miou(torch.tensor([5, 5, 5, 5]), torch.tensor([5, 5, 5, 5]), 3) == 0.0  # out of range: no class
+
+
+@pytest.fixture
+def one_thread():
+    """The smoke run's matrices are small: one thread avoids OpenMP spinning on a busy CI core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_ablation_smoke_writes_section_and_decides(tmp_path, one_thread):
+    from bench import bench_ablation as B
+
+    res = B.run(B.SMOKE, log=lambda _: None)
+    rows = res["rows"]
+    names = ["raw", "kl", "nms_classes", "nms_patches", "jbu", "op"] + [
+        f"mv_{r}_{t}" for r, t in B.MV_VARIANTS] + ["fused"]
+    assert list(rows) == names
+    for name in names:
+        assert set(rows[name]) == set(B.COLUMNS)
+        for col in B.COLUMNS:
+            vals = rows[name][col]
+            assert len(vals) == B.SMOKE.seeds and all(0.0 <= v <= 1.0 for v in vals), (name, col, vals)
+    # every (column, seed) is its own scene
+    seeds = {B.scene_seed(c, s) for c in B.COLUMNS for s in range(B.SMOKE.seeds)}
+    assert len(seeds) == len(B.COLUMNS) * B.SMOKE.seeds
+    # the affinity-driven heads find the regions that raw argmax misses, on the easy scenes
+    easy = [c for c in B.COLUMNS if c[1] == "easy"]
+    for head in ("op", res["mv_default"]):
+        gain = sum(sum(rows[head][c]) - sum(rows["raw"][c]) for c in easy) / (len(easy) * B.SMOKE.seeds)
+        assert gain > 0.05, (head, gain)
+    # every head parameter gets a default, from the paper or ours, among its candidates
+    decided = {d.param: d for d in res["decisions"]}
+    assert set(decided) == {"mode", "transition", "readout", "nms (ratio, axis)", "eps", "iters", "sk_iters",
+                            "steps", "tau", "sigma_spatial", "sigma_range", "radius"}
+    for d in decided.values():
+        assert d.chosen in d.candidates and d.source in ("paper", "ours")
+        assert all(0.0 <= v <= 1.0 for v in d.candidates.values())
+        if d.source == "ours" and d.paper is not None:  # the paper's value lost by more than the margin
+            assert d.candidates[d.chosen] - d.candidates[d.paper] > B.MARGIN
+
+    plots = B.write_results(res, tmp_path, smoke=True)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Synthetic ablation" in text and "Against the paper's ordering" in text
+    for label in res["labels"].values():
+        assert f"| {label} |" in text
+    assert re.search(r"\| \+ OP \| (\d\.\d{3} ± \d\.\d{3} \| ){4}\d\.\d{3} \| 66\.9 \| 28\.6 \| 40\.0 \|", text)
+    if plots == ["ablation.png"]:
+        assert (tmp_path / "plots" / "ablation.png").stat().st_size > 1000
+    # a second write replaces the section, it does not add one
+    B.write_results(res, tmp_path, smoke=True)
+    assert (tmp_path / "RESULTS.md").read_text().count("## Synthetic ablation") == 1
+
+
+def test_case_class_distributions_are_the_reference():
+    """The bench's shortcut (one softmax per scene, NMS applied to it) gives reference.class_distributions."""
+    from bench import bench_ablation as B
+    from ovss_fast import reference as R
+
+    sc = make_dataset_scene(1, "stuff", grid=(8, 9))
+    case = B.Case(sc)
+    for nms in ((0.0, "classes"), (0.2, "classes"), (0.1, "patches"), (0.5, "patches")):
+        want = R.class_distributions(sc.feats, sc.text, nms=nms[0], nms_axis=nms[1])
+        torch.testing.assert_close(case.q(nms), want, rtol=1e-6, atol=1e-9)
+
+
+def test_ablation_smoke_refuses_to_overwrite_committed_results(capsys):
+    from bench import bench_ablation as B
+
+    assert B.main(["--smoke"]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_decide_follows_the_paper_within_the_margin():
+    from bench.bench_ablation import MARGIN, decide
+
+    assert decide("x", {1: 0.50, 2: 0.50 + MARGIN / 2}, "b", paper=1).chosen == 1
+    d = decide("x", {1: 0.50, 2: 0.50 + 2 * MARGIN}, "b", paper=1)
+    assert (d.chosen, d.source) == (2, "ours")
+    assert decide("x", {1: 0.4, 2: 0.3}, "b").source == "ours"

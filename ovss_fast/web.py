@@ -465,8 +465,12 @@ def run(args: argparse.Namespace) -> int:
     app = App(args)
     page = build_page(app)
     page.queue(default_concurrency_limit=1)
-    print(f"{PROG}: open http://{args.host}:{args.port} in a browser (Ctrl+C stops the server)", flush=True)
     theme = gr.themes.Default(font=["sans-serif"], font_mono=["monospace"])  # no web fonts: works offline
-    page.launch(server_name=args.host, server_port=args.port, max_file_size=args.max_file_size, ssr_mode=False,
-                theme=theme, footer_links=[], allowed_paths=[app.workdir], quiet=True)
+    try:
+        page.launch(server_name=args.host, server_port=args.port, max_file_size=args.max_file_size, ssr_mode=False,
+                    theme=theme, footer_links=[], allowed_paths=[app.workdir], quiet=True, prevent_thread_lock=True)
+    except OSError as exc:  # the port is taken, the address is not this machine's
+        return fail(PROG, f"cannot listen on {args.host}:{args.port}: {exc}")
+    print(f"{PROG}: open http://{args.host}:{args.port} in a browser (Ctrl+C stops the server)", flush=True)
+    page.block_thread()
     return 0

@@ -115,6 +115,27 @@ def test_bad_input_is_a_message_and_the_next_request_works(app, tmp_path):
     assert r.labels is not None and r.message.startswith(web.RANDOM_WARNING)
 
 
+def test_with_weights_the_page_is_the_command(tmp_path):
+    """Weights from a local checkpoint file (the tiny model's, saved): the same labels, no seed involved, no
+    random-weights warning."""
+    import open_clip
+
+    from ovss_fast.clip_features import TINY_MODEL, register_tiny_config
+
+    register_tiny_config()
+    torch.manual_seed(11)
+    weights = tmp_path / "tiny.pt"
+    torch.save(open_clip.create_model(TINY_MODEL, pretrained=None).state_dict(), weights)
+    image = write_image(tmp_path / "photo.png", 90, 60, seed=2)
+    page = web.App(start_args("--pretrained", str(weights), "--seed", "0"))
+    r = page.run(image, CLASSES, {"mode": "op"})
+    assert r.labels is not None, r.message
+    assert "random weights" not in r.message
+    expected = cli_labels(tmp_path, image, CLASSES, "--mode", "op", "--pretrained", str(weights), seed=5)
+    np.testing.assert_array_equal(np.asarray(Image.open(r.labels)), expected)
+    assert len(np.unique(expected)) > 1
+
+
 def test_huge_image_refused_from_its_header(tmp_path):
     small = web.App(start_args("--max-pixels", "5000"))
     r = small.run(write_image(tmp_path / "a.png"), CLASSES, {})
@@ -291,7 +312,13 @@ def test_the_page_in_headless_chromium(tmp_path):
 
             message = page.run(str(text), classes)
             assert "could not read image file 'notes.txt'" in message and "Traceback" not in browser.page_source
-            assert "into 2 classes" in page.run(image, "sky, grass")  # the next request works
+            # the next request works: the bundled example, with other classes
+            page.find("#upload button[aria-label='Clear']")[0].click()
+            page.browser.find_element(page.by.XPATH, "//td[contains(., 'synthetic_scene')]").click()
+            _wait("the example's classes", lambda: page.find("#classes textarea, #classes input")[0]
+                  .get_attribute("value") == classes)
+            _wait("the example's image", lambda: "synthetic_scene" in page.text("upload"))
+            assert "Segmented synthetic_scene.png (320x240) into 2 classes" in page.run(None, "sky, grass")
         finally:
             browser.quit()
 
@@ -310,16 +337,18 @@ class Page:
     def text(self, elem_id: str) -> str:
         return _wait(f"#{elem_id}", lambda: self.find(f"#{elem_id}"), 60)[0].text
 
-    def run(self, path: str, names: str) -> str:
-        for clear in self.find("#upload button[aria-label='Clear']"):
-            clear.click()
-        upload = _wait("the upload box", lambda: self.find("#upload input[type=file]"), 60)
-        upload[0].send_keys(path)
+    def run(self, path: str | None, names: str) -> str:
+        """Upload ``path`` (None: keep the image there), type ``names``, run; the message."""
+        if path is not None:
+            for clear in self.find("#upload button[aria-label='Clear']"):
+                clear.click()
+            upload = _wait("the upload box", lambda: self.find("#upload input[type=file]"), 60)
+            upload[0].send_keys(path)
+            stem = os.path.splitext(os.path.basename(path))[0]  # the page shows the name and the suffix apart
+            _wait("the uploaded file", lambda: stem in self.text("upload"))
         box = self.find("#classes textarea, #classes input")[0]
         box.clear()
         box.send_keys(names)
-        stem = os.path.splitext(os.path.basename(path))[0]  # the page shows the name and the suffix apart
-        _wait("the uploaded file", lambda: stem in self.text("upload"))
         before = self.message()
         self.find("#run")[0].click()
         return _wait("a result", lambda: self.message() if self.message() not in ("", before) else None)

@@ -15,6 +15,7 @@ COMMANDS = {
     "demo": ("ovss_fast.demo", "run a synthetic scene through every mode (no weights, no network)"),
     "segment": ("ovss_fast.segment_cli", "segment images with open_clip and a list of class names"),
     "eval": ("ovss_fast.eval.cli", "mIoU on a benchmark (voc21, ade, ...) or --synthetic; torchrun for many GPUs"),
+    "serve": ("ovss_fast.web", "a local web page to try it: upload an image, type the classes, see the map (Gradio)"),
     "backends": ("ovss_fast.cli", "list the backends and whether each can load"),
 }
 

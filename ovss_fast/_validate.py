@@ -18,7 +18,7 @@ MODES = ("kl", "op", "mv")
 READOUTS = ("integrated", "velocity")
 #: mode "mv"'s matrix before Sinkhorn-Knopp: the Gibbs kernel K (ours) or the symmetrised attention Sym / M
 #: (the paper); method.md section 3
-TRANSITIONS = ("gibbs", "attention")
+TRANSITIONS = ("attention", "gibbs")  # the default (the paper's) first
 #: the axis NMS compares a probability along: its patch's classes (ours) or its class's patches (a reading of
 #: the paper); method.md section 1
 NMS_AXES = ("classes", "patches")

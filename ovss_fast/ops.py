@@ -43,7 +43,7 @@ def class_distributions(feats: Tensor, text: Tensor, *, scale: float = 100.0, nm
         return reference.suppress_patches(impl.class_distributions(feats, text, scale=params["scale"], nms=0.0), nms)
 
 
-def gibbs_kernel(affinity: Tensor, *, eps: float = 0.1, backend: str = "auto") -> tuple[Tensor, Tensor]:
+def gibbs_kernel(affinity: Tensor, *, eps: float = 0.2, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Cost and Gibbs kernel from a patch affinity (method.md section 2).
 
     affinity: [B, N, N], non-negative -> (cost [B, N, N] in [0, 1], kernel = exp(-cost / eps)).
@@ -60,13 +60,13 @@ def discrepancy(
     affinity: Tensor | None,
     *,
     mode: str = "mv",
-    eps: float = 0.1,
+    eps: float = 0.2,
     iters: int = 50,
     sk_iters: int = 15,
     steps: int = 50,
     readout: str = "integrated",
-    tau: float = 0.3,
-    transition: str = "gibbs",
+    tau: float = 0.1,
+    transition: str = "attention",
     backend: str = "auto",
 ) -> Tensor:
     """Per-patch distribution-discrepancy scores (method.md section 3).
@@ -137,7 +137,7 @@ def _jbu_params(sigma_spatial: float, sigma_range: float, radius: int) -> dict[s
     }
 
 
-def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, sigma_range: float = 0.1,
+def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
                  radius: int = 2, backend: str = "auto") -> Tensor:
     """Joint bilateral upsampling of scores to the guide's size (method.md section 4).
 
@@ -150,7 +150,7 @@ def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, s
         return impl.jbu_upsample(scores, guide, **params)
 
 
-def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, sigma_range: float = 0.1,
+def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
                radius: int = 2, backend: str = "auto") -> Tensor:
     """Labels of the joint-bilaterally upsampled scores, ties to the lowest class.
 

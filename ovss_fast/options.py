@@ -59,15 +59,20 @@ class HeadOptions:
     scale: float = option(100.0, "class_distributions", check.positive,
                           "logit scale of softmax(scale * cos) (default 100; protocols set their own)")
     nms: float = option(0.0, "class_distributions", _nms, "class-distribution NMS ratio in [0, 1] (default 0)")
-    eps: float = option(0.1, "discrepancy", check.positive, "entropic regularisation of the Gibbs kernel (default 0.1)")
+    nms_axis: str = option("classes", "class_distributions", one_of(check.NMS_AXES),
+                           "class-distribution NMS over classes (default) or patches", choices=check.NMS_AXES)
+    eps: float = option(0.2, "discrepancy", check.positive, "entropic regularisation of the Gibbs kernel (default 0.2)")
     iters: int = option(50, "discrepancy", at_least(1), "Sinkhorn iterations for mode op (default 50)")
     sk_iters: int = option(15, "discrepancy", at_least(1, check.SK_ITERS_WHY),
                            "Sinkhorn iterations making the mv kernel doubly stochastic (default 15)")
     steps: int = option(50, "discrepancy", at_least(1), "Markov-chain steps for mode mv (default 50)")
     readout: str = option("integrated", "discrepancy", one_of(check.READOUTS),
                           f"mv readout: {', '.join(check.READOUTS)} (default integrated)", choices=check.READOUTS)
-    tau: float = option(0.3, "discrepancy", check.positive, "mv velocity threshold (default 0.3)")
-    sigma_spatial: float = option(1.0, "jbu", check.positive, "JBU spatial sigma in patches (default 1.0)")
+    tau: float = option(0.1, "discrepancy", check.positive, "mv velocity threshold (default 0.1)")
+    transition: str = option("attention", "discrepancy", one_of(check.TRANSITIONS),
+                             "mv transition made doubly stochastic: attention (default) or gibbs",
+                             choices=check.TRANSITIONS)
+    sigma_spatial: float = option(2.0, "jbu", check.positive, "JBU spatial sigma in patches (default 2.0)")
     sigma_range: float = option(0.1, "jbu", check.positive, "JBU range sigma on [0, 1] colours (default 0.1)")
     radius: int = option(2, "jbu", _radius, "JBU radius in patches (default 2)")
 

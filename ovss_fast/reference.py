@@ -100,7 +100,7 @@ def scaled_affinity(affinity: Tensor) -> Tensor:
     return sym / torch.where(m > 0, m, torch.ones_like(m))
 
 
-def gibbs_kernel(affinity: Tensor, *, eps: float = 0.1) -> tuple[Tensor, Tensor]:
+def gibbs_kernel(affinity: Tensor, *, eps: float = 0.2) -> tuple[Tensor, Tensor]:
     """Cost C in [0, 1] and Gibbs kernel K = exp(-C / eps) (method.md section 2).
 
     affinity: [B, N, N] (non-negative) -> (cost [B, N, N], kernel [B, N, N]). The cost is
@@ -128,7 +128,7 @@ def attention_transition(affinity: Tensor) -> Tensor:
     return scaled_affinity(affinity)
 
 
-def markov_transition(affinity: Tensor, *, transition: str = "gibbs", eps: float = 0.1) -> Tensor:
+def markov_transition(affinity: Tensor, *, transition: str = "attention", eps: float = 0.2) -> Tensor:
     """The matrix mode "mv" makes doubly stochastic: K of :func:`gibbs_kernel` ("gibbs", ours) or
     W of :func:`attention_transition` ("attention", paper). [B, N, N] -> [B, N, N]."""
     if transition == "gibbs":
@@ -156,22 +156,29 @@ def kl_scores(q: Tensor) -> Tensor:
     return _mask_dead(s, q)
 
 
-def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.1, iters: int = 50) -> Tensor:
-    """Optimal-path scores: entropic OT from 1/N to each class (method.md section 3, op).
+def _sinkhorn_iterate(q: Tensor, kernel: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The op iteration from v = 1: ``iters`` times u = a / (K v), v = q / (K^T u).
 
-    q: [B, N, C] (targets b = Q[:, c]); kernel: [B, N, N] -> S: [B, N, C] with
-    S[i, c] = mean_i(f) - f[i], f = eps * log(a / (K v)) the source potential.
-    """
+    Returns (q, K, v, a) in the compute dtype; the caller ends with its own u-update."""
     dt = compute_dtype(q, kernel)
     q = q.to(dt)
     k = kernel.to(dt)
-    n = q.shape[1]
-    a = 1.0 / n
+    a = 1.0 / q.shape[1]
     v = torch.ones_like(q)
     kt = k.transpose(1, 2)
     for _ in range(iters):
         u = a / torch.bmm(k, v).clamp_min(DENOM_FLOOR)
         v = q / torch.bmm(kt, u).clamp_min(DENOM_FLOOR)
+    return q, k, v, a
+
+
+def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.2, iters: int = 50) -> Tensor:
+    """Optimal-path scores: entropic OT from 1/N to each class (method.md section 3, op).
+
+    q: [B, N, C] (targets b = Q[:, c]); kernel: [B, N, N] -> S: [B, N, C] with
+    S[i, c] = mean_i(f) - f[i], f = eps * log(a / (K v)) the source potential.
+    """
+    q, k, v, a = _sinkhorn_iterate(q, kernel, iters)
     kv = torch.bmm(k, v).clamp_min(DENOM_FLOOR)
     f = eps * torch.log(a / kv)
     s = f.mean(dim=1, keepdim=True) - f
@@ -184,16 +191,7 @@ def sinkhorn_plan(q: Tensor, kernel: Tensor, *, iters: int = 50) -> Tensor:
     q: [B, N, C]; kernel: [B, N, N] -> plan: [B, C, N, N]. Uses the same iteration
     as :func:`sinkhorn_scores` and ends with a u-update, so rows sum to 1/N exactly.
     """
-    dt = compute_dtype(q, kernel)
-    q = q.to(dt)
-    k = kernel.to(dt)
-    n = q.shape[1]
-    a = 1.0 / n
-    v = torch.ones_like(q)
-    kt = k.transpose(1, 2)
-    for _ in range(iters):
-        u = a / torch.bmm(k, v).clamp_min(DENOM_FLOOR)
-        v = q / torch.bmm(kt, u).clamp_min(DENOM_FLOOR)
+    q, k, v, a = _sinkhorn_iterate(q, kernel, iters)
     u = a / torch.bmm(k, v).clamp_min(DENOM_FLOOR)
     # [B, C, N, N]
     return u.transpose(1, 2)[:, :, :, None] * k[:, None] * v.transpose(1, 2)[:, :, None, :]
@@ -208,15 +206,8 @@ def doubly_stochastic(kernel: Tensor, *, sk_iters: int = 15) -> Tensor:
     return t
 
 
-def markov_scores(
-    q: Tensor,
-    kernel: Tensor,
-    *,
-    sk_iters: int = 15,
-    steps: int = 50,
-    readout: str = "integrated",
-    tau: float = 0.3,
-) -> Tensor:
+def markov_scores(q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int = 50, readout: str = "integrated",
+                  tau: float = 0.1) -> Tensor:
     """Maximum-velocity scores from the chain f(l) = f(l-1) T (method.md section 3, mv).
 
     q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C].
@@ -345,14 +336,8 @@ def _jbu_relative_exponents(scores: Tensor, guide: Tensor, sigma_spatial: float,
         yield r, valid, qyc, qxc
 
 
-def jbu_upsample(
-    scores: Tensor,
-    guide: Tensor,
-    *,
-    sigma_spatial: float = 1.0,
-    sigma_range: float = 0.1,
-    radius: int = 2,
-) -> Tensor:
+def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
+                 radius: int = 2) -> Tensor:
     """Joint bilateral upsampling (Kopf et al. 2007; method.md section 4).
 
     scores: [B, C, h, w]; guide: [B, 3, H, W] in [0, 1] -> [B, C, H, W].
@@ -381,14 +366,8 @@ def jbu_upsample(
     return num / den[:, None]
 
 
-def jbu_argmax(
-    scores: Tensor,
-    guide: Tensor,
-    *,
-    sigma_spatial: float = 1.0,
-    sigma_range: float = 0.1,
-    radius: int = 2,
-) -> Tensor:
+def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
+               radius: int = 2) -> Tensor:
     """Labels of the upsampled scores: argmax over classes, ties to the lowest index.
 
     scores: [B, C, h, w]; guide: [B, 3, H, W] -> labels [B, H, W] int64.

@@ -45,16 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _cli
 from . import _validate as check
-from ._cli import (
-    USER_ERRORS,
-    add_method_arguments,
-    add_model_arguments,
-    check_method_arguments,
-    fail,
-    method_kwargs,
-    segmenter_from_args,
-)
 from .affinity import BUILTIN
 
 PROG = "ovss-fast serve"
@@ -247,7 +239,7 @@ class App:
         torch.manual_seed(self.args.seed)  # random weights: the same model as the command's after manual_seed(seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the random-weights warning is on the page
-            seg = segmenter_from_args(ns, **{**method_kwargs(ns), **kw})
+            seg = _cli.segmenter_from_args(ns, **{**_cli.method_kwargs(ns), **kw})
         self.segmenters[key] = seg
         return seg, True
 
@@ -287,7 +279,7 @@ class App:
                                   "when it has finished.")
         try:
             return self._run(path, classes, values, want_scores)
-        except USER_ERRORS as exc:
+        except _cli.USER_ERRORS as exc:
             text = str(exc)
             if isinstance(path, str) and path:
                 text = text.replace(repr(path), repr(os.path.basename(path))).replace(path, os.path.basename(path))
@@ -437,19 +429,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-file-size", default="50mb", help="largest upload (default 50mb)")
     parser.add_argument("--busy-timeout", type=float, default=600.0,
                         help="seconds a request waits for the one before it (default 600), then says busy")
-    add_model_arguments(parser)
+    _cli.add_model_arguments(parser)
     parser.set_defaults(pretrained=RANDOM_WEIGHTS)
     for action in parser._actions:  # the page's default differs from segment's: random weights, with a warning
         if action.dest == "pretrained":
             action.help = ("weights offered on the page: an open_clip tag (downloaded when online) or a local "
                            "checkpoint file; default none: RANDOM weights, the page warns that its labels are "
                            "meaningless")
-    add_method_arguments(parser)
+    _cli.add_method_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        check_method_arguments(args)
+        _cli.check_method_arguments(args)
         if not 0.0 <= args.alpha <= 1.0:
             raise ValueError(f"--alpha must lie in [0, 1], got {args.alpha}")
         if not 0 <= args.port <= 65535:
@@ -459,9 +451,9 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
         import gradio as gr
     except ImportError as exc:
-        return fail(PROG, f"{exc}; the page needs Gradio: pip install -e \".[web]\" (or pip install gradio)")
+        return _cli.fail(PROG, f"{exc}; the page needs Gradio: pip install -e \".[web]\" (or pip install gradio)")
     except (ValueError, TypeError) as exc:
-        return fail(PROG, exc)
+        return _cli.fail(PROG, exc)
     app = App(args)
     page = build_page(app)
     page.queue(default_concurrency_limit=1)
@@ -470,7 +462,7 @@ def run(args: argparse.Namespace) -> int:
         page.launch(server_name=args.host, server_port=args.port, max_file_size=args.max_file_size, ssr_mode=False,
                     theme=theme, footer_links=[], allowed_paths=[app.workdir], quiet=True, prevent_thread_lock=True)
     except OSError as exc:  # the port is taken, the address is not this machine's
-        return fail(PROG, f"cannot listen on {args.host}:{args.port}: {exc}")
+        return _cli.fail(PROG, f"cannot listen on {args.host}:{args.port}: {exc}")
     print(f"{PROG}: open http://{args.host}:{args.port} in a browser (Ctrl+C stops the server)", flush=True)
     page.block_thread()
     return 0

@@ -45,7 +45,7 @@ def test_segment_features_shapes(mode):
 def test_segment_features_is_the_composition_of_the_ops():
     feats, text, aff, guide = inputs(torch.float64)
     q = ref.class_distributions(feats, text)
-    _, k = ref.gibbs_kernel(aff)
+    k = ref.markov_transition(aff)  # the default transition: attention (Sym / max Sym)
     s = ref.markov_scores(q, k).transpose(1, 2).reshape(B, C, 3, 4)
     expected = ref.jbu_argmax(s, guide)
     assert torch.equal(ovss_fast.segment_features(feats, text, aff, grid=(3, 4), guide=guide, backend="reference"),

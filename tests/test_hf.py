@@ -129,7 +129,9 @@ def test_segmenter_on_hf_gives_the_open_clip_labels(pair):
     assert rel_err(t_hf, t_oc) <= 1e-4
     x = image(70, 100)
     sc_hf, sc_oc = s_hf.scores(x, CLASSES, upsample=False), s_oc.scores(x, CLASSES, upsample=False)
-    assert rel_err(sc_hf, sc_oc) <= 1e-4
+    # the two models' float32 features differ by ~1e-5; mv's default attention transition (Sym / max Sym,
+    # unsharpened) carries that difference into the scores at ~2e-4 (the Gibbs kernel damped it below 1e-4)
+    assert rel_err(sc_hf, sc_oc) <= 5e-4
     l_hf, l_oc = s_hf.seg(x, CLASSES), s_oc.seg(x, CLASSES)
     assert (l_hf == l_oc).float().mean() >= 0.999
 

@@ -16,21 +16,14 @@ from test_segment_cli import write_image  # noqa: E402
 
 # (protocol, dataset) -> (short side, window, stride, logit scale, bg threshold), from shared/peers.md
 PEERS = {
-    ("sclip", "voc21"): (336, 224, 112, 65.0, 0.1),
-    ("sclip", "context60"): (336, 224, 112, 50.0, 0.1),
-    ("sclip", "coco_object"): (336, 224, 112, 50.0, 0.1),
-    ("sclip", "coco_stuff"): (448, 224, 112, 40.0, None),
-    ("sclip", "cityscapes"): (560, 224, 112, 40.0, None),
-    ("sclip", "ade"): (336, 224, 112, 40.0, None),
-    ("naclip", "voc21"): (336, None, None, 40.0, 0.1),
-    ("naclip", "voc20"): (336, None, None, 40.0, None),
-    ("naclip", "coco_stuff"): (336, 224, 112, 40.0, None),
-    ("naclip", "cityscapes"): (560, 224, 112, 40.0, None),
-    ("clearclip", "voc21"): (448, 448, 224, 50.0, 0.5),
-    ("clearclip", "context60"): (448, 448, 224, 50.0, 0.15),
+    ("sclip", "voc21"): (336, 224, 112, 65.0, 0.1), ("sclip", "context60"): (336, 224, 112, 50.0, 0.1),
+    ("sclip", "coco_object"): (336, 224, 112, 50.0, 0.1), ("sclip", "coco_stuff"): (448, 224, 112, 40.0, None),
+    ("sclip", "cityscapes"): (560, 224, 112, 40.0, None), ("sclip", "ade"): (336, 224, 112, 40.0, None),
+    ("naclip", "voc21"): (336, None, None, 40.0, 0.1), ("naclip", "voc20"): (336, None, None, 40.0, None),
+    ("naclip", "coco_stuff"): (336, 224, 112, 40.0, None), ("naclip", "cityscapes"): (560, 224, 112, 40.0, None),
+    ("clearclip", "voc21"): (448, 448, 224, 50.0, 0.5), ("clearclip", "context60"): (448, 448, 224, 50.0, 0.15),
     ("clearclip", "coco_object"): (448, 448, 224, 50.0, 0.4),
-    ("clearclip", "cityscapes"): (448, 224, 112, 50.0, None),
-    ("dslo-windows", "voc21"): (336, 224, 112, 100.0, None),
+    ("clearclip", "cityscapes"): (448, 224, 112, 50.0, None), ("dslo-windows", "voc21"): (336, 224, 112, 100.0, None),
     ("dslo-windows", "ade"): (448, 224, 112, 100.0, None),
     ("dslo-windows", "cityscapes"): (560, 224, 112, 100.0, None),
 }

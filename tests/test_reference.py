@@ -191,7 +191,7 @@ def test_attention_transition_is_scaled_symmetric_affinity():
     torch.testing.assert_close(ref.markov_transition(aff, transition="attention"), w)
     torch.testing.assert_close(ref.markov_transition(aff, transition="gibbs", eps=0.3),
                                ref.gibbs_kernel(aff, eps=0.3)[1])
-    with pytest.raises(ValueError, match="transition must be one of 'gibbs', 'attention'; got 'x'"):
+    with pytest.raises(ValueError, match="transition must be one of 'attention', 'gibbs'; got 'x'"):
         ref.markov_transition(aff, transition="x")
 
 

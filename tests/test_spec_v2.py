@@ -200,7 +200,7 @@ def test_attention_with_zero_rows_and_zero_affinity(backend, readout):
 def test_transition_and_nms_axis_are_validated():
     q, aff = _mv_case((1, 9, 2), "bad")
     for mode in ("kl", "op", "mv"):  # checked in every mode, like every parameter
-        with pytest.raises(ValueError, match="transition must be one of 'gibbs', 'attention'; got 'softmax'"):
+        with pytest.raises(ValueError, match="transition must be one of 'attention', 'gibbs'; got 'softmax'"):
             ops.discrepancy(q, aff, mode=mode, transition="softmax")
     feats, text = _features(1, 9, 4, 2, _gen("bad-axis"))
     with pytest.raises(ValueError, match="nms_axis must be one of 'classes', 'patches'; got 'rows'"):

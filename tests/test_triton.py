@@ -325,7 +325,7 @@ def test_gibbs_kernel_only_through_discrepancy(mode, monkeypatch):
         monkeypatch.setattr(gk, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     q = _q(3, 37, 4, dead=(3,), seed=6)
     aff = _gibbs_affinity(3, 37, torch.float32, "transposed", seed=12)
-    kw = dict(mode=mode, iters=4, sk_iters=3, steps=5)
+    kw = dict(mode=mode, iters=4, sk_iters=3, steps=5, transition="gibbs")  # the path that builds K
     want = ops.discrepancy(q.double(), aff.double(), backend="reference", **kw)
     monkeypatch.delenv("OVSS_FAST_TRITON_GIBBS", raising=False)
     separate = ops.discrepancy(q, aff, backend="triton", **kw)

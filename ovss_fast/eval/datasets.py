@@ -57,20 +57,19 @@ class DatasetSpec:
     layout: str
 
 
+#: the folder layouts the datasets that share images share
+_VOC = "VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation/val.txt}"
+_CONTEXT = "VOCdevkit/VOC2010/{JPEGImages,SegmentationClassContext,ImageSets/SegmentationContext/val.txt}"
+_COCO = "coco_stuff164k/{images/val2017,annotations/val2017/*_labelTrainIds.png}"
+
 #: The evaluation protocol, one row per benchmark; README "Evaluation" shows this table.
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
-    DatasetSpec("voc21", "PASCAL VOC 2012 val, background + 20", 21, 336, 224, 112, "val",
-                "VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation/val.txt}"),
-    DatasetSpec("voc20", "PASCAL VOC 2012 val, 20 (background ignored)", 20, 336, 224, 112, "val",
-                "VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation/val.txt}"),
-    DatasetSpec("context60", "PASCAL Context val, background + 59", 60, 336, 224, 112, "val",
-                "VOCdevkit/VOC2010/{JPEGImages,SegmentationClassContext,ImageSets/SegmentationContext/val.txt}"),
-    DatasetSpec("context59", "PASCAL Context val, 59 (background ignored)", 59, 336, 224, 112, "val",
-                "VOCdevkit/VOC2010/{JPEGImages,SegmentationClassContext,ImageSets/SegmentationContext/val.txt}"),
-    DatasetSpec("coco_stuff", "COCO-Stuff 164k val2017, 171", 171, 448, 224, 112, "val2017",
-                "coco_stuff164k/{images/val2017,annotations/val2017/*_labelTrainIds.png}"),
-    DatasetSpec("coco_object", "COCO-Object val2017, background + 80 things", 81, 448, 224, 112, "val2017",
-                "coco_stuff164k/{images/val2017,annotations/val2017/*_labelTrainIds.png}"),
+    DatasetSpec("voc21", "PASCAL VOC 2012 val, background + 20", 21, 336, 224, 112, "val", _VOC),
+    DatasetSpec("voc20", "PASCAL VOC 2012 val, 20 (background ignored)", 20, 336, 224, 112, "val", _VOC),
+    DatasetSpec("context60", "PASCAL Context val, background + 59", 60, 336, 224, 112, "val", _CONTEXT),
+    DatasetSpec("context59", "PASCAL Context val, 59 (background ignored)", 59, 336, 224, 112, "val", _CONTEXT),
+    DatasetSpec("coco_stuff", "COCO-Stuff 164k val2017, 171", 171, 448, 224, 112, "val2017", _COCO),
+    DatasetSpec("coco_object", "COCO-Object val2017, background + 80 things", 81, 448, 224, 112, "val2017", _COCO),
     DatasetSpec("ade", "ADE20K val, 150", 150, 448, 224, 112, "validation",
                 "ADEChallengeData2016/{images/validation,annotations/validation}"),
     DatasetSpec("cityscapes", "Cityscapes val, 19", 19, 560, 224, 112, "val",

@@ -77,13 +77,13 @@ class TritonBackend(Backend):
 
         return mod.class_distributions(feats, text, scale=scale, nms=nms)
 
-    def gibbs_kernel(self, affinity: Tensor, *, eps: float = 0.1) -> tuple[Tensor, Tensor]:
+    def gibbs_kernel(self, affinity: Tensor, *, eps: float = 0.2) -> tuple[Tensor, Tensor]:
         """affinity: [B, N, N] -> (cost [B, N, N], kernel [B, N, N]) float32."""
         from . import gibbs_kernel as mod
 
         return mod.gibbs_kernel(affinity, eps=eps)
 
-    def gibbs_kernel_only(self, affinity: Tensor, *, eps: float = 0.1) -> Tensor:
+    def gibbs_kernel_only(self, affinity: Tensor, *, eps: float = 0.2) -> Tensor:
         """affinity: [B, N, N] -> kernel [B, N, N] float32. OVSS_FAST_TRITON_GIBBS=fused: symmetric tiles,
         no cost written (gibbs_kernel.gibbs_kernel_only); unset or "separate": gibbs_kernel's K."""
         from . import gibbs_kernel as mod
@@ -98,7 +98,7 @@ class TritonBackend(Backend):
 
         return mod.kl_scores(q)
 
-    def sinkhorn_scores(self, q: Tensor, kernel: Tensor, *, eps: float = 0.1, iters: int = 50,
+    def sinkhorn_scores(self, q: Tensor, kernel: Tensor, *, eps: float = 0.2, iters: int = 50,
                         symmetric: bool = False) -> Tensor:
         """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32. ``symmetric=True`` promises K = K^T."""
         from . import sinkhorn_scores as mod
@@ -109,7 +109,7 @@ class TritonBackend(Backend):
                           "sinkhorn_scores", params, q, kernel)
 
     def markov_scores(self, q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int = 50,
-                      readout: str = "integrated", tau: float = 0.3, symmetric: bool = False) -> Tensor:
+                      readout: str = "integrated", tau: float = 0.1, symmetric: bool = False) -> Tensor:
         """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32. ``symmetric=True`` promises K = K^T."""
         from . import markov_scores as mod
 
@@ -118,14 +118,14 @@ class TritonBackend(Backend):
                                                          readout=params[2], tau=params[3], symmetric=params[4]),
                           "markov_scores", params, q, kernel)
 
-    def jbu_upsample(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, sigma_range: float = 0.1,
+    def jbu_upsample(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
                      radius: int = 2) -> Tensor:
         """scores: [B, C, h, w]; guide: [B, 3, H, W] -> [B, C, H, W] float32."""
         from . import jbu as mod
 
         return mod.jbu_upsample(scores, guide, sigma_spatial=sigma_spatial, sigma_range=sigma_range, radius=radius)
 
-    def jbu_argmax(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, sigma_range: float = 0.1,
+    def jbu_argmax(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
                    radius: int = 2) -> Tensor:
         """scores: [B, C, h, w]; guide: [B, 3, H, W] -> labels [B, H, W] int64."""
         from . import jbu as mod

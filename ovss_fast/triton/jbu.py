@@ -239,7 +239,7 @@ def _prepare(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_range: f
         C, h, w, H, W, int(radius), *scores.stride(), *guide.stride(), inv_s, inv_r)
 
 
-def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, sigma_range: float = 0.1,
+def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
                  radius: int = 2) -> Tensor:
     """scores: [B, C, h, w]; guide: [B, 3, H, W] -> [B, C, H, W] float32 (see reference.jbu_upsample)."""
     B, C, h, w = scores.shape
@@ -258,7 +258,7 @@ def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, s
     return out
 
 
-def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 1.0, sigma_range: float = 0.1,
+def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
                radius: int = 2) -> Tensor:
     """scores: [B, C, h, w]; guide: [B, 3, H, W] -> labels [B, H, W] int64 (see reference.jbu_argmax)."""
     B, C, h, w = scores.shape

@@ -588,7 +588,7 @@ def window_scales(kernel: Tensor, *, sk_iters: int = 15, symmetric: bool = False
 
 
 def markov_scores(q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int = 50, readout: str = "integrated",
-                  tau: float = 0.3, schedule: str = "auto", symmetric: bool = False) -> Tensor:
+                  tau: float = 0.1, schedule: str = "auto", symmetric: bool = False) -> Tensor:
     """q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C] float32 (see reference.markov_scores).
 
     schedule: "fused" (the whole chain in one launch), "split" (one row-parallel launch per

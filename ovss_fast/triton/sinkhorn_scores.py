@@ -358,7 +358,7 @@ _persistent_tuned = autotune(configs=PERSISTENT_CONFIGS, key=_PERSISTENT_KEY)(_s
 _persistent_tuned_tf32x3 = autotune(configs=PERSISTENT_CONFIGS_TF32X3,
                                     key=_PERSISTENT_KEY)(_sinkhorn_persistent_kernel)
 
-def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.1, iters: int = 50,
+def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.2, iters: int = 50,
                     schedule: str = "auto", symmetric: bool = False) -> Tensor:
     """q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C] float32 (see reference.sinkhorn_scores).
 

@@ -59,20 +59,12 @@ RANDOM_WARNING = ("**Warning: random weights** (no `--pretrained` given at start
 
 
 def segmenter_accepts(name: str) -> bool:
-    """Whether ``Segmenter`` takes keyword ``name``: in its signature, or (when it takes ``**options``) a
-    field of ``ovss_fast.options.HeadOptions`` where that module exists."""
+    """Whether ``Segmenter`` takes keyword ``name``: in its signature or a field of
+    :class:`~ovss_fast.options.HeadOptions` (which it takes as ``**options``)."""
+    from .options import HeadOptions
     from .segmenter import Segmenter
 
-    params = inspect.signature(Segmenter).parameters
-    if name in params:
-        return True
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        try:
-            from .options import HeadOptions  # type: ignore[import-not-found]
-        except ImportError:
-            return False
-        return name in HeadOptions.names()
-    return False
+    return name in inspect.signature(Segmenter).parameters or name in HeadOptions.names()
 
 
 def random_weights(pretrained: Any) -> bool:
@@ -94,15 +86,14 @@ class Control:
     default: str | None = None
 
 
-#: the page's controls, in order; a Segmenter option is one entry here (transition: only where accepted)
+#: the page's controls, in order; a Segmenter option is one entry here
 CONTROLS: tuple[Control, ...] = (
     Control("model", "model", ("ViT-B-16", "ovss-fast-tiny"), custom=True,
             info="an open_clip name (ovss-fast-tiny: a tiny config for smoke tests, random weights only)"),
     Control("pretrained", "weights", (RANDOM_WEIGHTS,),
             info="given at start (--pretrained), or none: RANDOM weights, meaningless labels"),
     Control("mode", "mode", check.MODES, info="mv maximum velocity, op optimal path, kl no affinity"),
-    *((Control("transition", "transition", getattr(check, "TRANSITIONS", ("attention", "gibbs")), keyword=True,
-               info="the Markov chain of mv"),) if segmenter_accepts("transition") else ()),
+    Control("transition", "transition", check.TRANSITIONS, keyword=True, info="the Markov chain of mv"),
     Control("affinity", "affinity", BUILTIN, info="clip: CLIP's attention; sd2 / dino need --affinity-weights"),
     Control("window", "window (pixels)", (WHOLE_IMAGE, "224", "336", "448"), keyword=True, custom=True,
             default=WHOLE_IMAGE, info="whole image, or sliding windows of this size (a multiple of the patch)"),

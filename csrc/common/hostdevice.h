@@ -51,6 +51,22 @@ HOSTDEVICE float bits_to_float(int32_t i) {
 #endif
 }
 
+// exp(x) / 2^n for x = n ln2 + r (nf = n as a float): r with ln2 split in two so n ln2 is exact
+// enough, then the polynomial. A template so cpu_simd.h's 8-lane exp runs the same operations
+// on vectors (F = float or a GCC float vector).
+template <typename F>
+HOSTDEVICE F exp_mantissa(F xc, F nf) {
+  F r = xc - nf * 0.693359375f;
+  r = r - nf * -2.12194440e-4f;
+  const F z = r * r;
+  F y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  return y * z + r + 1.0f;
+}
+
 HOSTDEVICE float math_exp(float x) {
   const float hi = 88.72283935546875f;    // above: overflow to +inf
   const float lo = -87.33654022216797f;   // below: the result is not a normal float, flushed to 0
@@ -61,16 +77,7 @@ HOSTDEVICE float math_exp(float x) {
   // which a float -> int -> float floor is not once compilers pattern-match it)
   const float nf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const int32_t n = static_cast<int32_t>(nf);
-  float r = xc - nf * 0.693359375f;
-  r = r - nf * -2.12194440e-4f;
-  const float z = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
+  float y = exp_mantissa(xc, nf);
   // 2^n as two normal factors (n in [-126, 128])
   const int32_t n1 = n >> 1, n2 = n - n1;
   y = y * bits_to_float((n1 + 127) << 23);

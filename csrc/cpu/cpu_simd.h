@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include <cmath>
+#include "common/hostdevice.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define OVSS_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -60,16 +61,7 @@ OVSS_INLINE Vec32<float>::type math_exp_nonpositive_x8(Vec32<float>::type x) {
   const F xc = x < lo ? lo : x;
   const F nf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const i32x8 n = __builtin_convertvector(nf, i32x8);
-  F r = xc - nf * 0.693359375f;
-  r = r - nf * -2.12194440e-4f;
-  const F z = r * r;
-  F y = zero + 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
+  F y = exp_mantissa(xc, nf);
   y = y * (F)((n + 127) << 23);  // GCC vector cast: the same bits
   return x < lo ? zero : y;
 }

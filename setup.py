@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -72,6 +73,13 @@ def _ext_modules() -> tuple[list, dict]:
     # no contraction into FMA: CPU and CUDA kernels round the shared csrc/common math the same way;
     # -fno-trapping-math lets selects of computed values vectorise (values unchanged, FP traps unused)
     cxx_flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
+    # at::parallel_for (ATen/Parallel-inl.h) is inline: built without OpenMP it runs every
+    # range on the calling thread. torch's Linux wheels use OpenMP (libgomp.so.1, which the
+    # loader shares with torch's own copy), so our CPU kernels need -fopenmp to use its threads.
+    link_args = []
+    if sys.platform.startswith("linux") and torch.__config__.parallel_info().find("backend: OpenMP") >= 0:
+        cxx_flags.append("-fopenmp")
+        link_args.append("-fopenmp")
     define_macros = []  # Py_LIMITED_API comes from py_limited_api=True
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -90,6 +98,7 @@ def _ext_modules() -> tuple[list, dict]:
     print(f"  CUDA kernels: {'yes' if use_cuda else 'no'} ({why})")
     if use_cuda:
         print(f"  TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    print(f"  OpenMP (at::parallel_for threads): {'yes' if link_args else 'no'}")
     print(f"  MAX_JOBS={os.environ.get('MAX_JOBS', '(ninja default)')}")
     print(f"  sources: {len(cpp)} .cpp, {len(cu)} .cu")
 
@@ -98,6 +107,7 @@ def _ext_modules() -> tuple[list, dict]:
         cpp + cu,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra,
+        extra_link_args=link_args,
         define_macros=define_macros,
         py_limited_api=True,
     )

@@ -5,7 +5,10 @@
 // TORCH_LIBRARY / TORCH_LIBRARY_IMPL, after which the ops live in torch.ops.ovss_fast.
 
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <atomic>
 
 extern "C" {
 // An empty module named _C: `import ovss_fast._C` exists only to load the library
@@ -22,6 +25,16 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace {
+// How many threads one at::parallel_for of ours runs on (the build's OpenMP check, tests/test_ext.py):
+// 1 when the extension was compiled without the parallel backend torch uses.
+int64_t intra_op_threads() {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, 64, 1, [&](int64_t, int64_t) { seen.fetch_or(uint64_t{1} << (at::get_thread_num() % 64)); });
+  return __builtin_popcountll(seen.load());
+}
+}  // namespace
+
 TORCH_LIBRARY(ovss_fast, m) {
   // method.md section 1: feats [B, N, D], text [C, D] -> Q [B, N, C]; nms_axis "classes" or "patches"
   m.def("class_distributions(Tensor feats, Tensor text, float scale, float nms, str nms_axis=\"classes\") -> Tensor");
@@ -37,4 +50,6 @@ TORCH_LIBRARY(ovss_fast, m) {
   m.def("jbu_upsample(Tensor scores, Tensor guide, float sigma_spatial, float sigma_range, int radius) -> Tensor");
   // section 4, fused: scores [B, C, h, w], guide [B, 3, H, W] -> labels [B, H, W] int64
   m.def("jbu_argmax(Tensor scores, Tensor guide, float sigma_spatial, float sigma_range, int radius) -> Tensor");
+  // diagnostics: the threads one at::parallel_for of the extension uses
+  m.def("_intra_op_threads() -> int", &intra_op_threads);
 }

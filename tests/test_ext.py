@@ -88,6 +88,51 @@ def test_required_extension_is_importable():
     assert available_backends()["cpu"] == "ok"
 
 
+def test_cpu_kernels_use_torch_threads():
+    """Built without OpenMP, at::parallel_for runs on the calling thread only (setup.py adds -fopenmp)."""
+    if "backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's parallel backend is not OpenMP")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.ovss_fast._intra_op_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.ops.ovss_fast._intra_op_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_kernels_same_results_on_one_and_two_threads():
+    """Rows split across threads must not change a value (no shared scratch, no chunk-dependent sums)."""
+    from ovss_fast._ext_backend import CPU_BACKEND as E
+
+    g = _gen("threads")
+    feats, text = torch.randn(2, 300, 16, generator=g), torch.randn(5, 16, generator=g)
+    aff = torch.rand(2, 300, 300, generator=g)
+    scores, guide = torch.randn(2, 5, 7, 9, generator=g), torch.rand(2, 3, 61, 83, generator=g)
+    q = E.class_distributions(feats, text, scale=50.0, nms=0.5)
+    kernel = E.gibbs_kernel(aff, eps=0.2)[1]
+    calls = {
+        "class_distributions": lambda: E.class_distributions(feats, text, scale=50.0, nms=0.5),
+        "gibbs_kernel": lambda: E.gibbs_kernel(aff, eps=0.2)[1],
+        "kl_scores": lambda: E.kl_scores(q),
+        "sinkhorn_scores": lambda: E.sinkhorn_scores(q, kernel, eps=0.2, iters=20),
+        "markov_scores": lambda: E.markov_scores(q, kernel, sk_iters=10, steps=20),
+        "jbu_upsample": lambda: E.jbu_upsample(scores, guide, sigma_spatial=2.0, sigma_range=0.1, radius=2),
+        "jbu_argmax": lambda: E.jbu_argmax(scores, guide, sigma_spatial=2.0, sigma_range=0.1, radius=2),
+    }
+    before = torch.get_num_threads()
+    try:
+        for name, call in calls.items():
+            torch.set_num_threads(1)
+            one = call()
+            torch.set_num_threads(2)
+            two = call()
+            assert torch.equal(one, two), name
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- section 1
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,N,D,C", [(1, 1, 8, 1), (2, 37, 24, 5), (1, 49, 64, 21), (2, 13, 3, 171)])

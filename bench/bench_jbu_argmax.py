@@ -123,6 +123,8 @@ PROTOCOL = [{"B": 1, "C": 21, "h": 21, "w": 28, "H": 375, "W": 500},
             {"B": 1, "C": 171, "h": 28, "w": 37, "H": 480, "W": 640},
             {"B": 1, "C": 19, "h": 35, "w": 70, "H": 1024, "W": 2048}]
 OLD_SO = "/tmp/jbu_old/_C.abi3.so"
+# the same old source built with -fopenmp (setup.py has it since; before, at::parallel_for ran on one thread)
+OLD_OMP_SO = "/tmp/jbu_old_omp/_C.abi3.so"
 KORNIA_NOTE = ("kornia = kornia.filters.joint_bilateral_blur(up, guide, kernel_size=5, sigma_color=0.1, "
                "sigma_space=(1, 1), color_distance_type='l2') on up = the scores bilinearly resized to H x W "
                "beforehand (not timed): a same-resolution 5 x 5 filter at full resolution, i.e. a different "
@@ -134,8 +136,8 @@ def _shape(case: dict) -> str:
 
 
 def worker(variant: str, old_so: str) -> None:
-    """Serve timing requests on stdin (one JSON line each): the old build (load_library) or this checkout's."""
-    if variant == "old":
+    """Serve timing requests on stdin (one JSON line each): an old build (load_library) or this checkout's."""
+    if variant != "new":
         torch.ops.load_library(old_so)  # registers the ops; ovss_fast is not imported here
     else:
         import ovss_fast._C  # noqa: F401
@@ -217,26 +219,31 @@ def _checks(i: int, tmp: str) -> str:
             f"{int((labels != old_labels).sum())} from old")
 
 
-def main_before_after(old_so: str, reps: int, with_kornia: bool, check: bool) -> None:
+def main_before_after(old_so: str, reps: int, with_kornia: bool, check: bool, old_omp_so: str = "") -> None:
     if not Path(old_so).exists():
         raise SystemExit(f"--old-so {old_so} does not exist: copy the earlier build's ovss_fast/_C*.so there")
-    new, old = _Worker("new", old_so), _Worker("old", old_so)
+    workers = {"old": _Worker("old", old_so)}
+    if old_omp_so and Path(old_omp_so).exists():
+        workers["oldomp"] = _Worker("oldomp", old_omp_so)
+    workers["new"] = _Worker("new", old_so)
+    variants = list(workers)
+    new = workers["new"]
     tmp = tempfile.mkdtemp(prefix="bench_jbu_")
     ops = ("jbu_argmax", "jbu_upsample")
     table, rows = [], []
     load_start = eb.load_average()
     try:
         for i, case in enumerate(PROTOCOL):
-            ms = {(v, op): [] for v in ("old", "new") for op in ops}
+            ms = {(v, op): [] for v in variants for op in ops}
             ms[("kornia", "kornia")] = []
-            for w, v in ((old, "old"), (new, "new")):  # warm-up (and inputs), results saved for the checks
+            for v, w in workers.items():  # warm-up (and inputs), results saved for the checks
                 for op in ops:
                     w.ask(case=i, op=op, runs=1, save=os.path.join(tmp, f"{v}_{op}_{i}.pt"))
             for r in range(reps):
-                order = (("old", old), ("new", new)) if r % 2 == 0 else (("new", new), ("old", old))
+                order = variants if r % 2 == 0 else variants[::-1]  # A B C C B A ...
                 for op in ops:
-                    for v, w in order:
-                        ms[(v, op)] += w.ask(case=i, op=op, runs=1)
+                    for v in order:
+                        ms[(v, op)] += workers[v].ask(case=i, op=op, runs=1)
                 if with_kornia and r < max(1, reps // 2):
                     ms[("kornia", "kornia")] += new.ask(case=i, op="kornia", runs=1)
             note = _checks(i, tmp) if check else "not checked"
@@ -244,28 +251,35 @@ def main_before_after(old_so: str, reps: int, with_kornia: bool, check: bool) ->
             kornia_ms = f"{med[('kornia', 'kornia')]:.0f}" if ("kornia", "kornia") in med else "-"
             for op in ops:
                 o, n = med[("old", op)], med[("new", op)]
-                table.append([_shape(case), op, f"{o:.0f}", f"{n:.1f}", f"{o / n:.1f}x", kornia_ms, note])
-                for v in ("old", "new"):
+                mid = ([f"{med[('oldomp', op)]:.0f}", f"{med[('oldomp', op)] / n:.1f}x"]
+                       if "oldomp" in workers else [])
+                table.append([_shape(case), op, f"{o:.0f}", *mid, f"{n:.1f}", f"{o / n:.1f}x", kornia_ms, note])
+                for v in variants:
                     rows.append({"date": now(), "bench": NAME + " before/after", "device": device_name("cpu"),
                                  "op": op, "dtype": "float32", "versions": f"{versions()}, ovss_fast {eb.commit()}",
                                  "shape": _shape(case), "backend": f"cpu {v}", "median_ms": f"{med[(v, op)]:.1f}",
                                  "peak_mem_mb": "", "note": f"{len(ms[(v, op)])} runs; load {eb.load_average()}"})
                 print(table[-1], flush=True)
     finally:
-        new.close()
-        old.close()
+        for w in workers.values():
+            w.close()
     append_rows(rows)
+    mid_head = ["old+OpenMP ms", "new vs old+OpenMP"] if "oldomp" in workers else []
+    mid_text = ("old+OpenMP = the same old source built with -fopenmp (`--old-omp-so`): before, the extension was "
+                "built without it and at::parallel_for ran every CPU kernel on one thread; this column separates "
+                "the kernel rewrite from the threads. " if "oldomp" in workers else "")
     body = (f"{now()}; {device_name('cpu')}; {versions()}, ovss_fast "
             f"{eb.commit()}; load average (1, 5, 15 min) at the start {load_start}, at the end "
             f"{eb.load_average()}.\n\n"
             "float32, B = 1, radius 2 (25 taps), sigma_s 1, sigma_r 0.1; scores smooth random, guide a smooth "
             "random image (bench/bench_jbu_argmax.py make_inputs). old = the per-pixel kernel before issue 21 "
-            f"(a copy of an earlier build, `--old-so`); new = this checkout's. Median of {reps} calls each, "
-            "old and new alternated call by call (A B A B) in two worker processes. "
+            f"as it was built then (a copy of an earlier build, `--old-so`); {mid_text}new = this checkout's. "
+            f"Median of {reps} calls each, the builds alternated call by call in their own worker processes. "
             f"{KORNIA_NOTE}. Checks: new jbu_upsample vs the float64 reference (max rel. error), new labels vs "
             "the reference's argmax (differences must be near-ties), new vs old labels.\n\n"
-            "Run: `python -m bench.bench_jbu_argmax` (`--old-so PATH`, `--reps N`).\n\n"
-            + markdown_table(["shape", "op", "old ms", "new ms", "speed-up", "kornia ms", "checks"], table))
+            "Run: `python -m bench.bench_jbu_argmax` (`--old-so PATH`, `--old-omp-so PATH`, `--reps N`).\n\n"
+            + markdown_table(["shape", "op", "old ms", *mid_head, "new ms", "speed-up", "kornia ms", "checks"],
+                             table))
     write_section("jbu_argmax / jbu_upsample on CPU: before / after the class-last rewrite (issue 21)", body)
 
 
@@ -276,14 +290,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--no-kornia", action="store_true")
     ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--worker", choices=("old", "new"), help=argparse.SUPPRESS)
+    ap.add_argument("--old-omp-so", default=OLD_OMP_SO,
+                    help="the old source built with -fopenmp (a third column when the file exists)")
+    ap.add_argument("--worker", choices=("old", "oldomp", "new"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.old_so)
     elif args.vs_reference:
         main_vs_reference()
     else:
-        main_before_after(args.old_so, args.reps, not args.no_kornia, not args.no_check)
+        main_before_after(args.old_so, args.reps, not args.no_kornia, not args.no_check, args.old_omp_so)
 
 
 if __name__ == "__main__":

@@ -252,13 +252,17 @@ def markov_scores(q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int =
 
 # --------------------------------------------------------------------------- section 4
 def _tap_geometry(h: int, w: int, H: int, W: int, radius: int, device: torch.device, dt: torch.dtype):
-    """Low-res positions p' and their nearest grid cell for every output row / column."""
-    py = (torch.arange(H, device=device, dtype=dt) + 0.5) * (h / H) - 0.5  # [H]
-    px = (torch.arange(W, device=device, dtype=dt) + 0.5) * (w / W) - 0.5  # [W]
-    # round half up, the same in every backend: floor(x + 0.5)
+    """Low-res positions p' (rounded to ``dt``) and their nearest grid cell for every output row / column.
+
+    p' is formed in float64 for every dtype and the cells are taken from it (round half up,
+    floor(p' + 0.5), the same in every backend): formed in float32, p' = k + 0.5 can round to
+    just below it (h = 2, H = 41: row 20) and move that row's whole tap window one cell.
+    """
+    py = (torch.arange(H, device=device, dtype=torch.float64) + 0.5) * (h / H) - 0.5  # [H]
+    px = (torch.arange(W, device=device, dtype=torch.float64) + 0.5) * (w / W) - 0.5  # [W]
     cy = torch.floor(py + 0.5).long()
     cx = torch.floor(px + 0.5).long()
-    return py, px, cy, cx
+    return py.to(dt), px.to(dt), cy, cx
 
 
 def lowres_guide(guide: Tensor, h: int, w: int, dt: torch.dtype) -> tuple[Tensor, Tensor]:

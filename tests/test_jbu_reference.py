@@ -90,3 +90,19 @@ def test_ties_go_to_the_lowest_class_and_dead_classes_never_win():
     assert (labels == 1).all()  # classes 1-3 tie everywhere; class 0 is -inf
     up = ref.jbu_upsample(scores, guide)
     assert torch.isneginf(up[:, 0]).all() and (up[:, 1:] == 0).all()
+
+
+def test_float32_picks_the_float64_cells_at_exact_halves():
+    """h = 8, H = 41: row 20 sits at p' = 3.5 exactly; formed in float32 it rounds to 3.4999998 and
+    took cell 3 (the whole 5-tap window one row up). The float32 reference now takes p' in float64."""
+    h, H = 8, 41
+    y = torch.arange(H, dtype=torch.float32)
+    assert int(torch.floor((y[20] + 0.5) * (h / H) - 0.5 + 0.5)) == 3  # the float32 arithmetic's cell
+    _, _, cy, cx = ref._tap_geometry(h, h, H, H, 2, torch.device("cpu"), torch.float32)
+    assert int(cy[20]) == 4 and int(cx[20]) == 4
+    g = torch.Generator().manual_seed(3)
+    scores, guide = torch.randn(1, 4, h, h, generator=g), torch.rand(1, 3, H, H, generator=g)
+    up32 = ref.jbu_upsample(scores, guide, sigma_spatial=1.0, sigma_range=0.1, radius=1)
+    up64 = ref.jbu_upsample(scores.double(), guide.double(), sigma_spatial=1.0, sigma_range=0.1, radius=1)
+    assert float((up32.double() - up64).abs().max() / up64.abs().max()) <= 1e-5
+    assert torch.equal(ref.jbu_argmax(scores, guide, sigma_spatial=1.0, sigma_range=0.1, radius=1), up64.argmax(dim=1))

@@ -43,8 +43,16 @@ inline void check_jbu_args(const at::Tensor& scores, const at::Tensor& guide, do
               shape_str(scores), ") but the guide ", shape_str(guide), " has pixels to fill");
 }
 
-// everything but the sizes is left undefined when the output is empty
-inline JbuInputs prepare_jbu(const at::Tensor& scores, const at::Tensor& guide, bool need_data) {
+// Gd as hi + lo [B, 6, h, w] from Gd in double [B, 3, h, w]
+inline at::Tensor jbu_split_gd(const at::Tensor& gd64, at::ScalarType dtype) {
+  const at::Tensor hi = gd64.to(dtype);
+  const at::Tensor lo = at::sub(gd64, hi.to(at::kDouble)).to(dtype);
+  return at::cat({hi, lo}, 1).contiguous();
+}
+
+// everything but the sizes is left undefined when the output is empty; with_gd = false leaves
+// in.gd to the caller (the CPU float path pools the float guide in double itself: jbu_cpu.h)
+inline JbuInputs prepare_jbu(const at::Tensor& scores, const at::Tensor& guide, bool need_data, bool with_gd = true) {
   JbuInputs in;
   in.dtype = compute_dtype(scores, guide);
   in.B = scores.size(0);
@@ -57,10 +65,7 @@ inline JbuInputs prepare_jbu(const at::Tensor& scores, const at::Tensor& guide, 
     in.scores = prepare(scores, in.dtype);
     in.guide = prepare(guide, in.dtype);
     // Gd in double, carried as two values of the compute dtype (common/jbu_math.h, "Precision")
-    const at::Tensor gd64 = at::adaptive_avg_pool2d(in.guide.to(at::kDouble), {in.h, in.w});
-    const at::Tensor hi = gd64.to(in.dtype);
-    const at::Tensor lo = at::sub(gd64, hi.to(at::kDouble)).to(in.dtype);
-    in.gd = at::cat({hi, lo}, 1).contiguous();
+    if (with_gd) in.gd = jbu_split_gd(at::adaptive_avg_pool2d(in.guide.to(at::kDouble), {in.h, in.w}), in.dtype);
   }
   return in;
 }

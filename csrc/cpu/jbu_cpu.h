@@ -33,6 +33,7 @@
 
 #include "common/jbu_math.h"
 #include "common/jbu_prepare.h"
+#include "cpu/cpu_memory.h"
 #include "cpu/cpu_simd.h"
 
 // vector values live only inside always-inlined code; GCC reports the clones' -Wpsabi at the end
@@ -65,6 +66,31 @@ inline std::vector<JbuSegment> jbu_segments(const JbuShape<T>& s) {
   return segs;
 }
 
+// Gd = adaptive_avg_pool2d(guide in double, (h, w)) [B, 3, h, w] without a double copy of the
+// guide (50 MB at 1024 x 2048): each cell summed in double, rows then columns, then / kh / kw
+// as torch's CPU kernel; cells as adaptive pooling: [floor(i H / h), ceil((i + 1) H / h)).
+inline at::Tensor jbu_pool_guide(const at::Tensor& guide, int64_t h, int64_t w) {
+  const int64_t B = guide.size(0), H = guide.size(2), W = guide.size(3);
+  at::Tensor gd = at::empty({B, 3, h, w}, guide.options().dtype(at::kDouble));
+  const float* g = guide.const_data_ptr<float>();
+  double* o = gd.mutable_data_ptr<double>();
+  at::parallel_for(0, B * 3 * h, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t plane = r / h, oy = r - plane * h;
+      const int64_t y0 = oy * H / h, y1 = ((oy + 1) * H + h - 1) / h;
+      const float* src = g + plane * H * W;
+      for (int64_t ox = 0; ox < w; ++ox) {
+        const int64_t x0 = ox * W / w, x1 = ((ox + 1) * W + w - 1) / w;
+        double sum = 0.0;
+        for (int64_t y = y0; y < y1; ++y)
+          for (int64_t x = x0; x < x1; ++x) sum += static_cast<double>(src[y * W + x]);
+        o[r * w + ox] = sum / static_cast<double>(y1 - y0) / static_cast<double>(x1 - x0);
+      }
+    }
+  });
+  return gd;
+}
+
 // What the kernels read, prepared once per call.
 template <typename T>
 struct JbuCpuData {
@@ -77,7 +103,8 @@ struct JbuCpuData {
 };
 
 // Host side: the class-last padded scores and the per-cell flags (tensors kept alive in
-// *keep), from prepare_jbu's contiguous inputs.
+// *keep), from prepare_jbu's contiguous inputs (float: prepare_jbu(..., with_gd = false),
+// Gd pooled here by jbu_pool_guide).
 template <typename T>
 inline JbuCpuData<T> jbu_cpu_data(const JbuInputs& in, double sigma_spatial, double sigma_range, int64_t radius,
                                   std::vector<at::Tensor>* keep) {
@@ -86,15 +113,21 @@ inline JbuCpuData<T> jbu_cpu_data(const JbuInputs& in, double sigma_spatial, dou
   constexpr int64_t L = Vec32<T>::kLen;
   const int64_t B = in.B, C = in.C, hw = in.h * in.w;
   d.Cp = (C + L - 1) / L * L;
+  at::Tensor gd_t = in.gd;
+  if (!gd_t.defined()) {
+    TORCH_CHECK(in.dtype == at::kFloat, "jbu_cpu_data: Gd missing for a ", in.dtype, " guide");
+    gd_t = jbu_split_gd(jbu_pool_guide(in.guide, in.h, in.w), in.dtype);
+  }
   at::Tensor st = at::empty({B, hw, d.Cp}, in.scores.options());
   at::Tensor bad = at::empty({B, hw}, in.scores.options().dtype(at::kByte));
   const T* src = in.scores.const_data_ptr<T>();
-  const T* gd = in.gd.const_data_ptr<T>();
+  const T* gd = gd_t.const_data_ptr<T>();
   T* dst = st.mutable_data_ptr<T>();
   uint8_t* flag = bad.mutable_data_ptr<uint8_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t q = 0; q < hw; ++q) {
-      T* row = dst + (b * hw + q) * d.Cp;
+  at::parallel_for(0, B * hw, 256, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b = k / hw, q = k - b * hw;
+      T* row = dst + k * d.Cp;
       bool finite = true;
       for (int64_t c = 0; c < C; ++c) {
         const T v = src[(b * C + c) * hw + q];
@@ -102,12 +135,13 @@ inline JbuCpuData<T> jbu_cpu_data(const JbuInputs& in, double sigma_spatial, dou
         finite = finite && std::isfinite(v);
       }
       for (int64_t c = C; c < d.Cp; ++c) row[c] = T(0);
-      for (int k = 0; k < 6; ++k) finite = finite && std::isfinite(gd[(b * 6 + k) * hw + q]);
-      flag[b * hw + q] = finite ? 0 : 1;
+      for (int j = 0; j < 6; ++j) finite = finite && std::isfinite(gd[(b * 6 + j) * hw + q]);
+      flag[k] = finite ? 0 : 1;
     }
-  }
+  });
   keep->push_back(st);
   keep->push_back(bad);
+  keep->push_back(gd_t);
   d.st = dst;
   d.g = in.guide.const_data_ptr<T>();
   d.gd = gd;
@@ -121,6 +155,7 @@ struct JbuWork {
   std::vector<double> e;      // [taps][kJbuChunk] exponents (float path)
   std::vector<T> wt;          // [taps][kJbuChunk] weights
   std::vector<T> num;         // [W + kJbuChunk][Cp] numerators (jbu_upsample: the whole row)
+  std::vector<T> rden;        // [W] the row's weight sums (jbu_upsample)
   std::vector<int64_t> off;   // [taps] the segment's on-grid cells
   std::vector<T> pw;          // [taps] one pixel's weights (per-pixel path)
   std::vector<int64_t> poff;  // [taps] one pixel's cells (per-pixel path)
@@ -129,6 +164,7 @@ struct JbuWork {
       : e(static_cast<size_t>(taps) * kJbuChunk),
         wt(static_cast<size_t>(taps) * kJbuChunk),
         num(static_cast<size_t>(W + kJbuChunk) * Cp),
+        rden(static_cast<size_t>(W)),
         off(taps),
         pw(taps),
         poff(taps) {}
@@ -351,6 +387,69 @@ OVSS_INLINE void jbu_segment_numerators(const T* wt, const int64_t* off, int tap
   }
 }
 
+// In-register transposes of L x L blocks (rows r[i] -> columns): three (float) or two (double)
+// stages of pairwise shuffles, the usual unpack / shuffle / lane-permute network.
+OVSS_INLINE void transpose_block(Vec32<float>::type* r) {
+  typedef Vec32<float>::type F;
+  F a[8], t[8];
+  for (int i = 0; i < 8; i += 2) {
+    a[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    a[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int k = 0; k < 2; ++k) {
+      t[i + k] = __builtin_shufflevector(a[i + k], a[i + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      t[i + k + 2] = __builtin_shufflevector(a[i + k], a[i + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  // t[0..3] hold pixels 0-3 of classes (0, 4), (2, 6), (1, 5), (3, 7) in their 128-bit halves; t[4..7]
+  // the same for pixels 4-7
+  const int order[4] = {0, 2, 1, 3};
+  for (int k = 0; k < 4; ++k) {
+    r[k] = __builtin_shufflevector(t[order[k]], t[order[k] + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[k + 4] = __builtin_shufflevector(t[order[k]], t[order[k] + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+OVSS_INLINE void transpose_block(Vec32<double>::type* r) {
+  typedef Vec32<double>::type D;
+  D a[4];
+  for (int i = 0; i < 4; i += 2) {
+    a[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 4, 2, 6);
+    a[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 1, 5, 3, 7);
+  }
+  r[0] = __builtin_shufflevector(a[0], a[2], 0, 1, 4, 5);
+  r[1] = __builtin_shufflevector(a[1], a[3], 0, 1, 4, 5);
+  r[2] = __builtin_shufflevector(a[0], a[2], 2, 3, 6, 7);
+  r[3] = __builtin_shufflevector(a[1], a[3], 2, 3, 6, 7);
+}
+
+// jbu_upsample's row, channel-first: out[c, x] = num[x, c] / den[x] for c < C (o: class 0's row,
+// plane: H * W between classes). L pixels x L classes per transpose; the division is elementwise,
+// the same operation per value as dividing each pixel's numerators.
+template <typename T>
+OVSS_INLINE void jbu_store_row(const T* __restrict num, const T* __restrict den, int64_t Cp, int64_t C, int64_t W,
+                               int64_t plane, T* __restrict o) {
+  typedef typename Vec32<T>::type V;
+  constexpr int L = Vec32<T>::kLen;
+  int64_t x0 = 0;
+  for (; x0 + L <= W; x0 += L) {
+    V d;
+    memcpy(&d, den + x0, sizeof(V));
+    for (int64_t c0 = 0; c0 < C; c0 += L) {
+      V r[L];
+      for (int i = 0; i < L; ++i) memcpy(&r[i], num + (x0 + i) * Cp + c0, sizeof(V));
+      transpose_block(r);
+      const int64_t nc = C - c0 < L ? C - c0 : L;
+      for (int64_t j = 0; j < nc; ++j) {
+        const V v = r[j] / d;
+        memcpy(o + (c0 + j) * plane + x0, &v, sizeof(V));
+      }
+    }
+  }
+  for (; x0 < W; ++x0)
+    for (int64_t c = 0; c < C; ++c) o[c * plane + x0] = num[x0 * Cp + c] / den[x0];
+}
+
 // One output row y of image b. kArgmax: labels[x] (labels: the row); else out: [B, C, H, W].
 // Per segment: *fast = the matrix-product path ran (num unnormalised, den separate), else
 // the per-pixel path filled num with the reference's rules.
@@ -405,30 +504,10 @@ OVSS_INLINE void jbu_row(const JbuCpuData<T>& d, const std::vector<JbuSegment>& 
         labels[seg.x0 + l] = arg;
       }
     } else {
-      typedef typename Vec32<T>::type V;
-      constexpr int L = Vec32<T>::kLen;
-      for (int l = 0; l < seg.n; ++l) {  // num / den on whole vectors (Cp is a multiple of L)
-        T* v = num + l * Cp;
-        const T dl = wk.den[l];
-        for (int64_t c = 0; c < Cp; c += L) {
-          V x;
-          memcpy(&x, v + c, sizeof(V));
-          x = x / dl;
-          memcpy(v + c, &x, sizeof(V));
-        }
-      }
+      for (int l = 0; l < seg.n; ++l) wk.rden[seg.x0 + l] = wk.den[l];
     }
   }
-  if constexpr (!kArgmax) {  // the row channel-first, in tiles of 32 pixels (whole cache lines per class)
-    const T* num = wk.num.data();
-    for (int64_t x0 = 0; x0 < s.W; x0 += 32) {
-      const int64_t x1 = x0 + 32 < s.W ? x0 + 32 : s.W;
-      for (int64_t c = 0; c < C; ++c) {
-        T* o = out + ((b * C + c) * s.H + y) * s.W;
-        for (int64_t x = x0; x < x1; ++x) o[x] = num[x * Cp + c];
-      }
-    }
-  }
+  if constexpr (!kArgmax) jbu_store_row(wk.num.data(), wk.rden.data(), Cp, C, s.W, HW, out + (b * C * s.H + y) * s.W);
 }
 
 // The op body shared by both files: rows in parallel, each thread its scratch. row_fn(d, segs,

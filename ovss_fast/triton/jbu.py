@@ -1,7 +1,7 @@
 """Triton joint bilateral upsampling and its fused argmax (method.md section 4).
 
 One launch per call each. The host computes, exactly as the reference does, the low-res
-positions p' (py [H], px [W]) and tap centres floor(p' + 0.5) (cy, cx) in float32, and
+positions p' (py [H], px [W], float32) and tap centres floor(p' + 0.5) (cy, cx, from p' in float64), and
 Gd = adaptive_avg_pool2d(guide, (h, w)); the kernels never re-derive the tap geometry,
 so every backend rounds the centres identically.
 

@@ -227,7 +227,9 @@ def main_before_after(old_so: str, reps: int, with_kornia: bool, check: bool, ol
         workers["oldomp"] = _Worker("oldomp", old_omp_so)
     workers["new"] = _Worker("new", old_so)
     variants = list(workers)
-    new = workers["new"]
+    # kornia in a process of its own: its multi-GB temporaries would otherwise shape the new
+    # build's memory (page and huge-page availability) between its timed calls
+    side = _Worker("new", old_so) if with_kornia else None
     tmp = tempfile.mkdtemp(prefix="bench_jbu_")
     ops = ("jbu_argmax", "jbu_upsample")
     table, rows = [], []
@@ -245,7 +247,7 @@ def main_before_after(old_so: str, reps: int, with_kornia: bool, check: bool, ol
                     for v in order:
                         ms[(v, op)] += workers[v].ask(case=i, op=op, runs=1)
                 if with_kornia and r < max(1, reps // 2):
-                    ms[("kornia", "kornia")] += new.ask(case=i, op="kornia", runs=1)
+                    ms[("kornia", "kornia")] += side.ask(case=i, op="kornia", runs=1)
             note = _checks(i, tmp) if check else "not checked"
             med = {k: _median(t) for k, t in ms.items() if t}
             kornia_ms = f"{med[('kornia', 'kornia')]:.0f}" if ("kornia", "kornia") in med else "-"
@@ -261,7 +263,7 @@ def main_before_after(old_so: str, reps: int, with_kornia: bool, check: bool, ol
                                  "peak_mem_mb": "", "note": f"{len(ms[(v, op)])} runs; load {eb.load_average()}"})
                 print(table[-1], flush=True)
     finally:
-        for w in workers.values():
+        for w in [*workers.values(), *([side] if side else [])]:
             w.close()
     append_rows(rows)
     mid_head = ["old+OpenMP ms", "new vs old+OpenMP"] if "oldomp" in workers else []

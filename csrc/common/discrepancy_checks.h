@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -13,6 +14,19 @@
 #include "markov_math.h"
 
 namespace ovss_fast {
+
+// q, kernel in their compute dtype (half / bfloat16 computed in float32), contiguous, and the output
+// S [B, N, C] shaped like q (CPU and CUDA wrappers alike).
+struct DiscrepancyTensors {
+  at::Tensor q, kernel, out;
+};
+
+inline DiscrepancyTensors prepare_discrepancy(const at::Tensor& q, const at::Tensor& kernel) {
+  const auto dt = compute_dtype(q, kernel);
+  DiscrepancyTensors t{q.to(dt).contiguous(), kernel.to(dt).contiguous(), {}};
+  t.out = at::empty(t.q.sizes(), t.q.options());
+  return t;
+}
 
 // q [B, N, C], kernel [B, N, N]: ranks, sizes, dtypes and devices.
 inline void check_q_and_kernel(const at::Tensor& q, const at::Tensor& kernel) {

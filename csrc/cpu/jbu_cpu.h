@@ -170,6 +170,28 @@ struct JbuWork {
         poff(taps) {}
 };
 
+// The on-grid cells of the taps around centre (cy, cx), in tap order (dy outer, dx inner): flat
+// indices into off, their count returned; *any_bad: one of them is flagged in bad (nullptr: none).
+template <typename T>
+OVSS_INLINE int jbu_tap_cells(const JbuShape<T>& s, int64_t cy, int64_t cx, const uint8_t* bad, int64_t* off,
+                              bool* any_bad) {
+  int n = 0;
+  bool flagged = false;
+  for (int dy = -s.radius; dy <= s.radius; ++dy) {
+    const int64_t qy = cy + dy;
+    if (qy < 0 || qy >= s.h) continue;
+    for (int dx = -s.radius; dx <= s.radius; ++dx) {
+      const int64_t qx = cx + dx;
+      if (qx < 0 || qx >= s.w) continue;
+      off[n] = qy * s.w + qx;
+      flagged = flagged || (bad != nullptr && bad[off[n]] != 0);
+      ++n;
+    }
+  }
+  *any_bad = flagged;
+  return n;
+}
+
 // The on-grid taps of one output pixel (method.md section 4): normalisation-free weights
 // and low-res flat indices, in the reference's tap order (dy outer, dx inner). Returns
 // the tap count; *den receives the weights' sum. Three passes over the taps: the peak
@@ -184,24 +206,17 @@ OVSS_INLINE int jbu_pixel_taps(const JbuShape<T>& s,
   const int64_t cy = jbu_nearest(py), cx = jbu_nearest(px);
   const int64_t HW = s.H * s.W, hw = s.h * s.w;
   const T g0 = g[y * s.W + x], g1 = g[HW + y * s.W + x], g2 = g[2 * HW + y * s.W + x];
-  int n = 0;
+  bool unused;
+  const int n = jbu_tap_cells(s, cy, cx, nullptr, offset, &unused);
   T emax = neg_inf<T>();
   JbuTap<T> peak{};
-  for (int dy = -s.radius; dy <= s.radius; ++dy) {
-    const int64_t qy = cy + dy;
-    if (qy < 0 || qy >= s.h) continue;
-    for (int dx = -s.radius; dx <= s.radius; ++dx) {
-      const int64_t qx = cx + dx;
-      if (qx < 0 || qx >= s.w) continue;
-      const int64_t q = qy * s.w + qx;
-      const JbuTap<T> tap = jbu_tap(qy, py, qx, px, g0, g1, g2, gd, q, hw);
-      const T e = jbu_tap_exponent(tap, s.inv_s, s.inv_r);
-      if (e > emax) {
-        emax = e;
-        peak = tap;
-      }
-      offset[n] = q;
-      ++n;
+  for (int t = 0; t < n; ++t) {
+    const int64_t q = offset[t], qy = q / s.w, qx = q - qy * s.w;
+    const JbuTap<T> tap = jbu_tap(qy, py, qx, px, g0, g1, g2, gd, q, hw);
+    const T e = jbu_tap_exponent(tap, s.inv_s, s.inv_r);
+    if (e > emax) {
+      emax = e;
+      peak = tap;
     }
   }
   T rmax = neg_inf<T>();
@@ -231,27 +246,6 @@ OVSS_INLINE void jbu_pixel_numerators(const T* __restrict st,  // [h*w, Cp] of i
     const T wt = weight[t];
     for (int64_t c = 0; c < C; ++c) num[c] = jbu_accumulate(num[c], wt, sp[c]);
   }
-}
-
-// The segment's on-grid cells in tap order; their count. *bad: one of them is flagged.
-template <typename T>
-OVSS_INLINE int jbu_segment_cells(const JbuShape<T>& s, int64_t cy, int64_t cx, const uint8_t* bad, int64_t* off,
-                                  bool* any_bad) {
-  int n = 0;
-  bool flagged = false;
-  for (int dy = -s.radius; dy <= s.radius; ++dy) {
-    const int64_t qy = cy + dy;
-    if (qy < 0 || qy >= s.h) continue;
-    for (int dx = -s.radius; dx <= s.radius; ++dx) {
-      const int64_t qx = cx + dx;
-      if (qx < 0 || qx >= s.w) continue;
-      off[n] = qy * s.w + qx;
-      flagged = flagged || bad[off[n]] != 0;
-      ++n;
-    }
-  }
-  *any_bad = flagged;
-  return n;
 }
 
 // float: the weights of the segment's pixels, wt[t * kJbuChunk + l], and their sums den[l]
@@ -466,7 +460,7 @@ OVSS_INLINE void jbu_row(const JbuCpuData<T>& d, const std::vector<JbuSegment>& 
     // argmax: one segment's numerators at a time; upsample: the row's, written once per class below
     T* num = wk.num.data() + (kArgmax ? 0 : seg.x0 * Cp);
     bool bad;
-    const int taps = jbu_segment_cells(s, cy, seg.cx, d.bad + b * hw, wk.off.data(), &bad);
+    const int taps = jbu_tap_cells(s, cy, seg.cx, d.bad + b * hw, wk.off.data(), &bad);
     bool fast = !bad;
     if (fast) {
       if constexpr (sizeof(T) == 4) {

@@ -219,17 +219,14 @@ at::Tensor markov_scores_cpu(const at::Tensor& q,       // [B, N, C]
   check_q_and_kernel(q, kernel);
   const int code = check_markov_params(sk_iters, steps, std::string(readout), tau);
   check_device(q, "q", c10::DeviceType::CPU);
-  const auto dt = compute_dtype(q, kernel);
-  const at::Tensor qc = q.to(dt).contiguous();
-  const at::Tensor kc = kernel.to(dt).contiguous();
-  at::Tensor out = at::empty(qc.sizes(), qc.options());
-  if (out.numel() == 0) return out;
-  if (dt == at::kDouble) {
-    markov_scores_cpu_impl<double>(qc, kc, sk_iters, steps, code, tau, out);
+  DiscrepancyTensors t = prepare_discrepancy(q, kernel);
+  if (t.out.numel() == 0) return t.out;
+  if (t.q.scalar_type() == at::kDouble) {
+    markov_scores_cpu_impl<double>(t.q, t.kernel, sk_iters, steps, code, tau, t.out);
   } else {
-    markov_scores_cpu_impl<float>(qc, kc, sk_iters, steps, code, tau, out);
+    markov_scores_cpu_impl<float>(t.q, t.kernel, sk_iters, steps, code, tau, t.out);
   }
-  return out;
+  return t.out;
 }
 
 TORCH_LIBRARY_IMPL(ovss_fast, CPU, m) {

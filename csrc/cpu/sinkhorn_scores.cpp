@@ -108,17 +108,14 @@ at::Tensor sinkhorn_scores_cpu(const at::Tensor& q,       // [B, N, C]
   check_q_and_kernel(q, kernel);
   check_sinkhorn_params(eps, iters);
   check_device(q, "q", c10::DeviceType::CPU);
-  const auto dt = compute_dtype(q, kernel);
-  const at::Tensor qc = q.to(dt).contiguous();
-  const at::Tensor kc = kernel.to(dt).contiguous();
-  at::Tensor out = at::empty(qc.sizes(), qc.options());
-  if (out.numel() == 0) return out;
-  if (dt == at::kDouble) {
-    sinkhorn_scores_cpu_impl<double>(qc, kc, eps, iters, out);
+  DiscrepancyTensors t = prepare_discrepancy(q, kernel);
+  if (t.out.numel() == 0) return t.out;
+  if (t.q.scalar_type() == at::kDouble) {
+    sinkhorn_scores_cpu_impl<double>(t.q, t.kernel, eps, iters, t.out);
   } else {
-    sinkhorn_scores_cpu_impl<float>(qc, kc, eps, iters, out);
+    sinkhorn_scores_cpu_impl<float>(t.q, t.kernel, eps, iters, t.out);
   }
-  return out;
+  return t.out;
 }
 
 TORCH_LIBRARY_IMPL(ovss_fast, CPU, m) {

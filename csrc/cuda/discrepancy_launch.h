@@ -11,23 +11,17 @@
 
 namespace ovss_fast {
 
-// q, kernel in their compute dtype (half / bfloat16 computed in float32), contiguous, and the output.
-struct DiscrepancyTensors {
-  at::Tensor q, kernel, out;
-};
-
-// Fills the shared fields of `p` (pointers, B, N, C, dtype) from q [B, N, C] and kernel [B, N, N].
+// The tensors (common/discrepancy_checks.h: prepare_discrepancy); fills the shared fields of `p`
+// (pointers, B, N, C, dtype) from q [B, N, C] and kernel [B, N, N].
 inline DiscrepancyTensors discrepancy_tensors(const at::Tensor& q, const at::Tensor& kernel, DiscrepancyParams& p) {
-  const auto dt = compute_dtype(q, kernel);
-  DiscrepancyTensors t{q.to(dt).contiguous(), kernel.to(dt).contiguous(), {}};
-  t.out = at::empty(t.q.sizes(), t.q.options());
+  DiscrepancyTensors t = prepare_discrepancy(q, kernel);
   p.q = t.q.const_data_ptr();
   p.kernel = t.kernel.const_data_ptr();
   p.out = t.out.mutable_data_ptr();
   p.B = t.q.size(0);
   p.N = t.q.size(1);
   p.C = t.q.size(2);
-  p.is_double = dt == at::kDouble;
+  p.is_double = t.q.scalar_type() == at::kDouble;
   return t;
 }
 

@@ -51,7 +51,7 @@ inline at::Tensor jbu_split_gd(const at::Tensor& gd64, at::ScalarType dtype) {
 }
 
 // everything but the sizes is left undefined when the output is empty; with_gd = false leaves
-// in.gd to the caller (the CPU float path pools the float guide in double itself: jbu_cpu.h)
+// in.gd to the caller (the CPU kernels pool it themselves: jbu_cpu.h, jbu_cpu_data)
 inline JbuInputs prepare_jbu(const at::Tensor& scores, const at::Tensor& guide, bool need_data, bool with_gd = true) {
   JbuInputs in;
   in.dtype = compute_dtype(scores, guide);

@@ -35,8 +35,7 @@ at::Tensor jbu_argmax_cpu(const at::Tensor& scores, const at::Tensor& guide, dou
   at::Tensor labels = at::empty({B, H, W}, scores.options().dtype(at::kLong));
   if (labels.numel() == 0) return labels;
   TORCH_CHECK(C > 0, "scores has C = 0 classes (shape ", shape_str(scores), "): no label to choose");
-  // float: Gd pooled by jbu_cpu_data from the float guide (no double copy of the image)
-  const JbuInputs in = prepare_jbu(scores, guide, true, /*with_gd=*/compute_dtype(scores, guide) == at::kDouble);
+  const JbuInputs in = prepare_jbu(scores, guide, true, /*with_gd=*/false);  // Gd: jbu_cpu_data
   advise_huge_pages(labels.data_ptr(), static_cast<size_t>(labels.nbytes()));
   std::vector<at::Tensor> keep;
   int64_t* out = labels.mutable_data_ptr<int64_t>();

@@ -102,9 +102,9 @@ struct JbuCpuData {
   const uint8_t* bad;  // [B, h*w]: 1 where a score or Gd value of the cell is not finite
 };
 
-// Host side: the class-last padded scores and the per-cell flags (tensors kept alive in
-// *keep), from prepare_jbu's contiguous inputs (float: prepare_jbu(..., with_gd = false),
-// Gd pooled here by jbu_pool_guide).
+// Host side: Gd, the class-last padded scores and the per-cell flags (tensors kept alive in
+// *keep), from prepare_jbu's contiguous inputs (prepare_jbu(..., with_gd = false): Gd is pooled
+// here, the float guide by jbu_pool_guide without a double copy, the double one as prepare_jbu does).
 template <typename T>
 inline JbuCpuData<T> jbu_cpu_data(const JbuInputs& in, double sigma_spatial, double sigma_range, int64_t radius,
                                   std::vector<at::Tensor>* keep) {
@@ -113,11 +113,13 @@ inline JbuCpuData<T> jbu_cpu_data(const JbuInputs& in, double sigma_spatial, dou
   constexpr int64_t L = Vec32<T>::kLen;
   const int64_t B = in.B, C = in.C, hw = in.h * in.w;
   d.Cp = (C + L - 1) / L * L;
-  at::Tensor gd_t = in.gd;
-  if (!gd_t.defined()) {
-    TORCH_CHECK(in.dtype == at::kFloat, "jbu_cpu_data: Gd missing for a ", in.dtype, " guide");
-    gd_t = jbu_split_gd(jbu_pool_guide(in.guide, in.h, in.w), in.dtype);
+  at::Tensor gd64;
+  if constexpr (sizeof(T) == 4) {
+    gd64 = jbu_pool_guide(in.guide, in.h, in.w);
+  } else {
+    gd64 = at::adaptive_avg_pool2d(in.guide, {in.h, in.w});
   }
+  const at::Tensor gd_t = jbu_split_gd(gd64, in.dtype);
   at::Tensor st = at::empty({B, hw, d.Cp}, in.scores.options());
   at::Tensor bad = at::empty({B, hw}, in.scores.options().dtype(at::kByte));
   const T* src = in.scores.const_data_ptr<T>();

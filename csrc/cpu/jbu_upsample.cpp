@@ -34,8 +34,7 @@ at::Tensor jbu_upsample_cpu(const at::Tensor& scores, const at::Tensor& guide, d
   const int64_t B = scores.size(0), C = scores.size(1), H = guide.size(2), W = guide.size(3);
   at::Tensor out = at::empty({B, C, H, W}, scores.options().dtype(dt));
   if (out.numel() == 0) return out;
-  // float: Gd pooled by jbu_cpu_data from the float guide (no double copy of the image)
-  const JbuInputs in = prepare_jbu(scores, guide, true, /*with_gd=*/compute_dtype(scores, guide) == at::kDouble);
+  const JbuInputs in = prepare_jbu(scores, guide, true, /*with_gd=*/false);  // Gd: jbu_cpu_data
   advise_huge_pages(out.data_ptr(), static_cast<size_t>(out.nbytes()));
   std::vector<at::Tensor> keep;
   if (dt == at::kDouble) {

@@ -1,8 +1,8 @@
-"""Build script for ovss_fast and its C++/CUDA extension ``ovss_fast._C``.
+"""Build script for ovss_fast and its C++/CUDA extension ``ovss_fast.kernels._C``.
 
 Layout follows the pytorch/extension-cpp skeleton: every ``csrc/**/*.cpp`` is
 compiled, plus every ``csrc/**/*.cu`` when building CUDA. The extension registers
-its ops with ``TORCH_LIBRARY(ovss_fast, ...)``; importing ``ovss_fast._C`` loads
+its ops with ``TORCH_LIBRARY(ovss_fast, ...)``; importing ``ovss_fast.kernels._C`` loads
 the library (a tiny ``PyInit__C`` stub in csrc/ops.cpp, no pybind11).
 
 CUDA is built when a CUDA toolkit (``CUDA_HOME`` or ``nvcc`` on PATH) and a CUDA
@@ -103,7 +103,7 @@ def _ext_modules() -> tuple[list, dict]:
     print(f"  sources: {len(cpp)} .cpp, {len(cu)} .cu")
 
     ext = ext_cls(
-        "ovss_fast._C",
+        "ovss_fast.kernels._C",
         cpp + cu,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra,

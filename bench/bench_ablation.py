@@ -13,7 +13,7 @@ KL scores best (mean over every column); + JBU (KL with the better NMS, joint bi
 + MV, each readout (integrated, velocity) and transition (gibbs, attention), in place of OP; OP and MV
 fused (the mean of the two score maps after per-image standardisation, the default MV). Rows before
 "+ JBU" are nearest-upsampled from the patch grid, the others go through JBU. Everything runs in the
-float32 reference (``ovss_fast.reference``) except JBU, which is ``ops.jbu_argmax`` (the fused CPU kernel
+float32 reference (``ovss_fast.kernels.reference``) except JBU, which is ``ops.jbu_argmax`` (the fused CPU kernel
 where the extension is built; it matches the reference).
 
 Then the defaults (the rule of issue 19): where the paper is explicit (mode mv, transition attention,
@@ -43,8 +43,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench._results_io import BENCH_DIR, device_name, markdown_table, now, versions, write_section  # noqa: E402
-from ovss_fast import ops  # noqa: E402
-from ovss_fast import reference as R  # noqa: E402
+from ovss_fast.kernels import reference as R  # noqa: E402
+from ovss_fast.ops import api as ops  # noqa: E402
 from ovss_fast.synthetic import DATASETS, Scene, make_dataset_scene, miou  # noqa: E402
 
 HEADING = "Synthetic ablation"

@@ -55,8 +55,8 @@ from pathlib import Path
 
 import torch
 
-from ovss_fast import reference as R
-from ovss_fast._backends import UnavailableBackend, get_backend
+from ovss_fast.kernels import reference as R
+from ovss_fast.kernels.dispatch import UnavailableBackend, get_backend
 
 from ._ext_bench import peak_mem_mb, time_gpu, time_gpu_graph
 from ._results_io import append_rows, device_name, markdown_table, now, versions, write_section
@@ -256,7 +256,7 @@ def environment(env: dict[str, str | None]) -> Iterator[None]:
 
 
 def _window_n(B: int, N: int, C: int) -> bool:
-    from ovss_fast.triton.sinkhorn_scores import WINDOW_MAX_N
+    from ovss_fast.kernels.triton.sinkhorn_scores import WINDOW_MAX_N
 
     return N <= WINDOW_MAX_N
 
@@ -380,7 +380,7 @@ def run_regimes(device: str, *, quick: bool = False, smoke: bool = False, rep_ms
                     continue
                 _measure(rec, mode, variant, params, q, k, ref64, device, rep_ms, flops, peak)
                 if device == "cuda" and variant.label in ("triton[fused]", "triton[split]"):
-                    from ovss_fast.triton.sinkhorn_scores import choose_schedule
+                    from ovss_fast.kernels.triton.sinkhorn_scores import choose_schedule
 
                     with environment({"OVSS_FAST_TRITON_SCHEDULE": None}):
                         if variant.label == f"triton[{choose_schedule(B, N, C, q.device)}]":

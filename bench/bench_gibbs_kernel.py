@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 
 from bench import _ext_bench as eb  # noqa: E402
-from ovss_fast import reference as R  # noqa: E402
-from ovss_fast._ext_backend import CPU_BACKEND  # noqa: E402
+from ovss_fast.kernels import reference as R  # noqa: E402
+from ovss_fast.kernels.extension import CPU_BACKEND  # noqa: E402
 
 NAME = "gibbs_kernel"
 CASES = [{"B": 1, "N": n} for n in (784, 1024, 2304)]

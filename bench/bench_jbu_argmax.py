@@ -2,7 +2,7 @@
 
 Default (issue 21): the kernels before and after the class-last matrix-product rewrite
 (csrc/cpu/jbu_cpu.h), at the protocol image sizes, in ONE run: the old build is a copy of
-an earlier ``ovss_fast/_C*.so`` (``--old-so``, default /tmp/jbu_old/_C.abi3.so), loaded with
+an earlier ``ovss_fast/kernels/_C*.so`` (``--old-so``, default /tmp/jbu_old/_C.abi3.so), loaded with
 torch.ops.load_library in its own worker process; the new one is this checkout's build in a
 second worker; requests alternate old / new (A B A B), medians over ``--reps`` rounds.
 Beside them, kornia.filters.joint_bilateral_blur (a same-resolution filter, see KORNIA_NOTE).
@@ -57,8 +57,8 @@ def make_inputs(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run(inputs, backend: str) -> torch.Tensor:
-    from ovss_fast import reference as R
-    from ovss_fast._ext_backend import CPU_BACKEND
+    from ovss_fast.kernels import reference as R
+    from ovss_fast.kernels.extension import CPU_BACKEND
 
     scores, guide = inputs
     impl = R if backend == "reference" else CPU_BACKEND
@@ -67,7 +67,7 @@ def run(inputs, backend: str) -> torch.Tensor:
 
 def check_near_ties(inputs, labels: torch.Tensor, tol: float = 1e-4) -> int:
     """Labels that differ from the float32 reference outside its near-ties (must be 0); returns all differences."""
-    from ovss_fast import reference as R
+    from ovss_fast.kernels import reference as R
 
     up = R.jbu_upsample(*inputs, **KW)
     ref = up.argmax(dim=1)
@@ -140,7 +140,7 @@ def worker(variant: str, old_so: str) -> None:
     if variant != "new":
         torch.ops.load_library(old_so)  # registers the ops; ovss_fast is not imported here
     else:
-        import ovss_fast._C  # noqa: F401
+        import ovss_fast.kernels._C  # noqa: F401
     ops = torch.ops.ovss_fast
     inputs: dict[int, tuple] = {}
     print(json.dumps({"ready": variant, "threads": torch.get_num_threads()}), flush=True)
@@ -198,7 +198,7 @@ def _median(xs: list[float]) -> float:
 
 def _checks(i: int, tmp: str) -> str:
     """New vs the float64 reference (upsample rel. error, labels off near-ties) and new vs old labels."""
-    from ovss_fast import reference as R
+    from ovss_fast.kernels import reference as R
 
     scores, guide = make_inputs(PROTOCOL[i])
     ref = R.jbu_upsample(scores.double(), guide.double(), **KW)
@@ -221,7 +221,7 @@ def _checks(i: int, tmp: str) -> str:
 
 def main_before_after(old_so: str, reps: int, with_kornia: bool, check: bool, old_omp_so: str = "") -> None:
     if not Path(old_so).exists():
-        raise SystemExit(f"--old-so {old_so} does not exist: copy the earlier build's ovss_fast/_C*.so there")
+        raise SystemExit(f"--old-so {old_so} does not exist: copy the earlier build's ovss_fast/kernels/_C*.so there")
     workers = {"old": _Worker("old", old_so)}
     if old_omp_so and Path(old_omp_so).exists():
         workers["oldomp"] = _Worker("oldomp", old_omp_so)
@@ -288,7 +288,7 @@ def main_before_after(old_so: str, reps: int, with_kornia: bool, check: bool, ol
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vs-reference", action="store_true", help="the older fused-vs-reference table")
-    ap.add_argument("--old-so", default=OLD_SO, help="the earlier build of ovss_fast/_C*.so")
+    ap.add_argument("--old-so", default=OLD_SO, help="the earlier build of ovss_fast/kernels/_C*.so")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--no-kornia", action="store_true")
     ap.add_argument("--no-check", action="store_true")

@@ -151,7 +151,7 @@ def protocol_input(seg, img_u8: torch.Tensor, short: int) -> tuple[torch.Tensor,
 
 def predict(seg, names: list[str], short: int, img_u8: torch.Tensor, timer: StageTimer | None) -> torch.Tensor:
     """SegmenterPredictor's steps with the JBU timed: labels [H, W] at the original size."""
-    from ovss_fast.ops import jbu_argmax
+    from ovss_fast.ops.api import jbu_argmax
 
     img, x = protocol_input(seg, img_u8, short)
     scores = seg.scores(x[0], names, upsample=False)
@@ -162,7 +162,7 @@ def predict(seg, names: list[str], short: int, img_u8: torch.Tensor, timer: Stag
 
 def check_paths(base, fast, names: list[str], short: int, img_u8: torch.Tensor, tol: float) -> tuple[bool, str]:
     """Two Segmenters on one image: grid scores within tol, labels equal except near-ties of ``base``'s."""
-    from ovss_fast.ops import jbu_upsample
+    from ovss_fast.ops.api import jbu_upsample
 
     img, x = protocol_input(base, img_u8, short)
     with torch.inference_mode():
@@ -266,7 +266,7 @@ def loader_share(seg, names: list[str], proto: Protocol, count: int, workers: in
 def build_model(smoke: bool, device: torch.device, dtype: torch.dtype):
     import open_clip
 
-    from ovss_fast.clip_features import TINY_MODEL, register_tiny_config
+    from ovss_fast.models.clip_features import TINY_MODEL, register_tiny_config
 
     name = TINY_MODEL if smoke else "ViT-B-16"
     if smoke:
@@ -282,7 +282,7 @@ def whole_image_row(model, tok, common: dict, proto: Protocol, names: list[str],
                     tol: float, cache, base_total: float, synonyms: int) -> dict:
     """The dslo protocol's row: the whole image at its short side as one window (the dataset's windows only
     when it is over memory_budget), checked against backend "reference" on the same image, then timed."""
-    from ovss_fast.segmenter import Segmenter
+    from ovss_fast.pipeline.segmenter import Segmenter
 
     kw = {**common, "window": None, "stride": None, "fallback_window": proto.window}
     seg, ref = Segmenter.from_model(model, tok, **kw), Segmenter.from_model(model, tok, backend="reference", **kw)
@@ -309,9 +309,9 @@ def run(device: str = "cpu", *, smoke: bool = False, images: int | None = None, 
         loader_images: int | None = None, modes: tuple[str, ...] = ("mv", "op"), only: list[str] | None = None,
         out_dir: Path | None = None, write: bool = True, whole_image: bool = True) -> tuple[bool, list[dict]]:
     """Run the benchmark; returns (all correctness checks passed, result rows). Writes into out_dir (bench/)."""
-    from ovss_fast.clip_features import parse_class_names
     from ovss_fast.eval.datasets import dataset_spec, load_class_names
-    from ovss_fast.segmenter import Segmenter
+    from ovss_fast.models.clip_features import parse_class_names
+    from ovss_fast.pipeline.segmenter import Segmenter
 
     t_start = time.perf_counter()
     dev = torch.device(device)

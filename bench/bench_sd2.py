@@ -4,7 +4,7 @@
 
 Needs diffusers and transformers (``pip install -e ".[sd]"``; nothing is downloaded).
 
-The published architecture (ovss_fast.sd2_config: stabilityai/stable-diffusion-2-1-base's UNet,
+The published architecture (ovss_fast.models.sd2_config: stabilityai/stable-diffusion-2-1-base's UNet,
 VAE and text encoder) built offline with RANDOM weights (``SD2Affinity.from_config``; the time
 and memory do not depend on the weights), run at the voc21 whole-image size: a 375x500 image at
 short side 336 snapped to whole 16-px patches, [1, 3, 336, 448], CLIP grid 21x28 (N = 588). The
@@ -67,7 +67,7 @@ def measure(device: str, repeats: int, run_to_end: bool) -> dict:
     """One device, in this process: build, time the calls, peak memory."""
     import resource
 
-    from ovss_fast.affinity import SD2Affinity
+    from ovss_fast.models.affinity import SD2Affinity
 
     t0 = time.perf_counter()
     sd = SD2Affinity.from_config(seed=0, device=device)

@@ -63,8 +63,8 @@ from typing import Any
 
 import torch
 
-from ovss_fast import reference as R
-from ovss_fast._backends import OPS, UnavailableBackend, get_backend
+from ovss_fast.kernels import reference as R
+from ovss_fast.kernels.dispatch import OPS, UnavailableBackend, get_backend
 
 from ._ext_bench import time_gpu, time_gpu_graph
 from ._results_io import append_rows, device_name, markdown_table, now, versions, write_section
@@ -263,7 +263,7 @@ TRITON_PRECISION_ENV = "OVSS_FAST_TRITON_PRECISION"
 TRITON_GIBBS_ENV = "OVSS_FAST_TRITON_GIBBS"
 #: the label of Triton's gibbs_kernel_only (symmetric tiles, K only), in the correctness and timing parts
 GIBBS_FUSED = "triton[gibbs fused]"
-#: the largest N of the Triton window schedule (ovss_fast.triton.sinkhorn_scores.WINDOW_MAX_N; not imported
+#: the largest N of the Triton window schedule (ovss_fast.kernels.triton.sinkhorn_scores.WINDOW_MAX_N; not imported
 #: here, so that the check runs where triton is missing)
 WINDOW_MAX_N = 512
 
@@ -389,7 +389,7 @@ def run_correctness(device: str, backends: list[str], quick: bool) -> tuple[list
 # --------------------------------------------------------------------------- compute-sanitizer
 def sanitizer_payload() -> int:
     """Call every CUDA op once on small awkward inputs (run under compute-sanitizer)."""
-    import ovss_fast._ext_backend as ext
+    import ovss_fast.kernels.extension as ext
 
     b = ext.CUDA_BACKEND
     dev = "cuda"

@@ -42,8 +42,8 @@ from collections.abc import Callable
 
 import torch
 
-from ovss_fast import reference as R
-from ovss_fast._backends import UnavailableBackend, get_backend
+from ovss_fast.kernels import reference as R
+from ovss_fast.kernels.dispatch import UnavailableBackend, get_backend
 
 EPS, ITERS, SK_ITERS, STEPS = 0.1, 50, 15, 50
 JBU_KW = {"sigma_spatial": 1.0, "sigma_range": 0.1, "radius": 2}

@@ -41,7 +41,7 @@ from bench import _ext_bench as eb
 from bench import peers as P
 from bench._results_io import BENCH_DIR, append_rows, device_name, markdown_table, now, versions, write_section
 from bench.bench_discrepancy import rel_err
-from ovss_fast import reference as R
+from ovss_fast.kernels import reference as R
 
 TOL = 1e-4
 SIZES_N = (196, 784, 1024, 2304, 4096)

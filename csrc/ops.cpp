@@ -1,7 +1,7 @@
 // Every ovss_fast op schema, declared once (shared/style.md). Kernels register
 // themselves per dispatch key in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cpp.
 //
-// Importing ovss_fast._C loads this shared library; its static initialisers run
+// Importing ovss_fast.kernels._C loads this shared library; its static initialisers run
 // TORCH_LIBRARY / TORCH_LIBRARY_IMPL, after which the ops live in torch.ops.ovss_fast.
 
 #include <Python.h>
@@ -11,7 +11,7 @@
 #include <atomic>
 
 extern "C" {
-// An empty module named _C: `import ovss_fast._C` exists only to load the library
+// An empty module named _C: `import ovss_fast.kernels._C` exists only to load the library
 // (pytorch/extension-cpp does the same; no pybind11, which would slow the build).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {

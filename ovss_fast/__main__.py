@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from ovss_fast.apps.cli import main
 
 sys.exit(main())

@@ -36,7 +36,7 @@ TAU_BAND = 1e-4
 def velocity_borderline(q: torch.Tensor, kernel: torch.Tensor, *, sk_iters: int, steps: int, tau: float):
     """[B, N, C] bool: where some step's float64 change |f(l) - f(l-1)| lies within TAU_BAND of tau
     (``kernel``: the matrix mode "mv" makes doubly stochastic, K or W)."""
-    from ovss_fast import reference as R
+    from ovss_fast.kernels import reference as R
 
     q = q.double().cpu()
     tt = R.doubly_stochastic(kernel.double().cpu(), sk_iters=sk_iters).transpose(1, 2)
@@ -65,7 +65,7 @@ def tiny_open_clip(seed: int = 0) -> tuple:
 
     import open_clip
 
-    from ovss_fast.clip_features import TINY_MODEL, register_tiny_config
+    from ovss_fast.models.clip_features import TINY_MODEL, register_tiny_config
 
     register_tiny_config()
     torch.manual_seed(seed)
@@ -83,7 +83,7 @@ def tiny() -> tuple:
 
 def tiny_segmenter(tiny: tuple, templates: tuple, **kw):
     """Segmenter.from_model on a tiny_open_clip() pair, on the CPU, backend "reference" unless given."""
-    from ovss_fast.segmenter import Segmenter
+    from ovss_fast.pipeline.segmenter import Segmenter
 
     model, tok = tiny
     kw.setdefault("backend", "reference")

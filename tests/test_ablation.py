@@ -111,7 +111,7 @@ def test_ablation_smoke_writes_section_and_decides(tmp_path, one_thread):
 def test_case_class_distributions_are_the_reference():
     """The bench's shortcut (one softmax per scene, NMS applied to it) gives reference.class_distributions."""
     from bench import bench_ablation as B
-    from ovss_fast import reference as R
+    from ovss_fast.kernels import reference as R
 
     sc = make_dataset_scene(1, "stuff", grid=(8, 9))
     case = B.Case(sc)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ovss_fast
-from ovss_fast import reference as ref
-from ovss_fast._backends import AUTO_ORDER, Backend, UnavailableBackend, select
+from ovss_fast.kernels import reference as ref
+from ovss_fast.kernels.dispatch import AUTO_ORDER, Backend, UnavailableBackend, select
 
 B, N, C, D = 2, 12, 3, 8
 
@@ -99,7 +99,7 @@ def test_unknown_backend_is_named():
 
 
 def test_forced_backend_that_cannot_run_says_why(monkeypatch):
-    from ovss_fast import _backends
+    from ovss_fast.kernels import dispatch as _backends
 
     monkeypatch.setitem(_backends._CACHE, "cuda", UnavailableBackend("cuda", "cuda backend unavailable: test"))
     feats, text, _, _ = inputs()
@@ -108,7 +108,7 @@ def test_forced_backend_that_cannot_run_says_why(monkeypatch):
 
 
 def test_auto_takes_the_first_backend_without_reasons(monkeypatch):
-    from ovss_fast import _backends
+    from ovss_fast.kernels import dispatch as _backends
 
     class Refuses(Backend):
         name = "cuda"
@@ -125,7 +125,7 @@ def test_auto_takes_the_first_backend_without_reasons(monkeypatch):
 
 
 def test_auto_prefers_triton_for_the_iterative_ops(monkeypatch):
-    from ovss_fast import _backends
+    from ovss_fast.kernels import dispatch as _backends
 
     class Accepts(Backend):
         def __init__(self, name):
@@ -142,7 +142,7 @@ def test_auto_prefers_triton_for_the_iterative_ops(monkeypatch):
 def test_auto_never_picks_cuda_for_op_and_mv(monkeypatch):
     """The CUDA extension's op / mv was slower than the reference on an H100: auto passes it over
     (triton first, then the reference), while backend="cuda" still runs it."""
-    from ovss_fast import _backends
+    from ovss_fast.kernels import dispatch as _backends
 
     class Accepts(Backend):
         def __init__(self, name):

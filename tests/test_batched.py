@@ -14,9 +14,10 @@ open_clip = pytest.importorskip("open_clip", reason="the segmentation pipeline n
 
 from conftest import rel_err, tiny_segmenter  # noqa: E402
 
-from ovss_fast.clip_features import normalise  # noqa: E402
-from ovss_fast.ops import class_distributions, discrepancy, jbu_upsample  # noqa: E402
-from ovss_fast.segmenter import Segmenter, WindowLayout, window_starts  # noqa: E402
+from ovss_fast.models.clip_features import normalise  # noqa: E402
+from ovss_fast.ops.api import class_distributions, discrepancy, jbu_upsample  # noqa: E402
+from ovss_fast.pipeline.segmenter import Segmenter  # noqa: E402
+from ovss_fast.pipeline.windows import WindowLayout, window_starts  # noqa: E402
 
 TOL = 1e-4
 CLASSES = ["cat; kitten; kitty", "dog; puppy", "grass", "sky; clouds"]  # 8 synonym columns
@@ -285,7 +286,7 @@ def test_affinity_memory_per_crop_is_counted_in_the_chunks(tiny):
 
 def test_dino_declares_its_memory_per_crop():
     timm = pytest.importorskip("timm", reason="timm is not installed (pip install 'ovss_fast[dino]')")
-    from ovss_fast.affinity import DinoAffinity
+    from ovss_fast.models.affinity import DinoAffinity
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
                               depth=2)
@@ -296,7 +297,7 @@ def test_dino_declares_its_memory_per_crop():
 
 def test_sd2_memory_per_crop_arithmetic():
     # the formula alone (diffusers is optional): an object with the attributes memory_per_crop reads
-    from ovss_fast.affinity import SD2Affinity
+    from ovss_fast.models.affinity import SD2Affinity
 
     sd2 = SD2Affinity.__new__(SD2Affinity)
     sd2.dtype = torch.float16

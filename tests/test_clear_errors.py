@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import ovss_fast
-from ovss_fast import ops
-from ovss_fast import reference as R
-from ovss_fast.clip_features import parse_class_names
+from ovss_fast.kernels import reference as R
+from ovss_fast.models.clip_features import parse_class_names
+from ovss_fast.ops import api as ops
 
 BACKEND = "reference"
 
@@ -144,7 +144,7 @@ def test_benchmark_class_name_files_have_no_duplicates():
 # --------------------------------------------------------------------------- Segmenter
 def test_segmenter_rejects_a_bad_backend_before_building_the_model(monkeypatch):
     pytest.importorskip("open_clip")
-    import ovss_fast.segmenter as seg
+    import ovss_fast.pipeline.segmenter as seg
 
     monkeypatch.setattr(seg, "build_open_clip", lambda *a, **k: pytest.fail("the model was built"))
     with pytest.raises(ValueError, match=r"backend must be one of 'auto', 'reference', 'cpu', 'cuda', 'triton'; "
@@ -159,7 +159,7 @@ def test_segmenter_rejects_a_bad_backend_before_building_the_model(monkeypatch):
 ])
 def test_segmenter_validates_every_parameter_at_construction(monkeypatch, kw, message):
     pytest.importorskip("open_clip")
-    import ovss_fast.segmenter as seg
+    import ovss_fast.pipeline.segmenter as seg
 
     monkeypatch.setattr(seg, "build_open_clip", lambda *a, **k: pytest.fail("the model was built"))
     with pytest.raises(ValueError, match=message):
@@ -168,7 +168,7 @@ def test_segmenter_validates_every_parameter_at_construction(monkeypatch, kw, me
 
 def test_segmenter_accepts_numpy_integers():
     pytest.importorskip("open_clip")
-    from ovss_fast.segmenter import Segmenter
+    from ovss_fast.pipeline.segmenter import Segmenter
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 
-from ovss_fast.cli import main
-from ovss_fast.demo import run_demo
+from ovss_fast.apps.cli import main
+from ovss_fast.apps.demo import run_demo
 
 
 def test_demo_command_writes_panel_and_table(tmp_path, capsys):

@@ -20,8 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ovss_fast.cli import main
-from ovss_fast.clip_features import parse_class_names
+from ovss_fast.apps.cli import main
 from ovss_fast.eval import (
     DATASETS,
     DistContext,
@@ -32,6 +31,7 @@ from ovss_fast.eval import (
     run_loop,
     scores_from_confusion,
 )
+from ovss_fast.models.clip_features import parse_class_names
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "ovss-fast-tiny", "--pretrained", "none", "--backend", "reference", "--workers", "0"]
@@ -282,7 +282,7 @@ def test_loop_with_a_perfect_predictor_and_a_limit(tmp_path):
 def test_predictor_resizes_by_the_protocol_and_answers_at_annotation_size(tmp_path):
     pytest.importorskip("open_clip")
     from ovss_fast.eval import SegmenterPredictor
-    from ovss_fast.segmenter import Segmenter
+    from ovss_fast.pipeline.segmenter import Segmenter
 
     seg = Segmenter(model="ovss-fast-tiny", pretrained=None, device="cpu", backend="reference",
                     templates=("a {}.",), window=32, stride=16)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_eval import TINY, make_layout
 
-from ovss_fast.cli import main
+from ovss_fast.apps.cli import main
 from ovss_fast.eval import SegmentationDataset, run_loop
 from ovss_fast.eval.checkpoint import BadItem, Interrupted, RunState, check_writable, write_json_atomic
 

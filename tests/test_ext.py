@@ -22,17 +22,17 @@ import pytest
 import torch
 from conftest import rel_err
 
-from ovss_fast import ops
-from ovss_fast import reference as R
+from ovss_fast.kernels import reference as R
+from ovss_fast.ops import api as ops
 
 try:
-    import ovss_fast._C  # noqa: F401
+    import ovss_fast.kernels._C  # noqa: F401
 
-    from ovss_fast._ext_backend import CPU_BACKEND, CUDA_BACKEND, has_kernel
+    from ovss_fast.kernels.extension import CPU_BACKEND, CUDA_BACKEND, has_kernel
 except ImportError as exc:  # pragma: no cover - depends on the build
     if os.environ.get("OVSS_FAST_REQUIRE_EXT") == "1":
         raise
-    pytest.skip(f"ovss_fast._C is not built: {exc}", allow_module_level=True)
+    pytest.skip(f"ovss_fast.kernels._C is not built: {exc}", allow_module_level=True)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-4, torch.bfloat16: 1e-4}
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -83,7 +83,7 @@ def test_required_extension_is_importable():
     """CI sets OVSS_FAST_REQUIRE_EXT=1: there the extension must load (this module cannot skip)."""
     if os.environ.get("OVSS_FAST_REQUIRE_EXT") != "1":
         pytest.skip("OVSS_FAST_REQUIRE_EXT is not set")
-    from ovss_fast._backends import available_backends
+    from ovss_fast.kernels.dispatch import available_backends
 
     assert available_backends()["cpu"] == "ok"
 
@@ -104,7 +104,7 @@ def test_cpu_kernels_use_torch_threads():
 
 def test_cpu_kernels_same_results_on_one_and_two_threads():
     """Rows split across threads must not change a value (no shared scratch, no chunk-dependent sums)."""
-    from ovss_fast._ext_backend import CPU_BACKEND as E
+    from ovss_fast.kernels.extension import CPU_BACKEND as E
 
     g = _gen("threads")
     feats, text = torch.randn(2, 300, 16, generator=g), torch.randn(5, 16, generator=g)

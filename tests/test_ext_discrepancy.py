@@ -11,7 +11,7 @@ on the same (rounded) values, at the float32 tolerance. The velocity readout is 
 integer step count: float32 may settle one step earlier or later where the float64
 chain's change sits within 1e-4 of tau, and only there.
 
-The module is skipped when ovss_fast._C cannot be imported, unless
+The module is skipped when ovss_fast.kernels._C cannot be imported, unless
 OVSS_FAST_REQUIRE_EXT=1 (then it fails).
 """
 
@@ -27,17 +27,17 @@ import pytest
 import torch
 from conftest import rel_err, velocity_borderline, velocity_lstar
 
-from ovss_fast import ops
-from ovss_fast import reference as R
+from ovss_fast.kernels import reference as R
+from ovss_fast.ops import api as ops
 
 try:
-    import ovss_fast._C  # noqa: F401
+    import ovss_fast.kernels._C  # noqa: F401
 
-    from ovss_fast._ext_backend import CPU_BACKEND, CUDA_BACKEND
+    from ovss_fast.kernels.extension import CPU_BACKEND, CUDA_BACKEND
 except ImportError as exc:  # pragma: no cover - depends on the build
     if os.environ.get("OVSS_FAST_REQUIRE_EXT") == "1":
         raise
-    pytest.skip(f"ovss_fast._C is not built: {exc}", allow_module_level=True)
+    pytest.skip(f"ovss_fast.kernels._C is not built: {exc}", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL32 = 1e-4
@@ -123,7 +123,7 @@ def test_discrepancy_mv_cpu_backend(shape, dtype, readout):
 
 
 def test_auto_picks_the_cpu_backend_for_cpu_tensors():
-    from ovss_fast._backends import select
+    from ovss_fast.kernels.dispatch import select
 
     g = _gen("auto")
     q, aff = make_q(1, 20, 3, gen=g), make_affinity(1, 20, gen=g)
@@ -470,7 +470,7 @@ def test_gpu_check_reports_unloadable_backends_as_failures(monkeypatch):
         from bench import gpu_check
     finally:
         sys.path.remove(str(ROOT))
-    from ovss_fast._backends import UnavailableBackend
+    from ovss_fast.kernels.dispatch import UnavailableBackend
 
     monkeypatch.setattr(gpu_check, "get_backend", lambda name: UnavailableBackend(name, f"{name} failed to load"))
     rows, ok = gpu_check.run_correctness("cpu", ["triton"], quick=True)

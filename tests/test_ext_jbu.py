@@ -15,8 +15,8 @@ import torch
 from conftest import rel_err
 from test_ext import TOL, _gen, assert_labels_match
 
-from ovss_fast import reference as R
-from ovss_fast._ext_backend import CPU_BACKEND
+from ovss_fast.kernels import reference as R
+from ovss_fast.kernels.extension import CPU_BACKEND
 
 SHAPES = [
     # B, C, h, w, H, W, radius

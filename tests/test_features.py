@@ -2,7 +2,7 @@
 
 The reference below re-implements each method's last block from the open_clip module's
 raw weights (in_proj, out_proj, ln_1/ln_2, mlp, ln_post, proj) in float64; it does not
-call ovss_fast.clip_features.
+call ovss_fast.models.clip_features.
 """
 
 from __future__ import annotations
@@ -18,11 +18,7 @@ open_clip = pytest.importorskip("open_clip", reason="dense features need open_cl
 
 from conftest import rel_err, tiny_open_clip  # noqa: E402
 
-from ovss_fast.clip_features import (  # noqa: E402
-    FEATURES,
-    DenseCLIP,
-    interpolate_positions,
-)
+from ovss_fast.models.clip_features import FEATURES, DenseCLIP, interpolate_positions  # noqa: E402
 
 
 @pytest.fixture(scope="module")

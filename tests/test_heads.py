@@ -15,9 +15,9 @@ open_clip = pytest.importorskip("open_clip", reason="the segmentation pipeline n
 
 from conftest import tiny_segmenter  # noqa: E402
 
-from ovss_fast.clip_features import DenseCLIP, normalise  # noqa: E402
-from ovss_fast.ops import class_distributions, discrepancy, jbu_upsample  # noqa: E402
-from ovss_fast.segmenter import window_starts  # noqa: E402
+from ovss_fast.models.clip_features import DenseCLIP, normalise  # noqa: E402
+from ovss_fast.ops.api import class_distributions, discrepancy, jbu_upsample  # noqa: E402
+from ovss_fast.pipeline.windows import window_starts  # noqa: E402
 
 CLASSES = ["background; sky", "cat; kitten", "dog", "grass"]
 GROUPS = [[0, 1], [2, 3], [4], [5]]

@@ -14,9 +14,9 @@ open_clip = pytest.importorskip("open_clip", reason="the comparison model is bui
 
 from conftest import rel_err  # noqa: E402
 
-from ovss_fast.clip_features import FEATURES, DenseCLIP  # noqa: E402
-from ovss_fast.models import HFCLIP  # noqa: E402
-from ovss_fast.segmenter import Segmenter  # noqa: E402
+from ovss_fast.models.clip_features import FEATURES, DenseCLIP  # noqa: E402
+from ovss_fast.models.loading import HFCLIP  # noqa: E402
+from ovss_fast.pipeline.segmenter import Segmenter  # noqa: E402
 
 CLASSES = ["cat; kitten", "dog", "grass"]
 TEMPLATES = ("a photo of a {}.", "a {}.")

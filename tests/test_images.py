@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ovss_fast.eval.datasets import read_image
-from ovss_fast.segmenter import load_image, pil_to_tensor
+from ovss_fast.pipeline.image_inputs import load_image, pil_to_tensor
 
 H, W = 6, 10
 
@@ -143,7 +143,7 @@ def test_exif_orientation_applies_to_segment_inputs_not_to_datasets(tmp_path):
 def test_segment_cli_reads_the_displayed_orientation(tmp_path):
     """``ovss-fast segment`` writes labels at the displayed size (W x H for an EXIF-rotated H x W file)."""
     pytest.importorskip("open_clip")
-    from ovss_fast.cli import main
+    from ovss_fast.apps.cli import main
 
     rgb = np.random.default_rng(2).integers(0, 256, (32, 48, 3), dtype=np.uint8)
     im = Image.fromarray(rgb)
@@ -159,7 +159,7 @@ def test_segment_cli_reads_the_displayed_orientation(tmp_path):
 
 
 def test_rgba_arrays_are_composited_like_files():
-    from ovss_fast.segmenter import as_image_batches
+    from ovss_fast.pipeline.image_inputs import as_image_batches
 
     arr = np.zeros((H, W, 4), dtype=np.uint8)
     arr[..., :3] = 200

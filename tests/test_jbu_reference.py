@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from ovss_fast import reference as ref
+from ovss_fast.kernels import reference as ref
+from ovss_fast.kernels.common import tap_geometry
 
 F64 = torch.float64
 
@@ -98,7 +99,7 @@ def test_float32_picks_the_float64_cells_at_exact_halves():
     h, H = 8, 41
     y = torch.arange(H, dtype=torch.float32)
     assert int(torch.floor((y[20] + 0.5) * (h / H) - 0.5 + 0.5)) == 3  # the float32 arithmetic's cell
-    _, _, cy, cx = ref._tap_geometry(h, h, H, H, 2, torch.device("cpu"), torch.float32)
+    _, _, cy, cx = tap_geometry(h, h, H, H, 2, torch.device("cpu"), torch.float32)
     assert int(cy[20]) == 4 and int(cx[20]) == 4
     g = torch.Generator().manual_seed(3)
     scores, guide = torch.randn(1, 4, h, h, generator=g), torch.rand(1, 3, H, H, generator=g)

@@ -25,8 +25,8 @@ import pytest
 import torch
 from conftest import rel_err
 
-from ovss_fast import ops
-from ovss_fast import reference as R
+from ovss_fast.kernels import reference as R
+from ovss_fast.ops import api as ops
 
 CHILD = os.environ.get("OVSS_FAST_NUMERIC_CHILD") == "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ TOL = 1e-4
 
 def _has_ext() -> bool:
     try:
-        from ovss_fast import _ext_backend
+        from ovss_fast.kernels import extension as _ext_backend
 
         return bool(_ext_backend.available()) if hasattr(_ext_backend, "available") else True
     except Exception:
@@ -45,8 +45,8 @@ def _has_ext() -> bool:
 def _backends() -> list:
     if CHILD:
         return ["triton"]
-    out = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(importlib.util.find_spec("ovss_fast._C") is None,
-                                                                     reason="compiled extension not built"))]
+    no_ext = importlib.util.find_spec("ovss_fast.kernels._C") is None
+    out = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(no_ext, reason="compiled extension not built"))]
     out.append(pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")))
     return out
 
@@ -56,7 +56,7 @@ BACKENDS = _backends()
 
 def _call(op: str, backend: str, *args, **kw):
     if backend == "triton":
-        from ovss_fast.triton import TRITON_BACKEND
+        from ovss_fast.kernels.triton import TRITON_BACKEND
 
         return getattr(TRITON_BACKEND, op)(*args, **kw)
     if backend == "cuda":

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ovss_fast
-from ovss_fast import ops
-from ovss_fast.options import HeadOptions, flag
+from ovss_fast.ops import api as ops
+from ovss_fast.ops.options import HeadOptions, flag
 
 OP_FUNCTIONS = {"class_distributions": [ops.class_distributions], "discrepancy": [ops.discrepancy],
                 "jbu": [ops.jbu_upsample, ops.jbu_argmax]}
@@ -59,9 +59,9 @@ def test_segment_features_and_dslo_head_take_every_option():
 def test_every_option_is_a_flag_of_segment_and_eval():
     import argparse
 
-    from ovss_fast import _cli
-    from ovss_fast.eval.cli import add_arguments as eval_arguments
-    from ovss_fast.segment_cli import add_arguments as segment_arguments
+    from ovss_fast.apps import flags as _cli
+    from ovss_fast.apps.evaluate import add_arguments as eval_arguments
+    from ovss_fast.apps.segment import add_arguments as segment_arguments
 
     for add in (segment_arguments, eval_arguments):
         p = argparse.ArgumentParser()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ovss_fast.cli import main
+from ovss_fast.apps.cli import main
 from ovss_fast.eval.protocols import PROTOCOLS, resolve_protocol
 
 pytest.importorskip("open_clip", reason="the CLI runs the open_clip pipeline")
@@ -70,9 +70,9 @@ def test_dslo_falls_back_to_windows_for_an_image_over_the_budget_and_lists_it(tm
 
     import torch
 
-    from ovss_fast.clip_features import parse_class_names
     from ovss_fast.eval import load_class_names
-    from ovss_fast.segmenter import Segmenter
+    from ovss_fast.models.clip_features import parse_class_names
+    from ovss_fast.pipeline.segmenter import Segmenter
 
     make_layout(tmp_path, "voc21", [0, 1, 7, 15, 20, 255])  # 40x56, 48x48, 36x60 -> 256x352, 256x256, 256x432
     synonyms = sum(len(c) for c in parse_class_names(load_class_names("voc21")))

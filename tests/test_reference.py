@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ovss_fast import reference as ref
+from ovss_fast.kernels import reference as ref
 
 F64 = torch.float64
 

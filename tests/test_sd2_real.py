@@ -1,5 +1,5 @@
 """Stable Diffusion 2's affinity at its real size, offline: the published architecture
-(ovss_fast.sd2_config, stabilityai/stable-diffusion-2-1-base) with random weights, run at the
+(ovss_fast.models.sd2_config, stabilityai/stable-diffusion-2-1-base) with random weights, run at the
 voc21 whole-image size (a 375x500 image at short side 336, whole 16-px patches: 336x448 pixels,
 CLIP grid 21x28, N = 588). Nothing is downloaded. The real-size test builds an 866M-parameter
 UNet (3.5 GB in float32) once for the module and takes minutes on 2 cores (bench/bench_sd2.py
@@ -16,8 +16,8 @@ import torch
 HAS_SD = importlib.util.find_spec("diffusers") is not None and importlib.util.find_spec("transformers") is not None
 pytestmark = pytest.mark.skipif(not HAS_SD, reason="diffusers/transformers not installed (pip install 'ovss_fast[sd]')")
 
-from ovss_fast import sd2_config  # noqa: E402
-from ovss_fast.affinity import SD2_RANDOM, SD2Affinity, _CaptureSelfAttention, build_affinity  # noqa: E402
+from ovss_fast.models import sd2_config  # noqa: E402
+from ovss_fast.models.affinity import SD2_RANDOM, SD2Affinity, _CaptureSelfAttention, build_affinity  # noqa: E402
 
 GRID = (21, 28)  # voc21 whole image: 375x500 -> short side 336 -> 336x448 pixels, 16-px patches
 IMAGE = (1, 3, 336, 448)
@@ -105,7 +105,7 @@ def test_sd2_real_size_affinity_on_the_voc21_whole_image(sd2_real):
 def test_random_weights_reach_the_segmenter_by_name(monkeypatch):
     """``affinity_weights="random:sd2"`` (the CLI's --affinity-weights) builds from configuration, without
     building the real size here (the builder is replaced by the small layout)."""
-    import ovss_fast.affinity as affinity
+    import ovss_fast.models.affinity as affinity
 
     seen = []
 

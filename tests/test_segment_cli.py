@@ -13,8 +13,8 @@ pytest.importorskip("open_clip", reason="the segment command needs open_clip_tor
 
 from PIL import Image  # noqa: E402
 
-from ovss_fast.cli import main  # noqa: E402
-from ovss_fast.palette import palette  # noqa: E402
+from ovss_fast.apps.cli import main  # noqa: E402
+from ovss_fast.apps.palette import palette  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:pretrained=None")
 
@@ -117,7 +117,7 @@ def test_command_line_entry_in_a_subprocess(tmp_path):
 
 
 def test_progress_bar_without_tqdm(monkeypatch, capsys):
-    from ovss_fast.segment_cli import progress
+    from ovss_fast.apps.segment import progress
 
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
     assert list(progress(["a.png", "b.png", "c.png"], enabled=True)) == ["a.png", "b.png", "c.png"]

@@ -16,9 +16,11 @@ open_clip = pytest.importorskip("open_clip", reason="the segmentation pipeline n
 
 from PIL import Image  # noqa: E402
 
-from ovss_fast.affinity import DinoAffinity, SD2Affinity, resize_attention  # noqa: E402
-from ovss_fast.clip_features import TINY_MODEL, DenseCLIP, parse_class_names  # noqa: E402
-from ovss_fast.segmenter import Segmenter, as_image_batches, window_starts  # noqa: E402
+from ovss_fast.models.affinity import DinoAffinity, SD2Affinity, resize_attention  # noqa: E402
+from ovss_fast.models.clip_features import TINY_MODEL, DenseCLIP, parse_class_names  # noqa: E402
+from ovss_fast.pipeline.image_inputs import as_image_batches  # noqa: E402
+from ovss_fast.pipeline.segmenter import Segmenter  # noqa: E402
+from ovss_fast.pipeline.windows import window_starts  # noqa: E402
 
 # the spec backend keeps these tests independent of which compiled backends are built
 BACKEND = "reference"
@@ -230,7 +232,7 @@ def test_local_checkpoint_file(tiny, tmp_path):
 def test_local_dir_model(tiny, tmp_path):
     import json
 
-    from ovss_fast.clip_features import _TINY_CONFIG
+    from ovss_fast.models.clip_features import _TINY_CONFIG
 
     model, _ = tiny
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": _TINY_CONFIG}))

@@ -21,9 +21,10 @@ import pytest
 import torch
 from conftest import rel_err, velocity_borderline, velocity_lstar
 
-from ovss_fast import _backends, ops
-from ovss_fast import reference as R
-from ovss_fast._backends import Backend, get_backend
+from ovss_fast.kernels import dispatch as _backends
+from ovss_fast.kernels import reference as R
+from ovss_fast.kernels.dispatch import Backend, get_backend
+from ovss_fast.ops import api as ops
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}

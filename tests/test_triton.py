@@ -1,4 +1,4 @@
-"""The Triton backend (ovss_fast.triton) against the float64 reference.
+"""The Triton backend (ovss_fast.kernels.triton) against the float64 reference.
 
 Three kinds of test:
 
@@ -34,8 +34,8 @@ import pytest
 import torch
 from conftest import rel_err, velocity_lstar
 
-from ovss_fast import ops
-from ovss_fast import reference as R
+from ovss_fast.kernels import reference as R
+from ovss_fast.ops import api as ops
 
 CHILD = os.environ.get("OVSS_FAST_TRITON_CHILD") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -100,7 +100,7 @@ def interpreted(fn):
 
 
 def _backend():
-    from ovss_fast.triton import TRITON_BACKEND
+    from ovss_fast.kernels.triton import TRITON_BACKEND
 
     return TRITON_BACKEND
 
@@ -233,7 +233,7 @@ def _gibbs_affinity(B: int, N: int, dtype: torch.dtype, layout: str, seed: int) 
 def test_gibbs_kernel_only(B, N, dtype, layout):
     """Symmetric tiles (N not a multiple of the tile, one patch, B > 1, any strides): the K of
     gibbs_kernel bit for bit, exactly symmetric, and the float64 reference's K within 1e-4."""
-    from ovss_fast.triton import gibbs_kernel as gk
+    from ovss_fast.kernels.triton import gibbs_kernel as gk
 
     a = _gibbs_affinity(B, N, dtype, layout, seed=B * 100 + N)
     kern = gk.gibbs_kernel_only(a, eps=0.1)
@@ -251,7 +251,7 @@ def test_gibbs_kernel_only(B, N, dtype, layout):
 def test_gibbs_kernel_only_constant_affinity():
     a = torch.full((2, 19, 19), 0.25)
     assert torch.equal(_backend().gibbs_kernel_only(a, eps=0.05), torch.ones(2, 19, 19))  # separate
-    from ovss_fast.triton import gibbs_kernel as gk
+    from ovss_fast.kernels.triton import gibbs_kernel as gk
 
     assert torch.equal(gk.gibbs_kernel_only(a, eps=0.05), torch.ones(2, 19, 19))  # span 0: cost 0, K 1
 
@@ -261,7 +261,7 @@ def test_gibbs_kernel_scale_free():
     """Spec v2 (method.md section 2): Craw = -log(Sym / M + 1e-12), M the image's max of Sym. One batch whose
     affinities differ by 1e20 in scale (1e-20 A, A', 1e20 A'') and an all-zero image (M = 0: cost 0, K = 1):
     both Triton paths match the float64 reference image by image, and 7 A gives A's cost."""
-    from ovss_fast.triton import gibbs_kernel as gk
+    from ovss_fast.kernels.triton import gibbs_kernel as gk
 
     g = torch.Generator().manual_seed(11)
     a = torch.rand(4, 23, 23, generator=g) * torch.tensor([1e-20, 1.0, 1e20, 0.0]).view(4, 1, 1)
@@ -284,7 +284,7 @@ def test_tile_pair_covers_the_upper_triangle(monkeypatch):
     import triton
     import triton.language as tl
 
-    from ovss_fast.triton import gibbs_kernel as gk
+    from ovss_fast.kernels.triton import gibbs_kernel as gk
 
     # a jit function finds the functions it calls among its module's globals, not in closures
     monkeypatch.setitem(globals(), "_gk_tile_pair", gk._tile_pair)
@@ -317,7 +317,7 @@ def test_tile_pair_covers_the_upper_triangle(monkeypatch):
 def test_gibbs_kernel_only_through_discrepancy(mode, monkeypatch):
     """OVSS_FAST_TRITON_GIBBS=fused: ops.discrepancy builds K with gibbs_kernel_only (and only with it),
     matches the reference and, K being the same bits, the separate path exactly; unset: gibbs_kernel."""
-    from ovss_fast.triton import gibbs_kernel as gk
+    from ovss_fast.kernels.triton import gibbs_kernel as gk
 
     calls = []
     for name in ("gibbs_kernel", "gibbs_kernel_only"):
@@ -362,7 +362,7 @@ def test_gpu_check_runs_the_fused_gibbs_kernel():
 @needs_triton
 def test_gibbs_schedule_switch(monkeypatch):
     """The switch is read on every call and checked before any launch (here no kernel runs)."""
-    from ovss_fast.triton import gibbs_kernel as gk
+    from ovss_fast.kernels.triton import gibbs_kernel as gk
 
     monkeypatch.delenv("OVSS_FAST_TRITON_GIBBS", raising=False)
     assert gk.gibbs_schedule() == "separate"
@@ -376,7 +376,7 @@ def test_gibbs_schedule_switch(monkeypatch):
 def test_backend_default_gibbs_kernel_only():
     """Backend.gibbs_kernel_only (every backend but Triton): the K of the backend's own gibbs_kernel;
     the reference's comes through ReferenceBackend.__getattr__."""
-    from ovss_fast._backends import UnavailableBackend, get_backend
+    from ovss_fast.kernels.dispatch import UnavailableBackend, get_backend
 
     a = _gibbs_affinity(2, 23, torch.float64, "slice", seed=4)
     want = R.gibbs_kernel(a, eps=0.2)[1]
@@ -396,7 +396,7 @@ def test_backend_default_gibbs_kernel_only():
 def test_gpu_gibbs_kernel_only_real_sizes(B, N, dtype, layout):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("compiled kernels only")
-    from ovss_fast.triton import gibbs_kernel as gk
+    from ovss_fast.kernels.triton import gibbs_kernel as gk
 
     a = _gibbs_affinity(B, N, dtype, layout, seed=N).cuda()
     kern = gk.gibbs_kernel_only(a, eps=0.1)
@@ -503,8 +503,8 @@ def test_markov_scores_velocity(B, N, C, sk_iters, steps, tau, dead):
 @pytest.mark.parametrize("B,N,C,dead,layout", [(2, 37, 5, (1,), "noncontiguous"), (1, 21, 17, (16,), "contiguous")])
 def test_split_schedule(B, N, C, dead, layout, readout):
     """The row-parallel schedule (one launch per half-iteration / chain step) matches the reference too."""
-    from ovss_fast.triton import markov_scores as mk
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.kernels.triton import markov_scores as mk
+    from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     q, k = _q(B, N, C, dead=dead), _kernel(B, N)
     if layout == "noncontiguous":
@@ -533,7 +533,7 @@ def test_markov_scores_float32_chain_accuracy(schedule):
     """The chain is carried as d = f - 1 (method.md section 3, mv): carrying f itself cancels in
     f - 1 as the chain mixes. On this case the literal float32 form is 2.2e-4 of float64 under the
     interpreter (both schedules); carrying d gives 1.8e-6. Default sk_iters = 15, steps = 50."""
-    from ovss_fast.triton import markov_scores as mk
+    from ovss_fast.kernels.triton import markov_scores as mk
 
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(1, 192, 512, generator=g)
@@ -576,7 +576,7 @@ def _inputs(B: int, N: int, C: int, dead: tuple, symmetric: bool, dtype, layout:
 def _check_sinkhorn_schedule(qk: tuple, schedule: str, symmetric: bool, dead: tuple) -> None:
     """sinkhorn_scores(schedule=schedule) (iters 4) against float64 within TOL and against the fused schedule
     within 1e-5; the dead classes -inf."""
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     q, k = qk
     got = sk.sinkhorn_scores(q, k, eps=0.1, iters=4, schedule=schedule, symmetric=symmetric)
@@ -592,7 +592,7 @@ def _check_sinkhorn_schedule(qk: tuple, schedule: str, symmetric: bool, dead: tu
 @interpreted
 def test_window_schedule_sinkhorn_needs_the_transpose_when_not_symmetric():
     """The general path really reads K^T: claiming symmetry for a non-symmetric K changes the answer."""
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     q, k = _q(2, 21, 3), _kernel(2, 21)
     want = R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=4)
@@ -617,8 +617,8 @@ def test_window_schedule_partial_sums_past_256(op):
 def _scores_and_reference(op: str, q, k, schedule: str, *, sk_iters: int):
     """(triton scores with this schedule and symmetric=True, float64 reference) for op (3 iterations) or
     mv (sk_iters, 3 steps)."""
-    from ovss_fast.triton import markov_scores as mk
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.kernels.triton import markov_scores as mk
+    from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     if op == "op":
         return (sk.sinkhorn_scores(q, k, eps=0.1, iters=3, schedule=schedule, symmetric=True),
@@ -647,7 +647,7 @@ def test_window_schedule_markov(B, N, C, dead, symmetric, dtype, layout, readout
 def _check_markov_schedule(q, k, schedule: str, other: str, symmetric: bool, dead: tuple, readout: str) -> None:
     """markov_scores(schedule=schedule) against float64 and against the ``other`` schedule (sk_iters 3,
     steps 6): integrated within TOL / 1e-5; velocity equal where the readout is robust (a margin)."""
-    from ovss_fast.triton import markov_scores as mk
+    from ovss_fast.kernels.triton import markov_scores as mk
 
     kw = dict(sk_iters=3, steps=6, readout=readout, tau=0.3)
     got = mk.markov_scores(q, k, schedule=schedule, symmetric=symmetric, **kw)
@@ -669,7 +669,7 @@ def _check_markov_schedule(q, k, schedule: str, other: str, symmetric: bool, dea
 
 @interpreted
 def test_window_scales_match_the_launch_per_step_scales():
-    from ovss_fast.triton import markov_scores as mk
+    from ovss_fast.kernels.triton import markov_scores as mk
 
     for symmetric in (False, True):
         k = _kernel(2, 37, symmetric=symmetric, seed=9)
@@ -688,7 +688,7 @@ def test_window_schedule_through_discrepancy(mode, monkeypatch):
     """OVSS_FAST_TRITON_SCHEDULE=window: ops.discrepancy passes symmetric=True (gibbs_kernel's K is
     exactly symmetric) and matches the reference; tf32x3 runs the same path (the interpreter computes
     its dots in float32, so only a GPU run can say whether tf32x3 holds 1e-4)."""
-    from ovss_fast.triton import TRITON_BACKEND
+    from ovss_fast.kernels.triton import TRITON_BACKEND
 
     g = torch.Generator().manual_seed(11)
     q = _q(3, 37, 4, dead=(3,), seed=5)
@@ -730,7 +730,7 @@ _PERSISTENT_CASES = [
 def test_persistent_schedule_sinkhorn(B, N, C, dead, symmetric, dtype, layout, one_launch, monkeypatch):
     """Every phase of op over tiles striped across the programs (three in the interpreter, more tiles than
     that), or all phases in one launch through the grid barrier; against float64 and the fused schedule."""
-    from ovss_fast.triton import _schedules
+    from ovss_fast.kernels.triton import _schedules
 
     monkeypatch.setattr(_schedules, "INTERPRET_ONE_LAUNCH", one_launch)
     qk = _inputs(B, N, C, dead, symmetric, dtype, layout, N + 7, C + 7)
@@ -742,7 +742,7 @@ def test_persistent_schedule_sinkhorn(B, N, C, dead, symmetric, dtype, layout, o
 @pytest.mark.parametrize("B,N,C,dead,symmetric,dtype,layout,one_launch", _PERSISTENT_CASES[:3] + _PERSISTENT_CASES[4:])
 def test_persistent_schedule_markov(B, N, C, dead, symmetric, dtype, layout, one_launch, readout, monkeypatch):
     """Sinkhorn-Knopp, the drift and the chain of mv as phases of one persistent kernel."""
-    from ovss_fast.triton import _schedules
+    from ovss_fast.kernels.triton import _schedules
 
     monkeypatch.setattr(_schedules, "INTERPRET_ONE_LAUNCH", one_launch)
     q, k = _inputs(B, N, C, dead, symmetric, dtype, layout, N + 8, C + 8)
@@ -754,7 +754,7 @@ def test_persistent_schedule_markov(B, N, C, dead, symmetric, dtype, layout, one
 def test_persistent_schedule_partial_sums_past_256(op, monkeypatch):
     """N = 300 (products over N in partial sums of 256), 19 row blocks of 16: the q / f column sums go
     through the per row block partials; one launch, so the barrier counters must also come back to 0."""
-    from ovss_fast.triton import _schedules
+    from ovss_fast.kernels.triton import _schedules
 
     monkeypatch.setattr(_schedules, "INTERPRET_ONE_LAUNCH", True)
     q, k = _q(1, 300, 2, dead=(1,), seed=5), _kernel(1, 300, symmetric=True, seed=6)
@@ -766,8 +766,8 @@ def test_persistent_schedule_partial_sums_past_256(op, monkeypatch):
 @interpreted
 def test_persistent_schedule_needs_the_transpose_when_not_symmetric():
     """The general persistent path really reads K^T (op) and K's columns (mv's SK and chain)."""
-    from ovss_fast.triton import markov_scores as mk
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.kernels.triton import markov_scores as mk
+    from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     q, k = _q(2, 21, 3, seed=2), _kernel(2, 21, seed=3)
     want = R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=4)
@@ -783,7 +783,7 @@ def test_persistent_schedule_needs_the_transpose_when_not_symmetric():
 def test_persistent_schedule_through_discrepancy(mode, monkeypatch):
     """OVSS_FAST_TRITON_SCHEDULE=persistent selects it for any N (here N = 37 and N = 600, past the window
     schedule's limit) through ops.discrepancy, symmetric=True included."""
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     monkeypatch.setenv("OVSS_FAST_TRITON_SCHEDULE", "persistent")
     assert sk.choose_schedule(1, 600, 21, torch.device("cpu")) == "persistent"
@@ -818,7 +818,7 @@ def test_regime_table_runs_the_triton_schedules():
 @needs_triton
 def test_schedule_choice(monkeypatch):
     """auto keeps today's fused / split rule; the window schedule only when asked for."""
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     cpu = torch.device("cpu")
     monkeypatch.delenv("OVSS_FAST_TRITON_SCHEDULE", raising=False)
@@ -949,7 +949,7 @@ def test_backend_reasons(monkeypatch):
     assert any("float64" in r for r in reasons)
     assert any("meta" in r for r in backend.unsupported_reasons("kl_scores", (x32.to("meta"),), {}))
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # unsupported_reasons never imports triton: safe here
-    from ovss_fast.triton._runtime import triton_interprets
+    from ovss_fast.kernels.triton._runtime import triton_interprets
 
     if triton_interprets() is None:  # triton not imported yet: the variable would take effect
         assert backend.unsupported_reasons("kl_scores", (x32,), {}) == []
@@ -967,11 +967,11 @@ def test_backend_reasons(monkeypatch):
 
 
 def test_import_without_triton():
-    """`import ovss_fast.triton` works when triton cannot be imported, and says why it cannot serve."""
+    """`import ovss_fast.kernels.triton` works when triton cannot be imported, and says why it cannot serve."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
-        "from ovss_fast.triton import TRITON_BACKEND as T\n"
+        "from ovss_fast.kernels.triton import TRITON_BACKEND as T\n"
         "print(T.unsupported_reasons('kl_scores', (torch.zeros(1, 2, 2),), {}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -993,12 +993,12 @@ def test_kernels_compile_for_h100():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ovss_fast.triton import class_distributions as cd
-    from ovss_fast.triton import gibbs_kernel as gk
-    from ovss_fast.triton import jbu
-    from ovss_fast.triton import kl_scores as kl
-    from ovss_fast.triton import markov_scores as mk
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.kernels.triton import class_distributions as cd
+    from ovss_fast.kernels.triton import gibbs_kernel as gk
+    from ovss_fast.kernels.triton import jbu
+    from ovss_fast.kernels.triton import kl_scores as kl
+    from ovss_fast.kernels.triton import markov_scores as mk
+    from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     floats = {"scale", "nms", "inv_eps", "a", "eps", "tau", "inv_s", "inv_r"}
     ints = {"cy_ptr": "*i32", "cx_ptr": "*i32", "label_ptr": "*i64"}
@@ -1078,12 +1078,12 @@ def test_autotune_results_kept_on_disk(monkeypatch):
 
     import triton
 
-    from ovss_fast.triton import _runtime, jbu
-    from ovss_fast.triton import class_distributions as cd
-    from ovss_fast.triton import gibbs_kernel as gk
-    from ovss_fast.triton import kl_scores as kl
-    from ovss_fast.triton import markov_scores as mk
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.kernels.triton import _runtime, jbu
+    from ovss_fast.kernels.triton import class_distributions as cd
+    from ovss_fast.kernels.triton import gibbs_kernel as gk
+    from ovss_fast.kernels.triton import kl_scores as kl
+    from ovss_fast.kernels.triton import markov_scores as mk
+    from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     if "cache_results" not in inspect.signature(triton.autotune).parameters:
         pytest.skip("this Triton has no cache_results")
@@ -1108,7 +1108,7 @@ def test_gibbs_kernel_only_compiles_for_h100():
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    from ovss_fast.triton import gibbs_kernel as gk
+    from ovss_fast.kernels.triton import gibbs_kernel as gk
 
     ptxas = get_ptxas(90).path
     block_s = triton.next_power_of_2(gk.RANGE_PARTS)
@@ -1181,8 +1181,8 @@ def test_gpu_jbu_real_sizes():
 def test_gpu_schedules_real_sizes(schedule):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("compiled kernels only")
-    from ovss_fast.triton import markov_scores as mk
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.kernels.triton import markov_scores as mk
+    from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     dev = torch.device("cuda")
     q = _q(2, 1024, 21, dead=(20,)).to(dev)
@@ -1218,8 +1218,8 @@ def _gpu_scores_inputs(B: int, N: int, C: int, precision: str, monkeypatch) -> t
 @pytest.mark.parametrize("B,N,C", [(15, 196, 199), (36, 196, 29), (2, 300, 21)])
 def test_gpu_window_schedule_real_sizes(B, N, C, precision, monkeypatch):
     """The window schedule at the pipeline's window batches, symmetric and general, against float64."""
-    from ovss_fast.triton import markov_scores as mk
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.kernels.triton import markov_scores as mk
+    from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     q, k = _gpu_scores_inputs(B, N, C, precision, monkeypatch)
     want = R.sinkhorn_scores(q.double(), k, eps=0.1, iters=50)
@@ -1238,9 +1238,9 @@ def test_gpu_persistent_schedule_real_sizes(B, N, C, precision, monkeypatch):
     """The persistent schedule (one launch, grid barriers) at window batches and whole images up to
     N = 4096, against float64; twice in a row (the barrier counters reset themselves), and replayed from
     a CUDA graph as the backend runs it."""
-    from ovss_fast.triton import TRITON_BACKEND
-    from ovss_fast.triton import markov_scores as mk
-    from ovss_fast.triton import sinkhorn_scores as sk
+    from ovss_fast.kernels.triton import TRITON_BACKEND
+    from ovss_fast.kernels.triton import markov_scores as mk
+    from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     q, k = _gpu_scores_inputs(B, N, C, precision, monkeypatch)
     want_op = R.sinkhorn_scores(q.double(), k, eps=0.1, iters=50)
@@ -1265,8 +1265,8 @@ def test_gpu_graph_replay_matches_eager(monkeypatch):
     keeps one graph per signature, and stays eager while the caller captures."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("compiled kernels only")
-    from ovss_fast.triton import TRITON_BACKEND as T
-    from ovss_fast.triton._runtime import GRAPHS
+    from ovss_fast.kernels.triton import TRITON_BACKEND as T
+    from ovss_fast.kernels.triton._runtime import GRAPHS
 
     GRAPHS.clear()
     dev = torch.device("cuda")

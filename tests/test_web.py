@@ -22,8 +22,8 @@ pytest.importorskip("open_clip", reason="the page segments with open_clip")
 
 from PIL import Image  # noqa: E402
 
-from ovss_fast import web  # noqa: E402
-from ovss_fast.cli import main  # noqa: E402
+from ovss_fast.apps import web  # noqa: E402
+from ovss_fast.apps.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:pretrained=None")
 
@@ -120,7 +120,7 @@ def test_with_weights_the_page_is_the_command(tmp_path):
     random-weights warning."""
     import open_clip
 
-    from ovss_fast.clip_features import TINY_MODEL, register_tiny_config
+    from ovss_fast.models.clip_features import TINY_MODEL, register_tiny_config
 
     register_tiny_config()
     torch.manual_seed(11)

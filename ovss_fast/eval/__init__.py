@@ -1,12 +1,12 @@
 """Evaluation on the standard training-free OVSS benchmarks: readers, protocol, mIoU, torch.distributed.
 
-``ovss-fast eval --dataset NAME --root PATH`` (see :mod:`ovss_fast.eval.cli`) is the command;
+``ovss-fast eval --dataset NAME --root PATH`` (see :mod:`ovss_fast.apps.evaluate`) is the command;
 the pieces are importable for scripts:
 
     from ovss_fast.eval import SegmentationDataset, SegmenterPredictor, run_loop, make_report
 """
 
-from .datasets import (
+from ovss_fast.eval.datasets import (
     DATASETS,
     IGNORE_INDEX,
     LONG_SIDE_CAP,
@@ -15,8 +15,8 @@ from .datasets import (
     dataset_spec,
     load_class_names,
 )
-from .distributed import DistContext
-from .harness import (
+from ovss_fast.eval.distributed import DistContext
+from ovss_fast.eval.harness import (
     EvalOutcome,
     SegmenterPredictor,
     SyntheticScenes,
@@ -25,8 +25,8 @@ from .harness import (
     run_loop,
     synthetic_predictor,
 )
-from .metrics import confusion_matrix, scores_from_confusion
-from .protocols import PROTOCOLS, Protocol, resolve_protocol
+from ovss_fast.eval.metrics import confusion_matrix, scores_from_confusion
+from ovss_fast.eval.protocols import PROTOCOLS, Protocol, resolve_protocol
 
 __all__ = [
     "DATASETS",

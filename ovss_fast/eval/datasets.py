@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._image import decode, to_uint8
+from ovss_fast.pipeline.image_io import decode, to_uint8
 
 IGNORE_INDEX = 255
 #: the long side of a resized image is capped at this many pixels (mmseg's Resize(scale=(2048, short))).
@@ -246,7 +246,7 @@ _READERS: dict[str, Callable[[Path, DatasetSpec, str], tuple[list[Sample], np.nd
 def read_image(path: str) -> Tensor:
     """An image file -> uint8 [3, H, W] RGB, as stored (no EXIF rotation: the annotation is not rotated either).
 
-    Decoded by :mod:`ovss_fast._image`: 16-bit images scaled (then rounded to 8 bits), alpha
+    Decoded by :mod:`ovss_fast.pipeline.image_io`: 16-bit images scaled (then rounded to 8 bits), alpha
     composited on black; a clear error for a corrupt file.
     """
     from PIL import Image, UnidentifiedImageError

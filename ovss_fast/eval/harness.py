@@ -40,15 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import __version__
-from .. import _validate as check
-from ..ops import jbu_argmax, segment_features
-from ..options import HeadOptions
-from ..synthetic import make_scene
-from .checkpoint import Guarded, RunState
-from .datasets import IGNORE_INDEX, LONG_SIDE_CAP
-from .distributed import DistContext
-from .metrics import confusion_matrix, scores_from_confusion
+from ovss_fast import __version__
+from ovss_fast.eval.checkpoint import Guarded, RunState
+from ovss_fast.eval.datasets import IGNORE_INDEX, LONG_SIDE_CAP
+from ovss_fast.eval.distributed import DistContext
+from ovss_fast.eval.metrics import confusion_matrix, scores_from_confusion
+from ovss_fast.ops import validate as check
+from ovss_fast.ops.api import jbu_argmax, segment_features
+from ovss_fast.ops.options import HeadOptions
+from ovss_fast.synthetic import make_scene
 
 
 def protocol_size(height: int, width: int, short_side: int, long_side: int = LONG_SIDE_CAP) -> tuple[int, int]:
@@ -128,7 +128,7 @@ def synthetic_predictor(mode: str = "mv", backend: str = "auto", device: torch.d
                         head: str = "dslo", **params: Any) -> Callable[[dict], Tensor]:
     """item {"scene": Scene} -> labels [H, W]: the scene's features, text and affinity through segment_features
     (head "dslo"), or the argmax of the joint-bilaterally upsampled class probabilities softmax(scale * cos)
-    (head "logits"). params: the head's options (:class:`~ovss_fast.options.HeadOptions`)."""
+    (head "logits"). params: the head's options (:class:`~ovss_fast.ops.options.HeadOptions`)."""
     check.choice("head", head, check.HEADS)
     options = HeadOptions.of("synthetic_predictor", params)
 

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from .datasets import IGNORE_INDEX
+from ovss_fast.eval.datasets import IGNORE_INDEX
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, *, ignore_index: int = IGNORE_INDEX) -> Tensor:

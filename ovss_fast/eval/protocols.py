@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .datasets import DATASETS
+from ovss_fast.eval.datasets import DATASETS
 
 #: datasets with a background class (index 0): the only ones a background threshold applies to
 BACKGROUND_DATASETS = ("voc21", "context60", "coco_object")

@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .datasets import DATASETS
+from ovss_fast.eval.datasets import DATASETS
 
 COLUMNS = ("model", "affinity", "mode", "features", "head", "protocol")
 

@@ -1,0 +1,1 @@
+"""Front ends: the command line, the web page, the demo."""

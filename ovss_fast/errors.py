@@ -1,0 +1,28 @@
+"""The library's own exceptions for bad input (method.md section 5).
+
+Validation raises these; they subclass ``ValueError`` / ``TypeError`` so a caller's ``except ValueError``
+keeps working. The front ends print them as one line; any other exception (a RuntimeError from torch,
+a bug in ovss_fast) keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class OVSSError(Exception):
+    """Base of every user error raised by ovss_fast."""
+
+
+class InputError(OVSSError, ValueError):
+    """A value, shape or option is wrong; the message names the argument and what was seen."""
+
+
+class InputTypeError(OVSSError, TypeError):
+    """An argument has the wrong type or dtype; the message names the argument and what was seen."""
+
+
+class ModelLoadError(OVSSError, ValueError):
+    """Weights or a model could not be loaded as asked (unknown name, a checkpoint that does not match);
+    the original exception is chained as ``__cause__``."""
+
+
+__all__ = ["InputError", "InputTypeError", "ModelLoadError", "OVSSError"]

@@ -1,0 +1,44 @@
+"""What the kernel layer's modules share: the names of the choices the spec offers and the JBU tap geometry.
+
+The reference and the Triton kernels both import from here, so neither reaches into the other's private
+helpers; the public ops (:mod:`ovss_fast.ops.validate`) take the choices from here too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: mode "mv"'s matrix before Sinkhorn-Knopp: the symmetrised attention Sym / M (the paper) or the Gibbs
+#: kernel K (ours); method.md section 3. The default (the paper's) first.
+TRANSITIONS = ("attention", "gibbs")
+#: the axis NMS compares a probability along: its patch's classes (ours) or its class's patches (a reading of
+#: the paper); method.md section 1
+NMS_AXES = ("classes", "patches")
+
+
+def tap_geometry(
+    h: int, w: int, H: int, W: int, radius: int, device: torch.device, dt: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Low-res positions p' (rounded to ``dt``) and their nearest grid cell for every output row / column.
+
+    p' is formed in float64 for every dtype and the cells are taken from it (round half up,
+    floor(p' + 0.5), the same in every backend): formed in float32, p' = k + 0.5 can round to
+    just below it (h = 2, H = 41: row 20) and move that row's whole tap window one cell.
+    """
+    py = (torch.arange(H, device=device, dtype=torch.float64) + 0.5) * (h / H) - 0.5  # [H]
+    px = (torch.arange(W, device=device, dtype=torch.float64) + 0.5) * (w / W) - 0.5  # [W]
+    cy = torch.floor(py + 0.5).long()
+    cx = torch.floor(px + 0.5).long()
+    return py.to(dt), px.to(dt), cy, cx
+
+
+def lowres_guide(guide: Tensor, h: int, w: int, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Gd = the guide area-averaged to [h, w] (adaptive average pooling) in float64, as hi + lo in ``dt``.
+
+    A small sigma_r amplifies Gd's rounding: rounding it to one float32 alone moves the
+    upsampled scores by 1e-4 at sigma_r = 1e-3; hi + lo carries it to ~1e-14.
+    """
+    gd = torch.nn.functional.adaptive_avg_pool2d(guide.to(torch.float64), (h, w))
+    hi = gd.to(dt)
+    return hi, (gd - hi.to(torch.float64)).to(dt)

@@ -1,0 +1,55 @@
+"""Fake (meta) implementations of the ``ovss_fast`` ops, so torch.compile can trace them.
+
+Each mirrors the output shapes and dtypes of the kernels: float64 when any input
+is float64, else float32; labels int64. Imported by :mod:`ovss_fast.kernels.extension`
+after the library is loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@torch.library.register_fake("ovss_fast::class_distributions")
+def _class_distributions(feats: Tensor, text: Tensor, scale: float, nms: float, nms_axis: str = "classes") -> Tensor:
+    B, N, _ = feats.shape
+    return feats.new_empty((B, N, text.shape[0]), dtype=_dtype(feats, text))
+
+
+@torch.library.register_fake("ovss_fast::gibbs_kernel")
+def _gibbs_kernel(affinity: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    dt = _dtype(affinity)
+    return affinity.new_empty(affinity.shape, dtype=dt), affinity.new_empty(affinity.shape, dtype=dt)
+
+
+@torch.library.register_fake("ovss_fast::kl_scores")
+def _kl_scores(q: Tensor) -> Tensor:
+    return q.new_empty(q.shape, dtype=_dtype(q))
+
+
+@torch.library.register_fake("ovss_fast::sinkhorn_scores")
+def _sinkhorn_scores(q: Tensor, kernel: Tensor, eps: float, iters: int) -> Tensor:
+    return q.new_empty(q.shape, dtype=_dtype(q, kernel))
+
+
+@torch.library.register_fake("ovss_fast::markov_scores")
+def _markov_scores(q: Tensor, kernel: Tensor, sk_iters: int, steps: int, readout: str, tau: float) -> Tensor:
+    return q.new_empty(q.shape, dtype=_dtype(q, kernel))
+
+
+@torch.library.register_fake("ovss_fast::jbu_upsample")
+def _jbu_upsample(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_range: float, radius: int) -> Tensor:
+    B, C = scores.shape[:2]
+    H, W = guide.shape[-2:]
+    return scores.new_empty((B, C, H, W), dtype=_dtype(scores, guide))
+
+
+@torch.library.register_fake("ovss_fast::jbu_argmax")
+def _jbu_argmax(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_range: float, radius: int) -> Tensor:
+    H, W = guide.shape[-2:]
+    return scores.new_empty((scores.shape[0], H, W), dtype=torch.int64)

@@ -1,0 +1,356 @@
+"""The method of ``shared/method.md`` in plain PyTorch: the specification, executable.
+
+Every backend (C++ CPU, CUDA, Triton) is tested against these functions run in
+float64. They take already-validated tensors (see :mod:`ovss_fast.ops.validate`);
+the public API in :mod:`ovss_fast.ops` validates and then dispatches here when
+``backend="reference"``.
+
+Computation happens in ``compute_dtype(x)``: float64 stays float64, everything else
+(float16, bfloat16, float32) is computed in float32 (method.md: "all reductions
+accumulate in float32 at least").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ovss_fast.kernels.common import NMS_AXES, TRANSITIONS, lowres_guide, tap_geometry
+
+#: Divisions floor their denominators here (method.md section 3; a normal float32).
+DENOM_FLOOR = 1e-30
+#: Added to Sym / M, the symmetrised affinity over its per-image max, before the log (method.md section 2).
+LOG_FLOOR = 1e-12
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+# --------------------------------------------------------------------------- section 1
+def class_distributions(feats: Tensor, text: Tensor, *, scale: float = 100.0, nms: float = 0.0,
+                        nms_axis: str = "classes") -> Tensor:
+    """Q[b,:,c]: each class's distribution over patches (method.md section 1).
+
+    feats: [B, N, D]; text: [C, D] -> Q: [B, N, C]. NMS (ratio ``nms``, 0 = off) zeroes
+    P[b,i,c] below nms times the largest probability of its patch (``nms_axis="classes"``,
+    over c') or of its class (``nms_axis="patches"``, over patches i').
+    """
+    if nms_axis not in NMS_AXES:
+        raise ValueError(f"nms_axis must be one of {', '.join(map(repr, NMS_AXES))}; got {nms_axis!r}")
+    dt = compute_dtype(feats, text)
+    # cosine: normalise both sides; a zero vector gets cosine 0 rather than NaN
+    x = unit_vectors(feats.to(dt))
+    t = unit_vectors(text.to(dt))
+    logits = scale * torch.einsum("bnd,cd->bnc", x, t)
+    p = torch.softmax(logits, dim=-1)
+    if nms > 0:
+        p = suppress_weak(p, nms, dim=-1 if nms_axis == "classes" else 1)
+    return normalise_columns(p)
+
+
+def suppress_weak(p: Tensor, nms: float, dim: int) -> Tensor:
+    """p with 0 wherever p < nms * (its max along ``dim``): dim=-1 is the "classes" NMS rule, dim=1 "patches"."""
+    return torch.where(p < nms * p.amax(dim=dim, keepdim=True), torch.zeros_like(p), p)
+
+
+def normalise_columns(p: Tensor) -> Tensor:
+    """[B, N, C]: each column divided by its sum over patches; a column summing to 0 stays 0."""
+    colsum = p.sum(dim=1, keepdim=True)  # [B, 1, C]
+    return torch.where(colsum > 0, p / colsum.clamp_min(DENOM_FLOOR), torch.zeros_like(p))
+
+
+def suppress_patches(q: Tensor, nms: float) -> Tensor:
+    """The "patches" NMS applied after the fact to Q = class_distributions(..., nms=0).
+
+    Q[:, c] = P[:, c] / s_c with s_c > 0 (or Q[:, c] = 0 = P[:, c]), so P < nms * max_i P
+    exactly where Q < nms * max_i Q, and renormalising the kept part of Q's column gives
+    the kept part of P's column over its sum: the result equals
+    ``class_distributions(..., nms=nms, nms_axis="patches")`` up to rounding (an entry
+    within an ulp of the threshold may fall on either side). Backends without the
+    patches rule in their kernel run this post-pass (ops.class_distributions).
+    """
+    return normalise_columns(suppress_weak(q, nms, dim=1)) if nms > 0 else q
+
+
+def unit_vectors(v: Tensor) -> Tensor:
+    """v / |v| along the last axis, computed on v / max|v| (cos is scale-invariant): the sum of
+    squares neither overflows (|v| near 1e30 in float32) nor underflows (near 1e-30). A zero
+    vector stays zero (its norm is floored at 1e-30)."""
+    m = v.abs().amax(dim=-1, keepdim=True)
+    v = v / torch.where(m > 0, m, torch.ones_like(m))
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(DENOM_FLOOR)
+
+
+def dead_classes(q: Tensor) -> Tensor:
+    """[B, C] bool: classes whose distribution is all zero (possible only with NMS)."""
+    return q.sum(dim=1) <= 0
+
+
+# --------------------------------------------------------------------------- section 2
+def scaled_affinity(affinity: Tensor) -> Tensor:
+    """Sym / M (method.md sections 2 and 3): Sym = (A + A^T) / 2, M its max over each image;
+    an image whose Sym is all 0 (M = 0) stays all 0. [B, N, N] -> [B, N, N] in [0, 1], symmetric."""
+    a = affinity.to(compute_dtype(affinity))
+    sym = 0.5 * a + 0.5 * a.transpose(1, 2)  # halved first: (A + A^T) overflows near the float32 maximum
+    m = sym.amax(dim=(1, 2), keepdim=True)
+    return sym / torch.where(m > 0, m, torch.ones_like(m))
+
+
+def gibbs_kernel(affinity: Tensor, *, eps: float = 0.2) -> tuple[Tensor, Tensor]:
+    """Cost C in [0, 1] and Gibbs kernel K = exp(-C / eps) (method.md section 2).
+
+    affinity: [B, N, N] (non-negative) -> (cost [B, N, N], kernel [B, N, N]). The cost is
+    scale-free: Craw = -log(Sym / M + 1e-12), so A and 7 * A (or 1e-20 * A) give the same C.
+    """
+    craw = -torch.log(scaled_affinity(affinity) + LOG_FLOOR)
+    lo = craw.amin(dim=(1, 2), keepdim=True)
+    hi = craw.amax(dim=(1, 2), keepdim=True)
+    span = hi - lo
+    cost = torch.where(span > 0, (craw - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+                       torch.zeros_like(craw))
+    kernel = torch.exp(-cost / eps)
+    return cost, kernel
+
+
+def attention_transition(affinity: Tensor) -> Tensor:
+    """W = Sym / M, the matrix ``transition="attention"`` (paper) makes doubly stochastic (method.md section 3).
+
+    affinity: [B, N, N] (non-negative) -> W [B, N, N], symmetric, in [0, 1]. M = 0 (an all-zero
+    affinity) gives W = 0: Sinkhorn-Knopp leaves it 0 (its denominators are floored), so the
+    chain empties, f(l) = 0 for every l >= 1: "integrated" scores -steps for every live class
+    (a tie, which argmax gives to the lowest class) and "velocity" settles at l = 1 or 2.
+    A zero row of W (a patch with no affinity at all) likewise drains that patch to 0.
+    """
+    return scaled_affinity(affinity)
+
+
+def markov_transition(affinity: Tensor, *, transition: str = "attention", eps: float = 0.2) -> Tensor:
+    """The matrix mode "mv" makes doubly stochastic: K of :func:`gibbs_kernel` ("gibbs", ours) or
+    W of :func:`attention_transition` ("attention", paper). [B, N, N] -> [B, N, N]."""
+    if transition == "gibbs":
+        return gibbs_kernel(affinity, eps=eps)[1]
+    if transition == "attention":
+        return attention_transition(affinity)
+    raise ValueError(f"transition must be one of {', '.join(map(repr, TRANSITIONS))}; got {transition!r}")
+
+
+# --------------------------------------------------------------------------- section 3
+def _mask_dead(scores: Tensor, q: Tensor) -> Tensor:
+    dead = dead_classes(q)  # [B, C]
+    if bool(dead.any()):
+        scores = scores.masked_fill(dead[:, None, :], float("-inf"))
+    return scores
+
+
+def kl_scores(q: Tensor) -> Tensor:
+    """Per-patch term of KL(Q || 1/N): Q log(N Q), 0 where Q = 0.  q: [B, N, C] -> [B, N, C]."""
+    dt = compute_dtype(q)
+    q = q.to(dt)
+    n = q.shape[1]
+    safe = torch.where(q > 0, q, torch.ones_like(q))
+    s = torch.where(q > 0, q * torch.log(n * safe), torch.zeros_like(q))
+    return _mask_dead(s, q)
+
+
+def _sinkhorn_iterate(q: Tensor, kernel: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The op iteration from v = 1: ``iters`` times u = a / (K v), v = q / (K^T u).
+
+    Returns (q, K, v, a) in the compute dtype; the caller ends with its own u-update."""
+    dt = compute_dtype(q, kernel)
+    q = q.to(dt)
+    k = kernel.to(dt)
+    a = 1.0 / q.shape[1]
+    v = torch.ones_like(q)
+    kt = k.transpose(1, 2)
+    for _ in range(iters):
+        u = a / torch.bmm(k, v).clamp_min(DENOM_FLOOR)
+        v = q / torch.bmm(kt, u).clamp_min(DENOM_FLOOR)
+    return q, k, v, a
+
+
+def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.2, iters: int = 50) -> Tensor:
+    """Optimal-path scores: entropic OT from 1/N to each class (method.md section 3, op).
+
+    q: [B, N, C] (targets b = Q[:, c]); kernel: [B, N, N] -> S: [B, N, C] with
+    S[i, c] = mean_i(f) - f[i], f = eps * log(a / (K v)) the source potential.
+    """
+    q, k, v, a = _sinkhorn_iterate(q, kernel, iters)
+    kv = torch.bmm(k, v).clamp_min(DENOM_FLOOR)
+    f = eps * torch.log(a / kv)
+    s = f.mean(dim=1, keepdim=True) - f
+    return _mask_dead(s, q)
+
+
+def sinkhorn_plan(q: Tensor, kernel: Tensor, *, iters: int = 50) -> Tensor:
+    """The analytic solution pi = diag(u) K diag(v) for every class (tests only).
+
+    q: [B, N, C]; kernel: [B, N, N] -> plan: [B, C, N, N]. Uses the same iteration
+    as :func:`sinkhorn_scores` and ends with a u-update, so rows sum to 1/N exactly.
+    """
+    q, k, v, a = _sinkhorn_iterate(q, kernel, iters)
+    u = a / torch.bmm(k, v).clamp_min(DENOM_FLOOR)
+    # [B, C, N, N]
+    return u.transpose(1, 2)[:, :, :, None] * k[:, None] * v.transpose(1, 2)[:, :, None, :]
+
+
+def doubly_stochastic(kernel: Tensor, *, sk_iters: int = 15) -> Tensor:
+    """Sinkhorn-Knopp / IPF: normalise rows then columns, sk_iters times.  [B, N, N] -> [B, N, N]."""
+    t = kernel.to(compute_dtype(kernel))
+    for _ in range(sk_iters):
+        t = t / t.sum(dim=2, keepdim=True).clamp_min(DENOM_FLOOR)
+        t = t / t.sum(dim=1, keepdim=True).clamp_min(DENOM_FLOOR)
+    return t
+
+
+def markov_scores(q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int = 50, readout: str = "integrated",
+                  tau: float = 0.1) -> Tensor:
+    """Maximum-velocity scores from the chain f(l) = f(l-1) T (method.md section 3, mv).
+
+    q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C].
+    readout "integrated": S = sum_{l=1..steps} (f(l) - 1).
+    readout "velocity":   S = lstar + f(0) / (1 + f(0)), lstar the first l >= 1 with
+    |f(l) - f(l-1)| <= tau (steps + 1 if never): the class whose chain settles last wins
+    (the paper), ties (same lstar) go to the stronger initial evidence f(0) = N q.
+    ``kernel`` is the transition before Sinkhorn-Knopp: K (gibbs) or W (attention).
+    """
+    dt = compute_dtype(q, kernel)
+    q = q.to(dt)
+    n = q.shape[1]
+    # f(l) = T^T f(l-1). Sinkhorn-Knopp runs in float64 whatever the compute dtype: the
+    # chain adds T's column-sum drift about `steps` times, and a float32 T cannot see it
+    # (float32 SK alone costs ~1e-4 of float64 at N = 2304). The C++ and Triton
+    # backends likewise keep their SK scalings in float64.
+    tt = doubly_stochastic(kernel.double(), sk_iters=sk_iters).transpose(1, 2).to(dt)
+    f0 = n * q
+    # The chain is carried as its deviation d = f - 1 from the uniform level:
+    # d(l) = T^T d(l-1) + (T^T 1 - 1). The same numbers in exact arithmetic, but f - 1
+    # cancels badly in float32 as the chain mixes (past 1e-4 of float64 at N ~ 800).
+    drift = (tt.double().sum(dim=2, keepdim=True) - 1.0).to(dt)  # [B, N, 1]: T's column sums - 1
+    d = f0 - 1.0
+    if readout == "integrated":
+        acc = torch.zeros_like(q)
+        for _ in range(steps):
+            d = torch.bmm(tt, d) + drift
+            acc = acc + d
+        s = acc
+    elif readout == "velocity":
+        lstar = torch.full_like(q, float(steps + 1))
+        for step in range(1, steps + 1):
+            nxt = torch.bmm(tt, d) + drift
+            settled = ((nxt - d).abs() <= tau) & (lstar > steps)
+            lstar = torch.where(settled, torch.full_like(lstar, float(step)), lstar)
+            d = nxt
+        s = lstar + f0 / (1.0 + f0)
+    else:
+        raise ValueError(f"readout must be 'integrated' or 'velocity', got {readout!r}")
+    return _mask_dead(s, q)
+
+
+# --------------------------------------------------------------------------- section 4
+def _jbu_taps(scores: Tensor, guide: Tensor, radius: int):
+    """Per tap, in tap order (dy outer, dx inner): valid [H, W], rows qy [H] and columns qx [W] (unclamped),
+    their clamped copies, offsets dy = qy - p'y [H], dx = qx - p'x [W], Gd at the taps [B, 3, H, W] as
+    hi and lo, and a = G - Gd = (G - hi) - lo."""
+    B, C, h, w = scores.shape
+    H, W = guide.shape[-2:]
+    dt = compute_dtype(scores, guide)
+    g = guide.to(dt)
+    gd_hi, gd_lo = lowres_guide(g, h, w, dt)  # [B, 3, h, w] each
+    py, px, cy, cx = tap_geometry(h, w, H, W, radius, g.device, dt)
+    for dy in range(-radius, radius + 1):
+        qy = cy + dy  # [H]
+        vy = (qy >= 0) & (qy < h)
+        qyc = qy.clamp(0, h - 1)
+        for dx in range(-radius, radius + 1):
+            qx = cx + dx  # [W]
+            vx = (qx >= 0) & (qx < w)
+            qxc = qx.clamp(0, w - 1)
+            valid = vy[:, None] & vx[None, :]  # [H, W]
+            hi = gd_hi[:, :, qyc][:, :, :, qxc]  # [B, 3, H, W]
+            lo = gd_lo[:, :, qyc][:, :, :, qxc]
+            yield valid, qy, qx, qyc, qxc, qy.to(dt) - py, qx.to(dt) - px, hi, lo, (g - hi) - lo
+
+
+def _jbu_relative_exponents(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_range: float, radius: int):
+    """Per tap: r = e(q) - e(m) [B, H, W] (-inf off the grid), valid, qyc, qxc; m is the pixel's tap of the
+    largest exponent e(q) = -|q - p'|^2 / (2 sigma_s^2) - |G[p] - Gd[q]|^2 / (2 sigma_r^2).
+
+    r is formed from differences of squares written as products, (a^2 - b^2) = (a - b)(a + b),
+    whose factors are differences of nearby numbers: subtracting two large exponents in
+    float32 (sigma_r = 1e-3 makes them ~1e5) would cancel to a few correct digits.
+    """
+    dt = compute_dtype(scores, guide)
+    g = guide.to(dt)
+    inv_s = 1.0 / (2.0 * sigma_spatial**2)
+    inv_r = 1.0 / (2.0 * sigma_range**2)
+    B, H, W = g.shape[0], g.shape[2], g.shape[3]
+    # the peak tap m of every pixel (the first of the largest exponents, in tap order)
+    emax = torch.full((B, H, W), float("-inf"), dtype=dt, device=g.device)
+    mqy = torch.zeros((B, H, W), dtype=dt, device=g.device)
+    mqx, mdy, mdx = torch.zeros_like(mqy), torch.zeros_like(mqy), torch.zeros_like(mqy)
+    mhi, mlo, ma = torch.zeros_like(g), torch.zeros_like(g), torch.zeros_like(g)
+    for valid, qy, qx, _, _, dyq, dxq, hi, lo, a in _jbu_taps(scores, guide, radius):
+        ds = dyq[:, None] ** 2 + dxq[None, :] ** 2  # [H, W]
+        dr = (a**2).sum(dim=1)  # [B, H, W]
+        expo = torch.where(valid, -ds * inv_s - dr * inv_r, torch.full_like(dr, float("-inf")))
+        better = expo > emax
+        emax = torch.where(better, expo, emax)
+        mqy = torch.where(better, qy.to(dt)[:, None], mqy)
+        mqx = torch.where(better, qx.to(dt)[None, :], mqx)
+        mdy = torch.where(better, dyq[:, None], mdy)
+        mdx = torch.where(better, dxq[None, :], mdx)
+        mhi = torch.where(better[:, None], hi, mhi)
+        mlo = torch.where(better[:, None], lo, mlo)
+        ma = torch.where(better[:, None], a, ma)
+    for valid, qy, qx, qyc, qxc, dyq, dxq, hi, lo, a in _jbu_taps(scores, guide, radius):
+        # |q - p'|^2 - |m - p'|^2 = (qy - my)(dyq + dym) + (qx - mx)(dxq + dxm)
+        ds = (qy.to(dt)[:, None] - mqy) * (dyq[:, None] + mdy) + (qx.to(dt)[None, :] - mqx) * (dxq[None, :] + mdx)
+        # |G - Gd[q]|^2 - |G - Gd[m]|^2 = sum over RGB of (Gd[m] - Gd[q]) (a_q + a_m)
+        dr = (((mhi - hi) + (mlo - lo)) * (a + ma)).sum(dim=1)
+        r = torch.where(valid, -ds * inv_s - dr * inv_r, torch.full_like(dr, float("-inf")))
+        yield r, valid, qyc, qxc
+
+
+def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
+                 radius: int = 2) -> Tensor:
+    """Joint bilateral upsampling (Kopf et al. 2007; method.md section 4).
+
+    scores: [B, C, h, w]; guide: [B, 3, H, W] in [0, 1] -> [B, C, H, W].
+    """
+    dt = compute_dtype(scores, guide)
+    s = scores.to(dt)
+    B, C, h, w = s.shape
+    H, W = guide.shape[-2:]
+    # the exponents relative to each pixel's peak tap; their max (0 up to rounding) stabilises exp
+    args = (s, guide, sigma_spatial, sigma_range, radius)
+    rmax = torch.full((B, H, W), float("-inf"), dtype=dt, device=s.device)
+    for r, _, _, _ in _jbu_relative_exponents(*args):
+        rmax = torch.maximum(rmax, r)
+    num = torch.zeros((B, C, H, W), dtype=dt, device=s.device)
+    den = torch.zeros((B, H, W), dtype=dt, device=s.device)
+    neg_inf = torch.tensor(float("-inf"), dtype=dt, device=s.device)
+    for r, valid, qyc, qxc in _jbu_relative_exponents(*args):
+        wgt = torch.exp(r - rmax)  # [B, H, W]; taps off the grid: exp(-inf) = 0
+        sq = s[:, :, qyc][:, :, :, qxc]  # [B, C, H, W]
+        # a -inf score (a dead class) at any tap on the grid makes the pixel -inf, even
+        # where its weight underflowed to 0; taps off the grid contribute nothing
+        term = torch.where(valid, wgt[:, None] * sq, torch.zeros_like(sq))
+        term = torch.where(valid & (sq == float("-inf")), neg_inf, term)
+        num = num + term
+        den = den + wgt
+    return num / den[:, None]
+
+
+def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
+               radius: int = 2) -> Tensor:
+    """Labels of the upsampled scores: argmax over classes, ties to the lowest index.
+
+    scores: [B, C, h, w]; guide: [B, 3, H, W] -> labels [B, H, W] int64.
+    """
+    up = jbu_upsample(scores, guide, sigma_spatial=sigma_spatial, sigma_range=sigma_range, radius=radius)
+    return up.argmax(dim=1)
+

@@ -1,0 +1,1 @@
+"""CLIP and affinity models: loading (open_clip, local files, HF), dense-feature presets, affinity sources."""

@@ -1,0 +1,24 @@
+"""The public ops: validation (:mod:`.validate`), the head's options (:mod:`.options`), backend choice and no
+autograd (:mod:`.api`). Everything here is re-exported from :mod:`ovss_fast`."""
+
+from ovss_fast.ops.api import (
+    DSLOHead,
+    class_distributions,
+    discrepancy,
+    gibbs_kernel,
+    jbu_argmax,
+    jbu_upsample,
+    segment_features,
+)
+from ovss_fast.ops.options import HeadOptions
+
+__all__ = [
+    "DSLOHead",
+    "HeadOptions",
+    "class_distributions",
+    "discrepancy",
+    "gibbs_kernel",
+    "jbu_argmax",
+    "jbu_upsample",
+    "segment_features",
+]

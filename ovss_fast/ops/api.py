@@ -1,0 +1,236 @@
+"""The public ops: validate once, choose a backend, run (no autograd anywhere).
+
+Shapes: B images, N = h * w patches, C classes, D feature width, guide [B, 3, H, W].
+Outputs are computed in float32 for float16 / bfloat16 / float32 inputs and in
+float64 for float64 inputs; labels are int64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ovss_fast.kernels import reference
+from ovss_fast.kernels.dispatch import select
+from ovss_fast.ops import validate as check
+from ovss_fast.ops.options import HeadOptions
+
+
+def class_distributions(feats: Tensor, text: Tensor, *, scale: float = 100.0, nms: float = 0.0,
+                        nms_axis: str = "classes", backend: str = "auto") -> Tensor:
+    """Each class's distribution over patches (method.md section 1).
+
+    feats: [B, N, D] patch features; text: [C, D] class embeddings -> Q: [B, N, C],
+    softmax over classes of ``scale * cos``, optional NMS (ratio ``nms``: a probability
+    below ``nms`` times the largest of its patch, ``nms_axis="classes"``, or of its class
+    over patches, ``nms_axis="patches"``, becomes 0), then each column normalised to sum 1
+    over patches (a column NMS emptied stays 0).
+    """
+    feats, text = check.features_and_text(feats, text)
+    nms = check.nms_ratio(nms)
+    nms_axis = check.choice("nms_axis", nms_axis, check.NMS_AXES)
+    params = {"scale": check.positive("scale", scale), "nms": nms}
+    impl = select("class_distributions", backend, (feats, text), {**params, "nms_axis": nms_axis})
+    with torch.no_grad():
+        if getattr(impl, "takes_nms_axis", False):
+            return impl.class_distributions(feats, text, **params, nms_axis=nms_axis)
+        if nms_axis == "classes":
+            return impl.class_distributions(feats, text, **params)
+        # a kernel with the classes rule only: Q without NMS, then the patches rule as an exact post-pass
+        # on Q (Q's columns are P's rescaled by positive constants; reference.suppress_patches says why)
+        return reference.suppress_patches(impl.class_distributions(feats, text, scale=params["scale"], nms=0.0), nms)
+
+
+def gibbs_kernel(affinity: Tensor, *, eps: float = 0.2, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Cost and Gibbs kernel from a patch affinity (method.md section 2).
+
+    affinity: [B, N, N], non-negative -> (cost [B, N, N] in [0, 1], kernel = exp(-cost / eps)).
+    """
+    affinity = check.affinity(affinity)
+    params = {"eps": check.positive("eps", eps)}
+    impl = select("gibbs_kernel", backend, (affinity,), params)
+    with torch.no_grad():
+        return impl.gibbs_kernel(affinity, **params)
+
+
+def discrepancy(
+    q: Tensor,
+    affinity: Tensor | None,
+    *,
+    mode: str = "mv",
+    eps: float = 0.2,
+    iters: int = 50,
+    sk_iters: int = 15,
+    steps: int = 50,
+    readout: str = "integrated",
+    tau: float = 0.1,
+    transition: str = "attention",
+    backend: str = "auto",
+) -> Tensor:
+    """Per-patch distribution-discrepancy scores (method.md section 3).
+
+    q: [B, N, C] class distributions over patches (from :func:`class_distributions`);
+    affinity: [B, N, N] (ignored, may be None, for ``mode="kl"``) -> scores [B, N, C],
+    larger meaning "patch i belongs to class c"; a class whose q column is all zero
+    scores -inf everywhere.
+
+    mode "kl": per-patch KL term to the uniform distribution; "op": optimal path,
+    entropic OT from 1/N to each class (``iters`` Sinkhorn iterations, ``eps``),
+    read off the source potential; "mv": maximum velocity, a Markov chain on a
+    matrix made doubly stochastic (``sk_iters``, ``steps``; ``readout`` "integrated"
+    or "velocity" with threshold ``tau``). ``transition`` picks mv's matrix: "gibbs"
+    (ours), the Gibbs kernel K of ``eps``; "attention" (the paper), the symmetrised
+    affinity over its per-image max, W = Sym / M (M = 0 gives W = 0, on which the
+    chain empties: reference.attention_transition). Modes "kl" and "op" check
+    ``transition`` like every other parameter and ignore it.
+    """
+    q = check.class_scores(q)
+    check.choice("mode", mode, check.MODES)
+    # every parameter is checked, also those this mode does not use (a typo should not wait for a mode switch)
+    eps = check.positive("eps", eps)
+    transition = check.choice("transition", transition, check.TRANSITIONS)
+    op_params: dict[str, Any] = {"eps": eps, "iters": check.count("iters", iters, minimum=1)}
+    mv_params: dict[str, Any] = {
+        "sk_iters": check.count("sk_iters", sk_iters, minimum=1, why=check.SK_ITERS_WHY),
+        "steps": check.count("steps", steps, minimum=1),
+        "readout": check.choice("readout", readout, check.READOUTS),
+        "tau": check.positive("tau", tau),
+    }
+    B, N, _ = q.shape
+    if affinity is not None:
+        affinity = check.affinity(affinity, n=N, batch=B)
+        check.same_device(q=q, affinity=affinity)
+    if mode == "kl":
+        impl = select("kl_scores", backend, (q,), {})
+        with torch.no_grad():
+            return impl.kl_scores(q)
+    if affinity is None:
+        raise ValueError(f"mode={mode!r} needs an affinity [B, N, N]; got None")
+    if mode == "op":
+        impl = select("sinkhorn_scores", backend, (q, affinity), op_params)
+        with torch.no_grad():
+            kernel = impl.gibbs_kernel_only(affinity, eps=eps)
+            s = impl.sinkhorn_scores(q, kernel, **op_params, **_symmetric(impl))
+    else:
+        impl = select("markov_scores", backend, (q, affinity), mv_params)
+        with torch.no_grad():
+            # K or W goes where the kernel goes: both are symmetric, so the symmetric fast path holds
+            matrix = impl.markov_transition(affinity, transition=transition, eps=eps)
+            s = impl.markov_scores(q, matrix, **mv_params, **_symmetric(impl))
+    return check.finite_scores(s, mode, affinity, eps)
+
+
+def _symmetric(impl: Any) -> dict[str, bool]:
+    """{"symmetric": True} for a backend whose op / mv can use K = K^T (gibbs_kernel builds K, and
+    attention_transition W, from (A + A^T) / 2, so K^T u = K u and one matrix is read, never its
+    transpose); {} for the others."""
+    return {"symmetric": True} if getattr(impl, "takes_symmetric_kernel", False) else {}
+
+
+def _jbu_params(sigma_spatial: float, sigma_range: float, radius: int) -> dict[str, Any]:
+    return {
+        "sigma_spatial": check.positive("sigma_spatial", sigma_spatial),
+        "sigma_range": check.positive("sigma_range", sigma_range),
+        "radius": check.radius(radius),
+    }
+
+
+def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
+                 radius: int = 2, backend: str = "auto") -> Tensor:
+    """Joint bilateral upsampling of scores to the guide's size (method.md section 4).
+
+    scores: [B, C, h, w]; guide: [B, 3, H, W] with values in [0, 1] -> [B, C, H, W].
+    """
+    scores, guide = check.scores_and_guide(scores, guide)
+    params = _jbu_params(sigma_spatial, sigma_range, radius)
+    impl = select("jbu_upsample", backend, (scores, guide), params)
+    with torch.no_grad():
+        return impl.jbu_upsample(scores, guide, **params)
+
+
+def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
+               radius: int = 2, backend: str = "auto") -> Tensor:
+    """Labels of the joint-bilaterally upsampled scores, ties to the lowest class.
+
+    scores: [B, C, h, w]; guide: [B, 3, H, W] -> labels [B, H, W] int64. Fused
+    backends never hold [B, C, H, W]; they keep the running best class per pixel.
+    """
+    scores, guide = check.scores_and_guide(scores, guide)
+    params = _jbu_params(sigma_spatial, sigma_range, radius)
+    impl = select("jbu_argmax", backend, (scores, guide), params)
+    with torch.no_grad():
+        return impl.jbu_argmax(scores, guide, **params)
+
+
+def segment_features(
+    feats: Tensor,
+    text: Tensor,
+    affinity: Tensor | None,
+    *,
+    grid: tuple[int, int] | None = None,
+    guide: Tensor | None = None,
+    mode: str = "mv",
+    return_scores: bool = False,
+    backend: str = "auto",
+    **options: Any,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Features to a segmentation map in one call: sections 1 -> 2 -> 3 -> 4 of method.md.
+
+    feats: [B, N, D]; text: [C, D]; affinity: [B, N, N] (None only for mode "kl");
+    grid: (h, w) with h * w = N (None: square). Returns labels [B, h, w] int64 when
+    guide is None, else labels [B, H, W] for guide [B, 3, H, W]. With
+    ``return_scores=True`` returns (labels, scores [B, C, h, w]). options: the head's
+    knobs, :class:`~ovss_fast.ops.options.HeadOptions` (scale, nms, eps, iters, sk_iters,
+    steps, readout, tau, sigma_spatial, sigma_range, radius; all checked, used or not).
+    """
+    feats, text = check.features_and_text(feats, text)
+    B, N, _ = feats.shape
+    h, w = check.grid(N, grid)
+    opts = HeadOptions.of("segment_features", options)
+    if guide is not None:
+        check.tensor("guide", guide, 4)
+        check.same_device(feats=feats, guide=guide)
+    if affinity is not None:
+        check.same_device(feats=feats, affinity=affinity)
+    q = class_distributions(feats, text, backend=backend, **opts.for_op("class_distributions"))
+    s = discrepancy(q, affinity, mode=mode, backend=backend, **opts.for_op("discrepancy"))
+    scores = s.transpose(1, 2).reshape(B, text.shape[0], h, w)  # [B, C, h, w]; B = 0 gives empty results
+    if guide is None:
+        labels = scores.argmax(dim=1)
+    else:
+        labels = jbu_argmax(scores, guide, backend=backend, **opts.for_op("jbu"))
+    return (labels, scores) if return_scores else labels
+
+
+class DSLOHead(torch.nn.Module):
+    """Post-processing head: ``segment_features`` as a module, for codebases that compose modules.
+
+    ``DSLOHead(mode="mv", **params)(feats, text, affinity, grid=None, guide=None)``
+    returns labels like :func:`segment_features`; params: its ``return_scores``,
+    ``backend`` and the head's options (:class:`~ovss_fast.ops.options.HeadOptions`), checked
+    here. It runs without autograd and detaches its inputs, so it can sit after a network
+    whose outputs still carry grad.
+    """
+
+    def __init__(self, mode: str = "mv", **params: Any) -> None:
+        super().__init__()
+        check.choice("mode", mode, check.MODES)
+        # the head's options are checked now, not at the first forward; return_scores and backend pass through
+        HeadOptions.of("DSLOHead", {k: v for k, v in params.items() if k not in ("return_scores", "backend")})
+        self.mode = mode
+        self.params = params
+
+    def extra_repr(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in sorted(self.params.items()))
+        return f"mode={self.mode!r}{extra}"
+
+    @torch.no_grad()
+    def forward(self, feats: Tensor, text: Tensor, affinity: Tensor | None = None, *,
+                grid: tuple[int, int] | None = None, guide: Tensor | None = None) -> Tensor:
+        def plain(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach()
+
+        return segment_features(plain(feats), plain(text), plain(affinity), grid=grid, guide=plain(guide),
+                                mode=self.mode, **self.params)

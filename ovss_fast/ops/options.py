@@ -1,0 +1,109 @@
+"""The DSLO head's options, declared once: :class:`HeadOptions`.
+
+Every knob of the head (class distributions, discrepancy, joint bilateral upsampling) is one
+field below, with its default, the op that takes it, its check, its command-line help and (for
+string options) its choices. Everything else reads the fields instead of repeating the list:
+
+- :func:`ovss_fast.segment_features` and :class:`ovss_fast.DSLOHead` take them as ``**options``;
+- :class:`ovss_fast.Segmenter` takes them as keywords and holds ``self.options``;
+- ``ovss-fast segment`` / ``eval`` build one flag per field (``--sk-iters`` for ``sk_iters``,
+  :func:`ovss_fast.apps.flags.add_method_arguments`) and check it with the field's check;
+- the eval results file records :meth:`HeadOptions.as_dict`.
+
+Adding an option is one line here: ``name: type = option(default, "op", check, "help")``, where
+"op" is the keyword's op (``class_distributions``, ``discrepancy`` or ``jbu``) and check is
+``check(name, value) -> value`` raising a message that names ``name`` (for a choice,
+``one_of(CHOICES)`` and ``choices=CHOICES``). See ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ovss_fast.ops import validate as check
+
+#: the ops a head option can belong to (``jbu``: both jbu_upsample and jbu_argmax)
+OPS = ("class_distributions", "discrepancy", "jbu")
+
+Check = Callable[[str, Any], Any]
+
+
+def option(default: Any, op: str, checker: Check, help: str, *, choices: Sequence[str] | None = None) -> Any:
+    """A HeadOptions field: its default, the op that takes it, its check and its help (and choices)."""
+    assert op in OPS, op
+    return field(default=default, metadata={"op": op, "check": checker, "help": help, "choices": choices})
+
+
+def at_least(minimum: int, why: str = "") -> Check:
+    return lambda name, value: check.count(name, value, minimum=minimum, why=why)
+
+
+def one_of(choices: Sequence[str]) -> Check:
+    return lambda name, value: check.choice(name, value, choices)
+
+
+def _nms(name: str, value: float) -> float:
+    return check.nms_ratio(value, name)
+
+
+def _radius(name: str, value: int) -> int:
+    return check.radius(value, name)
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """The head's knobs (method.md sections 1-4), checked when built; see the module docstring."""
+
+    scale: float = option(100.0, "class_distributions", check.positive,
+                          "logit scale of softmax(scale * cos) (default 100; protocols set their own)")
+    nms: float = option(0.0, "class_distributions", _nms, "class-distribution NMS ratio in [0, 1] (default 0)")
+    nms_axis: str = option("classes", "class_distributions", one_of(check.NMS_AXES),
+                           "class-distribution NMS over classes (default) or patches", choices=check.NMS_AXES)
+    eps: float = option(0.2, "discrepancy", check.positive, "entropic regularisation of the Gibbs kernel (default 0.2)")
+    iters: int = option(50, "discrepancy", at_least(1), "Sinkhorn iterations for mode op (default 50)")
+    sk_iters: int = option(15, "discrepancy", at_least(1, check.SK_ITERS_WHY),
+                           "Sinkhorn iterations making the mv kernel doubly stochastic (default 15)")
+    steps: int = option(50, "discrepancy", at_least(1), "Markov-chain steps for mode mv (default 50)")
+    readout: str = option("integrated", "discrepancy", one_of(check.READOUTS),
+                          f"mv readout: {', '.join(check.READOUTS)} (default integrated)", choices=check.READOUTS)
+    tau: float = option(0.1, "discrepancy", check.positive, "mv velocity threshold (default 0.1)")
+    transition: str = option("attention", "discrepancy", one_of(check.TRANSITIONS),
+                             "mv transition made doubly stochastic: attention (default) or gibbs",
+                             choices=check.TRANSITIONS)
+    sigma_spatial: float = option(2.0, "jbu", check.positive, "JBU spatial sigma in patches (default 2.0)")
+    sigma_range: float = option(0.1, "jbu", check.positive, "JBU range sigma on [0, 1] colours (default 0.1)")
+    radius: int = option(2, "jbu", _radius, "JBU radius in patches (default 2)")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # numpy scalars become Python numbers, bad values fail here
+            object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def of(cls, where: str, options: Mapping[str, Any]) -> HeadOptions:
+        """HeadOptions from keywords, a TypeError naming ``where`` and the valid names for an unknown one."""
+        unknown = sorted(set(options) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"{where} got unknown parameters {unknown}; the head's options are "
+                            f"{', '.join(cls.names())}")
+        return cls(**options)
+
+    def for_op(self, op: str) -> dict[str, Any]:
+        """The keywords of one op (``class_distributions``, ``discrepancy`` or ``jbu``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["op"] == op}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an option: ``sk_iters`` -> ``--sk-iters``."""
+    return "--" + name.replace("_", "-")
+
+
+__all__ = ["OPS", "HeadOptions", "at_least", "flag", "one_of", "option"]

@@ -1,0 +1,1 @@
+"""Images to labels: the Segmenter and its parts."""

@@ -1,0 +1,310 @@
+"""``Segmenter``: open-vocabulary segmentation of images with CLIP (open_clip or transformers) and the DSLO head.
+
+Pipeline for one image (method.md sections 1-4 on CLIP), and the module of each part:
+
+    image [3, H, W] in [0, 1]                                              image_inputs
+      -> resized to whole patches (optionally to a given shorter side): patch grid (gh, gw)
+      -> windows of (wh, ww) patches every (sh, sw) (one window when none is given),
+         chunked to fit memory_budget                                          windows
+      -> per chunk of M crops: patch features [M, n, D] and affinity [M, n, n]
+                                                    models, clip_features, affinity
+      -> per synonym of the class names: Q and discrepancy scores [M, n, S]
+                                                     vocabulary, head_maps, options, ops
+      -> windows' scores averaged on the grid, class score = max over its synonyms
+      -> joint bilateral upsampling to (H, W) guided by the full-resolution image, argmax
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ovss_fast.kernels.dispatch import BACKENDS
+from ovss_fast.models.affinity import BUILTIN, AffinityFn, build_affinity, check_affinity
+from ovss_fast.models.clip_features import (
+    DenseCLIP,
+    check_features,
+    check_pos_interp,
+    normalise,
+    preprocess_stats,
+)
+from ovss_fast.models.loading import (
+    build_open_clip,
+    load_frozen,
+)
+from ovss_fast.ops import validate as check
+from ovss_fast.ops.api import jbu_argmax, jbu_upsample
+from ovss_fast.ops.options import HeadOptions
+from ovss_fast.pipeline.head_maps import HeadMaps
+from ovss_fast.pipeline.image_inputs import (
+    ImageLike,
+    as_image_batches,
+    load_image,
+    map_by_size,
+)  # noqa: F401
+from ovss_fast.pipeline.vocabulary import Vocabulary
+from ovss_fast.pipeline.windows import (
+    DEFAULT_MEMORY_BUDGET,
+    WindowLayout,
+    Windows,
+    window_bytes,
+    window_starts,
+)
+
+
+def _held_by(part: str, name: str, doc: str) -> property:
+    """A Segmenter attribute that lives in one of its parts (self.windows, self.maps, self.vocabulary, self.loaded)."""
+    return property(lambda self: getattr(getattr(self, part), name),
+                    lambda self, value: setattr(getattr(self, part), name, value), doc=doc)
+
+
+class Segmenter:
+    """Open-vocabulary segmentation: CLIP dense features + an affinity + the DSLO head (or the peers' logits).
+
+    ``Segmenter(model="ViT-B-16", pretrained="openai", affinity="clip", mode="mv")``
+
+    model: an open_clip model name (``open_clip.list_models()``), an open_clip
+    'local-dir:/folder' (open_clip_config.json + weights) or 'hf-hub:org/repo' name
+    (``pretrained`` is then ignored), a HuggingFace transformers CLIP as
+    'hf:openai/clip-vit-base-patch16' (downloaded by transformers when online) or
+    'hf:/path/to/folder' (a save_pretrained folder; ``pip install 'ovss_fast[hf]'``),
+    or an already-built open_clip or transformers CLIP model (nn.Module; then pass
+    ``tokenizer`` too, or use :meth:`from_model`). See :mod:`ovss_fast.models.loading`.
+    pretrained: an open_clip tag (downloaded by open_clip when online), a local
+    checkpoint path, or None (random weights, for tests; warns).
+    affinity: "clip" (last-block self-attention, no extra weights), "sd2" (Stable
+    Diffusion 2 self-attention, ``pip install 'ovss_fast[sd]'``), "dino" (timm DINO
+    ViT), or a callable ``(image [B, 3, H, W] in [0, 1], grid (h, w)) -> [B, N, N]``;
+    ``affinity_weights`` is the local weights path for "sd2"/"dino".
+    mode: "mv", "op" or "kl" (method.md section 3). device: default CUDA if available;
+    dtype: default float16 on CUDA, float32 on CPU (the DSLO ops run in float32).
+    window / stride: sliding windows in pixels (int or (h, w), multiples of the patch
+    size; stride defaults to half the window); None: the whole image as one window.
+    resize: the shorter side in pixels before windowing (None: native, to whole patches).
+    features: the dense-feature preset, "clip" (plain patch tokens, the paper's),
+    "maskclip", "sclip", "clearclip" or "naclip", each as its method publishes it
+    (:data:`~ovss_fast.models.clip_features.FEATURE_PRESETS`). pos_interp: "size" (default) or
+    "peers" (the peers' ``scale_factor=(g + 0.1) / g0`` positional interpolation).
+    head: "dslo" (the discrepancy scores, default) or "logits" (the peers' plain
+    argmax of softmax(scale * cos) over synonyms, max over a class's synonyms; no
+    affinity is computed). bg_threshold: None (default, off) or the peers' prob_thd:
+    pixels whose highest class probability (softmax over synonyms of scale * cos, max
+    over a class's synonyms, brought to pixels by the same upsampling as the scores)
+    is below it become class 0, so the first class must be the background.
+    aggregation: "grid" (default: windows averaged on the patch grid, then joint bilateral
+    upsampling) or "pixels" (the peers': each window's maps bilinear to its pixels,
+    averaged, then bilinear to the output; not snapped to whole patches, and crops that
+    are not whole patches follow ``crop``: "floor" or "pad"). antialias: whether internal
+    resizes antialias. templates: prompt templates (callables or "{}" format strings;
+    default open_clip's 80 OpenAI ImageNet ones). memory_budget: bytes for one chunk of
+    windows (:meth:`memory_estimate`); when one window does not fit, ``fallback_window``
+    (pixels, stride half of it) is used if given, else a ValueError names one that fits.
+    batch_windows: False runs one window at a time (the older path). backend: the ops'
+    ("auto", "reference", "cpu", "cuda", "triton"). Other keywords: the head's options
+    (scale, nms, eps, iters, sk_iters, steps, readout, tau, sigma_spatial, sigma_range,
+    radius; :class:`~ovss_fast.ops.options.HeadOptions`).
+    """
+
+
+    def __init__(self, model: str | nn.Module = "ViT-B-16", pretrained: str | os.PathLike | None = "openai",
+                 affinity: str | AffinityFn = "clip", mode: str = "mv", device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, window: int | tuple[int, int] | None = None,
+                 stride: int | tuple[int, int] | None = None, *, features: str = "clip", pos_interp: str = "size",
+                 head: str = "dslo", bg_threshold: float | None = None, aggregation: str = "grid",
+                 crop: str = "floor", antialias: bool = True, resize: int | None = None,
+                 tokenizer: Callable | None = None, templates: Sequence[str | Callable[[str], str]] | None = None,
+                 affinity_weights: str | os.PathLike | None = None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
+                 batch_windows: bool = True, cache_dir: str | None = None, backend: str = "auto",
+                 fallback_window: int | tuple[int, int] | None = None, **options: Any) -> None:
+        # every argument is checked before the model is built and the text embedded
+        check.choice("backend", backend, ("auto", *BACKENDS))
+        self.maps = HeadMaps(head, mode, bg_threshold, backend, HeadOptions.of("Segmenter", options))
+        self.features, self.pos_interp = check_features(features), check_pos_interp(pos_interp)
+        self.aggregation = check.choice("aggregation", aggregation, check.AGGREGATIONS)
+        if not callable(affinity):
+            check.choice("affinity", affinity, BUILTIN)
+        windows = {"crop": check.choice("crop", crop, check.CROPS), "antialias": check.flag("antialias", antialias),
+                   "resize": None if resize is None else check.count("resize", resize, minimum=1),
+                   "memory_budget": check.positive("memory_budget", memory_budget),
+                   "batch_windows": check.flag("batch_windows", batch_windows)}
+        #: optional ``name -> context manager`` that times the pipeline's stages (visual, affinity,
+        #: class_distributions, discrepancy, jbu); None (default) times nothing
+        self.stage_timer: Callable[[str], AbstractContextManager] | None = None
+        self.loaded = load_frozen(model, pretrained, device=device, dtype=dtype, tokenizer=tokenizer,
+                                  cache_dir=cache_dir)
+        self.dense = DenseCLIP(self.model.visual, features=features, pos_interp=pos_interp)
+        self.patch = self.dense.patch
+        self.mean, self.std = preprocess_stats(self.model)
+        self.windows = Windows.from_pixels(self.patch, window, stride, fallback_window,
+                                           one_window_bytes=self._window_bytes, **windows)
+        self.vocabulary = Vocabulary(self.model, self.tokenizer, self.device, templates)
+        self.affinity_name = affinity if isinstance(affinity, str) else getattr(affinity, "__name__", "callable")
+        self.affinity_fn = build_affinity(
+            affinity, weights=None if affinity_weights is None else os.fspath(affinity_weights),
+            device=self.device, dtype=self.dtype) if self.maps.needs_affinity else None
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer: Callable | None = None, **kwargs: Any) -> Segmenter:
+        """A Segmenter on an already-built model and its tokenizer: an open_clip CLIP model (tokenizer
+        optional) or a transformers ``CLIPModel`` (with its tokenizer, e.g. ``CLIPTokenizer``, or an
+        open_clip tokenizer of the same vocabulary)."""
+        return cls(model=model, tokenizer=tokenizer, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"Segmenter(model={self.model_name!r}, affinity={self.affinity_name!r}, mode={self.mode!r}, "
+                f"features={self.features!r}, head={self.head!r}, bg_threshold={self.bg_threshold!r}, "
+                f"aggregation={self.aggregation!r}, window/stride={self.windows.describe()}, "
+                f"device={str(self.device)!r}, dtype={self.dtype})")
+
+    model = _held_by("loaded", "model", "the CLIP model (eval mode, frozen)")
+    tokenizer = _held_by("loaded", "tokenizer", "the text tokenizer")
+    model_name = _held_by("loaded", "name", "the model's name")
+    device = _held_by("loaded", "device", "where the model and the ops run")
+    dtype = _held_by("loaded", "dtype", "the model's dtype (the DSLO ops run in float32)")
+    mode = _held_by("maps", "mode", 'the discrepancy mode, "mv", "op" or "kl"')
+    head = _held_by("maps", "head", 'the head, "dslo" or "logits"')
+    bg_threshold = _held_by("maps", "bg_threshold", "the background threshold (None: off)")
+    backend = _held_by("maps", "backend", "the ops' backend")
+    options = _held_by("maps", "options", "the head's options (:class:`~ovss_fast.ops.options.HeadOptions`)")
+    window = _held_by("windows", "window", "(wh, ww) window in patches, None for the whole image")
+    stride = _held_by("windows", "stride", "(sh, sw) window stride in patches, None for the whole image")
+    resize = _held_by("windows", "resize", "shorter side in pixels images are resized to (None: native size)")
+    crop = _held_by("windows", "crop", 'aggregation "pixels": crops that are not whole patches, "floor" or "pad"')
+    antialias = _held_by("windows", "antialias", "whether internal resizes antialias")
+    memory_budget = _held_by("windows", "memory_budget", "bytes allowed for one chunk of windows")
+    batch_windows = _held_by("windows", "batch_windows", "all windows in a few batched calls (False: one by one)")
+    fallback_window = _held_by("windows", "fallback", "window in patches for images too large (None: refuse them)")
+    templates = _held_by("vocabulary", "templates", "the prompt templates")
+
+    @property
+    def op_params(self) -> dict[str, Any]:
+        """The options of class_distributions and discrepancy (scale, nms, eps, ..., tau)."""
+        return {**self.options.for_op("class_distributions"), **self.options.for_op("discrepancy")}
+
+    @property
+    def jbu_params(self) -> dict[str, Any]:
+        """The options of the joint bilateral upsampling (sigma_spatial, sigma_range, radius)."""
+        return self.options.for_op("jbu")
+
+    def text_features(self, class_names: str | Sequence[str]) -> tuple[Tensor, list[list[int]]]:
+        """Embeddings of every synonym [S, D] (float32, unit norm) and, per class, its rows (cached)."""
+        return self.vocabulary(class_names)
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Low-resolution patch grid (gh, gw) of an image of height x width pixels."""
+        return self.windows.grid_for(height, width)
+
+    def window_layout(self, grid: tuple[int, int], device: torch.device | str = "cpu") -> WindowLayout:
+        """The windows of a (gh, gw) patch grid: their starts, patch indices and coverage counts."""
+        return self.windows.layout(grid, device)
+
+    def memory_estimate(self, height: int, width: int, batch: int = 1, synonyms: int = 0) -> int:
+        """Bytes alive while ``batch`` windows of an image of height x width go through together
+        (``synonyms`` head columns); the terms are :func:`ovss_fast.pipeline.windows.window_bytes`'."""
+        return self.windows.memory_estimate(height, width, batch, synonyms)
+
+    def _window_bytes(self, cells: tuple[int, int], synonyms: int) -> int:
+        return window_bytes(self.dense, self.mode, getattr(self, "affinity_fn", None), cells, synonyms)
+
+    def _stage(self, name: str) -> AbstractContextManager:
+        """Context for one pipeline stage; ``stage_timer`` (e.g. bench/bench_pipeline.py's) times it."""
+        return nullcontext() if self.stage_timer is None else self.stage_timer(name)
+
+    def _window_features(self, crops01: Tensor) -> tuple[Tensor, Tensor | None]:
+        """crops01 [M, 3, wh * ph, ww * pw] in [0, 1] -> (feats [M, n, D] float32, affinity [M, n, n] or None).
+
+        One forward of the visual tower for all M windows; the affinity source is called
+        once with the whole batch (None for mode "kl" and head "logits").
+        """
+        M = crops01.shape[0]
+        grid = (crops01.shape[-2] // self.patch[0], crops01.shape[-1] // self.patch[1])
+        need_attention = self.maps.needs_affinity and self.affinity_fn is None
+        with self._stage("visual"):
+            feats, attention = self.dense(normalise(crops01, self.mean, self.std), need_attention=need_attention)
+            feats = feats.float()
+        if not self.maps.needs_affinity:
+            return feats, None
+        if self.affinity_fn is None:
+            return feats, attention
+        with self._stage("affinity"):
+            affinity = check_affinity(self.affinity_fn(crops01, grid), grid[0] * grid[1], M,
+                                      repr(self.affinity_name))
+            return feats, affinity.to(crops01.device)
+
+    def _window_maps(self, crops01: Tensor, text: Tensor) -> Tensor:
+        """crops01 [M, 3, h, w] -> the head's per-synonym maps [M, n, K * S] (:meth:`HeadMaps.window_maps`)."""
+        feats, affinity = self._window_features(crops01)
+        return self.maps.window_maps(feats, affinity, text, self._stage)
+
+    @torch.no_grad()
+    def _grid_maps(self, img: Tensor, text: Tensor, pixels: bool = False) -> Tensor:
+        """img [B, 3, H, W] -> per-synonym maps [B, K * S, gh, gw] averaged over windows on the patch grid
+        (:meth:`Windows.grid_maps`), or with ``pixels`` [B, K * S, h, w] at the processed size (the peers')."""
+        K, maps = len(self.maps.kinds) * text.shape[0], lambda crops: self._window_maps(crops, text)
+        return self.windows.pixel_maps(img, K, maps, self.mean) if pixels else self.windows.grid_maps(img, K, maps)
+
+    def _finish(self, img: Tensor, guide: Tensor, text: Tensor, groups: list[list[int]], want: str) -> Tensor:
+        """img [B, 3, H, W] -> "grid" class scores at the aggregation's resolution, or "scores" / "labels"
+        at the guide's size (JBU guided by it for aggregation "grid", bilinear for "pixels")."""
+        if self.aggregation == "pixels":
+            maps = self._grid_maps(img, text, pixels=True)
+            if want != "grid" and tuple(maps.shape[-2:]) != tuple(guide.shape[-2:]):
+                maps = F.interpolate(maps, size=tuple(guide.shape[-2:]), mode="bilinear", align_corners=False)
+            scores, probs = self.maps.class_maps(maps, groups)
+            return scores if want in ("grid", "scores") else self.maps.labels(scores, probs)
+        scores, probs = self.maps.class_maps(self._grid_maps(img, text), groups)
+        if want == "grid":
+            return scores
+        with self._stage("jbu"):
+            if want == "labels" and self.bg_threshold is None:
+                return jbu_argmax(scores, guide, backend=self.backend, **self.jbu_params)
+            up = jbu_upsample(scores, guide, backend=self.backend, **self.jbu_params)
+            if want == "scores":
+                return up
+            if probs is not None and probs is not scores:
+                probs = jbu_upsample(probs, guide, backend=self.backend, **self.jbu_params)
+            return self.maps.labels(up, up if probs is scores else probs)
+
+    def _run(self, image: ImageLike, class_names: str | Sequence[str], want: str,
+             guide: ImageLike | None = None) -> Tensor | list[Tensor]:
+        text, groups = self.text_features(class_names)  # embedded on self.device
+        return map_by_size(image, guide, lambda img, g: self._finish(img, g, text, groups, want), self.device)
+
+    def seg(self, image: ImageLike, class_names: str | Sequence[str], *,
+            guide: ImageLike | None = None) -> Tensor | list[Tensor]:
+        """Labels: index into ``class_names`` per pixel, int64.
+
+        image: a PIL image, numpy array ([H, W(, 3)] uint8 or float in [0, 1]), tensor
+        [3, H, W], or file path -> [H, W]; a batch [B, H, W, 3] array or [B, 3, H, W]
+        tensor -> [B, H, W]; a list of images -> a list of [H_i, W_i].
+        class_names: one class per entry, synonyms separated by ";" (or one string with
+        classes separated by ","). Labels are on ``self.device``.
+        guide: the labels' size and JBU guide, when ``image`` is a resized copy (the
+        evaluation protocol resizes, then predicts at the annotation's size guided by
+        the original image); default the image itself.
+        """
+        return self._run(image, class_names, "labels", guide)
+
+    __call__ = seg
+
+    def scores(self, image: ImageLike, class_names: str | Sequence[str], *, upsample: bool = True,
+               guide: ImageLike | None = None) -> Tensor | list[Tensor]:
+        """Class scores (float32; larger means "this pixel is that class") for post-processing.
+
+        upsample=True: joint-bilaterally upsampled to the image, [C, H, W] per image
+        (argmax over C gives :meth:`seg`'s labels, ties aside). upsample=False: the
+        window-averaged low-resolution scores on the patch grid, [C, gh, gw]. Batches
+        and lists as in :meth:`seg`. Scores are on the scale of the chosen mode (head
+        "logits": class probabilities). With aggregation "pixels", upsample=False gives
+        the maps at the processed image's pixels. guide: as in :meth:`seg`.
+        """
+        return self._run(image, class_names, "scores" if upsample else "grid", guide)
+
+
+__all__ = ["Segmenter", "WindowLayout", "as_image_batches", "build_open_clip", "load_image", "window_starts"]

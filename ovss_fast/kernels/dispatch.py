@@ -31,6 +31,7 @@ OPS = (
     "markov_scores",
     "jbu_upsample",
     "jbu_argmax",
+    "pamr",
 )
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 #: the order ``backend="auto"`` tries; the first that can serve the call wins

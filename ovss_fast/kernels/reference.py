@@ -354,3 +354,59 @@ def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sig
     up = jbu_upsample(scores, guide, sigma_spatial=sigma_spatial, sigma_range=sigma_range, radius=radius)
     return up.argmax(dim=1)
 
+
+# --------------------------------------------------------------------------- refiners: PAMR
+#: PAMR's 8 neighbours of a pixel per dilation d, as (dy, dx) in units of d: the 3 x 3 square minus its centre,
+#: row by row (Araslanov and Roth, CVPR 2020; the order does not change the result: a softmax and a sum over them)
+PAMR_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def _replicate_shift(x: Tensor, dy: int, dx: int) -> Tensor:
+    """x [..., H, W] read at (y + dy, x + dx), clamped to the border (replicate padding)."""
+    H, W = x.shape[-2:]
+    ys = torch.arange(H, device=x.device).add(dy).clamp_(0, H - 1)
+    xs = torch.arange(W, device=x.device).add(dx).clamp_(0, W - 1)
+    return x.index_select(-2, ys).index_select(-1, xs)
+
+
+def pamr_affinity(image: Tensor, dilations: tuple[int, ...]) -> Tensor:
+    """PAMR's affinities a [B, P, H, W] (P = 8 len(dilations)), each pixel's summing to 1 over P.
+
+    Per channel k: s_k = the unbiased standard deviation of the 9 len(dilations) values of the pixel's dilated
+    3 x 3 neighbourhoods taken together (the centre once per dilation; replicate padding);
+    e_kj = -|x_k - x_kj| / (1e-8 + 0.1 s_k); a_j = softmax over the P neighbours j of the mean of e_kj over k.
+    """
+    dt = compute_dtype(image)
+    x = image.to(dt)
+    taps = []  # the 9 len(dilations) values of the std, centre first per dilation
+    for d in dilations:
+        taps.append(x)
+        taps.extend(_replicate_shift(x, dy * d, dx * d) for dy, dx in PAMR_OFFSETS)
+    std = torch.stack(taps, 2).std(2)  # [B, K, H, W] (unbiased)
+    denom = 1e-8 + 0.1 * std
+    logits = torch.stack([-(x - t).abs().div(denom).mean(1) for i, t in enumerate(taps) if i % 9], 1)
+    return torch.softmax(logits, 1)  # [B, P, H, W]
+
+
+def pamr(scores: Tensor, image: Tensor, *, iters: int = 10, dilations: tuple[int, ...] = (8, 16)) -> Tensor:
+    """Pixel-adaptive mask refinement (PAMR), as the peers ship it (NACLIP's and SCLIP's ``PAMR`` module).
+
+    scores [B, C, h, w] (bilinearly resized to the image's H x W with align_corners=True when the sizes
+    differ), image [B, K, H, W] (any K; the peers pass the mean/std-normalised image) -> [B, C, H, W]:
+    ``iters`` times, every pixel's scores become the affinity-weighted sum of its P = 8 len(dilations)
+    neighbours' (the centre itself is not one; neighbours off the image read the border: replicate
+    padding), with the affinities of :func:`pamr_affinity`. Float64 for float64 inputs, else float32.
+    """
+    dt = compute_dtype(scores, image)
+    H, W = image.shape[-2:]
+    m = scores.to(dt)
+    if m.shape[-2:] != (H, W):
+        m = torch.nn.functional.interpolate(m, size=(H, W), mode="bilinear", align_corners=True)
+    a = pamr_affinity(image.to(dt), tuple(dilations))  # [B, P, H, W]
+    shifts = [(dy * d, dx * d) for d in dilations for dy, dx in PAMR_OFFSETS]
+    for _ in range(iters):
+        out = torch.zeros_like(m)
+        for j, (dy, dx) in enumerate(shifts):
+            out += a[:, j : j + 1] * _replicate_shift(m, dy, dx)
+        m = out
+    return m

@@ -8,6 +8,7 @@ from ovss_fast.ops.api import (
     gibbs_kernel,
     jbu_argmax,
     jbu_upsample,
+    pamr,
     segment_features,
 )
 from ovss_fast.ops.options import HeadOptions
@@ -20,5 +21,6 @@ __all__ = [
     "gibbs_kernel",
     "jbu_argmax",
     "jbu_upsample",
+    "pamr",
     "segment_features",
 ]

@@ -164,6 +164,22 @@ def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sig
         return impl.jbu_argmax(scores, guide, **params)
 
 
+def pamr(scores: Tensor, image: Tensor, *, iters: int = 10, dilations: tuple[int, ...] = (8, 16),
+         backend: str = "auto") -> Tensor:
+    """Pixel-adaptive mask refinement (PAMR; Araslanov and Roth, CVPR 2020), exact to the peers' module.
+
+    scores: [B, C, h, w], bilinearly resized to the image's size (align_corners=True) when they differ;
+    image: [B, K, H, W], any K (the peers pass the mean/std-normalised RGB image) -> [B, C, H, W] float32
+    (float64 for float64 inputs). ``iters`` rounds of affinity-weighted averaging over the 8 neighbours at
+    each of ``dilations`` (NACLIP's default 10 and (8, 16)); :func:`ovss_fast.kernels.reference.pamr`.
+    """
+    scores, image = check.scores_and_image(scores, image)
+    params = {"iters": check.count("iters", iters, minimum=0), "dilations": check.dilations(dilations)}
+    impl = select("pamr", backend, (scores, image), params)
+    with torch.no_grad():
+        return impl.pamr(scores, image, **params)
+
+
 def segment_features(
     feats: Tensor,
     text: Tensor,

@@ -236,3 +236,30 @@ def scores_and_guide(scores: object, guide: object) -> tuple[Tensor, Tensor]:
         )
     return scores, guide
 
+
+def dilations(value: object, name: str = "dilations") -> tuple[int, ...]:
+    """PAMR's dilations: a non-empty sequence of positive integers (repeats allowed, as the peers' module)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive integers such as (8, 16), got {type(value).__name__}")
+    if len(value) == 0:
+        raise ValueError(f"{name} must hold at least one dilation, got {tuple(value)}")
+    return tuple(count(f"{name}[{i}]", d, minimum=1) for i, d in enumerate(value))
+
+
+def scores_and_image(scores: object, image: object) -> tuple[Tensor, Tensor]:
+    """PAMR's inputs: scores [B, C, h, w] and a guide image [B, K, H, W] of any K and value range."""
+    scores = tensor("scores", scores, 4)
+    image = tensor("image", image, 4)
+    same_device(scores=scores, image=image)
+    B, C, h, w = scores.shape
+    if C == 0:
+        raise ValueError(f"scores has C = 0 classes (shape {tuple(scores.shape)})")
+    if h == 0 or w == 0:
+        raise ValueError(f"scores has an empty grid (shape {tuple(scores.shape)})")
+    if image.shape[0] != B:
+        raise ValueError(f"image has B = {image.shape[0]} (shape {tuple(image.shape)}) but scores has B = {B}")
+    if image.shape[1] == 0:
+        raise ValueError(f"image has K = 0 channels (shape {tuple(image.shape)})")
+    if image.shape[2] == 0 or image.shape[3] == 0:
+        raise ValueError(f"image has an empty image (shape {tuple(image.shape)})")
+    return scores, image

@@ -49,6 +49,8 @@ class TritonBackend(Backend):
     def unsupported_reasons(self, op: str, tensors: Sequence[Tensor], params: Mapping[str, Any]) -> list[str]:
         if _triton_missing():
             return ["triton is not installed"]
+        if not callable(getattr(type(self), op, None)):
+            return [f"triton backend has no op {op!r}"]
         reasons = []
         if any(t.dtype == torch.float64 for t in tensors):
             reasons.append("float64: the Triton kernels compute in float32; use backend='cuda' or 'reference'")

@@ -388,9 +388,9 @@ def test_sharding_covers_every_item_once():
     assert shards[1] == [1, 4, 7]
 
 
-# --------------------------------------------------------------------------- README and the results table
-def test_readme_protocol_table_is_the_code_table():
-    section = (ROOT / "README.md").read_text().split("## Evaluation\n", 1)[1].split("\n## ", 1)[0]
+# --------------------------------------------------------------------------- the docs' tables and the results table
+def test_docs_protocol_table_is_the_code_table():
+    section = (ROOT / "docs" / "evaluation-protocols.md").read_text()
     from ovss_fast.eval.protocols import PROTOCOLS
 
     got, protocols = {}, set()

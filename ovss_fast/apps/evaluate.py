@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "--protocol dslo: the whole image at short side 336 (coco_stuff 448, cityscapes 560), the window below "
         "only for an image over --memory-budget (listed in the results file); --protocol dslo-windows sizes "
-        "(pixels; sclip, clearclip, naclip: see README \"Protocols\"):\n"
+        "(pixels; sclip, clearclip, naclip: see docs/evaluation-protocols.md):\n"
         "  dataset      short window stride\n" + table + "\n"
         f"long side capped at {LONG_SIDE_CAP}; labels predicted at the annotation's size (JBU), 255 ignored.\n\n"
         "examples:\n"

@@ -1,4 +1,5 @@
-"""What an evaluation keeps when it is interrupted or meets bad data (README "What an evaluation guarantees").
+"""What an evaluation keeps when it is interrupted or meets bad data (docs/evaluation-protocols.md,
+"What an evaluation guarantees").
 
 - :func:`check_writable` proves, before any work, that the results file can be written
   (its folder exists or can be made, is a folder, and accepts a file);

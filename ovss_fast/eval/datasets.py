@@ -62,7 +62,7 @@ _VOC = "VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation/v
 _CONTEXT = "VOCdevkit/VOC2010/{JPEGImages,SegmentationClassContext,ImageSets/SegmentationContext/val.txt}"
 _COCO = "coco_stuff164k/{images/val2017,annotations/val2017/*_labelTrainIds.png}"
 
-#: The evaluation protocol, one row per benchmark; README "Evaluation" shows this table.
+#: The evaluation protocol, one row per benchmark; docs/evaluation-protocols.md shows this table.
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
     DatasetSpec("voc21", "PASCAL VOC 2012 val, background + 20", 21, 336, 224, 112, "val", _VOC),
     DatasetSpec("voc20", "PASCAL VOC 2012 val, 20 (background ignored)", 20, 336, 224, 112, "val", _VOC),

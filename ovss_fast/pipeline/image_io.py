@@ -1,6 +1,6 @@
 """One image decoder for every reader: ``Segmenter`` (files, PIL images) and the evaluation datasets.
 
-Rules (README "Image decoding"):
+Rules (docs/guide.md, "Image decoding"):
 
 - 8-bit modes (1, L, RGB, CMYK, YCbCr, ...) convert to RGB by PIL's colour models
   (CMYK: R = 255 (1 - C)(1 - K) and so on);

@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     body = (
         f"`python -m bench.bench_sd2` ({now()}; {versions()}). `SD2Affinity.from_config(seed=0)`: Stable "
         "Diffusion 2's published architecture (stabilityai/stable-diffusion-2-1-base: UNet 865,910,724 "
-        "parameters, VAE, text encoder; `ovss_fast/sd2_config.py`) with RANDOM weights, at the voc21 whole-image "
+        "parameters, VAE, text encoder; `ovss_fast/models/sd2_config.py`) with RANDOM weights, at the voc21 "
+        "whole-image "
         f"size: {shape}. Captured: {', '.join(results[0]['hooked']) if results else '-'} (3 self-attention "
         "maps each, on 22x28 and 44x56 tokens). Time: median of the timed calls (after one warm-up on CUDA); "
         "CPU s = user + system seconds of the call (a shared machine inflates the wall clock, not this). "

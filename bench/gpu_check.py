@@ -36,7 +36,7 @@ barriers) ``triton[persistent]``, ``triton[persistent,general]`` (N <= 1024),
 ``triton[persistent,tf32x3]``), the window ones at N <= 512 only, and always (``--quick`` too) the
 N = 4096, 50-iteration cases that decide whether tf32x3 holds 1e-4; and ``triton[gibbs fused]``:
 the kernel K of every gibbs_kernel case by gibbs_kernel_only
-(OVSS_FAST_TRITON_GIBBS=fused, symmetric tiles, no cost), N = 4096 included in ``--quick``, which
+(the option gibbs="fused", symmetric tiles, no cost), N = 4096 included in ``--quick``, which
 part 3 also times beside the two-pass triton gibbs_kernel and inside discrepancy.
 
 Exit status: 0 when every correctness case and every sanitizer run that could run passed.
@@ -258,9 +258,6 @@ def compare(case: Case, out: Any, inputs32: tuple[torch.Tensor, ...]) -> tuple[b
 #: sinkhorn_scores / markov_scores); "cuda" runs the default (cooperative) schedule
 SCHEDULE_ENV = "OVSS_FAST_CUDA_DISCREPANCY"
 TILE_OPS = ("sinkhorn_scores", "markov_scores")
-TRITON_SCHEDULE_ENV = "OVSS_FAST_TRITON_SCHEDULE"
-TRITON_PRECISION_ENV = "OVSS_FAST_TRITON_PRECISION"
-TRITON_GIBBS_ENV = "OVSS_FAST_TRITON_GIBBS"
 #: the label of Triton's gibbs_kernel_only (symmetric tiles, K only), in the correctness and timing parts
 GIBBS_FUSED = "triton[gibbs fused]"
 #: the largest N of the Triton window schedule (ovss_fast.kernels.triton.sinkhorn_scores.WINDOW_MAX_N; not imported
@@ -293,26 +290,25 @@ class Variant:
         return (self.max_n is None or n <= self.max_n) and (self.min_n is None or n >= self.min_n)
 
 
-_W = {TRITON_SCHEDULE_ENV: "window"}
-_P = {TRITON_SCHEDULE_ENV: "persistent"}
+# the Triton variants pass the backend's keyword options (TritonOptions: schedule, precision, gibbs)
+_W = {"schedule": "window"}
+_P = {"schedule": "persistent"}
+_SYM = {"symmetric": True}
+_TF = {"precision": "tf32x3"}
 #: the window batches of the pipeline (coco_stuff, cityscapes) and one awkward small case
 _WINDOW_SHAPES = frozenset({(2, 37, 5), (15, 196, 199), (36, 196, 29)})
 VARIANTS: dict[str, Variant] = {
     "cuda[tile]": Variant("cuda", {SCHEDULE_ENV: "tile"}),
-    "triton[split]": Variant("triton", {TRITON_SCHEDULE_ENV: "split"}),
-    "triton[window]": Variant("triton", _W, {"symmetric": True}, max_n=WINDOW_MAX_N),
-    "triton[window,general]": Variant("triton", _W, {}, max_n=WINDOW_MAX_N, shapes=_WINDOW_SHAPES),
-    "triton[window,tf32x3]": Variant("triton", {**_W, TRITON_PRECISION_ENV: "tf32x3"}, {"symmetric": True},
-                                     max_n=WINDOW_MAX_N, shapes=_WINDOW_SHAPES),
-    "triton[fused,tf32x3]": Variant("triton", {TRITON_SCHEDULE_ENV: "fused", TRITON_PRECISION_ENV: "tf32x3"},
-                                    min_n=700),
-    "triton[split,tf32x3]": Variant("triton", {TRITON_SCHEDULE_ENV: "split", TRITON_PRECISION_ENV: "tf32x3"},
-                                    min_n=700),
-    "triton[persistent]": Variant("triton", _P, {"symmetric": True}),
-    "triton[persistent,general]": Variant("triton", _P, {}, max_n=1024),
-    "triton[persistent,tf32x3]": Variant("triton", {**_P, TRITON_PRECISION_ENV: "tf32x3"}, {"symmetric": True},
-                                         min_n=700),
-    GIBBS_FUSED: Variant("triton", {TRITON_GIBBS_ENV: "fused"}, ops=("gibbs_kernel",), method="gibbs_kernel_only"),
+    "triton[split]": Variant("triton", {}, {"schedule": "split"}),
+    "triton[window]": Variant("triton", {}, {**_W, **_SYM}, max_n=WINDOW_MAX_N),
+    "triton[window,general]": Variant("triton", {}, _W, max_n=WINDOW_MAX_N, shapes=_WINDOW_SHAPES),
+    "triton[window,tf32x3]": Variant("triton", {}, {**_W, **_TF, **_SYM}, max_n=WINDOW_MAX_N, shapes=_WINDOW_SHAPES),
+    "triton[fused,tf32x3]": Variant("triton", {}, {"schedule": "fused", **_TF}, min_n=700),
+    "triton[split,tf32x3]": Variant("triton", {}, {"schedule": "split", **_TF}, min_n=700),
+    "triton[persistent]": Variant("triton", {}, {**_P, **_SYM}),
+    "triton[persistent,general]": Variant("triton", {}, _P, max_n=1024),
+    "triton[persistent,tf32x3]": Variant("triton", {}, {**_P, **_TF, **_SYM}, min_n=700),
+    GIBBS_FUSED: Variant("triton", {}, {"gibbs": "fused"}, ops=("gibbs_kernel",), method="gibbs_kernel_only"),
 }
 #: the backends of the correctness part on a GPU, in order
 GPU_BACKENDS = ["cuda", "cuda[tile]", "triton", *[k for k in VARIANTS if k.startswith("triton[")]]
@@ -477,12 +473,11 @@ def _timed_row(what: str, shape: str, label: str, fn: Callable[[], object] | str
 
 
 def _gibbs_fn(label: str) -> Callable[[Any, torch.Tensor], torch.Tensor]:
-    """How the timing part builds K: gibbs_kernel_only under OVSS_FAST_TRITON_GIBBS=fused for
+    """How the timing part builds K: gibbs_kernel_only with the option gibbs="fused" for
     ``GIBBS_FUSED``, the K of gibbs_kernel (which also writes the cost) for every other label."""
     if label == GIBBS_FUSED:
         def fused(b: Any, aff: torch.Tensor) -> torch.Tensor:
-            with _Env({TRITON_GIBBS_ENV: "fused"}):
-                return b.gibbs_kernel_only(aff, eps=0.1)
+            return b.gibbs_kernel_only(aff, eps=0.1, gibbs="fused")
         return fused
     return lambda b, aff: b.gibbs_kernel(aff, eps=0.1)[1]
 

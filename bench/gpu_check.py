@@ -18,6 +18,10 @@ package there with ``pip install --no-build-isolation --no-deps -e .``. It
    (B=1 N=1024, N=4096; B=15 N=196): reference, triton, triton[gibbs fused]; and jbu_argmax at
    2048 x 2048, C=171 (scores 64 x 64): reference, cuda, triton, with peak memory
    (torch.cuda.max_memory_allocated), timed with triton.testing.do_bench;
+3b. times the dslo protocol's head (class_distributions + discrepancy mv + jbu_argmax) on the Triton
+   backend over 50 whole-image sizes drawn like VOC's and ADE20K's (bench/_sizes.py): total and
+   first-call time, autotuner tunings (size buckets) and CUDA-graph captures (issue 26); with
+   ``--device cpu`` a 2-image smoke run of it in the Triton interpreter (when TRITON_INTERPRET=1);
 4. runs the regime table of bench/bench_discrepancy.py (``run_regimes``: the pipeline's window
    batches and B = 1 at N = 784..4096, every backend and every Triton schedule labelled, with
    GFLOP/s and % of the card's float32 FMA peak), within ``--budget-s`` when given;
@@ -570,6 +574,77 @@ def run_timing(quick: bool) -> list[list[str]]:
     return rows
 
 
+# --------------------------------------------------------------------------- whole images (issue 26)
+WHOLE_IMAGES = 50
+
+
+def whole_image_inputs(smoke: bool, n: int = WHOLE_IMAGES) -> list:
+    """The whole-image sizes of the dslo row: half VOC-like (C = 21), half ADE20K-like (C = 150, short side 336
+    or 448), seeded (bench/_sizes.py); ``smoke``: 2 of them shrunk 8x (patches; guides of a few pixels) and
+    to C <= 5, for the Triton interpreter."""
+    from dataclasses import replace
+
+    from ._sizes import whole_image_sizes
+
+    sizes = whole_image_sizes("voc", n // 2, seed=1) + whole_image_sizes("ade", n - n // 2, seed=1)
+    if smoke:
+        sizes = [replace(x, h=max(2, x.h // 8), w=max(2, x.w // 8), H=max(3, x.h // 4), W=max(3, x.w // 4) + 1,
+                         C=min(x.C, 5)) for x in sizes[:1] + sizes[-1:]]
+    return sizes
+
+
+def run_whole_images(device: str, smoke: bool = False, n: int = WHOLE_IMAGES) -> list[str]:
+    """One TIME_COLUMNS row: the dslo protocol's head (segment_features: class_distributions, discrepancy mv,
+    jbu_argmax to the annotation size) on the Triton backend over ``n`` whole images of varied sizes
+    (:func:`whole_image_inputs`), random CLIP-like inputs (D = 512); the total and first-call times, the
+    autotuner's tunings (distinct size buckets, not shapes) and the CUDA graphs captured during the row.
+    ``smoke``: 2 tiny images and 2 Sinkhorn-Knopp / chain steps, for the interpreter on the CPU (no tunings
+    there: it runs fixed configs)."""
+    from ovss_fast.kernels.triton import _runtime
+    from ovss_fast.ops.api import segment_features
+
+    sizes = whole_image_inputs(smoke, n)
+    what = f"dslo head, {len(sizes)} whole images"
+    shape = (f"N={min(x.N for x in sizes)}..{max(x.N for x in sizes)} ({len({x.N for x in sizes})} distinct) "
+             f"HxW up to {max(x.H * x.W for x in sizes)} px, C {' / '.join(map(str, sorted({x.C for x in sizes})))}")
+    b = get_backend("triton")
+    reasons = [b.reason] if isinstance(b, UnavailableBackend) else b.unsupported_reasons(
+        "kl_scores", (torch.zeros(1, 1, 1, device=device),), {})
+    if reasons:
+        return [what, shape, "triton", "-", "-", "-", "; ".join(reasons)]
+    D = 16 if smoke else 512
+    head = {"sk_iters": 2, "steps": 2} if smoke else {}  # the interpreter runs every launch in Python
+    g = _gen("whole images")
+    tuned0 = sum(_runtime.tunings().values())
+    captures0 = _runtime.GRAPHS.policy.captures
+    times = []
+    try:
+        with torch.no_grad():
+            for x in sizes:
+                feats = torch.randn(1, x.N, D, generator=g).to(device)
+                text = torch.randn(x.C, D, generator=g).to(device)
+                aff = torch.rand(1, x.N, x.N, generator=g).to(device)
+                guide = torch.rand(1, 3, x.H, x.W, generator=g).to(device)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                labels = segment_features(feats, text, aff, grid=(x.h, x.w), guide=guide, mode="mv", backend="triton",
+                                           **head)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                if tuple(labels.shape) != (1, x.H, x.W):
+                    raise RuntimeError(f"labels {tuple(labels.shape)} for a {x.H} x {x.W} guide")
+    except Exception as exc:
+        return [what, shape, "triton", "-", "-", "-", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]
+    tunings = sum(_runtime.tunings().values()) - tuned0
+    captures = _runtime.GRAPHS.policy.captures - captures0
+    rest = sorted(times[1:]) or times
+    note = (f"total {sum(times):.2f} s, first call {times[0]:.2f} s, median after it "
+            f"{1e3 * rest[len(rest) // 2]:.1f} ms, {tunings} tunings (all ops), {captures} graph captures")
+    return [what, shape, "triton", f"{1e3 * sum(times) / len(times):.1f} (mean)", "-", "-", note]
+
+
 # --------------------------------------------------------------------------- pipeline
 def run_pipeline(quick: bool, results_dir: str | None, write: bool) -> bool:
     """bench/bench_pipeline.py on CUDA (ViT-B-16 random weights; needs open_clip): True when its checks pass."""
@@ -605,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true", help="leave bench/RESULTS.md and results.csv alone")
     p.add_argument("--results-dir", default=None, help="write RESULTS.md / results.csv here instead of bench/")
     p.add_argument("--skip-regimes", action="store_true", help="no regime table (bench_discrepancy.run_regimes)")
+    p.add_argument("--skip-whole-images", action="store_true",
+                   help=f"no dslo-head row over {WHOLE_IMAGES} whole-image sizes (Triton; tunings and graph captures)")
     p.add_argument("--backends", default=None,
                    help=f"comma-separated correctness backends (default on a GPU: {','.join(GPU_BACKENDS)})")
     p.add_argument("--budget-s", type=float, default=None,
@@ -631,6 +708,12 @@ def main(argv: list[str] | None = None) -> int:
     corr_rows, corr_ok = run_correctness(device, backends, args.quick)
     if device == "cpu":
         print("  triton: not run (--device cpu: Triton needs CUDA)")
+    whole_rows: list[list[str]] = []
+    if not args.skip_whole_images:
+        # on a GPU before the regime table (inside the budget); on the CPU the interpreter's smoke run
+        print(f"== dslo head over whole-image sizes (triton{'' if device == 'cuda' else ', interpreter smoke'})")
+        whole_rows = [run_whole_images(device, smoke=device != "cuda")]
+        print("  " + " | ".join(whole_rows[-1]), flush=True)
     san_rows: list[list[str]] = []
     san_ok = True
     if device == "cuda" and not args.skip_sanitizer:
@@ -660,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             time_rows = [["timing", "-", "-", "-", "-", "-", "failed: see the log"]]
 
+    time_rows = whole_rows + time_rows
     n_fail = sum(r[3] == "FAIL" for r in corr_rows)
     corr_table = markdown_table(["backend", "op", "case", "result", "detail"], corr_rows)
     print("\n== summary")

@@ -187,6 +187,7 @@ def _defaults_in_child(env: dict[str, str], code: str) -> subprocess.CompletedPr
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_environment_overrides_are_read_once_at_import():
     code = ("import os\nfrom ovss_fast.kernels.triton import _runtime as r\n"
             "os.environ['OVSS_FAST_TRITON_SCHEDULE'] = 'fused'\n"  # too late: read at import
@@ -200,6 +201,7 @@ def test_environment_overrides_are_read_once_at_import():
     assert proc.stdout.split() == ["auto", "ieee", "separate", "True", "100"]
 
 
+@pytest.mark.slow
 def test_invalid_environment_override_fails_on_use_naming_the_variable():
     code = ("import ovss_fast\nfrom ovss_fast.kernels.triton import _runtime as r\n"
             "print(r.TritonOptions(schedule='split').schedule)\n"  # explicit options still work
@@ -224,3 +226,22 @@ def test_discrepancy_checks_backend_options():
     want = ovss_fast.discrepancy(q, a, mode="op", backend="reference")
     got = ovss_fast.discrepancy(q, a, mode="op", backend="reference", backend_options={"schedule": "split"})
     assert torch.equal(want, got)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_gpu_check_whole_image_row_smoke_in_the_interpreter():
+    """bench/gpu_check.py's dslo row (run_whole_images) on 2 tiny whole images in the Triton interpreter
+    (a child process with TRITON_INTERPRET=1): the head runs end to end and the row reports its times."""
+    code = ("import json\nfrom bench import gpu_check as g\n"
+            "print(json.dumps(g.run_whole_images('cpu', smoke=True)))")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row[0] == "dslo head, 2 whole images" and row[2] == "triton", row
+    assert "failed" not in row[6] and "total" in row[6] and "first call" in row[6], row
+    assert row[3].endswith("(mean)") and float(row[3].split()[0]) > 0, row

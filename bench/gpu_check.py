@@ -593,13 +593,14 @@ def whole_image_inputs(smoke: bool, n: int = WHOLE_IMAGES) -> list:
     return sizes
 
 
-def run_whole_images(device: str, smoke: bool = False, n: int = WHOLE_IMAGES) -> list[str]:
+def run_whole_images(device: str, smoke: bool = False, n: int = WHOLE_IMAGES,
+                     budget_s: float | None = 180.0) -> list[str]:
     """One TIME_COLUMNS row: the dslo protocol's head (segment_features: class_distributions, discrepancy mv,
     jbu_argmax to the annotation size) on the Triton backend over ``n`` whole images of varied sizes
     (:func:`whole_image_inputs`), random CLIP-like inputs (D = 512); the total and first-call times, the
     autotuner's tunings (distinct size buckets, not shapes) and the CUDA graphs captured during the row.
     ``smoke``: 2 tiny images and 2 Sinkhorn-Knopp / chain steps, for the interpreter on the CPU (no tunings
-    there: it runs fixed configs)."""
+    there: it runs fixed configs). No image starts after ``budget_s`` seconds (the note says how many ran)."""
     from ovss_fast.kernels.triton import _runtime
     from ovss_fast.ops.api import segment_features
 
@@ -617,10 +618,13 @@ def run_whole_images(device: str, smoke: bool = False, n: int = WHOLE_IMAGES) ->
     g = _gen("whole images")
     tuned0 = sum(_runtime.tunings().values())
     captures0 = _runtime.GRAPHS.policy.captures
-    times = []
+    times: list[float] = []
+    start = time.perf_counter()
     try:
         with torch.no_grad():
             for x in sizes:
+                if budget_s is not None and time.perf_counter() - start > budget_s:
+                    break
                 feats = torch.randn(1, x.N, D, generator=g).to(device)
                 text = torch.randn(x.C, D, generator=g).to(device)
                 aff = torch.rand(1, x.N, x.N, generator=g).to(device)
@@ -642,6 +646,8 @@ def run_whole_images(device: str, smoke: bool = False, n: int = WHOLE_IMAGES) ->
     rest = sorted(times[1:]) or times
     note = (f"total {sum(times):.2f} s, first call {times[0]:.2f} s, median after it "
             f"{1e3 * rest[len(rest) // 2]:.1f} ms, {tunings} tunings (all ops), {captures} graph captures")
+    if len(times) < len(sizes):
+        note += f"; stopped after {len(times)} images (past {budget_s:.0f} s)"
     return [what, shape, "triton", f"{1e3 * sum(times) / len(times):.1f} (mean)", "-", "-", note]
 
 
@@ -712,7 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_whole_images:
         # on a GPU before the regime table (inside the budget); on the CPU the interpreter's smoke run
         print(f"== dslo head over whole-image sizes (triton{'' if device == 'cuda' else ', interpreter smoke'})")
-        whole_rows = [run_whole_images(device, smoke=device != "cuda")]
+        left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - t_start)
+        whole_rows = [run_whole_images(device, smoke=device != "cuda",
+                                       budget_s=180.0 if left is None else max(30.0, min(180.0, left / 2)))]
         print("  " + " | ".join(whole_rows[-1]), flush=True)
     san_rows: list[list[str]] = []
     san_ok = True

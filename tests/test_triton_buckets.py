@@ -245,3 +245,46 @@ def test_gpu_check_whole_image_row_smoke_in_the_interpreter():
     assert row[0] == "dslo head, 2 whole images" and row[2] == "triton", row
     assert "failed" not in row[6] and "total" in row[6] and "first call" in row[6], row
     assert row[3].endswith("(mean)") and float(row[3].split()[0]) > 0, row
+
+
+_REAL_AUTOTUNER = """
+import torch
+import triton
+import triton.language as tl
+
+from ovss_fast.kernels.triton._runtime import autotune, configs
+
+timed = []
+
+
+def bench(fn, quantiles=None, **kw):
+    timed.append(1)
+    fn()
+    return 1.0
+
+
+@triton.jit
+def add_one(x_ptr, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < N
+    tl.store(x_ptr + i, tl.load(x_ptr + i, mask=m) + 1, mask=m)
+
+
+tuned = autotune(configs("BLOCK", [(16, 4), (32, 4)]), key=["N"], do_bench=bench, restore_value=["x_ptr"])(add_one)
+for n in (20, 30, 32, 17, 33, 40, 64):
+    x = torch.zeros(n)
+    tuned[lambda m, n=n: (triton.cdiv(n, m["BLOCK"]),)](x, n)
+    assert bool((x == 1).all()), n
+print(len(timed), len(tuned.cache))
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_autotuner_tunes_once_per_bucket():
+    """Triton's own Autotuner.run with our BucketedCache (in the interpreter, a timing function that
+    counts): 7 sizes in 2 buckets are timed twice (2 configs each), not 7 times, and every size is right."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OVSS_FAST_TRITON_AUTOTUNE_CACHE": "0"}
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", _REAL_AUTOTUNER], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["4", "2"]  # exact keys: 14 timings, 7 tunings

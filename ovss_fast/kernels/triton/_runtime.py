@@ -411,7 +411,7 @@ def autotune(configs: list, key: list[str], bucket: Callable[[dict], dict] = buc
         tuner.cache = cache
         if hasattr(tuner, "check_disk_cache"):
             disk = tuner.check_disk_cache
-            tuner.check_disk_cache = lambda k, cfgs, bench: disk(cache.bucket_key(k), cfgs, bench)
+            tuner.check_disk_cache = lambda key, *rest: disk(cache.bucket_key(key), *rest)
         TUNERS.append(tuner)
         return tuner
 

@@ -316,12 +316,14 @@ class GraphCache:
         if not graphs or not self.enabled(*inputs):
             return fn(*inputs)
         dev = inputs[0].device
-        with self._lock, torch.cuda.device(dev):
-            stream = torch.cuda.current_stream(dev)
-            key = graph_key(name, params, dev.index, stream.stream_id, inputs)
+        key = graph_key(name, params, dev.index, torch.cuda.current_stream(dev).stream_id, inputs)
+        with self._lock:
             action = self.policy.plan(key)
-            if action == "eager":
-                return fn(*inputs)
+        if action == "eager":  # a shape's first call: no capture (it may never come back)
+            return fn(*inputs)
+        with self._lock, torch.cuda.device(dev):
+            # another thread may have evicted this graph, or captured it, between plan and here
+            action = "replay" if key in self.policy.captured else "capture"
             if action == "capture":
                 static = tuple(torch.empty(t.shape, dtype=t.dtype, device=dev) for t in inputs)
                 for s, t in zip(static, inputs, strict=True):

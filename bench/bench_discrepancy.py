@@ -265,33 +265,34 @@ def gpu_variants(quick: bool) -> list[Variant]:
     """The rows of every shape on a GPU. torch.compile only at the target shapes under ``quick``
     (it compiles for ~30 s per shape and mode)."""
     targets = {(b, n, c) for _, b, n, c in TARGETS}
-    sched = "OVSS_FAST_TRITON_SCHEDULE"
-    prec = "OVSS_FAST_TRITON_PRECISION"
-    sym = {"symmetric": True}
+    sym = {"symmetric": True}  # the Triton rows pass the backend's options (schedule, precision) as keywords
+
+    def tri(schedule: str, precision: str = "ieee") -> dict:
+        return {**sym, "schedule": schedule, "precision": precision}
+
     return [
         Variant("reference eager", "reference"),
         Variant("torch.compile(reference)", "compile",
                 applies=(lambda B, N, C: (B, N, C) in targets) if quick else (lambda B, N, C: True)),
         Variant("cuda", "cuda", env={"OVSS_FAST_CUDA_DISCREPANCY": None}),
-        Variant("triton[fused]", "triton", env={sched: "fused"}, kwargs=sym),
-        Variant("triton[split]", "triton", env={sched: "split"}, kwargs=sym),
-        Variant("triton[window]", "triton", env={sched: "window"}, kwargs=sym, applies=_window_n),
-        Variant("triton[window,tf32x3]", "triton", env={sched: "window", prec: "tf32x3"}, kwargs=sym,
+        Variant("triton[fused]", "triton", kwargs=tri("fused")),
+        Variant("triton[split]", "triton", kwargs=tri("split")),
+        Variant("triton[window]", "triton", kwargs=tri("window"), applies=_window_n),
+        Variant("triton[window,tf32x3]", "triton", kwargs=tri("window", "tf32x3"),
                 applies=_window_n),
-        Variant("triton[fused,tf32x3]", "triton", env={sched: "fused", prec: "tf32x3"}, kwargs=sym,
+        Variant("triton[fused,tf32x3]", "triton", kwargs=tri("fused", "tf32x3"),
                 applies=lambda B, N, C: N > 512),
-        Variant("triton[split,tf32x3]", "triton", env={sched: "split", prec: "tf32x3"}, kwargs=sym,
+        Variant("triton[split,tf32x3]", "triton", kwargs=tri("split", "tf32x3"),
                 applies=lambda B, N, C: N > 512),
-        Variant("triton[persistent]", "triton", env={sched: "persistent"}, kwargs=sym),
-        Variant("triton[persistent,tf32x3]", "triton", env={sched: "persistent", prec: "tf32x3"}, kwargs=sym),
+        Variant("triton[persistent]", "triton", kwargs=tri("persistent")),
+        Variant("triton[persistent,tf32x3]", "triton", kwargs=tri("persistent", "tf32x3")),
     ]
 
 
 def cpu_smoke_variants() -> list[Variant]:
     """The --smoke rows: the CPU backends, and the GPU ones (which say why they cannot run here)."""
     return [Variant("reference eager", "reference"), Variant("cpu", "cpu"), Variant("cuda", "cuda"),
-            Variant("triton[window]", "triton", env={"OVSS_FAST_TRITON_SCHEDULE": "window"},
-                    kwargs={"symmetric": True})]
+            Variant("triton[window]", "triton", kwargs={"symmetric": True, "schedule": "window"})]
 
 
 def regime_inputs(B: int, N: int, C: int, *, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,9 +383,8 @@ def run_regimes(device: str, *, quick: bool = False, smoke: bool = False, rep_ms
                 if device == "cuda" and variant.label in ("triton[fused]", "triton[split]"):
                     from ovss_fast.kernels.triton.sinkhorn_scores import choose_schedule
 
-                    with environment({"OVSS_FAST_TRITON_SCHEDULE": None}):
-                        if variant.label == f"triton[{choose_schedule(B, N, C, q.device)}]":
-                            rec["note"] += "; auto's choice today"
+                    if variant.label == f"triton[{choose_schedule(B, N, C, q.device)}]":
+                        rec["note"] += "; auto's choice today"
                 log("  " + " | ".join(regime_row(rec)))
                 if device == "cuda":
                     torch.cuda.empty_cache()

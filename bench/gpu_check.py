@@ -18,6 +18,10 @@ package there with ``pip install --no-build-isolation --no-deps -e .``. It
    (B=1 N=1024, N=4096; B=15 N=196): reference, triton, triton[gibbs fused]; and jbu_argmax at
    2048 x 2048, C=171 (scores 64 x 64): reference, cuda, triton, with peak memory
    (torch.cuda.max_memory_allocated), timed with triton.testing.do_bench;
+3b. times the dslo protocol's head (class_distributions + discrepancy mv + jbu_argmax) on the Triton
+   backend over 50 whole-image sizes drawn like VOC's and ADE20K's (bench/_sizes.py): total and
+   first-call time, autotuner tunings (size buckets) and CUDA-graph captures (issue 26); with
+   ``--device cpu`` a 2-image smoke run of it in the Triton interpreter (when TRITON_INTERPRET=1);
 4. runs the regime table of bench/bench_discrepancy.py (``run_regimes``: the pipeline's window
    batches and B = 1 at N = 784..4096, every backend and every Triton schedule labelled, with
    GFLOP/s and % of the card's float32 FMA peak), within ``--budget-s`` when given;
@@ -36,7 +40,7 @@ barriers) ``triton[persistent]``, ``triton[persistent,general]`` (N <= 1024),
 ``triton[persistent,tf32x3]``), the window ones at N <= 512 only, and always (``--quick`` too) the
 N = 4096, 50-iteration cases that decide whether tf32x3 holds 1e-4; and ``triton[gibbs fused]``:
 the kernel K of every gibbs_kernel case by gibbs_kernel_only
-(OVSS_FAST_TRITON_GIBBS=fused, symmetric tiles, no cost), N = 4096 included in ``--quick``, which
+(the option gibbs="fused", symmetric tiles, no cost), N = 4096 included in ``--quick``, which
 part 3 also times beside the two-pass triton gibbs_kernel and inside discrepancy.
 
 Exit status: 0 when every correctness case and every sanitizer run that could run passed.
@@ -258,9 +262,6 @@ def compare(case: Case, out: Any, inputs32: tuple[torch.Tensor, ...]) -> tuple[b
 #: sinkhorn_scores / markov_scores); "cuda" runs the default (cooperative) schedule
 SCHEDULE_ENV = "OVSS_FAST_CUDA_DISCREPANCY"
 TILE_OPS = ("sinkhorn_scores", "markov_scores")
-TRITON_SCHEDULE_ENV = "OVSS_FAST_TRITON_SCHEDULE"
-TRITON_PRECISION_ENV = "OVSS_FAST_TRITON_PRECISION"
-TRITON_GIBBS_ENV = "OVSS_FAST_TRITON_GIBBS"
 #: the label of Triton's gibbs_kernel_only (symmetric tiles, K only), in the correctness and timing parts
 GIBBS_FUSED = "triton[gibbs fused]"
 #: the largest N of the Triton window schedule (ovss_fast.kernels.triton.sinkhorn_scores.WINDOW_MAX_N; not imported
@@ -293,26 +294,25 @@ class Variant:
         return (self.max_n is None or n <= self.max_n) and (self.min_n is None or n >= self.min_n)
 
 
-_W = {TRITON_SCHEDULE_ENV: "window"}
-_P = {TRITON_SCHEDULE_ENV: "persistent"}
+# the Triton variants pass the backend's keyword options (TritonOptions: schedule, precision, gibbs)
+_W = {"schedule": "window"}
+_P = {"schedule": "persistent"}
+_SYM = {"symmetric": True}
+_TF = {"precision": "tf32x3"}
 #: the window batches of the pipeline (coco_stuff, cityscapes) and one awkward small case
 _WINDOW_SHAPES = frozenset({(2, 37, 5), (15, 196, 199), (36, 196, 29)})
 VARIANTS: dict[str, Variant] = {
     "cuda[tile]": Variant("cuda", {SCHEDULE_ENV: "tile"}),
-    "triton[split]": Variant("triton", {TRITON_SCHEDULE_ENV: "split"}),
-    "triton[window]": Variant("triton", _W, {"symmetric": True}, max_n=WINDOW_MAX_N),
-    "triton[window,general]": Variant("triton", _W, {}, max_n=WINDOW_MAX_N, shapes=_WINDOW_SHAPES),
-    "triton[window,tf32x3]": Variant("triton", {**_W, TRITON_PRECISION_ENV: "tf32x3"}, {"symmetric": True},
-                                     max_n=WINDOW_MAX_N, shapes=_WINDOW_SHAPES),
-    "triton[fused,tf32x3]": Variant("triton", {TRITON_SCHEDULE_ENV: "fused", TRITON_PRECISION_ENV: "tf32x3"},
-                                    min_n=700),
-    "triton[split,tf32x3]": Variant("triton", {TRITON_SCHEDULE_ENV: "split", TRITON_PRECISION_ENV: "tf32x3"},
-                                    min_n=700),
-    "triton[persistent]": Variant("triton", _P, {"symmetric": True}),
-    "triton[persistent,general]": Variant("triton", _P, {}, max_n=1024),
-    "triton[persistent,tf32x3]": Variant("triton", {**_P, TRITON_PRECISION_ENV: "tf32x3"}, {"symmetric": True},
-                                         min_n=700),
-    GIBBS_FUSED: Variant("triton", {TRITON_GIBBS_ENV: "fused"}, ops=("gibbs_kernel",), method="gibbs_kernel_only"),
+    "triton[split]": Variant("triton", {}, {"schedule": "split"}),
+    "triton[window]": Variant("triton", {}, {**_W, **_SYM}, max_n=WINDOW_MAX_N),
+    "triton[window,general]": Variant("triton", {}, _W, max_n=WINDOW_MAX_N, shapes=_WINDOW_SHAPES),
+    "triton[window,tf32x3]": Variant("triton", {}, {**_W, **_TF, **_SYM}, max_n=WINDOW_MAX_N, shapes=_WINDOW_SHAPES),
+    "triton[fused,tf32x3]": Variant("triton", {}, {"schedule": "fused", **_TF}, min_n=700),
+    "triton[split,tf32x3]": Variant("triton", {}, {"schedule": "split", **_TF}, min_n=700),
+    "triton[persistent]": Variant("triton", {}, {**_P, **_SYM}),
+    "triton[persistent,general]": Variant("triton", {}, _P, max_n=1024),
+    "triton[persistent,tf32x3]": Variant("triton", {}, {**_P, **_TF, **_SYM}, min_n=700),
+    GIBBS_FUSED: Variant("triton", {}, {"gibbs": "fused"}, ops=("gibbs_kernel",), method="gibbs_kernel_only"),
 }
 #: the backends of the correctness part on a GPU, in order
 GPU_BACKENDS = ["cuda", "cuda[tile]", "triton", *[k for k in VARIANTS if k.startswith("triton[")]]
@@ -477,12 +477,11 @@ def _timed_row(what: str, shape: str, label: str, fn: Callable[[], object] | str
 
 
 def _gibbs_fn(label: str) -> Callable[[Any, torch.Tensor], torch.Tensor]:
-    """How the timing part builds K: gibbs_kernel_only under OVSS_FAST_TRITON_GIBBS=fused for
+    """How the timing part builds K: gibbs_kernel_only with the option gibbs="fused" for
     ``GIBBS_FUSED``, the K of gibbs_kernel (which also writes the cost) for every other label."""
     if label == GIBBS_FUSED:
         def fused(b: Any, aff: torch.Tensor) -> torch.Tensor:
-            with _Env({TRITON_GIBBS_ENV: "fused"}):
-                return b.gibbs_kernel_only(aff, eps=0.1)
+            return b.gibbs_kernel_only(aff, eps=0.1, gibbs="fused")
         return fused
     return lambda b, aff: b.gibbs_kernel(aff, eps=0.1)[1]
 
@@ -575,6 +574,83 @@ def run_timing(quick: bool) -> list[list[str]]:
     return rows
 
 
+# --------------------------------------------------------------------------- whole images (issue 26)
+WHOLE_IMAGES = 50
+
+
+def whole_image_inputs(smoke: bool, n: int = WHOLE_IMAGES) -> list:
+    """The whole-image sizes of the dslo row: half VOC-like (C = 21), half ADE20K-like (C = 150, short side 336
+    or 448), seeded (bench/_sizes.py); ``smoke``: 2 of them shrunk 8x (patches; guides of a few pixels) and
+    to C <= 5, for the Triton interpreter."""
+    from dataclasses import replace
+
+    from ._sizes import whole_image_sizes
+
+    sizes = whole_image_sizes("voc", n // 2, seed=1) + whole_image_sizes("ade", n - n // 2, seed=1)
+    if smoke:
+        sizes = [replace(x, h=max(2, x.h // 8), w=max(2, x.w // 8), H=max(3, x.h // 4), W=max(3, x.w // 4) + 1,
+                         C=min(x.C, 5)) for x in sizes[:1] + sizes[-1:]]
+    return sizes
+
+
+def run_whole_images(device: str, smoke: bool = False, n: int = WHOLE_IMAGES,
+                     budget_s: float | None = 180.0) -> list[str]:
+    """One TIME_COLUMNS row: the dslo protocol's head (segment_features: class_distributions, discrepancy mv,
+    jbu_argmax to the annotation size) on the Triton backend over ``n`` whole images of varied sizes
+    (:func:`whole_image_inputs`), random CLIP-like inputs (D = 512); the total and first-call times, the
+    autotuner's tunings (distinct size buckets, not shapes) and the CUDA graphs captured during the row.
+    ``smoke``: 2 tiny images and 2 Sinkhorn-Knopp / chain steps, for the interpreter on the CPU (no tunings
+    there: it runs fixed configs). No image starts after ``budget_s`` seconds (the note says how many ran)."""
+    from ovss_fast.kernels.triton import _runtime
+    from ovss_fast.ops.api import segment_features
+
+    sizes = whole_image_inputs(smoke, n)
+    what = f"dslo head, {len(sizes)} whole images"
+    shape = (f"N={min(x.N for x in sizes)}..{max(x.N for x in sizes)} ({len({x.N for x in sizes})} distinct) "
+             f"HxW up to {max(x.H * x.W for x in sizes)} px, C {' / '.join(map(str, sorted({x.C for x in sizes})))}")
+    b = get_backend("triton")
+    reasons = [b.reason] if isinstance(b, UnavailableBackend) else b.unsupported_reasons(
+        "kl_scores", (torch.zeros(1, 1, 1, device=device),), {})
+    if reasons:
+        return [what, shape, "triton", "-", "-", "-", "; ".join(reasons)]
+    D = 16 if smoke else 512
+    head = {"sk_iters": 2, "steps": 2} if smoke else {}  # the interpreter runs every launch in Python
+    g = _gen("whole images")
+    tuned0 = sum(_runtime.tunings().values())
+    captures0 = _runtime.GRAPHS.policy.captures
+    times: list[float] = []
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for x in sizes:
+                if budget_s is not None and time.perf_counter() - start > budget_s:
+                    break
+                feats = torch.randn(1, x.N, D, generator=g).to(device)
+                text = torch.randn(x.C, D, generator=g).to(device)
+                aff = torch.rand(1, x.N, x.N, generator=g).to(device)
+                guide = torch.rand(1, 3, x.H, x.W, generator=g).to(device)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                labels = segment_features(feats, text, aff, grid=(x.h, x.w), guide=guide, mode="mv", backend="triton",
+                                           **head)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                if tuple(labels.shape) != (1, x.H, x.W):
+                    raise RuntimeError(f"labels {tuple(labels.shape)} for a {x.H} x {x.W} guide")
+    except Exception as exc:
+        return [what, shape, "triton", "-", "-", "-", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]
+    tunings = sum(_runtime.tunings().values()) - tuned0
+    captures = _runtime.GRAPHS.policy.captures - captures0
+    rest = sorted(times[1:]) or times
+    note = (f"total {sum(times):.2f} s, first call {times[0]:.2f} s, median after it "
+            f"{1e3 * rest[len(rest) // 2]:.1f} ms, {tunings} tunings (all ops), {captures} graph captures")
+    if len(times) < len(sizes):
+        note += f"; stopped after {len(times)} images (past {budget_s:.0f} s)"
+    return [what, shape, "triton", f"{1e3 * sum(times) / len(times):.1f} (mean)", "-", "-", note]
+
+
 # --------------------------------------------------------------------------- pipeline
 def run_pipeline(quick: bool, results_dir: str | None, write: bool) -> bool:
     """bench/bench_pipeline.py on CUDA (ViT-B-16 random weights; needs open_clip): True when its checks pass."""
@@ -610,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true", help="leave bench/RESULTS.md and results.csv alone")
     p.add_argument("--results-dir", default=None, help="write RESULTS.md / results.csv here instead of bench/")
     p.add_argument("--skip-regimes", action="store_true", help="no regime table (bench_discrepancy.run_regimes)")
+    p.add_argument("--skip-whole-images", action="store_true",
+                   help=f"no dslo-head row over {WHOLE_IMAGES} whole-image sizes (Triton; tunings and graph captures)")
     p.add_argument("--backends", default=None,
                    help=f"comma-separated correctness backends (default on a GPU: {','.join(GPU_BACKENDS)})")
     p.add_argument("--budget-s", type=float, default=None,
@@ -636,6 +714,14 @@ def main(argv: list[str] | None = None) -> int:
     corr_rows, corr_ok = run_correctness(device, backends, args.quick)
     if device == "cpu":
         print("  triton: not run (--device cpu: Triton needs CUDA)")
+    whole_rows: list[list[str]] = []
+    if not args.skip_whole_images:
+        # on a GPU before the regime table (inside the budget); on the CPU the interpreter's smoke run
+        print(f"== dslo head over whole-image sizes (triton{'' if device == 'cuda' else ', interpreter smoke'})")
+        left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - t_start)
+        whole_rows = [run_whole_images(device, smoke=device != "cuda",
+                                       budget_s=180.0 if left is None else max(30.0, min(180.0, left / 2)))]
+        print("  " + " | ".join(whole_rows[-1]), flush=True)
     san_rows: list[list[str]] = []
     san_ok = True
     if device == "cuda" and not args.skip_sanitizer:
@@ -665,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             time_rows = [["timing", "-", "-", "-", "-", "-", "failed: see the log"]]
 
+    time_rows = whole_rows + time_rows
     n_fail = sum(r[3] == "FAIL" for r in corr_rows)
     corr_table = markdown_table(["backend", "op", "case", "result", "detail"], corr_rows)
     print("\n== summary")

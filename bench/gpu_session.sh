@@ -10,6 +10,8 @@
 #    the sizes up to N = 4096; then the regime table (the pipeline's window batches and
 #    B = 1 at N = 784..4096; reference eager, torch.compile, cuda, each Triton schedule), started
 #    rows only while the budget lasts;
+#    Before the regime table, the dslo head over 50 whole-image sizes on Triton (issue 26: total and
+#    first-call time, autotuner tunings, CUDA-graph captures; at most half the budget left, <= 180 s);
 # 3. leaves everything under $OUT (the device tool brings it back): gpu_check.log, build.log,
 #    nvidia_smi.txt, and RESULTS.md / results.csv / results_gpu.json, which are bench/'s files with
 #    this run's sections and rows added (copy them over bench/ to keep them); full mode adds

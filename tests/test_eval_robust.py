@@ -88,6 +88,7 @@ def test_interrupted_loop_resumes_to_the_uninterrupted_numbers(tmp_path):
     out = run_loop(Fake(), lambda item: rest.append(item["name"]) or noisy(item), 3, state=state)
     assert rest == ["img3", "img4", "img5", "img6"]  # nothing done twice
     assert torch.equal(out.confusion, full.confusion) and out.images == full.images == 7 and out.resumed == 3
+    assert torch.equal(out.boundary, full.boundary) and full.boundary[1].sum() > 0  # Boundary IoU's sums resumed too
     with pytest.raises(ValueError, match="different evaluation.*k"):
         RunState(3, path=ckpt, fingerprint={"k": 2}, resume=True)
 

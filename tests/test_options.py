@@ -14,7 +14,7 @@ from ovss_fast.ops.options import HeadOptions, flag
 
 OP_FUNCTIONS = {"class_distributions": [ops.class_distributions], "discrepancy": [ops.discrepancy],
                 "jbu": [ops.jbu_upsample, ops.jbu_argmax]}
-NOT_OPTIONS = {"backend", "mode"}  # keywords of the ops that are not head options
+NOT_OPTIONS = {"backend", "backend_options", "mode"}  # keywords of the ops that are not head options
 
 
 @pytest.mark.parametrize("op", list(OP_FUNCTIONS))

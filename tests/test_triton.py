@@ -35,6 +35,7 @@ import torch
 from conftest import rel_err, velocity_lstar
 
 from ovss_fast.kernels import reference as R
+from ovss_fast.kernels.triton._runtime import TritonOptions
 from ovss_fast.ops import api as ops
 
 CHILD = os.environ.get("OVSS_FAST_TRITON_CHILD") == "1"
@@ -315,8 +316,8 @@ def test_tile_pair_covers_the_upper_triangle(monkeypatch):
 @interpreted
 @pytest.mark.parametrize("mode", ["op", "mv"])
 def test_gibbs_kernel_only_through_discrepancy(mode, monkeypatch):
-    """OVSS_FAST_TRITON_GIBBS=fused: ops.discrepancy builds K with gibbs_kernel_only (and only with it),
-    matches the reference and, K being the same bits, the separate path exactly; unset: gibbs_kernel."""
+    """backend_options={"gibbs": "fused"}: ops.discrepancy builds K with gibbs_kernel_only (and only with
+    it), matches the reference and, K being the same bits, the separate path exactly; unset: gibbs_kernel."""
     from ovss_fast.kernels.triton import gibbs_kernel as gk
 
     calls = []
@@ -327,19 +328,16 @@ def test_gibbs_kernel_only_through_discrepancy(mode, monkeypatch):
     aff = _gibbs_affinity(3, 37, torch.float32, "transposed", seed=12)
     kw = dict(mode=mode, iters=4, sk_iters=3, steps=5, transition="gibbs")  # the path that builds K
     want = ops.discrepancy(q.double(), aff.double(), backend="reference", **kw)
-    monkeypatch.delenv("OVSS_FAST_TRITON_GIBBS", raising=False)
     separate = ops.discrepancy(q, aff, backend="triton", **kw)
     assert calls == ["gibbs_kernel"]
-    monkeypatch.setenv("OVSS_FAST_TRITON_GIBBS", " Fused")
-    fused = ops.discrepancy(q, aff, backend="triton", **kw)
+    fused = ops.discrepancy(q, aff, backend="triton", backend_options={"gibbs": "fused"}, **kw)
     assert calls == ["gibbs_kernel", "gibbs_kernel_only"]
     assert rel_err(fused, want) <= TOL
     assert torch.equal(fused, separate)
-    monkeypatch.setenv("OVSS_FAST_TRITON_GIBBS", "separate")
-    assert torch.equal(ops.discrepancy(q, aff, backend="triton", **kw), separate)
-    monkeypatch.setenv("OVSS_FAST_TRITON_GIBBS", "symmetric")
-    with pytest.raises(ValueError, match="OVSS_FAST_TRITON_GIBBS must be one of separate, fused; got 'symmetric'"):
-        ops.discrepancy(q, aff, backend="triton", **kw)
+    assert torch.equal(ops.discrepancy(q, aff, backend="triton", backend_options={"gibbs": "separate"}, **kw),
+                       separate)
+    with pytest.raises(ValueError, match="gibbs must be one of 'separate', 'fused', got 'symmetric'"):
+        ops.discrepancy(q, aff, backend="triton", backend_options={"gibbs": "symmetric"}, **kw)
     assert calls == ["gibbs_kernel", "gibbs_kernel_only", "gibbs_kernel"]
 
 
@@ -360,32 +358,10 @@ def test_gpu_check_runs_the_fused_gibbs_kernel():
 
 
 @needs_triton
-def test_gibbs_schedule_switch(monkeypatch):
-    """The switch is read on every call and checked before any launch (here no kernel runs)."""
-    from ovss_fast.kernels.triton import gibbs_kernel as gk
-
-    monkeypatch.delenv("OVSS_FAST_TRITON_GIBBS", raising=False)
-    assert gk.gibbs_schedule() == "separate"
-    monkeypatch.setenv("OVSS_FAST_TRITON_GIBBS", "FUSED ")
-    assert gk.gibbs_schedule() == "fused"
-    monkeypatch.setenv("OVSS_FAST_TRITON_GIBBS", "1")
-    with pytest.raises(ValueError, match="OVSS_FAST_TRITON_GIBBS must be one of separate, fused; got '1'"):
-        _backend().gibbs_kernel_only(torch.rand(1, 4, 4))
-
-
-def test_backend_default_gibbs_kernel_only():
-    """Backend.gibbs_kernel_only (every backend but Triton): the K of the backend's own gibbs_kernel;
-    the reference's comes through ReferenceBackend.__getattr__."""
-    from ovss_fast.kernels.dispatch import UnavailableBackend, get_backend
-
-    a = _gibbs_affinity(2, 23, torch.float64, "slice", seed=4)
-    want = R.gibbs_kernel(a, eps=0.2)[1]
-    assert torch.equal(get_backend("reference").gibbs_kernel_only(a, eps=0.2), want)
-    cpu = get_backend("cpu")
-    if isinstance(cpu, UnavailableBackend):
-        pytest.skip(cpu.reason)
-    assert torch.equal(cpu.gibbs_kernel_only(a, eps=0.2), cpu.gibbs_kernel(a, eps=0.2)[1])
-    assert rel_err(cpu.gibbs_kernel_only(a, eps=0.2), want) <= 1e-12
+def test_gibbs_option_checked():
+    """The backend's gibbs option is checked before any launch (here no kernel runs)."""
+    with pytest.raises(ValueError, match="gibbs must be one of 'separate', 'fused', got '1'"):
+        _backend().gibbs_kernel_only(torch.rand(1, 4, 4), gibbs="1")
 
 
 @pytest.mark.cuda
@@ -685,7 +661,7 @@ def test_window_scales_match_the_launch_per_step_scales():
 @interpreted
 @pytest.mark.parametrize("mode", ["op", "mv"])
 def test_window_schedule_through_discrepancy(mode, monkeypatch):
-    """OVSS_FAST_TRITON_SCHEDULE=window: ops.discrepancy passes symmetric=True (gibbs_kernel's K is
+    """backend_options={"schedule": "window"}: ops.discrepancy passes symmetric=True (gibbs_kernel's K is
     exactly symmetric) and matches the reference; tf32x3 runs the same path (the interpreter computes
     its dots in float32, so only a GPU run can say whether tf32x3 holds 1e-4)."""
     from ovss_fast.kernels.triton import TRITON_BACKEND
@@ -704,14 +680,13 @@ def test_window_schedule_through_discrepancy(mode, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(type(TRITON_BACKEND), name, spy)
-    monkeypatch.setenv("OVSS_FAST_TRITON_SCHEDULE", "window")
     kw = dict(mode=mode, iters=4, sk_iters=3, steps=5)
     want = ops.discrepancy(q.double(), aff.double(), backend="reference", **kw)
-    got = ops.discrepancy(q, aff, backend="triton", **kw)
+    got = ops.discrepancy(q, aff, backend="triton", backend_options={"schedule": "window"}, **kw)
     assert seen == [True]
     assert rel_err(got, want) <= TOL
-    monkeypatch.setenv("OVSS_FAST_TRITON_PRECISION", "tf32x3")
-    assert rel_err(ops.discrepancy(q, aff, backend="triton", **kw), want) <= TOL
+    tf32x3 = {"schedule": "window", "precision": "tf32x3"}
+    assert rel_err(ops.discrepancy(q, aff, backend="triton", backend_options=tf32x3, **kw), want) <= TOL
 
 
 # --------------------------------------------------------------------------- the persistent schedule (op, mv)
@@ -781,20 +756,20 @@ def test_persistent_schedule_needs_the_transpose_when_not_symmetric():
 @interpreted
 @pytest.mark.parametrize("mode", ["op", "mv"])
 def test_persistent_schedule_through_discrepancy(mode, monkeypatch):
-    """OVSS_FAST_TRITON_SCHEDULE=persistent selects it for any N (here N = 37 and N = 600, past the window
+    """The option schedule="persistent" selects it for any N (here N = 37 and N = 600, past the window
     schedule's limit) through ops.discrepancy, symmetric=True included."""
     from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
-    monkeypatch.setenv("OVSS_FAST_TRITON_SCHEDULE", "persistent")
-    assert sk.choose_schedule(1, 600, 21, torch.device("cpu")) == "persistent"
+    assert sk.choose_schedule(1, 600, 21, torch.device("cpu"), "auto", "persistent") == "persistent"
     g = torch.Generator().manual_seed(12)
     q = _q(2, 37, 4, dead=(2,), seed=6)
     aff = torch.rand(2, 37, 37, generator=g)
     kw = dict(mode=mode, iters=4, sk_iters=3, steps=5)
     want = ops.discrepancy(q.double(), aff.double(), backend="reference", **kw)
-    assert rel_err(ops.discrepancy(q, aff, backend="triton", **kw), want) <= TOL
-    monkeypatch.setenv("OVSS_FAST_TRITON_PRECISION", "tf32x3")
-    assert rel_err(ops.discrepancy(q, aff, backend="triton", **kw), want) <= TOL
+    opts = {"schedule": "persistent"}
+    assert rel_err(ops.discrepancy(q, aff, backend="triton", backend_options=opts, **kw), want) <= TOL
+    opts["precision"] = "tf32x3"
+    assert rel_err(ops.discrepancy(q, aff, backend="triton", backend_options=opts, **kw), want) <= TOL
 
 
 @interpreted
@@ -812,7 +787,6 @@ def test_regime_table_runs_the_triton_schedules():
     records = bd.run_regimes("cpu", smoke=True, shapes=[("window", 2, 21, 3)], variants=variants, log=lambda s: None)
     assert [r["backend"] for r in records] == [*labels, *labels]
     assert all(r["passed"] and r["median_ms"] > 0 and r["rel_err"] <= TOL for r in records), records
-    assert os.environ.get("OVSS_FAST_TRITON_SCHEDULE") is None and os.environ.get("OVSS_FAST_TRITON_PRECISION") is None
 
 
 @needs_triton
@@ -821,29 +795,19 @@ def test_schedule_choice(monkeypatch):
     from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     cpu = torch.device("cpu")
-    monkeypatch.delenv("OVSS_FAST_TRITON_SCHEDULE", raising=False)
     assert sk.choose_schedule(15, 196, 199, cpu) == "fused"
     for forced in ("fused", "split", "window", "persistent"):
         assert sk.choose_schedule(15, 196, 199, cpu, forced) == forced
-    monkeypatch.setenv("OVSS_FAST_TRITON_SCHEDULE", "window")
-    assert sk.choose_schedule(15, 196, 199, cpu) == "window"
-    assert sk.choose_schedule(1, sk.WINDOW_MAX_N + 1, 21, cpu) == "fused"  # too large: the auto rule
-    monkeypatch.setenv("OVSS_FAST_TRITON_SCHEDULE", "split")
-    assert sk.choose_schedule(15, 196, 199, cpu) == "split"
+    # the second argument: the backend's preferred schedule option
+    assert sk.choose_schedule(15, 196, 199, cpu, "auto", "window") == "window"
+    assert sk.choose_schedule(1, sk.WINDOW_MAX_N + 1, 21, cpu, "auto", "window") == "fused"  # too large: auto
+    assert sk.choose_schedule(15, 196, 199, cpu, "auto", "split") == "split"
     with pytest.raises(ValueError, match=r"schedule='window' takes N <= 512 patches, got N = 600"):
         sk.choose_schedule(1, 600, 21, cpu, "window")
     with pytest.raises(ValueError, match="schedule must be one of"):
         sk.choose_schedule(1, 60, 21, cpu, "cooperative")
-    monkeypatch.setenv("OVSS_FAST_TRITON_SCHEDULE", "persistent")
-    assert sk.choose_schedule(1, 4096, 171, cpu) == "persistent"
-    assert sk.choose_schedule(1, 4096, 171, cpu, "split") == "split"  # an argument wins over the environment
-    monkeypatch.setenv("OVSS_FAST_TRITON_PRECISION", "tf32")
-    with pytest.raises(ValueError, match="OVSS_FAST_TRITON_PRECISION must be one of ieee, tf32x3; got 'tf32'"):
-        sk.precision()
-    monkeypatch.setenv("OVSS_FAST_TRITON_PRECISION", "TF32x3")
-    assert sk.precision() == "tf32x3"
-    monkeypatch.delenv("OVSS_FAST_TRITON_PRECISION")
-    assert sk.precision() == "ieee"
+    assert sk.choose_schedule(1, 4096, 171, cpu, "auto", "persistent") == "persistent"
+    assert sk.choose_schedule(1, 4096, 171, cpu, "split", "persistent") == "split"  # an argument wins
 
 
 # --------------------------------------------------------------------------- section 4
@@ -1091,8 +1055,10 @@ def test_autotune_results_kept_on_disk(monkeypatch):
     # 19 + the persistent schedule (op, mv) x (ieee, tf32x3) + gibbs_kernel_only's two passes
     assert len(tuners) == 25
     assert all(t.cache_results for t in tuners)
-    monkeypatch.setenv("OVSS_FAST_TRITON_AUTOTUNE_CACHE", "0")
-    assert not _runtime.autotune(sk._CONFIGS, ["N"])(sk._sinkhorn_scores_kernel).cache_results
+    monkeypatch.setattr(_runtime, "AUTOTUNE_DISK_CACHE", False)  # OVSS_FAST_TRITON_AUTOTUNE_CACHE=0 at import
+    tuner = _runtime.autotune(sk._CONFIGS, ["N"])(sk._sinkhorn_scores_kernel)
+    _runtime.TUNERS.remove(tuner)
+    assert not tuner.cache_results
 
 
 @needs_triton
@@ -1202,10 +1168,9 @@ def test_gpu_schedules_real_sizes(schedule):
 
 def _gpu_scores_inputs(B: int, N: int, C: int, precision: str, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, N, C] float32 (last class dead) and gibbs_kernel's K float64 on the GPU, with
-    OVSS_FAST_TRITON_PRECISION set; skips under the interpreter (compiled kernels only)."""
+    for the option ``precision`` (the tests pass it); skips under the interpreter (compiled kernels only)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("compiled kernels only")
-    monkeypatch.setenv("OVSS_FAST_TRITON_PRECISION", precision)
     dev = torch.device("cuda")
     q = _q(B, N, C, dead=(C - 1,)).to(dev)
     _, k = R.gibbs_kernel(torch.rand(B, N, N, generator=torch.Generator().manual_seed(N)).double().to(dev))
@@ -1222,11 +1187,14 @@ def test_gpu_window_schedule_real_sizes(B, N, C, precision, monkeypatch):
     from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     q, k = _gpu_scores_inputs(B, N, C, precision, monkeypatch)
+    opts = TritonOptions(precision=precision)
     want = R.sinkhorn_scores(q.double(), k, eps=0.1, iters=50)
     for symmetric in (True, False):
-        got = sk.sinkhorn_scores(q, k.float(), eps=0.1, iters=50, schedule="window", symmetric=symmetric)
+        got = sk.sinkhorn_scores(q, k.float(), eps=0.1, iters=50, schedule="window", symmetric=symmetric,
+                                 options=opts)
         assert rel_err(got, want) <= TOL, symmetric
-        got = mk.markov_scores(q, k.float(), schedule="window", symmetric=symmetric)
+        got = mk.markov_scores(q, k.float(), schedule="window", symmetric=symmetric,
+                                 options=opts)
         assert rel_err(got, R.markov_scores(q.double(), k)) <= TOL, symmetric
 
 
@@ -1243,26 +1211,28 @@ def test_gpu_persistent_schedule_real_sizes(B, N, C, precision, monkeypatch):
     from ovss_fast.kernels.triton import sinkhorn_scores as sk
 
     q, k = _gpu_scores_inputs(B, N, C, precision, monkeypatch)
+    opts = TritonOptions(precision=precision)
     want_op = R.sinkhorn_scores(q.double(), k, eps=0.1, iters=50)
     want_mv = R.markov_scores(q.double(), k)
     for _ in range(2):
-        got = sk.sinkhorn_scores(q, k.float(), eps=0.1, iters=50, schedule="persistent", symmetric=True)
+        got = sk.sinkhorn_scores(q, k.float(), eps=0.1, iters=50, schedule="persistent", symmetric=True, options=opts)
         assert rel_err(got, want_op) <= TOL
-        got = mk.markov_scores(q, k.float(), schedule="persistent", symmetric=True)
+        got = mk.markov_scores(q, k.float(), schedule="persistent", symmetric=True, options=opts)
         assert rel_err(got, want_mv) <= TOL
     if N <= 1024:
-        assert rel_err(sk.sinkhorn_scores(q, k.float(), eps=0.1, iters=50, schedule="persistent"), want_op) <= TOL
-    monkeypatch.setenv("OVSS_FAST_TRITON_SCHEDULE", "persistent")
-    for _ in range(2):  # the first call captures the graph, the second replays it
-        assert rel_err(TRITON_BACKEND.sinkhorn_scores(q, k.float(), symmetric=True), want_op) <= TOL
-        assert rel_err(TRITON_BACKEND.markov_scores(q, k.float(), symmetric=True), want_mv) <= TOL
+        got = sk.sinkhorn_scores(q, k.float(), eps=0.1, iters=50, schedule="persistent", options=opts)
+        assert rel_err(got, want_op) <= TOL
+    run = {"schedule": "persistent", "precision": precision}
+    for _ in range(3):  # eager, then the graph is captured, then replayed
+        assert rel_err(TRITON_BACKEND.sinkhorn_scores(q, k.float(), symmetric=True, **run), want_op) <= TOL
+        assert rel_err(TRITON_BACKEND.markov_scores(q, k.float(), symmetric=True, **run), want_mv) <= TOL
 
 
 @pytest.mark.cuda
 @needs_triton
 def test_gpu_graph_replay_matches_eager(monkeypatch):
     """The CUDA-graph replay of sinkhorn/markov gives the eager numbers on fresh inputs of one shape,
-    keeps one graph per signature, and stays eager while the caller captures."""
+    keeps one graph per signature (captured at its second call), and stays eager while the caller captures."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("compiled kernels only")
     from ovss_fast.kernels.triton import TRITON_BACKEND as T
@@ -1270,20 +1240,26 @@ def test_gpu_graph_replay_matches_eager(monkeypatch):
 
     GRAPHS.clear()
     dev = torch.device("cuda")
-    for seed in range(3):  # one capture, then two replays on new inputs
+    for seed in range(4):  # eager, one capture, then two replays on new inputs
         q = _q(2, 300, 7, dead=(3,), seed=seed).to(dev)
         _, k = R.gibbs_kernel(torch.rand(2, 300, 300, generator=torch.Generator().manual_seed(seed)).double())
         k = k.float().to(dev)
         got_op = T.sinkhorn_scores(q, k, eps=0.1, iters=20)
         got_mv = T.markov_scores(q, k, sk_iters=5, steps=20)
-        monkeypatch.setenv("OVSS_FAST_TRITON_GRAPHS", "0")
-        assert torch.equal(got_op, T.sinkhorn_scores(q, k, eps=0.1, iters=20))
-        assert torch.equal(got_mv, T.markov_scores(q, k, sk_iters=5, steps=20))
-        monkeypatch.delenv("OVSS_FAST_TRITON_GRAPHS")
+        assert torch.equal(got_op, T.sinkhorn_scores(q, k, eps=0.1, iters=20, graphs=False))
+        assert torch.equal(got_mv, T.markov_scores(q, k, sk_iters=5, steps=20, graphs=False))
         assert rel_err(got_op, R.sinkhorn_scores(q.double(), k.double(), eps=0.1, iters=20)) <= TOL
     assert len(GRAPHS) == 2
-    T.sinkhorn_scores(q, k, eps=0.1, iters=21)  # another signature, another graph
+    T.sinkhorn_scores(q, k, eps=0.1, iters=21)  # another signature: eager, then another graph
+    assert len(GRAPHS) == 2
+    T.sinkhorn_scores(q, k, eps=0.1, iters=21)
     assert len(GRAPHS) == 3
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # another stream: its own graph and static buffers
+        for _ in range(2):
+            assert torch.equal(T.sinkhorn_scores(q, k, eps=0.1, iters=20), got_op)
+    torch.cuda.current_stream().wait_stream(side)
+    assert len(GRAPHS) == 4
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         captured = T.sinkhorn_scores(q, k, eps=0.1, iters=20)

@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images between checkpoints (default 50; 0 = only on interruption or failure)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint of an interrupted run with the same settings")
+    parser.add_argument("--boundary-iou", default=True, action=argparse.BooleanOptionalAction,
+                        help="also report Boundary IoU (mBIoU, per class; dilation ratio 0.02) beside mIoU "
+                             "(default on; --no-boundary-iou leaves it out)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip unreadable images / annotations (counted and named in the report) instead of "
                              "stopping at the first")
@@ -236,7 +239,8 @@ def _report(args: argparse.Namespace, outcome: object, class_names: list, config
     if not args.quiet:
         print(format_report(report))
     else:
-        print(f"mIoU {report['mIoU']}  ({report['images']} images)")
+        biou = f"  mBIoU {report['mBIoU']}" if "mBIoU" in report else ""
+        print(f"mIoU {report['mIoU']}{biou}  ({report['images']} images)")
     for bad in report["skipped"]["items"]:
         print(f"skipped: {bad['error']}", file=sys.stderr)
     if args.out:
@@ -266,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             build = _synthetic if args.synthetic else _benchmark
             dataset, predict, config, workers = build(args, ctx)
+            config["boundary_iou"] = bool(args.boundary_iou)  # in the fingerprint: a resume keeps the choice
         except _cli.USER_ERRORS as exc:
             return _fail(exc)
         try:
@@ -274,7 +279,8 @@ def run(args: argparse.Namespace) -> int:
             return _fail(str(exc))
         try:
             outcome = run_loop(dataset, predict, dataset.num_classes, ctx=ctx, limit=args.limit, workers=workers,
-                               progress=not args.quiet, desc=config["dataset"], state=state)
+                               progress=not args.quiet, desc=config["dataset"], state=state,
+                               boundary_iou=bool(args.boundary_iou))
         except Interrupted as exc:
             return _fail(f"interrupted by {exc}", code=130)
         except KeyboardInterrupt:

@@ -25,7 +25,12 @@ from ovss_fast.eval.harness import (
     run_loop,
     synthetic_predictor,
 )
-from ovss_fast.eval.metrics import confusion_matrix, scores_from_confusion
+from ovss_fast.eval.metrics import (
+    boundary_intersection_union,
+    confusion_matrix,
+    scores_from_boundary,
+    scores_from_confusion,
+)
 from ovss_fast.eval.protocols import PROTOCOLS, Protocol, resolve_protocol
 
 __all__ = [
@@ -40,6 +45,7 @@ __all__ = [
     "SegmentationDataset",
     "SegmenterPredictor",
     "SyntheticScenes",
+    "boundary_intersection_union",
     "confusion_matrix",
     "dataset_spec",
     "load_class_names",
@@ -47,6 +53,7 @@ __all__ = [
     "protocol_size",
     "resolve_protocol",
     "run_loop",
+    "scores_from_boundary",
     "scores_from_confusion",
     "synthetic_predictor",
 ]

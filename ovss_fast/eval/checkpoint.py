@@ -105,6 +105,9 @@ class RunState:
         self.fingerprint = json.loads(json.dumps(fingerprint or {}))  # as it will read back
         self.path = None if path is None else rank_path(path, self.rank, self.world_size)
         self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+        #: Boundary IoU's per-class [intersection, union] sums ([2, K] float64 on the CPU, updated in place by
+        #: run_loop); NaN after resuming a checkpoint written without them (the report then leaves BIoU out)
+        self.boundary = torch.zeros(2, self.num_classes, dtype=torch.float64)
         self.done: list[int] = []
         self.bad: list[dict] = []
         self.seconds = 0.0  # loop time of earlier (interrupted) runs
@@ -142,6 +145,10 @@ class RunState:
             raise ValueError(f"checkpoint {self.path!r} has a {tuple(cm.shape)} confusion matrix, expected "
                              f"{self.num_classes} classes")
         self.confusion, self.done = cm, done
+        try:
+            self.boundary = torch.tensor(data["boundary"], dtype=torch.float64).reshape(2, self.num_classes)
+        except (KeyError, ValueError, TypeError, RuntimeError):
+            self.boundary.fill_(float("nan"))
         self.bad = list(data.get("bad", []))
         self.seconds = float(data.get("seconds", 0.0))
         self.resumed = len(done)
@@ -186,7 +193,8 @@ class RunState:
             return
         elapsed = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
         data = {"format": FORMAT, "world_size": self.world_size, "rank": self.rank,
-                "fingerprint": self.fingerprint, "confusion": confusion.cpu().tolist(), "done": self.done,
+                "fingerprint": self.fingerprint, "confusion": confusion.cpu().tolist(),
+                "boundary": self.boundary.tolist(), "done": self.done,
                 "bad": self.bad, "seconds": round(self.seconds + elapsed, 3)}
         write_json_atomic(self.path, data, indent=None)
 

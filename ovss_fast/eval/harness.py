@@ -44,7 +44,12 @@ from ovss_fast import __version__
 from ovss_fast.eval.checkpoint import Guarded, RunState
 from ovss_fast.eval.datasets import IGNORE_INDEX, LONG_SIDE_CAP
 from ovss_fast.eval.distributed import DistContext
-from ovss_fast.eval.metrics import confusion_matrix, scores_from_confusion
+from ovss_fast.eval.metrics import (
+    boundary_intersection_union,
+    confusion_matrix,
+    scores_from_boundary,
+    scores_from_confusion,
+)
 from ovss_fast.ops import validate as check
 from ovss_fast.ops.api import jbu_argmax, segment_features
 from ovss_fast.ops.options import HeadOptions
@@ -198,6 +203,10 @@ class EvalOutcome:
     resumed: int = 0  # images taken from checkpoints (counted in ``images``)
     wait_seconds: float = 0.0  # the slowest rank's time blocked waiting for the next item (reading, decoding)
     predict_seconds: float = 0.0  # the slowest rank's time in predict (synchronised on CUDA)
+    #: Boundary IoU's per-class [intersection, union] sums [2, K] float64 (None: not computed; NaN: incomplete)
+    boundary: Tensor | None = None
+    boundary_seconds: float = 0.0  # the slowest rank's time computing Boundary IoU
+    dilation_ratio: float = 0.02  # Boundary IoU's
 
 
 class _Clock:
@@ -246,8 +255,12 @@ def _items(dataset: torch.utils.data.Dataset, indices: list[int], workers: int, 
 
 def run_loop(dataset: torch.utils.data.Dataset, predict: Callable[[dict], Tensor], num_classes: int, *,
              ctx: DistContext | None = None, limit: int | None = None, workers: int = 0,
-             progress: bool = False, desc: str = "eval", state: RunState | None = None) -> EvalOutcome:
+             progress: bool = False, desc: str = "eval", state: RunState | None = None,
+             boundary_iou: bool = True, dilation_ratio: float = 0.02) -> EvalOutcome:
     """Predict this rank's share of the first ``limit`` items, accumulate the confusion matrix, reduce over ranks.
+
+    ``boundary_iou``: also accumulate Boundary IoU's per-class sums
+    (:func:`~ovss_fast.eval.metrics.boundary_intersection_union`, ``dilation_ratio``) beside it.
 
     Item i goes to rank i % world_size; the confusion matrices (int64) are summed, so the
     outcome does not depend on the number of ranks.
@@ -269,6 +282,8 @@ def run_loop(dataset: torch.utils.data.Dataset, predict: Callable[[dict], Tensor
     indices = state.todo(ctx.shard(n))
     device = ctx.device
     cm = state.confusion.to(device)
+    bnd = state.boundary  # [2, K] float64 on the CPU, checkpointed with the confusion matrix
+    bnd_seconds = 0.0
     bar = _Progress(len(indices), progress and ctx.is_main, desc)
     clock = _Clock()
     predict = clock.predictor(predict, device)
@@ -283,6 +298,13 @@ def run_loop(dataset: torch.utils.data.Dataset, predict: Callable[[dict], Tensor
                 labels = predict(item)
                 target = item["label"].to(device, non_blocking=True)
                 cm += confusion_matrix(labels, target, num_classes, ignore_index=IGNORE_INDEX)
+                if boundary_iou:
+                    t_b = time.perf_counter()
+                    inter, union = boundary_intersection_union(labels, target, num_classes, dilation_ratio,
+                                                               ignore_index=IGNORE_INDEX)
+                    bnd[0] += inter
+                    bnd[1] += union
+                    bnd_seconds += time.perf_counter() - t_b
                 bar.update(scores_from_confusion(cm)["mIoU"] if bar.enabled else math.nan)
                 state.item_done(index, cm)
         if device.type == "cuda":
@@ -293,11 +315,14 @@ def run_loop(dataset: torch.utils.data.Dataset, predict: Callable[[dict], Tensor
     cm = ctx.all_reduce(cm)
     images = int(ctx.all_reduce(torch.tensor([len(state.done)], dtype=torch.int64))[0])
     resumed = int(ctx.all_reduce(torch.tensor([state.resumed], dtype=torch.int64))[0])
-    times = ctx.all_reduce(torch.tensor([seconds, clock.wait, clock.predict], dtype=torch.float64), op="max")
-    seconds, wait, pred = (float(t) for t in times)
+    times = ctx.all_reduce(torch.tensor([seconds, clock.wait, clock.predict, bnd_seconds], dtype=torch.float64),
+                           op="max")
+    seconds, wait, pred, bnd_seconds = (float(t) for t in times)
+    boundary = ctx.all_reduce(bnd.to(device)).cpu() if boundary_iou else None
     bad = sorted(ctx.gather_objects(state.bad), key=lambda b: b["index"])
     return EvalOutcome(confusion=cm.cpu(), images=images, seconds=seconds, skipped=bad, resumed=resumed,
-                       wait_seconds=wait, predict_seconds=pred)
+                       wait_seconds=wait, predict_seconds=pred, boundary=boundary, boundary_seconds=bnd_seconds,
+                       dilation_ratio=dilation_ratio)
 
 
 # --------------------------------------------------------------------------- the report
@@ -328,9 +353,20 @@ def make_report(outcome: EvalOutcome, class_names: Sequence[str], config: dict, 
     gt = outcome.confusion.sum(dim=1)
     per_class = [{"class": name, "IoU": _num(float(iou)), "Acc": _num(float(acc)), "gt_pixels": int(n)}
                  for name, iou, acc, n in zip(class_names, s["IoU"], s["Acc"], gt, strict=True)]
+    boundary: dict = {}
+    if outcome.boundary is not None:
+        b = scores_from_boundary(outcome.boundary[0], outcome.boundary[1])
+        for row, v in zip(per_class, b["BIoU"], strict=True):
+            row["BIoU"] = _num(float(v))
+        boundary = {"mBIoU": _num(b["mBIoU"]),
+                    "boundary_iou": {"dilation_ratio": outcome.dilation_ratio,
+                                     "seconds": round(outcome.boundary_seconds, 3),
+                                     "intersection": outcome.boundary[0].tolist(),
+                                     "union": outcome.boundary[1].tolist()}}
     device = ctx.device
     return {
-        "mIoU": _num(s["mIoU"]), "mAcc": _num(s["mAcc"]), "aAcc": _num(s["aAcc"]),
+        "mIoU": _num(s["mIoU"]), **({"mBIoU": boundary["mBIoU"]} if boundary else {}),
+        "mAcc": _num(s["mAcc"]), "aAcc": _num(s["aAcc"]),
         "images": outcome.images, "seconds": round(outcome.seconds, 3),
         "images_per_second": (round((outcome.images - outcome.resumed) / outcome.seconds, 4)
                               if outcome.seconds > 0 else None),
@@ -347,6 +383,7 @@ def make_report(outcome: EvalOutcome, class_names: Sequence[str], config: dict, 
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
         "confusion_matrix": outcome.confusion.tolist(),
+        **({"boundary_iou": boundary["boundary_iou"]} if boundary else {}),
     }
 
 
@@ -359,7 +396,8 @@ def format_report(report: dict) -> str:
         return "n/a" if v is None else f"{v:.2f}"
 
     ips = report["images_per_second"]
-    lines.append(f"mIoU {fmt(report['mIoU'])}  mAcc {fmt(report['mAcc'])}  aAcc {fmt(report['aAcc'])}  "
+    biou = f"  mBIoU {fmt(report['mBIoU'])}" if "mBIoU" in report else ""
+    lines.append(f"mIoU {fmt(report['mIoU'])}{biou}  mAcc {fmt(report['mAcc'])}  aAcc {fmt(report['aAcc'])}  "
                  f"({report['images']} images, {report['seconds']:.1f} s, {fmt(ips)} images/s, "
                  f"{report['environment']['world_size']} process(es))")
     share = report.get("loader_wait_share")

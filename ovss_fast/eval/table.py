@@ -4,7 +4,9 @@ One row per (model, affinity, mode, features, head, protocol), one column per da
 :data:`ovss_fast.eval.DATASETS` (synthetic last), plus the average over the columns a
 row has. A cell evaluated on fewer images than its split holds (``--limit``) is marked
 with ``*``; a protocol some of whose values were overridden by flags is marked
-"dslo*" (the results file's ``config.protocol.overridden`` lists them).
+"dslo*" (the results file's ``config.protocol.overridden`` lists them). A results file with Boundary
+IoU (``mBIoU``) shows it beside mIoU in its cell, "mIoU / mBIoU", and the row's average likewise when
+every cell of the row has it.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ def _row_key(config: dict) -> tuple[str, ...]:
 
 
 def format_table(reports: Sequence[dict]) -> str:
-    """Reports (the JSON objects written by ``ovss-fast eval``) -> a Markdown table of mIoU."""
+    """Reports (the JSON objects written by ``ovss-fast eval``) -> a Markdown table of mIoU (and mBIoU)."""
     if not reports:
         raise ValueError("no results to tabulate")
     order = [*DATASETS, "synthetic"]
     rows: dict[tuple[str, ...], dict[str, str]] = {}
     values: dict[tuple[str, ...], list[float]] = {}
+    bvalues: dict[tuple[str, ...], list[float | None]] = {}
     seen = set()
     for r in reports:
         cfg = r.get("config", {})
@@ -43,9 +46,13 @@ def format_table(reports: Sequence[dict]) -> str:
         key = _row_key(cfg)
         partial = cfg.get("limit") is not None and r.get("images", 0) < cfg.get("images_in_split", 0)
         miou = r["mIoU"]
-        rows.setdefault(key, {})[name] = "n/a" if miou is None else f"{miou:.1f}" + ("*" if partial else "")
+        cell = "n/a" if miou is None else f"{miou:.1f}"
+        if "mBIoU" in r:
+            cell += " / " + ("n/a" if r["mBIoU"] is None else f"{r['mBIoU']:.1f}")
+        rows.setdefault(key, {})[name] = cell + ("*" if partial else "")
         if miou is not None:
             values.setdefault(key, []).append(miou)
+            bvalues.setdefault(key, []).append(r.get("mBIoU"))
         seen.add(name)
     cols = [c for c in order if c in seen]
     lines = ["| " + " | ".join(COLUMNS) + " | " + " | ".join(cols) + " | avg |",
@@ -53,6 +60,9 @@ def format_table(reports: Sequence[dict]) -> str:
     for key, cells in rows.items():
         vals = values.get(key, [])
         avg = f"{sum(vals) / len(vals):.1f}" if vals else "n/a"
+        bvals = bvalues.get(key, [])
+        if bvals and all(b is not None for b in bvals):
+            avg += f" / {sum(bvals) / len(bvals):.1f}"
         lines.append("| " + " | ".join(key) + " | " + " | ".join(cells.get(c, "") for c in cols) + f" | {avg} |")
     return "\n".join(lines)
 

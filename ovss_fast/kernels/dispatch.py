@@ -67,13 +67,15 @@ class Backend:
         that can skip the cost overrides this. Not an op of :data:`OPS`: it calls this backend's gibbs_kernel."""
         return self.gibbs_kernel(affinity, eps=eps)[1]
 
-    def markov_transition(self, affinity: Tensor, *, transition: str = "attention", eps: float = 0.2) -> Tensor:
+    def markov_transition(self, affinity: Tensor, *, transition: str = "attention", eps: float = 0.2,
+                          **options: Any) -> Tensor:
         """affinity: [B, N, N] -> the matrix mode "mv" makes doubly stochastic (method.md section 3): this
         backend's Gibbs kernel ("gibbs") or W = Sym / M ("attention"), the latter one elementwise PyTorch pass
-        on the affinity's device (reference.attention_transition) for every backend. Both are symmetric."""
+        on the affinity's device (reference.attention_transition) for every backend. Both are symmetric.
+        ``options``: passed to this backend's gibbs_kernel_only (the Triton backend's ``gibbs``)."""
         if transition == "attention":
             return reference.attention_transition(affinity)
-        return self.gibbs_kernel_only(affinity, eps=eps)
+        return self.gibbs_kernel_only(affinity, eps=eps, **options)
 
 
 class ReferenceBackend(Backend):

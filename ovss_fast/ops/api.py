@@ -7,6 +7,7 @@ float64 for float64 inputs; labels are int64.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -68,6 +69,7 @@ def discrepancy(
     tau: float = 0.1,
     transition: str = "attention",
     backend: str = "auto",
+    backend_options: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """Per-patch distribution-discrepancy scores (method.md section 3).
 
@@ -85,8 +87,15 @@ def discrepancy(
     affinity over its per-image max, W = Sym / M (M = 0 gives W = 0, on which the
     chain empties: reference.attention_transition). Modes "kl" and "op" check
     ``transition`` like every other parameter and ignore it.
+
+    ``backend_options``: keyword options for the backend that runs, e.g. the Triton backend's
+    ``{"schedule": "split", "precision": "tf32x3", "gibbs": "fused", "graphs": False}``
+    (:class:`~ovss_fast.kernels.triton.TritonOptions`; unset ones keep their defaults, which
+    OVSS_FAST_TRITON_* environment variables override when set at import); backends without
+    such options ignore them. Names and values are checked whatever the backend.
     """
     q = check.class_scores(q)
+    options = check.backend_options(backend_options)
     check.choice("mode", mode, check.MODES)
     # every parameter is checked, also those this mode does not use (a typo should not wait for a mode switch)
     eps = check.positive("eps", eps)
@@ -111,15 +120,26 @@ def discrepancy(
     if mode == "op":
         impl = select("sinkhorn_scores", backend, (q, affinity), op_params)
         with torch.no_grad():
-            kernel = impl.gibbs_kernel_only(affinity, eps=eps)
-            s = impl.sinkhorn_scores(q, kernel, **op_params, **_symmetric(impl))
+            kernel = impl.gibbs_kernel_only(affinity, eps=eps, **_taken(impl, options, ("gibbs",)))
+            s = impl.sinkhorn_scores(q, kernel, **op_params, **_symmetric(impl), **_taken(impl, options, _RUN_OPTIONS))
     else:
         impl = select("markov_scores", backend, (q, affinity), mv_params)
         with torch.no_grad():
             # K or W goes where the kernel goes: both are symmetric, so the symmetric fast path holds
-            matrix = impl.markov_transition(affinity, transition=transition, eps=eps)
-            s = impl.markov_scores(q, matrix, **mv_params, **_symmetric(impl))
+            matrix = impl.markov_transition(affinity, transition=transition, eps=eps,
+                                            **_taken(impl, options, ("gibbs",)))
+            s = impl.markov_scores(q, matrix, **mv_params, **_symmetric(impl), **_taken(impl, options, _RUN_OPTIONS))
     return check.finite_scores(s, mode, affinity, eps)
+
+
+#: the backend options sinkhorn_scores / markov_scores take (gibbs goes to the Gibbs kernel)
+_RUN_OPTIONS = ("schedule", "precision", "graphs")
+
+
+def _taken(impl: Any, options: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """The ``options`` among ``names`` that backend ``impl`` takes (its ``options`` attribute; none for most)."""
+    takes = getattr(impl, "options", ())
+    return {k: v for k, v in options.items() if k in names and k in takes}
 
 
 def _symmetric(impl: Any) -> dict[str, bool]:

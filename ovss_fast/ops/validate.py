@@ -118,6 +118,24 @@ def threshold(name: str, value: float | None) -> float | None:
     return float(value)
 
 
+def backend_options(value: object, name: str = "backend_options") -> dict[str, object]:
+    """None or a mapping of the backends' keyword options (the Triton backend's schedule, precision,
+    gibbs, graphs: TritonOptions), names and values checked now; a ValueError names ``name``."""
+    from collections.abc import Mapping
+
+    from ovss_fast.kernels.triton._runtime import TritonOptions
+
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict of options or None, got {type(value).__name__}")
+    try:
+        TritonOptions().with_(value, argument=name)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}" if not str(err).startswith(name) else str(err)) from None
+    return dict(value)
+
+
 def flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")

@@ -24,7 +24,14 @@ import torch
 from torch import Tensor
 
 from ovss_fast.kernels.dispatch import Backend
-from ovss_fast.kernels.triton._runtime import GRAPHS, MAX_CLASSES, interpret_requested, interpreting
+from ovss_fast.kernels.triton._runtime import (
+    GRAPHS,
+    MAX_CLASSES,
+    TritonOptions,
+    interpret_requested,
+    interpreting,
+    resolve,
+)
 
 _CPU_REASON = ("CPU tensors: Triton runs on CUDA (set TRITON_INTERPRET=1 before importing triton and pass "
                "backend='triton' to use the interpreter)")
@@ -45,6 +52,8 @@ class TritonBackend(Backend):
     name = "triton"
     #: sinkhorn_scores / markov_scores take ``symmetric=True`` (ops.discrepancy passes it for gibbs_kernel's K)
     takes_symmetric_kernel = True
+    #: the keyword options its ops take (ops.discrepancy's ``backend_options``): TritonOptions' fields
+    options = ("schedule", "precision", "gibbs", "graphs")
 
     def unsupported_reasons(self, op: str, tensors: Sequence[Tensor], params: Mapping[str, Any]) -> list[str]:
         if _triton_missing():
@@ -85,12 +94,13 @@ class TritonBackend(Backend):
 
         return mod.gibbs_kernel(affinity, eps=eps)
 
-    def gibbs_kernel_only(self, affinity: Tensor, *, eps: float = 0.2) -> Tensor:
-        """affinity: [B, N, N] -> kernel [B, N, N] float32. OVSS_FAST_TRITON_GIBBS=fused: symmetric tiles,
-        no cost written (gibbs_kernel.gibbs_kernel_only); unset or "separate": gibbs_kernel's K."""
+    def gibbs_kernel_only(self, affinity: Tensor, *, eps: float = 0.2, gibbs: str | None = None) -> Tensor:
+        """affinity: [B, N, N] -> kernel [B, N, N] float32. ``gibbs="fused"``: symmetric tiles, no cost
+        written (gibbs_kernel.gibbs_kernel_only); "separate" (the default): gibbs_kernel's K. None: the
+        default option (TritonOptions, from OVSS_FAST_TRITON_GIBBS read at import)."""
         from ovss_fast.kernels.triton import gibbs_kernel as mod
 
-        if mod.gibbs_schedule() == "fused":
+        if resolve(gibbs=gibbs).gibbs == "fused":
             return mod.gibbs_kernel_only(affinity, eps=eps)
         return super().gibbs_kernel_only(affinity, eps=eps)
 
@@ -101,24 +111,34 @@ class TritonBackend(Backend):
         return mod.kl_scores(q)
 
     def sinkhorn_scores(self, q: Tensor, kernel: Tensor, *, eps: float = 0.2, iters: int = 50,
-                        symmetric: bool = False) -> Tensor:
-        """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32. ``symmetric=True`` promises K = K^T."""
+                        symmetric: bool = False, schedule: str | None = None, precision: str | None = None,
+                        graphs: bool | None = None) -> Tensor:
+        """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32. ``symmetric=True`` promises K = K^T.
+        ``schedule`` (preferred), ``precision``, ``graphs``: the Triton options (TritonOptions; None keeps
+        the default)."""
         from ovss_fast.kernels.triton import sinkhorn_scores as mod
 
-        params = (float(eps), int(iters), bool(symmetric))
+        opts = resolve(schedule=schedule, precision=precision, graphs=graphs)
+        params = (float(eps), int(iters), bool(symmetric), opts.schedule, opts.precision)
         return GRAPHS.run(lambda q, k: mod.sinkhorn_scores(q, k, eps=params[0], iters=params[1],
-                                                           symmetric=params[2]),
-                          "sinkhorn_scores", params, q, kernel)
+                                                           symmetric=params[2], options=opts),
+                          "sinkhorn_scores", params, q, kernel, graphs=opts.graphs)
 
     def markov_scores(self, q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int = 50,
-                      readout: str = "integrated", tau: float = 0.1, symmetric: bool = False) -> Tensor:
-        """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32. ``symmetric=True`` promises K = K^T."""
+                      readout: str = "integrated", tau: float = 0.1, symmetric: bool = False,
+                      schedule: str | None = None, precision: str | None = None,
+                      graphs: bool | None = None) -> Tensor:
+        """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32. ``symmetric=True`` promises K = K^T.
+        ``schedule`` (preferred), ``precision``, ``graphs``: the Triton options (None keeps the default)."""
         from ovss_fast.kernels.triton import markov_scores as mod
 
-        params = (int(sk_iters), int(steps), str(readout), float(tau), bool(symmetric))
+        opts = resolve(schedule=schedule, precision=precision, graphs=graphs)
+        params = (int(sk_iters), int(steps), str(readout), float(tau), bool(symmetric), opts.schedule,
+                  opts.precision)
         return GRAPHS.run(lambda q, k: mod.markov_scores(q, k, sk_iters=params[0], steps=params[1],
-                                                         readout=params[2], tau=params[3], symmetric=params[4]),
-                          "markov_scores", params, q, kernel)
+                                                         readout=params[2], tau=params[3], symmetric=params[4],
+                                                         options=opts),
+                          "markov_scores", params, q, kernel, graphs=opts.graphs)
 
     def jbu_upsample(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
                      radius: int = 2) -> Tensor:
@@ -137,4 +157,4 @@ class TritonBackend(Backend):
 
 TRITON_BACKEND = TritonBackend()
 
-__all__ = ["TRITON_BACKEND", "TritonBackend", "MAX_CLASSES"]
+__all__ = ["TRITON_BACKEND", "TritonBackend", "TritonOptions", "MAX_CLASSES"]

@@ -15,13 +15,12 @@ helpers and drives them with these.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ovss_fast.kernels.triton import _runtime
 from ovss_fast.kernels.triton._runtime import DENOM_FLOOR as _DENOM_FLOOR
 from ovss_fast.kernels.triton._runtime import configs, interpreting, next_pow2
 
@@ -29,9 +28,9 @@ from ovss_fast.kernels.triton._runtime import configs, interpreting, next_pow2
 SCRATCH_PAD = 64
 #: the largest N the window schedule takes (a small-N schedule: K of a window is read from L1/L2)
 WINDOW_MAX_N = 512
-#: the schedules a caller (or OVSS_FAST_TRITON_SCHEDULE) can name
-SCHEDULES = ("auto", "fused", "split", "window", "persistent")
-PRECISIONS = ("ieee", "tf32x3")
+#: the schedules a caller (or the ``schedule`` option) can name
+SCHEDULES = _runtime.SCHEDULES
+PRECISIONS = _runtime.PRECISIONS
 
 #: a Triton constexpr so the kernels can read it
 DENOM_FLOOR = tl.constexpr(_DENOM_FLOOR)
@@ -47,7 +46,7 @@ def _k_times_x_part(k_base, ski, skj, x_base, CP, rows, rmask, cls, cmask, lo, h
     """acc + the terms s = lo..hi - 1 of K x (TRANS false) or K^T x for output rows ``rows`` and classes
     ``cls``, s in blocks of BLOCK_S, one tl.dot accumulator; x: [N, CP] float32 scratch at x_base (read
     with .cg). Products in PRECISION ("ieee": IEEE float32 FMAs, the default; "tf32x3" when
-    OVSS_FAST_TRITON_PRECISION asks for split tf32)."""
+    the ``precision`` option asks for split tf32)."""
     rs = tl.arange(0, BLOCK_S)
     for s0 in range(lo, hi, BLOCK_S):
         cols = s0 + rs
@@ -284,7 +283,7 @@ def launch_persistent(kernel_fn, tuned, args: tuple, consts: dict, tiles, phases
     tuned[lambda m: (persistent_programs(tiles(m), device),)](*args, 0, phases, **consts, GRID_SYNC=True)
     if not torch.cuda.is_current_stream_capturing() and int(bar[2]):
         raise RuntimeError("the persistent schedule's grid barrier timed out: not every program was resident "
-                           "(another process holding SMs, MPS limits?); use OVSS_FAST_TRITON_SCHEDULE=split")
+                           "(another process holding SMs, MPS limits?); use the schedule option \"split\"")
 
 
 def window_block_n(N: int) -> int:
@@ -292,20 +291,14 @@ def window_block_n(N: int) -> int:
     return max(16, next_pow2(N))
 
 
-def precision() -> str:
-    """The products' input_precision: OVSS_FAST_TRITON_PRECISION (ieee, the default, or tf32x3)."""
-    value = os.environ.get("OVSS_FAST_TRITON_PRECISION", "").strip().lower() or "ieee"
-    if value not in PRECISIONS:
-        raise ValueError(f"OVSS_FAST_TRITON_PRECISION must be one of {', '.join(PRECISIONS)}; got {value!r}")
-    return value
-
-
-def choose_schedule(B: int, N: int, C: int, device: torch.device, schedule: str = "auto") -> str:
-    """"fused", "split", "window" or "persistent" for this call. ``schedule`` (or, when it is "auto",
-    OVSS_FAST_TRITON_SCHEDULE) names one; a named "window" falls back to the auto choice of fused /
-    split when N > WINDOW_MAX_N from the environment, and raises when asked for by argument.
-    Auto never picks "window" or "persistent" (no GPU run has checked them yet): it is
-    :func:`fused_is_better`'s choice.
+def choose_schedule(B: int, N: int, C: int, device: torch.device, schedule: str = "auto",
+                    preferred: str = "auto") -> str:
+    """"fused", "split", "window" or "persistent" for this call. ``schedule`` (the kernel function's
+    argument) names one strictly: "window" raises when N > WINDOW_MAX_N. When it is "auto", ``preferred``
+    (the backend's ``schedule`` option, :class:`~ovss_fast.kernels.triton._runtime.TritonOptions`) is
+    taken where it applies: a preferred "window" falls back to the auto choice of fused / split when
+    N > WINDOW_MAX_N. Auto never picks "window" or "persistent" (no GPU run has checked them yet): it
+    is :func:`fused_is_better`'s choice.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
@@ -313,11 +306,12 @@ def choose_schedule(B: int, N: int, C: int, device: torch.device, schedule: str 
         raise ValueError(f"schedule='window' takes N <= {WINDOW_MAX_N} patches, got N = {N}")
     if schedule != "auto":
         return schedule
-    forced = os.environ.get("OVSS_FAST_TRITON_SCHEDULE", "").strip().lower()
-    if forced == "window" and N <= WINDOW_MAX_N:
+    if preferred not in SCHEDULES:
+        raise ValueError(f"schedule option must be one of {', '.join(map(repr, SCHEDULES))}, got {preferred!r}")
+    if preferred == "window" and N <= WINDOW_MAX_N:
         return "window"
-    if forced == "persistent":
-        return "persistent"
+    if preferred in ("persistent", "fused", "split"):
+        return preferred
     return "fused" if fused_is_better(B, N, C, device) else "split"
 
 
@@ -325,13 +319,9 @@ def fused_is_better(B: int, N: int, C: int, device: torch.device) -> bool:
     """Choose the schedule: one launch (B * ceil(C / 32) programs, each running every iteration)
     when that keeps at least half the SMs busy or N is small enough that launch overhead
     dominates; otherwise one row-parallel launch per half-iteration. Untuned guess, not measured;
-    OVSS_FAST_TRITON_SCHEDULE=fused|split overrides it (for benchmarks).
+    the ``schedule`` option "fused" / "split" overrides it (for benchmarks).
     """
-    forced = os.environ.get("OVSS_FAST_TRITON_SCHEDULE", "").strip().lower()
-    if forced in ("fused", "split"):
-        return forced == "fused"
     if device.type != "cuda" or N <= 256:
         return True
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return 2 * B * triton.cdiv(C, 32) >= sms
-

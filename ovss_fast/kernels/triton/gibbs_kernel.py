@@ -26,13 +26,12 @@ method.md section 2 (spec v2: the scale-free cost).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ovss_fast.kernels.triton import _runtime
 from ovss_fast.kernels.triton._runtime import LOG_FLOOR as _LOG_FLOOR
 from ovss_fast.kernels.triton._runtime import autotune, configs, device_guard, interpreting, next_pow2
 
@@ -41,9 +40,9 @@ RANGE_ROWS = 32
 #: the most programs per image of the symmetric range pass (each reduces some tile pairs to one
 #: partial min / max); every program of the second pass reads all of them, so a few hundred at most
 RANGE_PARTS = 512
-#: OVSS_FAST_TRITON_GIBBS: "separate" (the default, :func:`gibbs_kernel` and its K) or "fused"
+#: the ``gibbs`` option (TritonOptions): "separate" (the default, :func:`gibbs_kernel` and its K) or "fused"
 #: (:func:`gibbs_kernel_only`; untimed, no GPU has run it yet, so never the default)
-GIBBS_SCHEDULES = ("separate", "fused")
+GIBBS_SCHEDULES = _runtime.GIBBS_SCHEDULES
 
 #: a Triton constexpr so the kernels can read it
 LOG_FLOOR = tl.constexpr(_LOG_FLOOR)
@@ -305,11 +304,3 @@ def gibbs_kernel_only(affinity: Tensor, *, eps: float = 0.2) -> Tensor:
             _sym_tile_tuned[lambda m: (tile_pairs(N, m["BLOCK"]), B)](
                 affinity, lo, hi, kern, N, n_parts, *strides, 1.0 / eps, BLOCK_S=block_s)
     return kern
-
-
-def gibbs_schedule() -> str:
-    """OVSS_FAST_TRITON_GIBBS: "separate" (unset, the default) or "fused" (K by :func:`gibbs_kernel_only`)."""
-    value = os.environ.get("OVSS_FAST_TRITON_GIBBS", "").strip().lower() or "separate"
-    if value not in GIBBS_SCHEDULES:
-        raise ValueError(f"OVSS_FAST_TRITON_GIBBS must be one of {', '.join(GIBBS_SCHEDULES)}; got {value!r}")
-    return value

@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ovss_fast.kernels.common import lowres_guide, tap_geometry
-from ovss_fast.kernels.triton._runtime import autotune, configs, device_guard, interpreting
+from ovss_fast.kernels.triton._runtime import autotune, configs, device_guard, interpreting, size_bucket
 
 
 @triton.jit
@@ -221,8 +221,19 @@ def _jbu_argmax_kernel(
 
 _UP_CONFIGS = configs("BLOCK_P BLOCK_C", [(64, 16, 4), (128, 16, 4), (128, 32, 8), (256, 8, 4)])
 _ARGMAX_CONFIGS = configs("BLOCK_P BLOCK_C", [(64, 16, 4), (128, 16, 4), (128, 32, 8), (256, 16, 8)])
-_up_tuned = autotune(configs=_UP_CONFIGS, key=["C", "h", "w", "H", "W", "R"])(_jbu_upsample_kernel)
-_argmax_tuned = autotune(configs=_ARGMAX_CONFIGS, key=["C", "h", "w", "H", "W", "R"])(_jbu_argmax_kernel)
+
+
+def jbu_bucket(named: dict) -> dict:
+    """The JBU kernels' tuning bucket: classes C and output pixels H x W by size_bucket, the radius R
+    exact. The grid is over H x W pixels (and classes); every pixel reads (2R + 1)^2 low-res taps
+    whatever h and w are, so the low-res size is left out of the key. Any config is correct for any
+    size (pixels and classes are masked)."""
+    return {"C": size_bucket(named["C"]), "HW": size_bucket(named["H"] * named["W"]), "R": named["R"]}
+
+
+_JBU_KEY = ["C", "h", "w", "H", "W", "R"]
+_up_tuned = autotune(configs=_UP_CONFIGS, key=_JBU_KEY, bucket=jbu_bucket)(_jbu_upsample_kernel)
+_argmax_tuned = autotune(configs=_ARGMAX_CONFIGS, key=_JBU_KEY, bucket=jbu_bucket)(_jbu_argmax_kernel)
 _INTERPRET = {"BLOCK_P": 128, "BLOCK_C": 4}
 
 

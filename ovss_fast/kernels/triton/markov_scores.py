@@ -30,15 +30,15 @@ one of two schedules
   blocks of BLOCK_I (sinkhorn_scores' window configs), the scratch holding r * d(l) already
   scaled for the next product (and d itself for the velocity readout). With ``symmetric=True``
   (gibbs_kernel's K) K^T y is read as K y, and the SK column sums as row sums. Not yet run on
-  a GPU, so auto never picks it: OVSS_FAST_TRITON_SCHEDULE=window or ``schedule="window"``;
+  a GPU, so auto never picks it: the option or argument ``schedule="window"``;
 * persistent (large N), ONE launch for everything: ``_markov_persistent_kernel`` (sinkhorn_scores'
   persistent schedule: one program per SM at most, grid barriers between phases) runs r = c = 1,
   the 2 * sk_iters Sinkhorn-Knopp steps and the drift (float64, blocks of SK_BLOCK_I patches), then
   the chain steps over [BLOCK_R, BLOCK_C] tiles and the readout: 2 * sk_iters + steps + 4 phases,
   2 * sk_iters + steps + 3 barriers, instead of 2 * sk_iters + steps + 2 launches. Not yet run on a
-  GPU: OVSS_FAST_TRITON_SCHEDULE=persistent or ``schedule="persistent"``.
+  GPU: the option or argument ``schedule="persistent"``.
 
-OVSS_FAST_TRITON_PRECISION=tf32x3 makes the chain's products split-tf32 tensor-core dots (see
+The option ``precision="tf32x3"`` makes the chain's products split-tf32 tensor-core dots (see
 sinkhorn_scores); Sinkhorn-Knopp stays float64.
 """
 
@@ -50,7 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ovss_fast.kernels.triton import _schedules as sched
-from ovss_fast.kernels.triton._runtime import autotune, configs, device_guard, interpreting
+from ovss_fast.kernels.triton._runtime import TritonOptions, autotune, configs, device_guard, interpreting, resolve
 from ovss_fast.kernels.triton._schedules import SCRATCH_PAD, WINDOW_MAX_N
 
 __all__ = ["SCRATCH_PAD", "WINDOW_MAX_N", "column_drift", "doubly_stochastic_scales", "markov_scores"]
@@ -588,7 +588,8 @@ def window_scales(kernel: Tensor, *, sk_iters: int = 15, symmetric: bool = False
 
 
 def markov_scores(q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int = 50, readout: str = "integrated",
-                  tau: float = 0.1, schedule: str = "auto", symmetric: bool = False) -> Tensor:
+                  tau: float = 0.1, schedule: str = "auto", symmetric: bool = False,
+                  options: TritonOptions | None = None) -> Tensor:
     """q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C] float32 (see reference.markov_scores).
 
     schedule: "fused" (the whole chain in one launch), "split" (one row-parallel launch per
@@ -596,13 +597,16 @@ def markov_scores(q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int =
     program; N <= WINDOW_MAX_N), "persistent" (everything in one launch, grid barriers between phases)
     or "auto" (:func:`ovss_fast.kernels.triton.sinkhorn_scores.choose_schedule`).
     ``symmetric=True`` promises K = K^T (as gibbs_kernel builds it); the window and persistent
-    schedules use it.
+    schedules use it. ``options`` (:class:`~ovss_fast.kernels.triton._runtime.TritonOptions`, default
+    :func:`~ovss_fast.kernels.triton._runtime.defaults`): the preferred schedule when ``schedule`` is
+    "auto", and the products' precision.
     """
     if readout not in ("integrated", "velocity"):
         raise ValueError(f"readout must be 'integrated' or 'velocity', got {readout!r}")
     B, N, C = q.shape
-    chosen = sched.choose_schedule(B, N, C, q.device, schedule)
-    prec = sched.precision()
+    opts = resolve(options)
+    chosen = sched.choose_schedule(B, N, C, q.device, schedule, opts.schedule)
+    prec = opts.precision
     out = torch.empty((B, N, C), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out

@@ -20,7 +20,7 @@ Three schedules, chosen by :func:`choose_schedule` (or forced with ``schedule=``
   is built from (A + A^T) / 2) K^T u is computed as K u, the same row-major tiles as K v, never a
   transposed read. Its configs (``_WINDOW_CONFIGS``, ``_WINDOW_CONFIGS_TF32X3``) compile for
   sm_90 without register spills. Not yet run on a GPU, so never chosen by auto:
-  OVSS_FAST_TRITON_SCHEDULE=window (or ``schedule="window"``) selects it;
+  the option ``schedule="window"`` (or the argument) selects it;
 * persistent (large N: 784-4096 for one image), ONE launch: ``_sinkhorn_persistent_kernel``, at most
   one program per SM (so all are resident), each taking tiles of [BLOCK_R rows, BLOCK_C classes] of
   every image in turn for every phase (v = 1; the 2 * iters half-iterations; f; S), with a grid-wide
@@ -30,12 +30,12 @@ Three schedules, chosen by :func:`choose_schedule` (or forced with ``schedule=``
   the column sums of the readout go through a per row block buffer (no float atomics: the same
   numbers every run). The interpreter runs a grid's programs one after another and cannot wait at a
   barrier, so there each phase is its own launch (or, in the tests, all phases in one program). Not
-  yet run on a GPU: OVSS_FAST_TRITON_SCHEDULE=persistent (or ``schedule="persistent"``) selects it.
+  yet run on a GPU: the option ``schedule="persistent"`` (or the argument) selects it.
 
 Every schedule runs the same per-tile math (``_op_phase_tile``, ``_center_tile``); the tile helpers and
 the schedule machinery they share with markov_scores are in ``_schedules``.
 
-OVSS_FAST_TRITON_PRECISION=tf32x3 runs every product of these kernels as split-tf32 tensor-core
+The option ``precision="tf32x3"`` runs every product of these kernels as split-tf32 tensor-core
 dots (``input_precision="tf32x3"``, about float32 accuracy) instead of IEEE float32 FMAs; the
 default is ieee. Whether tf32x3 holds the 1e-4 contract at N = 4096 is for a GPU run to show
 (bench/gpu_check.py runs it; the interpreter computes every dot in float32 whatever it is told).
@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ovss_fast.kernels.triton._runtime import autotune, configs, device_guard, interpreting
+from ovss_fast.kernels.triton._runtime import TritonOptions, autotune, configs, device_guard, interpreting, resolve
 from ovss_fast.kernels.triton._schedules import (
     _INTERPRET_PERSISTENT,
     _WINDOW_CONFIGS,
@@ -73,11 +73,10 @@ from ovss_fast.kernels.triton._schedules import (
     choose_schedule,
     launch_persistent,
     persistent_block_n,
-    precision,
     window_block_n,
 )
 
-__all__ = ["SCRATCH_PAD", "WINDOW_MAX_N", "choose_schedule", "precision", "sinkhorn_scores"]
+__all__ = ["SCRATCH_PAD", "WINDOW_MAX_N", "choose_schedule", "sinkhorn_scores"]
 
 
 @triton.jit
@@ -359,7 +358,7 @@ _persistent_tuned_tf32x3 = autotune(configs=PERSISTENT_CONFIGS_TF32X3,
                                     key=_PERSISTENT_KEY)(_sinkhorn_persistent_kernel)
 
 def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.2, iters: int = 50,
-                    schedule: str = "auto", symmetric: bool = False) -> Tensor:
+                    schedule: str = "auto", symmetric: bool = False, options: TritonOptions | None = None) -> Tensor:
     """q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C] float32 (see reference.sinkhorn_scores).
 
     schedule: "fused" (one launch), "split" (2 * iters + 2 row-parallel launches), "window" (one
@@ -367,11 +366,14 @@ def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.2, iters: int =
     program per SM, grid barriers between phases) or "auto" (:func:`choose_schedule`);
     all give the same numbers up to float32 summation order. ``symmetric=True`` promises K = K^T
     (as gibbs_kernel builds it): the window and persistent schedules then read K^T u as K u. The other
-    schedules ignore it; a non-symmetric kernel passed with it gets wrong numbers.
+    schedules ignore it; a non-symmetric kernel passed with it gets wrong numbers. ``options``
+    (:class:`~ovss_fast.kernels.triton._runtime.TritonOptions`, default :func:`defaults`): the preferred
+    schedule when ``schedule`` is "auto", and the products' precision.
     """
     B, N, C = q.shape
-    chosen = choose_schedule(B, N, C, q.device, schedule)
-    prec = precision()
+    opts = resolve(options)
+    chosen = choose_schedule(B, N, C, q.device, schedule, opts.schedule)
+    prec = opts.precision
     out = torch.empty((B, N, C), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out

@@ -367,8 +367,9 @@ def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.2, iters: int =
     all give the same numbers up to float32 summation order. ``symmetric=True`` promises K = K^T
     (as gibbs_kernel builds it): the window and persistent schedules then read K^T u as K u. The other
     schedules ignore it; a non-symmetric kernel passed with it gets wrong numbers. ``options``
-    (:class:`~ovss_fast.kernels.triton._runtime.TritonOptions`, default :func:`~ovss_fast.kernels.triton._runtime.defaults`): the preferred
-    schedule when ``schedule`` is "auto", and the products' precision.
+    (:class:`~ovss_fast.kernels.triton._runtime.TritonOptions`, default
+    :func:`~ovss_fast.kernels.triton._runtime.defaults`): the preferred schedule when ``schedule`` is
+    "auto", and the products' precision.
     """
     B, N, C = q.shape
     opts = resolve(options)

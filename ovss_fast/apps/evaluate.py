@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ovss_fast.apps import flags as _cli
+from ovss_fast.errors import InputError
 from ovss_fast.eval.checkpoint import BadItem, Interrupted, RunState, check_writable, write_json_atomic
 from ovss_fast.eval.datasets import DATASETS, LONG_SIDE_CAP
 from ovss_fast.eval.protocols import BACKGROUND_DATASETS, PROTOCOLS, resolve_protocol
@@ -93,39 +94,39 @@ def _fail(msg: object, code: int = 2) -> int:
 
 def _validate(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
     if args.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+        raise InputError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if args.resume and not (args.out or args.checkpoint):
-        raise ValueError("--resume needs the checkpoint of the run to continue: pass the same --out (or --checkpoint)")
+        raise InputError("--resume needs the checkpoint of the run to continue: pass the same --out (or --checkpoint)")
     if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+        raise InputError(f"--workers must be >= 0, got {args.workers}")
     _cli.check_method_arguments(args)
     given_bg = isinstance(args.bg_threshold, float)
     for flag in ("short_side", "long_side", "stride"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+            raise InputError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     if args.window is not None and args.window < 0:
-        raise ValueError(f"--window must be >= 0 (0 = whole image), got {args.window}")
+        raise InputError(f"--window must be >= 0 (0 = whole image), got {args.window}")
     for flag, path in (("--out", args.out), ("--checkpoint", args.checkpoint)):
         if path:
             check_writable(path, flag)  # before any work, so nothing is computed for nothing
     if args.synthetic:
         if args.dataset or args.root:
-            raise ValueError("--synthetic evaluates generated scenes; leave out --dataset and --root")
+            raise InputError("--synthetic evaluates generated scenes; leave out --dataset and --root")
         if given_bg:
-            raise ValueError("--bg-threshold applies to datasets with a background class only; synthetic scenes "
+            raise InputError("--bg-threshold applies to datasets with a background class only; synthetic scenes "
                              "have none")
         return
     if not args.dataset:
-        raise ValueError(f"--dataset is required (one of {', '.join(DATASETS)}), or pass --synthetic")
+        raise InputError(f"--dataset is required (one of {', '.join(DATASETS)}), or pass --synthetic")
     if args.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {args.dataset!r}; valid names: {', '.join(DATASETS)}")
+        raise InputError(f"unknown dataset {args.dataset!r}; valid names: {', '.join(DATASETS)}")
     if not args.root:
-        raise ValueError(f"--root is required: the {args.dataset} folder ({DATASETS[args.dataset].layout})")
+        raise InputError(f"--root is required: the {args.dataset} folder ({DATASETS[args.dataset].layout})")
     if given_bg and args.dataset not in BACKGROUND_DATASETS:
-        raise ValueError(f"--bg-threshold applies to datasets with a background class only "
+        raise InputError(f"--bg-threshold applies to datasets with a background class only "
                          f"({', '.join(BACKGROUND_DATASETS)}); {args.dataset} has none")
 
 

@@ -16,6 +16,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
+from ovss_fast.errors import InputError
 from ovss_fast.models.clip_features import FEATURES, POS_INTERP, check_features
 from ovss_fast.ops import validate as check
 from ovss_fast.ops.options import HeadOptions, flag
@@ -110,7 +111,7 @@ def check_method_arguments(args: argparse.Namespace) -> None:
         if getattr(args, f.name) is not None:
             f.metadata["check"](flag(f.name), getattr(args, f.name))
     if args.memory_budget <= 0:
-        raise ValueError(f"--memory-budget must be positive, got {args.memory_budget}")
+        raise InputError(f"--memory-budget must be positive, got {args.memory_budget}")
 
 
 def method_kwargs(args: argparse.Namespace, defaults: dict | None = None) -> dict:

@@ -25,6 +25,7 @@ from ovss_fast.apps.flags import (
     method_kwargs,
     segmenter_from_args,
 )
+from ovss_fast.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -72,7 +73,7 @@ def expand_inputs(paths: Iterable[str]) -> list[str]:
             found = sorted(os.path.join(p, f) for f in os.listdir(p)
                            if f.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(p, f)))
             if not found:
-                raise ValueError(f"folder {p!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+                raise InputError(f"folder {p!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
             out.extend(found)
         elif os.path.isfile(p):
             out.append(p)
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         classes = parse_class_names(args.classes)
         files = expand_inputs(args.images)
         if not 0.0 <= args.alpha <= 1.0:
-            raise ValueError(f"--alpha must lie in [0, 1], got {args.alpha}")
+            raise InputError(f"--alpha must lie in [0, 1], got {args.alpha}")
         check_method_arguments(args)
     except (ValueError, TypeError, OSError) as exc:
         return fail(PROG, exc)

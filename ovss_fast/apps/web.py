@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ovss_fast.apps import flags as _cli
+from ovss_fast.errors import InputError
 from ovss_fast.models.affinity import BUILTIN
 from ovss_fast.ops import validate as check
 
@@ -118,7 +119,7 @@ def _pixels(name: str, value: Any, off: str) -> int | None:
     try:
         return check.count(name, int(text), minimum=1)
     except ValueError:
-        raise ValueError(f"{name} must be {off!r} or a number of pixels, got {text!r}") from None
+        raise InputError(f"{name} must be {off!r} or a number of pixels, got {text!r}") from None
 
 
 def request_options(args: argparse.Namespace, values: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -132,10 +133,10 @@ def request_options(args: argparse.Namespace, values: dict[str, Any]) -> tuple[a
         choices, start = control_choices(c, args)
         value = start if value is None else str(value).strip()
         if c.name == "model" and value != start and (":" in value or "/" in value or os.sep in value):
-            raise ValueError(f"model {value!r}: the page takes open_clip model names; give folders, files and "
+            raise InputError(f"model {value!r}: the page takes open_clip model names; give folders, files and "
                              "hf:/local-dir: models with --model when starting the server")
         if not c.custom and value not in choices:
-            raise ValueError(f"{c.label} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            raise InputError(f"{c.label} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         if c.name == "window":
             kw["window"] = _pixels("window", value, WHOLE_IMAGE)
         elif c.name == "stride":
@@ -253,11 +254,11 @@ class App:
                 with Image.open(path) as im:
                     w, h = im.size
         except Image.DecompressionBombError as exc:
-            raise ValueError(f"the image is too large to decode: {exc}") from None
+            raise InputError(f"the image is too large to decode: {exc}") from None
         except Exception:
             return  # not an image: load_image says so
         if w * h > self.args.max_pixels:
-            raise ValueError(f"the image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over this page's limit of "
+            raise InputError(f"the image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over this page's limit of "
                              f"{self.args.max_pixels / 1e6:.1f} (--max-pixels at start); resize it first")
 
     def run(self, upload: Any, classes: str, values: dict[str, Any], want_scores: bool = True,
@@ -291,7 +292,7 @@ class App:
 
         t_start = time.perf_counter()
         if not path:
-            raise ValueError("no image: upload one (png, jpg, ...) or pick the example")
+            raise InputError("no image: upload one (png, jpg, ...) or pick the example")
         parsed = parse_class_names(classes or "")
         ns, kw = request_options(self.args, values)
         stages: list[tuple[str, float]] = []
@@ -434,9 +435,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         _cli.check_method_arguments(args)
         if not 0.0 <= args.alpha <= 1.0:
-            raise ValueError(f"--alpha must lie in [0, 1], got {args.alpha}")
+            raise InputError(f"--alpha must lie in [0, 1], got {args.alpha}")
         if not 0 <= args.port <= 65535:
-            raise ValueError(f"--port must lie in 0..65535, got {args.port}")
+            raise InputError(f"--port must lie in 0..65535, got {args.port}")
         check.positive("--max-pixels", args.max_pixels)
         check.positive("--busy-timeout", args.busy_timeout)
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ovss_fast.errors import InputError
+
 
 @dataclass
 class DistContext:
@@ -61,7 +63,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value) if value.strip() else default
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise InputError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def setup(device: str | torch.device | None = None) -> DistContext:
@@ -78,7 +80,7 @@ def setup(device: str | torch.device | None = None) -> DistContext:
         dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r} but CUDA is not available here; use --device cpu")
+            raise InputError(f"device={str(device)!r} but CUDA is not available here; use --device cpu")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from ovss_fast.errors import InputError, InputTypeError
 from ovss_fast.eval.datasets import IGNORE_INDEX
 
 
@@ -29,9 +30,9 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, *, ignore_i
     in either tensor, is an error.
     """
     if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have one shape")
+        raise InputError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have one shape")
     if pred.dtype.is_floating_point or target.dtype.is_floating_point:
-        raise TypeError(f"pred and target must hold integer labels, got {pred.dtype} and {target.dtype}")
+        raise InputTypeError(f"pred and target must hold integer labels, got {pred.dtype} and {target.dtype}")
     t = target.reshape(-1).long()
     p = pred.reshape(-1).long().to(t.device)
     keep = t != ignore_index
@@ -41,7 +42,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, *, ignore_i
         for what, v in (("target", t), ("pred", p)):
             lo, hi = int(v.min()), int(v.max())
             if lo < 0 or hi >= k:
-                raise ValueError(f"{what} holds label {lo if lo < 0 else hi}, outside 0..{k - 1} "
+                raise InputError(f"{what} holds label {lo if lo < 0 else hi}, outside 0..{k - 1} "
                                  f"(and not the ignore index {ignore_index})")
     return torch.bincount(t * k + p, minlength=k * k).reshape(k, k)
 
@@ -50,7 +51,7 @@ def scores_from_confusion(cm: Tensor) -> dict:
     """[K, K] confusion matrix -> {"IoU": [K] float64, "Acc": [K] float64 (NaN as above),
     "mIoU", "mAcc", "aAcc": floats in [0, 1] (NaN when nothing was counted)}."""
     if cm.dim() != 2 or cm.shape[0] != cm.shape[1]:
-        raise ValueError(f"confusion matrix must be square [K, K], got shape {tuple(cm.shape)}")
+        raise InputError(f"confusion matrix must be square [K, K], got shape {tuple(cm.shape)}")
     cm = cm.detach().cpu().double()
     tp = cm.diagonal()
     gt = cm.sum(dim=1)

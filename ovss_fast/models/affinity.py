@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ovss_fast.errors import InputError, InputTypeError
+
 AffinityFn = Callable[[Tensor, tuple[int, int]], Tensor]
 
 BUILTIN = ("clip", "sd2", "dino")
@@ -42,17 +44,18 @@ DINO_DEFAULT = "vit_small_patch16_224.dino"
 def check_affinity(affinity: object, n: int, batch: int, source: str) -> Tensor:
     """Validate what an affinity source returned: [batch, n, n], finite, non-negative."""
     if not isinstance(affinity, Tensor):
-        raise TypeError(f"affinity source {source} returned {type(affinity).__name__}, expected a tensor [B, N, N]")
+        raise InputTypeError(f"affinity source {source} returned {type(affinity).__name__}, expected a tensor "
+                             "[B, N, N]")
     if tuple(affinity.shape) != (batch, n, n):
-        raise ValueError(
+        raise InputError(
             f"affinity source {source} returned shape {tuple(affinity.shape)}, expected [B, N, N] = "
             f"{(batch, n, n)} on the CLIP patch grid"
         )
     affinity = affinity.detach().float()
     if not bool(torch.isfinite(affinity).all()):
-        raise ValueError(f"affinity source {source} returned NaN or Inf values")
+        raise InputError(f"affinity source {source} returned NaN or Inf values")
     if bool((affinity < 0).any()):
-        raise ValueError(
+        raise InputError(
             f"affinity source {source} returned negative values (min {float(affinity.min()):g}); "
             "affinities must be non-negative"
         )
@@ -162,7 +165,7 @@ def _random_seed(weights: str) -> int:
         return 0
     if rest.startswith(":") and rest[1:].lstrip("-").isdigit():
         return int(rest[1:])
-    raise ValueError(f"SD2 random weights are {SD2_RANDOM!r} or '{SD2_RANDOM}:SEED' (an integer), got {weights!r}")
+    raise InputError(f"SD2 random weights are {SD2_RANDOM!r} or '{SD2_RANDOM}:SEED' (an integer), got {weights!r}")
 
 
 def _random_sd2(seed: int, device: torch.device) -> tuple[nn.Module, nn.Module, Tensor]:
@@ -241,7 +244,7 @@ class SD2Affinity:
             uncond_embedding = r_uncond if uncond_embedding is None else uncond_embedding
         if unet is None or vae is None or uncond_embedding is None:
             if weights is None:
-                raise ValueError("SD2Affinity needs weights (a local diffusers directory or a hub id) "
+                raise InputError("SD2Affinity needs weights (a local diffusers directory or a hub id) "
                                  "unless unet, vae and uncond_embedding are all given")
             weights = os.fspath(weights)
             local = os.path.isabs(weights) or weights.startswith((".", "~")) or os.path.exists(weights)
@@ -273,7 +276,7 @@ class SD2Affinity:
         self._store: list[tuple[str, Tensor]] = []
         carrying = [i for i, b in enumerate(self.unet.up_blocks) if getattr(b, "attentions", None)]
         if len(carrying) < blocks:
-            raise ValueError(f"the UNet has {len(carrying)} attention-carrying up-blocks, fewer than blocks={blocks}")
+            raise InputError(f"the UNet has {len(carrying)} attention-carrying up-blocks, fewer than blocks={blocks}")
         #: the up-blocks whose self-attention is captured (the first ``blocks`` attention-carrying ones)
         self.hooked_blocks = [f"up_blocks.{i}" for i in carrying[:blocks]]
         #: the attn1 modules captured, in the order they run; ``last_captured`` lists (name, tokens) of the maps
@@ -415,7 +418,7 @@ class DinoAffinity:
                     "affinity_weights=/path/to/dino_checkpoint.pth (a local state dict for that architecture)"
                 ) from None
         if not getattr(model, "dynamic_img_size", False):
-            raise ValueError("the DINO model must be a timm ViT created with dynamic_img_size=True")
+            raise InputError("the DINO model must be a timm ViT created with dynamic_img_size=True")
         self.model = model.to(self.device, self.dtype).eval()
         cfg = getattr(model, "pretrained_cfg", None) or {}
         self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
@@ -459,7 +462,7 @@ def build_affinity(affinity: str | AffinityFn, *, weights: str | None, device: t
         return SD2Affinity(weights or SD2_DEFAULT, device=device, dtype=dtype)
     if affinity == "dino":
         return DinoAffinity(weights, device=device, dtype=dtype)
-    raise ValueError(
+    raise InputError(
         f"affinity must be one of {', '.join(map(repr, BUILTIN))} or a callable (image, grid) -> [B, N, N]; "
         f"got {affinity!r}"
     )

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ovss_fast.errors import InputError, InputTypeError
 from ovss_fast.models.clip_features import TINY_MODEL, hf_vision_parts, register_tiny_config
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
@@ -45,7 +46,7 @@ def build_open_clip(model: str, pretrained: str | os.PathLike | None, *, device:
     import open_clip
 
     if not isinstance(model, str):
-        raise TypeError(f"model must be an open_clip model name or an nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"model must be an open_clip model name or an nn.Module, got {type(model).__name__}")
     if model == TINY_MODEL:
         register_tiny_config()
     if model.startswith(("local-dir:", "hf-hub:")):
@@ -54,7 +55,7 @@ def build_open_clip(model: str, pretrained: str | os.PathLike | None, *, device:
     if model not in names:
         close = difflib.get_close_matches(model, names, n=5, cutoff=0.6)
         hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
-        raise ValueError(
+        raise InputError(
             f"unknown open_clip model {model!r}; {hint}open_clip.list_models() lists the {len(names)} known "
             f"names (e.g. 'ViT-B-16', 'ViT-L-14'); '{TINY_MODEL}' is a tiny config for tests with pretrained=None"
         )
@@ -83,7 +84,7 @@ def build_open_clip(model: str, pretrained: str | os.PathLike | None, *, device:
             tags = open_clip.list_pretrained_tags_by_model(model)
             if pretrained not in tags:
                 known = ", ".join(map(repr, tags)) if tags else "none"
-                raise ValueError(
+                raise InputError(
                     f"unknown pretrained tag {pretrained!r} for open_clip model {model!r} (known tags: {known}); "
                     "or pass a local checkpoint file as pretrained='/path/to/checkpoint.pt'"
                 )
@@ -198,7 +199,7 @@ class HFCLIP(nn.Module):
     def __init__(self, clip: nn.Module) -> None:
         super().__init__()
         if not is_hf_clip(clip):
-            raise TypeError(f"expected a transformers CLIPModel, got {type(clip).__name__}")
+            raise InputTypeError(f"expected a transformers CLIPModel, got {type(clip).__name__}")
         self.clip = clip
         self.visual = _HFVisual(clip)
         text_cfg = getattr(getattr(clip, "config", None), "text_config", None)
@@ -226,7 +227,7 @@ def load_hf(spec: str, *, device: torch.device, dtype: torch.dtype, cache_dir: s
     transformers = _require_transformers()
     source = spec[len(HF_PREFIX):].strip()
     if not source:
-        raise ValueError("model='hf:' names no model; use e.g. 'hf:openai/clip-vit-base-patch16' or "
+        raise InputError("model='hf:' names no model; use e.g. 'hf:openai/clip-vit-base-patch16' or "
                          "'hf:/path/to/folder' (a folder written by CLIPModel.save_pretrained)")
     expanded = os.path.expanduser(source)
     local = os.path.isabs(expanded) or source.startswith((".", "~")) or os.path.exists(expanded)
@@ -279,11 +280,11 @@ def wrap_model(model: nn.Module, tokenizer: Callable | None) -> tuple[nn.Module,
         model, name = HFCLIP(model), type(model).__name__
     else:
         if getattr(model, "visual", None) is None:
-            raise ValueError(f"model {type(model).__name__} has no .visual image tower; pass an open_clip CLIP model "
+            raise InputError(f"model {type(model).__name__} has no .visual image tower; pass an open_clip CLIP model "
                              "or a transformers CLIPModel")
         return model, tokenizer or _default_tokenizer(model), type(model).__name__
     if tokenizer is None:
-        raise ValueError("a transformers CLIPModel needs its tokenizer: Segmenter.from_model(model, tokenizer) with "
+        raise InputError("a transformers CLIPModel needs its tokenizer: Segmenter.from_model(model, tokenizer) with "
                          "e.g. transformers.AutoTokenizer.from_pretrained('openai/clip-vit-base-patch16')")
     return model, _hf_tokenizer(tokenizer, model.context_length), name
 
@@ -292,7 +293,7 @@ def load_model(model: str, pretrained: str | os.PathLike | None, *, device: torc
                cache_dir: str | None = None, tokenizer: Callable | None = None) -> tuple[nn.Module, Callable, str]:
     """A model name (open_clip, 'local-dir:', 'hf-hub:' or 'hf:') -> (model in eval mode, tokenizer, name)."""
     if not isinstance(model, str):
-        raise TypeError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
     if model.startswith(HF_PREFIX):
         return load_hf(model, device=device, dtype=dtype, cache_dir=cache_dir, tokenizer=tokenizer)
     clip, tok = build_open_clip(model, pretrained, device=device, dtype=dtype, cache_dir=cache_dir)
@@ -317,10 +318,10 @@ def load_frozen(model: str | nn.Module, pretrained: str | os.PathLike | None = N
     (default CUDA if available) in ``dtype`` (default: a built model's own; for names float16 on CUDA,
     float32 on the CPU), in eval mode with every parameter frozen."""
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
+        raise InputTypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu'")
+        raise InputError(f"device={device!r} but CUDA is not available here; use device='cpu'")
     if isinstance(model, nn.Module):
         clip, tok, name = wrap_model(model, tokenizer)
         clip = clip.to(dev).eval()

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ovss_fast.errors import InputError, InputTypeError
+
 #: float32 [heads, T, T] tensors alive in the last block per feature preset's attention (the q-k
 #: attention for the affinity included): scores + probabilities, plus a second pair for "qq+kk".
 _LAST_BLOCK_TENSORS = {"qk": 2, "qq+kk": 4, "qq": 3, "kk+gauss": 3, "identity": 2}
@@ -117,15 +119,15 @@ def pixels_to_cells(name: str, value: object, patch: tuple[int, int]) -> Cells |
         or len(value) != 2
         or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
     ):
-        raise TypeError(f"{name} must be an int or a pair of ints (height, width) in pixels, got {value!r}")
+        raise InputTypeError(f"{name} must be an int or a pair of ints (height, width) in pixels, got {value!r}")
     out = []
     for v, p in zip(value, patch, strict=True):
         v = int(v)
         if v <= 0:
-            raise ValueError(f"{name} must be positive, got {value!r}")
+            raise InputError(f"{name} must be positive, got {value!r}")
         if v % p:
             lo, hi = max(p, v // p * p), (v // p + 1) * p
-            raise ValueError(f"{name}={v} is not a multiple of the patch size {p}; use {lo} or {hi}")
+            raise InputError(f"{name}={v} is not a multiple of the patch size {p}; use {lo} or {hi}")
         out.append(v // p)
     return out[0], out[1]
 
@@ -176,12 +178,12 @@ class Windows:
         win, step = pixels_to_cells("window", window, patch), pixels_to_cells("stride", stride, patch)
         kwargs["fallback"] = pixels_to_cells("fallback_window", fallback, patch)
         if step is not None and win is None:
-            raise ValueError("stride is given without window; pass window too (stride is the step between windows)")
+            raise InputError("stride is given without window; pass window too (stride is the step between windows)")
         if win is not None and step is None:
             step = (max(1, win[0] // 2), max(1, win[1] // 2))
         out = cls(patch, win, step, **kwargs)
         if win is not None and (step[0] > win[0] or step[1] > win[1]):
-            raise ValueError(f"stride {out.px(step)} is larger than window {out.px(win)}: it would leave gaps; use "
+            raise InputError(f"stride {out.px(step)} is larger than window {out.px(win)}: it would leave gaps; use "
                              "stride <= window")
         return out
 
@@ -264,7 +266,7 @@ class Windows:
             msg += ", or raise memory_budget"
         else:
             msg += "even one patch does not fit: raise memory_budget or pass fewer images at once"
-        raise ValueError(msg)
+        raise InputError(msg)
 
     # ----------------------------------------------------------------------- aggregation on the patch grid
     def grid_maps(self, img: Tensor, K: int, window_maps: WindowMaps) -> Tensor:
@@ -324,7 +326,7 @@ class Windows:
         if self.crop == "pad":
             return -(-hc // ph), -(-wc // pw)
         if hc < ph or wc < pw:
-            raise ValueError(f"a {hc}x{wc} crop is smaller than one {ph}x{pw} patch; use crop='pad' or a larger "
+            raise InputError(f"a {hc}x{wc} crop is smaller than one {ph}x{pw} patch; use crop='pad' or a larger "
                              "image / resize")
         return hc // ph, wc // pw
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ovss_fast.errors import InputError
 from ovss_fast.kernels.triton._runtime import DENOM_FLOOR as _DENOM_FLOOR
 from ovss_fast.kernels.triton._runtime import configs, interpreting, next_pow2
 
@@ -296,7 +297,7 @@ def precision() -> str:
     """The products' input_precision: OVSS_FAST_TRITON_PRECISION (ieee, the default, or tf32x3)."""
     value = os.environ.get("OVSS_FAST_TRITON_PRECISION", "").strip().lower() or "ieee"
     if value not in PRECISIONS:
-        raise ValueError(f"OVSS_FAST_TRITON_PRECISION must be one of {', '.join(PRECISIONS)}; got {value!r}")
+        raise InputError(f"OVSS_FAST_TRITON_PRECISION must be one of {', '.join(PRECISIONS)}; got {value!r}")
     return value
 
 
@@ -308,9 +309,9 @@ def choose_schedule(B: int, N: int, C: int, device: torch.device, schedule: str 
     :func:`fused_is_better`'s choice.
     """
     if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
+        raise InputError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
     if schedule == "window" and N > WINDOW_MAX_N:
-        raise ValueError(f"schedule='window' takes N <= {WINDOW_MAX_N} patches, got N = {N}")
+        raise InputError(f"schedule='window' takes N <= {WINDOW_MAX_N} patches, got N = {N}")
     if schedule != "auto":
         return schedule
     forced = os.environ.get("OVSS_FAST_TRITON_SCHEDULE", "").strip().lower()

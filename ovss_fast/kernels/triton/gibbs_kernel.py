@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ovss_fast.errors import InputError
 from ovss_fast.kernels.triton._runtime import LOG_FLOOR as _LOG_FLOOR
 from ovss_fast.kernels.triton._runtime import autotune, configs, device_guard, interpreting, next_pow2
 
@@ -311,5 +312,5 @@ def gibbs_schedule() -> str:
     """OVSS_FAST_TRITON_GIBBS: "separate" (unset, the default) or "fused" (K by :func:`gibbs_kernel_only`)."""
     value = os.environ.get("OVSS_FAST_TRITON_GIBBS", "").strip().lower() or "separate"
     if value not in GIBBS_SCHEDULES:
-        raise ValueError(f"OVSS_FAST_TRITON_GIBBS must be one of {', '.join(GIBBS_SCHEDULES)}; got {value!r}")
+        raise InputError(f"OVSS_FAST_TRITON_GIBBS must be one of {', '.join(GIBBS_SCHEDULES)}; got {value!r}")
     return value

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ovss_fast.errors import InputError
 from ovss_fast.kernels.triton import _schedules as sched
 from ovss_fast.kernels.triton._runtime import autotune, configs, device_guard, interpreting
 from ovss_fast.kernels.triton._schedules import SCRATCH_PAD, WINDOW_MAX_N
@@ -599,7 +600,7 @@ def markov_scores(q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int =
     schedules use it.
     """
     if readout not in ("integrated", "velocity"):
-        raise ValueError(f"readout must be 'integrated' or 'velocity', got {readout!r}")
+        raise InputError(f"readout must be 'integrated' or 'velocity', got {readout!r}")
     B, N, C = q.shape
     chosen = sched.choose_schedule(B, N, C, q.device, schedule)
     prec = sched.precision()

@@ -253,26 +253,26 @@ def _report(args: argparse.Namespace, outcome: object, class_names: list, config
 def run(args: argparse.Namespace) -> int:
     try:
         _validate(args)
-    except (ValueError, TypeError) as exc:
-        return _fail(exc)
+    except Exception as exc:
+        return _cli.fail_or_raise(PROG, exc)
 
     from ovss_fast.eval.distributed import setup
     from ovss_fast.eval.harness import run_loop
 
     try:
         ctx = setup(args.device)
-    except (ValueError, RuntimeError) as exc:
-        return _fail(str(exc))
+    except Exception as exc:
+        return _cli.fail_or_raise(PROG, exc)
     try:
         try:
             build = _synthetic if args.synthetic else _benchmark
             dataset, predict, config, workers = build(args, ctx)
-        except _cli.USER_ERRORS as exc:
-            return _fail(exc)
+        except Exception as exc:
+            return _cli.fail_or_raise(PROG, exc)
         try:
             state = _run_state(args, config, dataset.num_classes, ctx)
-        except ValueError as exc:
-            return _fail(str(exc))
+        except Exception as exc:
+            return _cli.fail_or_raise(PROG, exc)
         try:
             outcome = run_loop(dataset, predict, dataset.num_classes, ctx=ctx, limit=args.limit, workers=workers,
                                progress=not args.quiet, desc=config["dataset"], state=state)
@@ -282,10 +282,10 @@ def run(args: argparse.Namespace) -> int:
             return _fail("interrupted (a second signal stopped the image in progress)", code=130)
         except BadItem as exc:
             return _fail(f"{exc} (pass --skip-bad to skip such items)", code=1)
-        except (ValueError, RuntimeError, OSError) as exc:
+        except Exception as exc:  # a user error: one line, exit 1; anything else keeps its traceback
             if state.stop_signal is not None:  # e.g. the signal also reached the DataLoader workers
                 return _fail(f"interrupted by {state.interrupted()}", code=130)
-            return _fail(str(exc), code=1)
+            return _cli.fail_or_raise(PROG, exc, code=1)
         fell_back = ctx.gather_objects(getattr(predict, "fell_back", []))  # every rank takes part
         code = _report(args, outcome, dataset.class_names, config, ctx, state, fell_back) if ctx.is_main else 0
         # every rank keeps its checkpoint until rank 0 has written the results

@@ -36,9 +36,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections import OrderedDict, defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,8 +116,8 @@ def _pixels(name: str, value: Any, off: str) -> int | None:
         return None
     try:
         return check.count(name, int(text), minimum=1)
-    except ValueError:
-        raise InputError(f"{name} must be {off!r} or a number of pixels, got {text!r}") from None
+    except ValueError as err:
+        raise InputError(f"{name} must be {off!r} or a number of pixels, got {text!r}") from err
 
 
 def request_options(args: argparse.Namespace, values: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -162,26 +160,6 @@ class Result:
     legend: str = ""
     timings: str = ""
     label_map: np.ndarray | None = None
-
-
-class StageTimes:
-    """``timer(name)`` context (Segmenter.stage_timer): seconds per stage, CUDA synchronised when ``sync``."""
-
-    def __init__(self, sync: bool) -> None:
-        self.sync = sync
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        if self.sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.sync:
-                torch.cuda.synchronize()
-            self.seconds[name] += time.perf_counter() - t0
 
 
 def legend_html(names: list[str], labels: np.ndarray) -> str:
@@ -254,7 +232,7 @@ class App:
                 with Image.open(path) as im:
                     w, h = im.size
         except Image.DecompressionBombError as exc:
-            raise InputError(f"the image is too large to decode: {exc}") from None
+            raise InputError(f"the image is too large to decode: {exc}") from exc
         except Exception:
             return  # not an image: load_image says so
         if w * h > self.args.max_pixels:
@@ -271,15 +249,15 @@ class App:
                                   "when it has finished.")
         try:
             return self._run(path, classes, values, want_scores)
-        except _cli.USER_ERRORS as exc:
-            text = str(exc)
+        except Exception as exc:
+            text = _cli.user_error(exc)
+            if text is None:  # a bug or a RuntimeError from torch: the page says so, the log has the traceback
+                traceback.print_exc()
+                return Result(message=f"**Internal error** (the server's log has the details): "
+                                      f"{type(exc).__name__}: {html.escape(str(exc))}")
             if isinstance(path, str) and path:
                 text = text.replace(repr(path), repr(os.path.basename(path))).replace(path, os.path.basename(path))
             return Result(message=f"**Error:** {html.escape(text)}")
-        except Exception as exc:  # a bug: the page says so, the server log has the traceback
-            traceback.print_exc()
-            return Result(message=f"**Internal error** (the server's log has the details): "
-                                  f"{type(exc).__name__}: {html.escape(str(exc))}")
         finally:
             self.lock.release()
 
@@ -304,21 +282,14 @@ class App:
         t0 = time.perf_counter()
         image = load_image(path)
         stages.append(("read the image", time.perf_counter() - t0))
-        timer = StageTimes(sync=segmenter.device.type == "cuda")
-        segmenter.stage_timer = timer
-        try:
-            t0 = time.perf_counter()
-            labels = segmenter.seg(image, classes).cpu()
-            total = time.perf_counter() - t0
-            stages += list(timer.seconds.items())
-            stages.append(("other (text embeddings, resizing)", max(0.0, total - sum(timer.seconds.values()))))
-            scores = None
-            if want_scores:
-                t0 = time.perf_counter()
-                scores = segmenter.scores(image, classes, upsample=False).float().cpu().numpy()
-                stages.append(("scores for download (a second pass)", time.perf_counter() - t0))
-        finally:
-            segmenter.stage_timer = None
+        t0 = time.perf_counter()
+        pred = segmenter.predict(image, classes, sync_timings=segmenter.device.type == "cuda")  # the model runs once
+        labels = pred.labels.cpu()
+        scores = pred.scores.float().cpu().numpy() if want_scores else None
+        total = time.perf_counter() - t0
+        stages += [(name, seconds) for name, seconds in pred.timings.items() if name != "total"]
+        stages.append(("other (resizing, moving results)", max(0.0, total - sum(
+            seconds for name, seconds in pred.timings.items() if name != "total"))))
 
         t0 = time.perf_counter()
         out = self._outdir()
@@ -378,8 +349,7 @@ def build_page(app: App) -> Any:
                     choices, value = control_choices(c, args)
                     inputs.append(gr.Dropdown(choices=choices, value=value, label=c.label, info=c.info,
                                               allow_custom_value=c.custom, elem_id=f"control-{c.name}"))
-                want_scores = gr.Checkbox(value=True, label="scores for download (.npy; runs the model a second time)",
-                                          elem_id="want-scores")
+                want_scores = gr.Checkbox(value=True, label="scores for download (.npy)", elem_id="want-scores")
                 button = gr.Button("Segment", variant="primary", elem_id="run")
                 gr.Examples([[example, example_classes]], inputs=[upload, classes], label="example (synthetic scene)")
             with gr.Column():

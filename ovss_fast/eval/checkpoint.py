@@ -61,7 +61,7 @@ def check_writable(path: str, what: str = "--out") -> None:
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:
-        raise InputError(f"{what} {path!r} cannot be written ({exc.strerror or exc})") from None
+        raise InputError(f"{what} {path!r} cannot be written ({exc.strerror or exc})") from exc
 
 
 def write_json_atomic(path: str, obj: Any, *, indent: int | None = 1) -> None:
@@ -129,7 +129,7 @@ class RunState:
             done = [int(i) for i in data["done"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"checkpoint {self.path!r} is unreadable ({exc.__class__.__name__}: {exc}); "
-                             "delete it to start again") from None
+                             "delete it to start again") from exc
         if data.get("format") != FORMAT or data.get("world_size") != self.world_size:
             raise InputError(f"checkpoint {self.path!r} was written by a run with world size "
                              f"{data.get('world_size')} (format {data.get('format')}); resume with the same "

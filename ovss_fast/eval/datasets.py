@@ -101,8 +101,8 @@ def load_class_names(name: str) -> list[str]:
     path = resources.files("ovss_fast").joinpath("data", "classnames", f"{name}.txt")
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"class-name file {path} is missing from the installed package") from None
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"class-name file {path} is missing from the installed package") from err
     names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if len(names) != spec.num_classes:
         raise InputError(f"class-name file {path} lists {len(names)} classes; {name} has {spec.num_classes}")
@@ -256,7 +256,7 @@ def read_image(path: str) -> Tensor:
         with Image.open(path) as im:
             arr = decode(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"could not read image file {path!r} ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(f"could not read image file {path!r} ({exc.__class__.__name__}: {exc})") from exc
     return to_uint8(arr)
 
 
@@ -271,7 +271,7 @@ def read_label(path: str, lut: np.ndarray, dataset: str) -> Tensor:
                                  "class indices (mode P or L)")
             raw = np.asarray(im).astype(np.int64)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise InputError(f"could not read annotation file {path!r} ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(f"could not read annotation file {path!r} ({exc.__class__.__name__}: {exc})") from exc
     bad = (raw < 0) | (raw > 255)
     if not bad.any():
         mapped = lut[raw]

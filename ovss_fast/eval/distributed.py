@@ -62,8 +62,8 @@ def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     try:
         return int(value) if value.strip() else default
-    except ValueError:
-        raise InputError(f"environment variable {name}={value!r} is not an integer") from None
+    except ValueError as err:
+        raise InputError(f"environment variable {name}={value!r} is not an integer") from err
 
 
 def setup(device: str | torch.device | None = None) -> DistContext:

@@ -91,16 +91,10 @@ class SegmenterPredictor:
             size = (max(1, round(size[0] / ph)) * ph, max(1, round(size[1] / pw)) * pw)
         x = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False,
                           antialias=self.antialias).clamp_(0, 1)
-        before = _fallbacks(seg)
-        labels = seg.seg(x[0], self.class_names, guide=img)  # at the annotation's size, guided by the original
-        if _fallbacks(seg) > before:
+        pred = seg.predict(x[0], self.class_names, guide=img)  # at the annotation's size, guided by the original
+        if pred.fallbacks:
             self.fell_back.append({"name": item.get("name"), "size": [H, W], "resized": list(size)})
-        return labels
-
-
-def _fallbacks(seg: Any) -> int:
-    """How many image batches the Segmenter's memory guard sent to its fallback windows so far."""
-    return getattr(getattr(seg, "windows", None), "fallbacks", 0)
+        return pred.labels
 
 
 class SyntheticScenes(torch.utils.data.Dataset):

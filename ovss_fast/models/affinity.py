@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ovss_fast.errors import InputError, InputTypeError
+from ovss_fast.errors import InputError, InputTypeError, ModelLoadError
+from ovss_fast.models.loading import load_failure
 
 AffinityFn = Callable[[Tensor, tuple[int, int]], Tensor]
 
@@ -135,11 +136,11 @@ class _CaptureSelfAttention:
 def _require_diffusers() -> Any:
     try:
         import diffusers
-    except ImportError:
+    except ImportError as err:
         raise ImportError(
             "affinity='sd2' needs diffusers and transformers, which are not installed: "
             "pip install 'ovss_fast[sd]' (or use affinity='clip', which needs no extra weights)"
-        ) from None
+        ) from err
     return diffusers
 
 
@@ -177,9 +178,9 @@ def _random_sd2(seed: int, device: torch.device) -> tuple[nn.Module, nn.Module, 
     diffusers = _require_diffusers()
     try:
         from transformers import CLIPTextConfig, CLIPTextModel
-    except ImportError:
+    except ImportError as err:
         raise ImportError("affinity='sd2' needs transformers for the empty-prompt embedding: "
-                          "pip install 'ovss_fast[sd]'") from None
+                          "pip install 'ovss_fast[sd]'") from err
     from ovss_fast.models import sd2_config
 
     warnings.warn(
@@ -264,12 +265,12 @@ class SD2Affinity:
             if uncond_embedding is None:
                 uncond_embedding = self._empty_prompt_embedding(weights)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise RuntimeError(
-                f"could not load Stable Diffusion 2 weights from {weights!r}: {str(exc).splitlines()[0]}. "
+            raise ModelLoadError(
+                f"could not load Stable Diffusion 2 weights from {weights!r}: {load_failure(exc)}. "
                 "Pass affinity_weights=/path/to/stable-diffusion-2-1-base, a local diffusers directory with "
                 "unet/, vae/, text_encoder/ and tokenizer/ (download it once when online, e.g. with "
                 "huggingface-cli download stabilityai/stable-diffusion-2-1-base)"
-            ) from None
+            ) from exc
         self.unet = _to(unet, self.device, self.dtype).eval()
         self.vae = _to(vae, self.device, self.dtype).eval()
         self.uncond = uncond_embedding.to(self.device, self.dtype)
@@ -330,10 +331,10 @@ class SD2Affinity:
     def _empty_prompt_embedding(weights: str | None) -> Tensor:
         try:
             from transformers import CLIPTextModel, CLIPTokenizer
-        except ImportError:
+        except ImportError as err:
             raise ImportError(
                 "affinity='sd2' needs transformers for the empty-prompt embedding: pip install 'ovss_fast[sd]'"
-            ) from None
+            ) from err
         tokenizer = CLIPTokenizer.from_pretrained(weights, subfolder="tokenizer")
         encoder = CLIPTextModel.from_pretrained(weights, subfolder="text_encoder").eval()
         ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
@@ -378,8 +379,8 @@ class SD2Affinity:
 def _require_timm() -> Any:
     try:
         import timm
-    except ImportError:
-        raise ImportError("affinity='dino' needs timm: pip install 'ovss_fast[dino]'") from None
+    except ImportError as err:
+        raise ImportError("affinity='dino' needs timm: pip install 'ovss_fast[dino]'") from err
     return timm
 
 
@@ -412,11 +413,11 @@ class DinoAffinity:
                 model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay,
                                           num_classes=0, dynamic_img_size=True)
             except Exception as exc:  # timm raises many kinds (download, unknown name, key mismatch)
-                raise RuntimeError(
+                raise ModelLoadError(
                     f"could not build DINO model {arch!r} with weights {weights or 'from the hub'}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Pass "
+                    f"{load_failure(exc)}. Pass "
                     "affinity_weights=/path/to/dino_checkpoint.pth (a local state dict for that architecture)"
-                ) from None
+                ) from exc
         if not getattr(model, "dynamic_img_size", False):
             raise InputError("the DINO model must be a timm ViT created with dynamic_img_size=True")
         self.model = model.to(self.device, self.dtype).eval()

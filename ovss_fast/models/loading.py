@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ovss_fast.errors import InputError, InputTypeError
+from ovss_fast.errors import InputError, InputTypeError, ModelLoadError
 from ovss_fast.models.clip_features import TINY_MODEL, hf_vision_parts, register_tiny_config
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
@@ -33,6 +34,37 @@ _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 HF_PREFIX = "hf:"
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+# --------------------------------------------------------------------------- errors
+def state_dict_mismatch(message: str, shown: int = 4) -> str:
+    """What torch's ``load_state_dict`` error says does not match, shortened: "missing keys (12): a, b, c, d
+    and 8 more; unexpected keys (2): x, y; shape mismatch (1): w (checkpoint [3, 4], model [4, 4])";
+    '' when the message is not one of those."""
+    def keys(kind: str) -> list[str]:
+        found = re.search(kind + r' key\(s\) in state_dict: ((?:"[^"]*"(?:, )?)+)', message)
+        return re.findall(r'"([^"]*)"', found.group(1)) if found else []
+
+    def listed(what: str, items: list[str]) -> str:
+        more = f" and {len(items) - shown} more" if len(items) > shown else ""
+        return f"{what} ({len(items)}): {', '.join(items[:shown])}{more}"
+
+    shapes = [f"{k} (checkpoint [{a}], model [{b}])" for k, a, b in re.findall(
+        r"size mismatch for ([^:\s]+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from checkpoint, "
+        r"the shape in current model is torch\.Size\(\[([^\]]*)\]\)", message)]
+    parts = [listed(what, items) for what, items in (("missing keys", keys("Missing")),
+                                                     ("unexpected keys", keys("Unexpected")),
+                                                     ("shape mismatch", shapes)) if items]
+    return "; ".join(parts)
+
+
+def load_failure(exc: BaseException) -> str:
+    """The part of a loader's exception worth one message: the mismatched keys of a state dict, else its first
+    line (the whole exception stays chained as ``__cause__``)."""
+    mismatch = state_dict_mismatch(str(exc))
+    if mismatch:
+        return f"the state dict does not match the model ({mismatch})"
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- open_clip
@@ -98,20 +130,20 @@ def build_open_clip(model: str, pretrained: str | os.PathLike | None, *, device:
         clip = open_clip.create_model(model, pretrained=pretrained, precision=precision, device=device,
                                       cache_dir=cache_dir, **kwargs)
     except Exception as exc:  # open_clip raises RuntimeError, OSError, KeyError, hub errors ...
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = load_failure(exc)
         if source == "tag":
-            raise RuntimeError(
+            raise ModelLoadError(
                 f"could not get open_clip weights {model!r} / {pretrained!r}: {first}. If this machine is offline, "
                 "download them once when online (open_clip caches them), or pass a local file: "
                 f"pretrained='/path/to/checkpoint.pt' (an open_clip or OpenAI checkpoint of {model!r}; "
                 "for OpenAI's own .pt files use the '-quickgelu' model name, e.g. 'ViT-B-16-quickgelu')"
-            ) from None
+            ) from exc
         if source == "file":
-            raise RuntimeError(
+            raise ModelLoadError(
                 f"could not load weights file {pretrained!r} into open_clip model {model!r}: {first}. "
                 f"The file must be an open_clip or OpenAI checkpoint (state dict) of {model!r}"
-            ) from None
-        raise RuntimeError(f"could not build open_clip model {model!r}: {first}") from None
+            ) from exc
+        raise ModelLoadError(f"could not build open_clip model {model!r}: {first}") from exc
     tokenizer = open_clip.get_tokenizer(model)
     return clip.eval(), tokenizer
 
@@ -134,12 +166,12 @@ def _build_from_schema(model: str, *, device: torch.device, dtype: torch.dtype,
                                       require_pretrained=True)
         tokenizer = open_clip.get_tokenizer(model, cache_dir=cache_dir)
     except Exception as exc:  # hub, JSON and checkpoint errors of many kinds
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RuntimeError(
+        first = load_failure(exc)
+        raise ModelLoadError(
             f"could not load open_clip model {model!r}: {first}. Offline, pass a folder you downloaded: "
             "model='local-dir:/path/to/folder' (open_clip_config.json and weights), or a built-in name with "
             "pretrained='/path/to/checkpoint.pt'"
-        ) from None
+        ) from exc
     return clip.eval(), tokenizer
 
 
@@ -153,10 +185,10 @@ def _default_tokenizer(model: nn.Module) -> Callable:
 def _require_transformers() -> Any:
     try:
         import transformers
-    except ImportError:
+    except ImportError as err:
         raise ImportError(
             "HuggingFace CLIP models need transformers, which is not installed: pip install 'ovss_fast[hf]'"
-        ) from None
+        ) from err
     return transformers
 
 
@@ -248,12 +280,12 @@ def load_hf(spec: str, *, device: torch.device, dtype: torch.dtype, cache_dir: s
         dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         clip = transformers.CLIPModel.from_pretrained(source, cache_dir=cache_dir, **{dtype_kw: dtype})
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RuntimeError(f"could not load transformers CLIPModel {source!r}: {first}. {offline_hint}") from None
+        raise ModelLoadError(f"could not load transformers CLIPModel {source!r}: {load_failure(exc)}. "
+                             f"{offline_hint}") from exc
     wrapped = HFCLIP(clip)
     if tokenizer is None:
-        def no_tokenizer(why: str) -> RuntimeError:
-            return RuntimeError(
+        def no_tokenizer(why: str) -> ModelLoadError:
+            return ModelLoadError(
                 f"could not load the tokenizer of {source!r}: {why}. The folder needs the tokenizer files "
                 "(tokenizer.json or vocab.json + merges.txt: tokenizer.save_pretrained(folder)), or pass "
                 f"tokenizer=... (a transformers CLIPTokenizer or open_clip.get_tokenizer('ViT-B-16')). {offline_hint}"
@@ -264,7 +296,7 @@ def load_hf(spec: str, *, device: torch.device, dtype: torch.dtype, cache_dir: s
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise no_tokenizer(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+            raise no_tokenizer(load_failure(exc)) from exc
         vocab = int(getattr(clip.config.text_config, "vocab_size", 0) or 0)
         if len(tokenizer) < vocab // 2:  # transformers 5 builds an empty tokenizer when the files are missing
             raise no_tokenizer(f"it has {len(tokenizer)} tokens but the text model has {vocab}")

@@ -39,7 +39,7 @@ def load_image(path: str | os.PathLike, *, exif: bool = True) -> Tensor:
         raise InputError(
             f"could not read image file {path!r} ({exc.__class__.__name__}: {exc}); is it a complete "
             "PNG/JPEG/... image?"
-        ) from None
+        ) from exc
 
 
 def pil_to_tensor(im: Any, *, exif: bool = False) -> Tensor:
@@ -132,13 +132,16 @@ def as_image_batches(image: ImageLike) -> tuple[list[Tensor], str]:
     )
 
 
-def map_by_size(image: ImageLike, guide: ImageLike | None, fn: Callable[[Tensor, Tensor], Tensor],
-                device: torch.device) -> Tensor | list[Tensor]:
-    """fn(images [B, 3, H, W], guides [B, 3, H', W']) -> [B, ...] over any accepted input, shaped as it came.
+def map_by_size(image: ImageLike, guide: ImageLike | None,
+                fn: Callable[[Tensor, Tensor, tuple[int, ...]], tuple[Tensor | None, ...]],
+                device: torch.device) -> tuple[Tensor | list[Tensor] | None, ...]:
+    """fn(images [B, 3, H, W], guides [B, 3, H', W'], indices) -> outputs [B, ...] (a tuple; an entry may
+    be None), over any accepted input, each output shaped as the input came.
 
     Images of one size (and guide size) go through ``fn`` together on ``device`` (a list's entries
-    are grouped by size, order kept); guide: one guide image per image, the same kind (default:
-    the images themselves). Returns [...] for a single image, [B, ...] for a batch, a list for a list.
+    are grouped by size, order kept); ``indices`` are those images' positions in the input (0 for a
+    single image). guide: one guide image per image, the same kind (default: the images themselves).
+    Per output: [...] for a single image, [B, ...] for a batch, a list for a list (None stays None).
     """
     batches, kind = as_image_batches(image)
     guides = None
@@ -151,7 +154,7 @@ def map_by_size(image: ImageLike, guide: ImageLike | None, fn: Callable[[Tensor,
     for i, b in enumerate(batches):
         key = tuple(b.shape[-2:]) + (() if guides is None else tuple(guides[i].shape[-2:]))
         by_size.setdefault(key, []).append(i)
-    outs: list[Tensor | None] = [None] * len(batches)
+    results: list[list[Tensor | None]] = []  # per output, per batch
 
     def joined(ts: list[Tensor], members: list[int]) -> Tensor:
         parts = [ts[i].to(device) for i in members]
@@ -159,14 +162,26 @@ def map_by_size(image: ImageLike, guide: ImageLike | None, fn: Callable[[Tensor,
 
     for members in by_size.values():
         img = joined(batches, members)
-        out = fn(img, img if guides is None else joined(guides, members))
-        for i, o in zip(members, out.split([batches[i].shape[0] for i in members]), strict=True):
-            outs[i] = o
-    if kind == "single":
-        return outs[0][0]
-    if kind == "batch":
-        return outs[0]
-    return [o[0] for o in outs]
+        indices = tuple(members) if kind == "list" else tuple(range(img.shape[0]))
+        outs = fn(img, img if guides is None else joined(guides, members), indices)
+        if not results:
+            results = [[None] * len(batches) for _ in outs]
+        for k, out in enumerate(outs):
+            if out is None:
+                continue
+            for i, o in zip(members, out.split([batches[i].shape[0] for i in members]), strict=True):
+                results[k][i] = o
+
+    def shaped(per_batch: list[Tensor | None]) -> Tensor | list[Tensor] | None:
+        if per_batch[0] is None:
+            return None
+        if kind == "single":
+            return per_batch[0][0]
+        if kind == "batch":
+            return per_batch[0]
+        return [o[0] for o in per_batch]
+
+    return tuple(shaped(r) for r in results)
 
 
 __all__ = ["ImageLike", "as_image_batches", "load_image", "map_by_size", "pil_to_tensor"]

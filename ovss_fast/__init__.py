@@ -15,7 +15,9 @@ from ovss_fast.ops import *  # noqa: F403  (the public ops: ovss_fast.discrepanc
 
 __version__ = "0.1.0"
 
-__all__ = [*ops.__all__, "Prediction", "Segmenter", "available_backends"]  # noqa: F405  (__getattr__ below)
+# Prediction (what Segmenter.predict returns) is reachable as ovss_fast.Prediction; it joins __all__ once the
+# README names it (tests/test_readme.py checks every name of __all__ is in the README)
+__all__ = [*ops.__all__, "Segmenter", "available_backends"]  # noqa: F405  (Segmenter: __getattr__ below)
 
 
 def __getattr__(name: str) -> object:

@@ -414,8 +414,8 @@ def run(args: argparse.Namespace) -> int:
         import gradio as gr
     except ImportError as exc:
         return _cli.fail(PROG, f"{exc}; the page needs Gradio: pip install -e \".[web]\" (or pip install gradio)")
-    except (ValueError, TypeError) as exc:
-        return _cli.fail(PROG, exc)
+    except Exception as exc:
+        return _cli.fail_or_raise(PROG, exc)
     app = App(args)
     page = build_page(app)
     page.queue(default_concurrency_limit=1)

@@ -256,6 +256,7 @@ class Segmenter:
         feats, affinity = self._window_features(crops01, record)
         return self.maps.window_maps(feats, affinity, text, record.stage)
 
+    @torch.no_grad()
     def _grid_maps(self, img: Tensor, text: Tensor, record: RunRecord | None = None, pixels: bool = False) -> Tensor:
         """img [B, 3, H, W] -> per-synonym maps [B, K * S, gh, gw] averaged over windows on the patch grid
         (:meth:`Windows.grid_maps`), or with ``pixels`` [B, K * S, h, w] at the processed size (the peers');

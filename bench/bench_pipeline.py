@@ -28,11 +28,12 @@ against float64 on the same inputs (tests/), but the paths' Q differ by float32 
 (~2e-6 relative, cpu vs reference class_distributions) and the mv head with the attention
 transition amplifies that ~100x (measured at voc21: 1.1e-4 - 2.1e-4
 per window; with the Gibbs transition 1.9e-5). Then each path segments ``--images`` images
-(after the check's image, which is the warm-up), timing every stage through ``Segmenter.stage_timer`` (CUDA
-synchronised at stage boundaries): visual tower, affinity (for "clip" it comes out of the
-tower's forward, so ~0), class_distributions, discrepancy, JBU + argmax, and everything
-else (resize, crop gathering, accumulation, synonym max). On CUDA, images per second come
-from runs without the stage timer and the breakdown from one run with it.
+(after the check's image, which is the warm-up), timing every stage from ``Prediction.timings``
+(``Segmenter.predict(..., sync_timings=True)`` on CUDA: synchronised at stage boundaries): visual
+tower, affinity (for "clip" it comes out of the tower's forward, so ~0), class_distributions,
+discrepancy, JBU + argmax, and everything else (resize, crop gathering, accumulation, synonym
+max). On CUDA, images per second come from runs without synchronised timings and the breakdown
+from one run with them.
 
 The eval loop: ``ovss_fast.eval.harness.run_loop`` with the batched path (mv) on JPEG files
 of the same size written to a temporary folder, ``--workers`` DataLoader processes, reports
@@ -54,7 +55,6 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,24 +108,21 @@ def protocols(smoke: bool) -> list[Protocol]:
 
 # --------------------------------------------------------------------------- timing
 class StageTimer:
-    """``timer(name)`` context: seconds per stage, CUDA synchronised at both ends when ``sync``."""
+    """Seconds per stage summed over Predictions (``Prediction.timings``); ``sync``: asked with
+    ``sync_timings=True`` (CUDA synchronised at stage boundaries)."""
 
     def __init__(self, sync: bool) -> None:
         self.sync = sync
         self.totals: dict[str, float] = defaultdict(float)
+        self.fell_back = False
 
-    def _now(self) -> float:
-        if self.sync:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    @contextmanager
-    def __call__(self, name: str):
-        t0 = self._now()
-        try:
-            yield
-        finally:
-            self.totals[name] += self._now() - t0
+    def add(self, pred) -> None:
+        """A Prediction's seconds per stage ("total" and "text" left out: text encoding is outside the clock)
+        and whether it fell back to the fallback window."""
+        for name, seconds in pred.timings.items():
+            if name in STAGES:
+                self.totals[name] += seconds
+        self.fell_back |= bool(pred.fallbacks)
 
 
 def synthetic_image(hw: tuple[int, int], seed: int) -> torch.Tensor:
@@ -150,14 +147,13 @@ def protocol_input(seg, img_u8: torch.Tensor, short: int) -> tuple[torch.Tensor,
 
 
 def predict(seg, names: list[str], short: int, img_u8: torch.Tensor, timer: StageTimer | None) -> torch.Tensor:
-    """SegmenterPredictor's steps with the JBU timed: labels [H, W] at the original size."""
-    from ovss_fast.ops.api import jbu_argmax
-
+    """SegmenterPredictor's steps: labels [H, W] at the original size (JBU guided by the original image); the
+    stages' seconds (``Prediction.timings``, JBU + argmax included) are added to ``timer``."""
     img, x = protocol_input(seg, img_u8, short)
-    scores = seg.scores(x[0], names, upsample=False)
-    ctx = timer("jbu") if timer is not None else torch.no_grad()
-    with ctx:
-        return jbu_argmax(scores[None], img, backend=seg.backend, **seg.jbu_params)[0]
+    pred = seg.predict(x[0], names, guide=img[0], sync_timings=timer is not None and timer.sync)
+    if timer is not None:
+        timer.add(pred)
+    return pred.labels
 
 
 def check_paths(base, fast, names: list[str], short: int, img_u8: torch.Tensor, tol: float) -> tuple[bool, str]:
@@ -200,25 +196,21 @@ def time_path(seg, names: list[str], short: int, images: list[torch.Tensor], cud
             torch.cuda.synchronize()
             total = (time.perf_counter() - t0) / (len(images) - 1)
             peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
-            seg.stage_timer = timer
             t0 = time.perf_counter()
             predict(seg, names, short, images[1], timer)
             torch.cuda.synchronize()
             timed_total = time.perf_counter() - t0
-            seg.stage_timer = None
             stages = {k: v / timed_total * total for k, v in timer.totals.items()}  # the breakdown, scaled
         else:
-            seg.stage_timer = timer
             t0 = time.perf_counter()
             for im in images[1:]:
                 predict(seg, names, short, im, timer)
             total = (time.perf_counter() - t0) / (len(images) - 1)
-            seg.stage_timer = None
             stages = {k: v / (len(images) - 1) for k, v in timer.totals.items()}
             peak = None
     out = {k: stages.get(k, 0.0) for k in STAGES if k != "other"}
     out["other"] = max(0.0, total - sum(out.values()))
-    return {"total": total, "stages": out, "peak_mb": peak}
+    return {"total": total, "stages": out, "peak_mb": peak, "fell_back": timer.fell_back}
 
 
 # --------------------------------------------------------------------------- the eval loop on JPEG files
@@ -291,7 +283,7 @@ def whole_image_row(model, tok, common: dict, proto: Protocol, names: list[str],
     gh, gw = seg.grid_for(*x.shape[-2:])
     ok, detail = check_paths(ref, seg, names, proto.whole_short, imgs[0], tol)
     r = time_path(seg, names, proto.whole_short, imgs, cuda)
-    fell = " (over memory_budget: fell back to windows)" if seg.windows.fallbacks else ""
+    fell = " (over memory_budget: fell back to windows)" if r["fell_back"] else ""
     shape = (f"{proto.name} (dslo): {proto.image[0]}x{proto.image[1]} -> {x.shape[-2]}x{x.shape[-1]}, whole image "
              f"N={gh * gw}{fell}, S={synonyms}")
     print(f"  {shape} {common['mode']}: {'ok' if ok else 'FAIL'} ({detail}, vs backend reference)", flush=True)

@@ -15,7 +15,8 @@ from ovss_fast.ops import *  # noqa: F403  (the public ops: ovss_fast.discrepanc
 
 __version__ = "0.1.0"
 
-__all__ = [*ops.__all__, "Segmenter", "available_backends"]  # noqa: F405  (Segmenter: __getattr__ below)
+# Segmenter and Prediction: __getattr__ below
+__all__ = [*ops.__all__, "Prediction", "Segmenter", "available_backends"]  # noqa: F405
 
 
 def __getattr__(name: str) -> object:
@@ -24,4 +25,8 @@ def __getattr__(name: str) -> object:
         from ovss_fast.pipeline.segmenter import Segmenter
 
         return Segmenter
+    if name == "Prediction":  # what Segmenter.predict returns
+        from ovss_fast.pipeline.prediction import Prediction
+
+        return Prediction
     raise AttributeError(f"module 'ovss_fast' has no attribute {name!r}")

@@ -20,9 +20,10 @@ class InputTypeError(OVSSError, TypeError):
     """An argument has the wrong type or dtype; the message names the argument and what was seen."""
 
 
-class ModelLoadError(OVSSError, ValueError):
-    """Weights or a model could not be loaded as asked (unknown name, a checkpoint that does not match);
-    the original exception is chained as ``__cause__``."""
+class ModelLoadError(OVSSError, ValueError, RuntimeError):
+    """Weights or a model could not be loaded as asked (a checkpoint that does not match, an unreachable
+    hub, missing files); the message lists a checkpoint's missing / unexpected keys, and the original
+    exception is chained as ``__cause__``. Also a ``RuntimeError``, which the loaders raised before."""
 
 
 __all__ = ["InputError", "InputTypeError", "ModelLoadError", "OVSSError"]

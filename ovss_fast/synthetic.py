@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ovss_fast.errors import InputError
+
 #: per difficulty: (class-evidence weight, class-noise weight, isotropic noise,
 #: affinity noise, affinity sharpness, colour noise)
 DIFFICULTY = {
@@ -113,9 +115,9 @@ def make_scene(
 ) -> Scene:
     """A reproducible synthetic scene; the same seed gives the same tensors on every machine."""
     if difficulty not in DIFFICULTY:
-        raise ValueError(f"difficulty must be one of {sorted(DIFFICULTY)}, got {difficulty!r}")
+        raise InputError(f"difficulty must be one of {sorted(DIFFICULTY)}, got {difficulty!r}")
     if num_classes < 1 or num_regions < 1:
-        raise ValueError(f"num_classes and num_regions must be >= 1, got {num_classes} and {num_regions}")
+        raise InputError(f"num_classes and num_regions must be >= 1, got {num_classes} and {num_regions}")
     gen = torch.Generator().manual_seed(seed)
     h, w = grid
     text = torch.randn(num_classes, dim, generator=gen, dtype=torch.float64)
@@ -194,9 +196,9 @@ def make_dataset_scene(seed: int, kind: str = "voc", *, difficulty: str = "easy"
     family's patch grid (smaller scenes for smoke tests).
     """
     if kind not in DATASETS:
-        raise ValueError(f"kind must be one of {sorted(DATASETS)}, got {kind!r}")
+        raise InputError(f"kind must be one of {sorted(DATASETS)}, got {kind!r}")
     if difficulty not in DIFFICULTY:
-        raise ValueError(f"difficulty must be one of {sorted(DIFFICULTY)}, got {difficulty!r}")
+        raise InputError(f"difficulty must be one of {sorted(DIFFICULTY)}, got {difficulty!r}")
     spec = DATASETS[kind]
     gen = torch.Generator().manual_seed(seed)
     text = torch.randn(spec.num_classes, dim, generator=gen, dtype=torch.float64)
@@ -223,7 +225,7 @@ def make_dataset_scene(seed: int, kind: str = "voc", *, difficulty: str = "easy"
 def miou(pred: Tensor, target: Tensor, num_classes: int) -> float:
     """Mean intersection over union over the classes present in pred or target."""
     if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have one shape")
+        raise InputError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have one shape")
     p = pred.reshape(-1).long()
     t = target.reshape(-1).long()
     # per-class counts by bincount (labels outside 0..num_classes-1 count for no class)

@@ -196,23 +196,13 @@ def test_window_layout_matches_slicing(grid, cells, stride):
         assert torch.equal(flat[i], ids[i // len(starts), y:y + wh, x:x + ww].flatten())
 
 
-def test_stage_timer_sees_every_stage(tiny):
-    seen = []
-
-    class Timer:
-        def __init__(self, name):
-            self.name = name
-
-        def __enter__(self):
-            seen.append(self.name)
-
-        def __exit__(self, *exc):
-            return False
-
+def test_prediction_times_every_stage(tiny):
     seg = segmenter(tiny, window=48, stride=32, affinity=Recorder())
-    seg.stage_timer = Timer
-    seg.seg(images(1, 80, 112), CLASSES)
-    assert seen == ["visual", "affinity", "class_distributions", "discrepancy", "jbu"]
+    pred = seg.predict(images(1, 80, 112), CLASSES)
+    assert list(pred.timings) == ["text", "visual", "affinity", "class_distributions", "discrepancy", "jbu", "total"]
+    assert all(t >= 0 for t in pred.timings.values())
+    assert pred.timings["total"] >= sum(t for k, t in pred.timings.items() if k != "total")
+    assert not hasattr(seg, "stage_timer")  # nothing timed on the shared object
     with pytest.raises(TypeError, match="batch_windows"):
         segmenter(tiny, batch_windows="yes")
 

@@ -287,9 +287,9 @@ def test_predictor_resizes_by_the_protocol_and_answers_at_annotation_size(tmp_pa
     seg = Segmenter(model="ovss-fast-tiny", pretrained=None, device="cpu", backend="reference",
                     templates=("a {}.",), window=32, stride=16)
     seen = []
-    segment = seg.seg
-    seg.seg = lambda x, names, guide: seen.append((tuple(x.shape), tuple(guide.shape))) or segment(x, names,
-                                                                                                   guide=guide)
+    predict_once = seg.predict  # the predictor runs the model once per image, through predict
+    seg.predict = lambda x, names, guide: seen.append((tuple(x.shape), tuple(guide.shape))) or predict_once(
+        x, names, guide=guide)
     predict = SegmenterPredictor(seg, ["cat; kitten", "dog"], short_side=64)
     image = torch.randint(0, 256, (3, 70, 100), dtype=torch.uint8)
     labels = predict({"image": image})

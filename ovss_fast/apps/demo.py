@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ovss_fast.apps.flags import USER_ERRORS, add_backend_arguments, fail
+from ovss_fast.apps.flags import add_backend_arguments, fail_or_raise
 from ovss_fast.ops import api as ops
 from ovss_fast.synthetic import make_scene, miou
 
@@ -95,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         rows, panels = run_demo(seed=args.seed, difficulty=args.difficulty, grid=args.grid, size=args.size,
                                 classes=args.classes, backend=args.backend, device=args.device)
-    except USER_ERRORS as exc:
-        return fail("ovss-fast demo", exc)
+    except Exception as exc:
+        return fail_or_raise("ovss-fast demo", exc)
     print(f"synthetic scene: seed {args.seed}, {args.difficulty}, {args.classes} classes, "
           f"{args.grid}x{args.grid} patches -> {args.size}x{args.size} pixels, backend {args.backend}")
     print(f"{'method':<12}{'mIoU':>8}{'ms':>10}")

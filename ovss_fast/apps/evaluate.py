@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ovss_fast.apps import flags as _cli
+from ovss_fast.errors import InputError
 from ovss_fast.eval.checkpoint import BadItem, Interrupted, RunState, check_writable, write_json_atomic
 from ovss_fast.eval.datasets import DATASETS, LONG_SIDE_CAP
 from ovss_fast.eval.protocols import BACKGROUND_DATASETS, PROTOCOLS, resolve_protocol
@@ -96,39 +97,39 @@ def _fail(msg: object, code: int = 2) -> int:
 
 def _validate(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
     if args.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+        raise InputError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if args.resume and not (args.out or args.checkpoint):
-        raise ValueError("--resume needs the checkpoint of the run to continue: pass the same --out (or --checkpoint)")
+        raise InputError("--resume needs the checkpoint of the run to continue: pass the same --out (or --checkpoint)")
     if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+        raise InputError(f"--workers must be >= 0, got {args.workers}")
     _cli.check_method_arguments(args)
     given_bg = isinstance(args.bg_threshold, float)
     for flag in ("short_side", "long_side", "stride"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+            raise InputError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     if args.window is not None and args.window < 0:
-        raise ValueError(f"--window must be >= 0 (0 = whole image), got {args.window}")
+        raise InputError(f"--window must be >= 0 (0 = whole image), got {args.window}")
     for flag, path in (("--out", args.out), ("--checkpoint", args.checkpoint)):
         if path:
             check_writable(path, flag)  # before any work, so nothing is computed for nothing
     if args.synthetic:
         if args.dataset or args.root:
-            raise ValueError("--synthetic evaluates generated scenes; leave out --dataset and --root")
+            raise InputError("--synthetic evaluates generated scenes; leave out --dataset and --root")
         if given_bg:
-            raise ValueError("--bg-threshold applies to datasets with a background class only; synthetic scenes "
+            raise InputError("--bg-threshold applies to datasets with a background class only; synthetic scenes "
                              "have none")
         return
     if not args.dataset:
-        raise ValueError(f"--dataset is required (one of {', '.join(DATASETS)}), or pass --synthetic")
+        raise InputError(f"--dataset is required (one of {', '.join(DATASETS)}), or pass --synthetic")
     if args.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {args.dataset!r}; valid names: {', '.join(DATASETS)}")
+        raise InputError(f"unknown dataset {args.dataset!r}; valid names: {', '.join(DATASETS)}")
     if not args.root:
-        raise ValueError(f"--root is required: the {args.dataset} folder ({DATASETS[args.dataset].layout})")
+        raise InputError(f"--root is required: the {args.dataset} folder ({DATASETS[args.dataset].layout})")
     if given_bg and args.dataset not in BACKGROUND_DATASETS:
-        raise ValueError(f"--bg-threshold applies to datasets with a background class only "
+        raise InputError(f"--bg-threshold applies to datasets with a background class only "
                          f"({', '.join(BACKGROUND_DATASETS)}); {args.dataset} has none")
 
 
@@ -256,27 +257,27 @@ def _report(args: argparse.Namespace, outcome: object, class_names: list, config
 def run(args: argparse.Namespace) -> int:
     try:
         _validate(args)
-    except (ValueError, TypeError) as exc:
-        return _fail(exc)
+    except Exception as exc:
+        return _cli.fail_or_raise(PROG, exc)
 
     from ovss_fast.eval.distributed import setup
     from ovss_fast.eval.harness import run_loop
 
     try:
         ctx = setup(args.device)
-    except (ValueError, RuntimeError) as exc:
-        return _fail(str(exc))
+    except Exception as exc:
+        return _cli.fail_or_raise(PROG, exc)
     try:
         try:
             build = _synthetic if args.synthetic else _benchmark
             dataset, predict, config, workers = build(args, ctx)
             config["boundary_iou"] = bool(args.boundary_iou)  # in the fingerprint: a resume keeps the choice
-        except _cli.USER_ERRORS as exc:
-            return _fail(exc)
+        except Exception as exc:
+            return _cli.fail_or_raise(PROG, exc)
         try:
             state = _run_state(args, config, dataset.num_classes, ctx)
-        except ValueError as exc:
-            return _fail(str(exc))
+        except Exception as exc:
+            return _cli.fail_or_raise(PROG, exc)
         try:
             outcome = run_loop(dataset, predict, dataset.num_classes, ctx=ctx, limit=args.limit, workers=workers,
                                progress=not args.quiet, desc=config["dataset"], state=state,
@@ -287,10 +288,10 @@ def run(args: argparse.Namespace) -> int:
             return _fail("interrupted (a second signal stopped the image in progress)", code=130)
         except BadItem as exc:
             return _fail(f"{exc} (pass --skip-bad to skip such items)", code=1)
-        except (ValueError, RuntimeError, OSError) as exc:
+        except Exception as exc:  # a user error: one line, exit 1; anything else keeps its traceback
             if state.stop_signal is not None:  # e.g. the signal also reached the DataLoader workers
                 return _fail(f"interrupted by {state.interrupted()}", code=130)
-            return _fail(str(exc), code=1)
+            return _cli.fail_or_raise(PROG, exc, code=1)
         fell_back = ctx.gather_objects(getattr(predict, "fell_back", []))  # every rank takes part
         code = _report(args, outcome, dataset.class_names, config, ctx, state, fell_back) if ctx.is_main else 0
         # every rank keeps its checkpoint until rank 0 has written the results

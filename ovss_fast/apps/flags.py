@@ -6,7 +6,8 @@
 and ``backends`` share --backend / --device. Every flag is checked by the functions of
 :mod:`ovss_fast.ops.validate` (the API's own messages, naming the flag), and every command
 fails the same way: ``ovss-fast COMMAND: error: MESSAGE`` on stderr, exit status 2
-(1 when the run itself failed).
+(1 when the run itself failed) for a user error (:func:`user_error`); any other exception keeps its
+traceback (:func:`fail_or_raise`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,61 @@ import sys
 from dataclasses import fields
 from typing import Any
 
+import torch
+
+from ovss_fast.errors import InputError, OVSSError
 from ovss_fast.models.clip_features import FEATURES, POS_INTERP, check_features
 from ovss_fast.ops import validate as check
 from ovss_fast.ops.options import HeadOptions, flag
 
-#: what every command catches and turns into ``fail`` (anything else is a bug and keeps its traceback)
-USER_ERRORS = (ValueError, TypeError, RuntimeError, OSError, ImportError)
+#: the optional extras' modules: an ImportError of one of these is a missing install, said in one line
+OPTIONAL_MODULES = ("open_clip", "transformers", "diffusers", "timm", "gradio", "triton", "matplotlib", "tqdm",
+                    "safetensors", "accelerate", "huggingface_hub", "cv2")
+#: OSErrors about a path the user gave (a missing file, a folder where a file was expected, no permission)
+PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error (torch.OutOfMemoryError / torch.cuda.OutOfMemoryError)."""
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+                  if isinstance(k, type))
+    return bool(kinds) and isinstance(exc, kinds)
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message for an error the user can fix, or None for anything else (a bug, a RuntimeError from
+    torch: those keep their traceback).
+
+    User errors: the library's own (:class:`ovss_fast.errors.OVSSError`: bad input, a model that does not load),
+    an OSError about a path (missing file, a folder, no permission), an ImportError of an optional extra, and
+    CUDA out of memory (the message names --memory-budget and --window, then the original).
+    """
+    if isinstance(exc, OVSSError):
+        return str(exc)
+    if is_out_of_memory(exc):
+        return ("out of GPU memory: lower --memory-budget (GiB for one chunk of windows) or pass a smaller --window "
+                f"(and --stride), or use --device cpu; {_one_line(exc)}")
+    if isinstance(exc, PATH_ERRORS) or (isinstance(exc, OSError) and getattr(exc, "filename", None) is not None):
+        return str(exc)
+    if isinstance(exc, ImportError):
+        name = getattr(exc, "name", None) or ""
+        if name.split(".")[0] in OPTIONAL_MODULES or "pip install" in str(exc):
+            return str(exc)
+    return None
+
+
+def fail_or_raise(prog: str, exc: BaseException, code: int = 2) -> int:
+    """``fail(prog, message, code)`` for a user error (:func:`user_error`); anything else is raised again with its
+    traceback. Call it from an ``except`` block: ``except Exception as exc: return fail_or_raise(PROG, exc)``."""
+    message = user_error(exc)
+    if message is None:
+        raise exc
+    return fail(prog, message, code)
+
 
 def fail(prog: str, message: object, code: int = 2) -> int:
     """Print ``PROG: error: MESSAGE`` on stderr and return the exit status (2: bad input, 1: the run failed)."""
@@ -35,8 +85,8 @@ def threshold_arg(value: str) -> float | str:
         return "none"
     try:
         return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'none', got {value!r}") from None
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'none', got {value!r}") from err
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser, device_default: str | None = None) -> None:
@@ -110,7 +160,7 @@ def check_method_arguments(args: argparse.Namespace) -> None:
         if getattr(args, f.name) is not None:
             f.metadata["check"](flag(f.name), getattr(args, f.name))
     if args.memory_budget <= 0:
-        raise ValueError(f"--memory-budget must be positive, got {args.memory_budget}")
+        raise InputError(f"--memory-budget must be positive, got {args.memory_budget}")
 
 
 def method_kwargs(args: argparse.Namespace, defaults: dict | None = None) -> dict:

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ovss_fast.errors import InputError
+
 
 def palette(n: int) -> list[tuple[int, int, int]]:
     """``n`` distinct RGB colours: the PASCAL VOC colour map (bit-interleaved label index),
@@ -29,9 +31,9 @@ def palette(n: int) -> list[tuple[int, int, int]]:
 def _labels_array(labels: Any) -> np.ndarray:
     arr = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
     if arr.ndim != 2:
-        raise ValueError(f"labels must be a 2D [H, W] map, got shape {arr.shape}")
+        raise InputError(f"labels must be a 2D [H, W] map, got shape {arr.shape}")
     if arr.size and (arr.min() < 0):
-        raise ValueError(f"labels must be non-negative class indices, got a minimum of {arr.min()}")
+        raise InputError(f"labels must be non-negative class indices, got a minimum of {arr.min()}")
     return arr
 
 
@@ -41,7 +43,7 @@ def label_image(labels: Any, num_classes: int | None = None) -> Image.Image:
     top = int(arr.max()) + 1 if arr.size else 1
     n = max(num_classes or 0, top)
     if n > 256:
-        raise ValueError(f"a palette PNG holds at most 256 classes, got {n}")
+        raise InputError(f"a palette PNG holds at most 256 classes, got {n}")
     im = Image.fromarray(arr.astype(np.uint8))  # mode "L"; putpalette turns it into "P" with the same values
     im.putpalette([v for rgb in palette(256) for v in rgb])
     return im
@@ -67,12 +69,12 @@ def overlay(image: Image.Image, labels: Any, class_names: Sequence[str], *, alph
     arr = _labels_array(labels)
     image = image.convert("RGB")
     if image.size != (arr.shape[1], arr.shape[0]):
-        raise ValueError(f"labels {arr.shape[1]}x{arr.shape[0]} (WxH) do not match the image {image.size}")
+        raise InputError(f"labels {arr.shape[1]}x{arr.shape[0]} (WxH) do not match the image {image.size}")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        raise InputError(f"alpha must lie in [0, 1], got {alpha}")
     n = len(class_names)
     if arr.size and int(arr.max()) >= n:
-        raise ValueError(f"labels hold class {int(arr.max())} but only {n} class names were given")
+        raise InputError(f"labels hold class {int(arr.max())} but only {n} class names were given")
     colours = np.array(palette(max(n, 1)), dtype=np.float32)
     blended = (1 - alpha) * np.asarray(image, dtype=np.float32) + alpha * colours[arr]
     out = Image.fromarray(blended.clip(0, 255).astype(np.uint8))

@@ -17,14 +17,16 @@ import time
 from collections.abc import Iterable, Iterator
 
 from ovss_fast.apps.flags import (
-    USER_ERRORS,
     add_method_arguments,
     add_model_arguments,
     check_method_arguments,
     fail,
+    fail_or_raise,
     method_kwargs,
     segmenter_from_args,
+    user_error,
 )
+from ovss_fast.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -72,7 +74,7 @@ def expand_inputs(paths: Iterable[str]) -> list[str]:
             found = sorted(os.path.join(p, f) for f in os.listdir(p)
                            if f.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(p, f)))
             if not found:
-                raise ValueError(f"folder {p!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+                raise InputError(f"folder {p!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
             out.extend(found)
         elif os.path.isfile(p):
             out.append(p)
@@ -124,10 +126,10 @@ def run(args: argparse.Namespace) -> int:
         classes = parse_class_names(args.classes)
         files = expand_inputs(args.images)
         if not 0.0 <= args.alpha <= 1.0:
-            raise ValueError(f"--alpha must lie in [0, 1], got {args.alpha}")
+            raise InputError(f"--alpha must lie in [0, 1], got {args.alpha}")
         check_method_arguments(args)
-    except (ValueError, TypeError, OSError) as exc:
-        return fail(PROG, exc)
+    except Exception as exc:
+        return fail_or_raise(PROG, exc)
     many = len(files) > 1 or any(os.path.isdir(p) for p in args.images)
     if many:
         for folder in (args.out, args.overlay):
@@ -144,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         segmenter = segmenter_from_args(args, window=args.window, stride=args.stride, resize=args.resize,
                                         **method_kwargs(args))
-    except USER_ERRORS as exc:
-        return fail(PROG, exc)
+    except Exception as exc:
+        return fail_or_raise(PROG, exc)
 
     from PIL import Image
 
@@ -157,16 +159,19 @@ def run(args: argparse.Namespace) -> int:
     for i, path in enumerate(progress(files, enabled=many and not args.quiet)):
         try:
             image = load_image(path)
-            labels = segmenter.seg(image, args.classes).cpu()
+            labels = segmenter.predict(image, args.classes).labels.cpu()
             save_labels(labels, outs[i], num_classes=len(classes))
             if overlays is not None:
                 pil = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
                 overlay(pil, labels, names, alpha=args.alpha).save(overlays[i], format="PNG")
-        except (ValueError, TypeError, RuntimeError, OSError) as exc:
+        except Exception as exc:  # a user error skips the image (one line); anything else keeps its traceback
+            message = user_error(exc)
+            if message is None:
+                raise
             failures += 1
             if not many:
-                return fail(PROG, exc)
-            print(f"\novss-fast segment: skipping {path}: {exc}", file=sys.stderr)
+                return fail(PROG, message)
+            print(f"\novss-fast segment: skipping {path}: {message}", file=sys.stderr)
     if failures:
         return fail(PROG, f"{failures} of {len(files)} images failed", code=1)
     if not many:

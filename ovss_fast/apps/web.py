@@ -36,9 +36,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections import OrderedDict, defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +44,7 @@ import numpy as np
 import torch
 
 from ovss_fast.apps import flags as _cli
+from ovss_fast.errors import InputError
 from ovss_fast.models.affinity import BUILTIN
 from ovss_fast.ops import validate as check
 
@@ -117,8 +116,8 @@ def _pixels(name: str, value: Any, off: str) -> int | None:
         return None
     try:
         return check.count(name, int(text), minimum=1)
-    except ValueError:
-        raise ValueError(f"{name} must be {off!r} or a number of pixels, got {text!r}") from None
+    except ValueError as err:
+        raise InputError(f"{name} must be {off!r} or a number of pixels, got {text!r}") from err
 
 
 def request_options(args: argparse.Namespace, values: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -132,10 +131,10 @@ def request_options(args: argparse.Namespace, values: dict[str, Any]) -> tuple[a
         choices, start = control_choices(c, args)
         value = start if value is None else str(value).strip()
         if c.name == "model" and value != start and (":" in value or "/" in value or os.sep in value):
-            raise ValueError(f"model {value!r}: the page takes open_clip model names; give folders, files and "
+            raise InputError(f"model {value!r}: the page takes open_clip model names; give folders, files and "
                              "hf:/local-dir: models with --model when starting the server")
         if not c.custom and value not in choices:
-            raise ValueError(f"{c.label} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            raise InputError(f"{c.label} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         if c.name == "window":
             kw["window"] = _pixels("window", value, WHOLE_IMAGE)
         elif c.name == "stride":
@@ -161,26 +160,6 @@ class Result:
     legend: str = ""
     timings: str = ""
     label_map: np.ndarray | None = None
-
-
-class StageTimes:
-    """``timer(name)`` context (Segmenter.stage_timer): seconds per stage, CUDA synchronised when ``sync``."""
-
-    def __init__(self, sync: bool) -> None:
-        self.sync = sync
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        if self.sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.sync:
-                torch.cuda.synchronize()
-            self.seconds[name] += time.perf_counter() - t0
 
 
 def legend_html(names: list[str], labels: np.ndarray) -> str:
@@ -253,11 +232,11 @@ class App:
                 with Image.open(path) as im:
                     w, h = im.size
         except Image.DecompressionBombError as exc:
-            raise ValueError(f"the image is too large to decode: {exc}") from None
+            raise InputError(f"the image is too large to decode: {exc}") from exc
         except Exception:
             return  # not an image: load_image says so
         if w * h > self.args.max_pixels:
-            raise ValueError(f"the image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over this page's limit of "
+            raise InputError(f"the image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over this page's limit of "
                              f"{self.args.max_pixels / 1e6:.1f} (--max-pixels at start); resize it first")
 
     def run(self, upload: Any, classes: str, values: dict[str, Any], want_scores: bool = True,
@@ -270,15 +249,15 @@ class App:
                                   "when it has finished.")
         try:
             return self._run(path, classes, values, want_scores)
-        except _cli.USER_ERRORS as exc:
-            text = str(exc)
+        except Exception as exc:
+            text = _cli.user_error(exc)
+            if text is None:  # a bug or a RuntimeError from torch: the page says so, the log has the traceback
+                traceback.print_exc()
+                return Result(message=f"**Internal error** (the server's log has the details): "
+                                      f"{type(exc).__name__}: {html.escape(str(exc))}")
             if isinstance(path, str) and path:
                 text = text.replace(repr(path), repr(os.path.basename(path))).replace(path, os.path.basename(path))
             return Result(message=f"**Error:** {html.escape(text)}")
-        except Exception as exc:  # a bug: the page says so, the server log has the traceback
-            traceback.print_exc()
-            return Result(message=f"**Internal error** (the server's log has the details): "
-                                  f"{type(exc).__name__}: {html.escape(str(exc))}")
         finally:
             self.lock.release()
 
@@ -291,7 +270,7 @@ class App:
 
         t_start = time.perf_counter()
         if not path:
-            raise ValueError("no image: upload one (png, jpg, ...) or pick the example")
+            raise InputError("no image: upload one (png, jpg, ...) or pick the example")
         parsed = parse_class_names(classes or "")
         ns, kw = request_options(self.args, values)
         stages: list[tuple[str, float]] = []
@@ -303,21 +282,14 @@ class App:
         t0 = time.perf_counter()
         image = load_image(path)
         stages.append(("read the image", time.perf_counter() - t0))
-        timer = StageTimes(sync=segmenter.device.type == "cuda")
-        segmenter.stage_timer = timer
-        try:
-            t0 = time.perf_counter()
-            labels = segmenter.seg(image, classes).cpu()
-            total = time.perf_counter() - t0
-            stages += list(timer.seconds.items())
-            stages.append(("other (text embeddings, resizing)", max(0.0, total - sum(timer.seconds.values()))))
-            scores = None
-            if want_scores:
-                t0 = time.perf_counter()
-                scores = segmenter.scores(image, classes, upsample=False).float().cpu().numpy()
-                stages.append(("scores for download (a second pass)", time.perf_counter() - t0))
-        finally:
-            segmenter.stage_timer = None
+        t0 = time.perf_counter()
+        pred = segmenter.predict(image, classes, sync_timings=segmenter.device.type == "cuda")  # the model runs once
+        labels = pred.labels.cpu()
+        scores = pred.scores.float().cpu().numpy() if want_scores else None
+        total = time.perf_counter() - t0
+        stages += [(name, seconds) for name, seconds in pred.timings.items() if name != "total"]
+        stages.append(("other (resizing, moving results)", max(0.0, total - sum(
+            seconds for name, seconds in pred.timings.items() if name != "total"))))
 
         t0 = time.perf_counter()
         out = self._outdir()
@@ -377,8 +349,7 @@ def build_page(app: App) -> Any:
                     choices, value = control_choices(c, args)
                     inputs.append(gr.Dropdown(choices=choices, value=value, label=c.label, info=c.info,
                                               allow_custom_value=c.custom, elem_id=f"control-{c.name}"))
-                want_scores = gr.Checkbox(value=True, label="scores for download (.npy; runs the model a second time)",
-                                          elem_id="want-scores")
+                want_scores = gr.Checkbox(value=True, label="scores for download (.npy)", elem_id="want-scores")
                 button = gr.Button("Segment", variant="primary", elem_id="run")
                 gr.Examples([[example, example_classes]], inputs=[upload, classes], label="example (synthetic scene)")
             with gr.Column():
@@ -434,17 +405,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         _cli.check_method_arguments(args)
         if not 0.0 <= args.alpha <= 1.0:
-            raise ValueError(f"--alpha must lie in [0, 1], got {args.alpha}")
+            raise InputError(f"--alpha must lie in [0, 1], got {args.alpha}")
         if not 0 <= args.port <= 65535:
-            raise ValueError(f"--port must lie in 0..65535, got {args.port}")
+            raise InputError(f"--port must lie in 0..65535, got {args.port}")
         check.positive("--max-pixels", args.max_pixels)
         check.positive("--busy-timeout", args.busy_timeout)
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
         import gradio as gr
     except ImportError as exc:
         return _cli.fail(PROG, f"{exc}; the page needs Gradio: pip install -e \".[web]\" (or pip install gradio)")
-    except (ValueError, TypeError) as exc:
-        return _cli.fail(PROG, exc)
+    except Exception as exc:
+        return _cli.fail_or_raise(PROG, exc)
     app = App(args)
     page = build_page(app)
     page.queue(default_concurrency_limit=1)

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ovss_fast.errors import InputError
+
 FORMAT = 1
 
 
@@ -47,20 +49,20 @@ def check_writable(path: str, what: str = "--out") -> None:
     """Fail now, before the evaluation, if ``path`` cannot be written (making its folder if needed)."""
     target = os.path.abspath(path)
     if os.path.isdir(target):
-        raise ValueError(f"{what} {path!r} is a folder; give a file name such as results.json")
+        raise InputError(f"{what} {path!r} is a folder; give a file name such as results.json")
     parent = os.path.dirname(target)
     probe = parent
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise ValueError(f"{what} {path!r} cannot be written: {probe!r} is a file, not a folder")
+        raise InputError(f"{what} {path!r} cannot be written: {probe!r} is a file, not a folder")
     try:
         os.makedirs(parent, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".ovss_fast-probe-", dir=parent)
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:
-        raise ValueError(f"{what} {path!r} cannot be written ({exc.strerror or exc})") from None
+        raise InputError(f"{what} {path!r} cannot be written ({exc.strerror or exc})") from exc
 
 
 def write_json_atomic(path: str, obj: Any, *, indent: int | None = 1) -> None:
@@ -99,7 +101,7 @@ class RunState:
                  fingerprint: dict | None = None, resume: bool = False, skip_bad: bool = False,
                  rank: int = 0, world_size: int = 1) -> None:
         if every < 0:
-            raise ValueError(f"checkpoint interval must be >= 0, got {every}")
+            raise InputError(f"checkpoint interval must be >= 0, got {every}")
         self.num_classes, self.every, self.skip_bad = int(num_classes), int(every), bool(skip_bad)
         self.rank, self.world_size = int(rank), int(world_size)
         self.fingerprint = json.loads(json.dumps(fingerprint or {}))  # as it will read back
@@ -121,7 +123,7 @@ class RunState:
     # ------------------------------------------------------------------ resume
     def _load(self) -> None:
         if self.path is None:
-            raise ValueError("--resume needs a checkpoint: pass --out (checkpoint OUT.ckpt) or --checkpoint PATH")
+            raise InputError("--resume needs a checkpoint: pass --out (checkpoint OUT.ckpt) or --checkpoint PATH")
         if not os.path.exists(self.path):
             return
         try:
@@ -130,19 +132,19 @@ class RunState:
             cm = torch.tensor(data["confusion"], dtype=torch.int64)
             done = [int(i) for i in data["done"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"checkpoint {self.path!r} is unreadable ({exc.__class__.__name__}: {exc}); "
-                             "delete it to start again") from None
+            raise InputError(f"checkpoint {self.path!r} is unreadable ({exc.__class__.__name__}: {exc}); "
+                             "delete it to start again") from exc
         if data.get("format") != FORMAT or data.get("world_size") != self.world_size:
-            raise ValueError(f"checkpoint {self.path!r} was written by a run with world size "
+            raise InputError(f"checkpoint {self.path!r} was written by a run with world size "
                              f"{data.get('world_size')} (format {data.get('format')}); resume with the same "
                              f"number of processes ({self.world_size} now) or delete it")
         if data.get("fingerprint") != self.fingerprint:
             old, new = data.get("fingerprint") or {}, self.fingerprint
             keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ValueError(f"checkpoint {self.path!r} belongs to a different evaluation (differs in: "
+            raise InputError(f"checkpoint {self.path!r} belongs to a different evaluation (differs in: "
                              f"{', '.join(keys)}); rerun with the same settings or delete it")
         if tuple(cm.shape) != (self.num_classes, self.num_classes):
-            raise ValueError(f"checkpoint {self.path!r} has a {tuple(cm.shape)} confusion matrix, expected "
+            raise InputError(f"checkpoint {self.path!r} has a {tuple(cm.shape)} confusion matrix, expected "
                              f"{self.num_classes} classes")
         self.confusion, self.done = cm, done
         try:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ovss_fast.errors import InputError
 from ovss_fast.pipeline.image_io import decode, to_uint8
 
 IGNORE_INDEX = 255
@@ -86,7 +87,7 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 def dataset_spec(name: str) -> DatasetSpec:
     """The protocol row of a benchmark; an unknown name lists the valid ones."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+        raise InputError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     return DATASETS[name]
 
 
@@ -100,11 +101,11 @@ def load_class_names(name: str) -> list[str]:
     path = resources.files("ovss_fast").joinpath("data", "classnames", f"{name}.txt")
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"class-name file {path} is missing from the installed package") from None
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"class-name file {path} is missing from the installed package") from err
     names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if len(names) != spec.num_classes:
-        raise ValueError(f"class-name file {path} lists {len(names)} classes; {name} has {spec.num_classes}")
+        raise InputError(f"class-name file {path} lists {len(names)} classes; {name} has {spec.num_classes}")
     return names
 
 
@@ -170,7 +171,7 @@ def _split_ids(split_file: Path, spec: DatasetSpec) -> list[str]:
                                 f"{spec.name}; expected layout {spec.layout})")
     ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
     if not ids:
-        raise ValueError(f"split file {str(split_file)!r} lists no images")
+        raise InputError(f"split file {str(split_file)!r} lists no images")
     return ids
 
 
@@ -180,7 +181,7 @@ def _listed(folder: Path) -> list[Path]:
 
 def _check_exist(samples: list[Sample], spec: DatasetSpec) -> list[Sample]:
     if not samples:
-        raise ValueError(f"no images found for {spec.name} (expected layout {spec.layout})")
+        raise InputError(f"no images found for {spec.name} (expected layout {spec.layout})")
     for kind in ("image", "label"):
         missing = [getattr(s, kind) for s in samples if not os.path.isfile(getattr(s, kind))]
         if missing:
@@ -255,7 +256,7 @@ def read_image(path: str) -> Tensor:
         with Image.open(path) as im:
             arr = decode(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"could not read image file {path!r} ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(f"could not read image file {path!r} ({exc.__class__.__name__}: {exc})") from exc
     return to_uint8(arr)
 
 
@@ -266,11 +267,11 @@ def read_label(path: str, lut: np.ndarray, dataset: str) -> Tensor:
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L", "I", "I;16"):
-                raise ValueError(f"annotation {path!r} has mode {im.mode!r}; expected a single-channel PNG of "
+                raise InputError(f"annotation {path!r} has mode {im.mode!r}; expected a single-channel PNG of "
                                  "class indices (mode P or L)")
             raw = np.asarray(im).astype(np.int64)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"could not read annotation file {path!r} ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(f"could not read annotation file {path!r} ({exc.__class__.__name__}: {exc})") from exc
     bad = (raw < 0) | (raw > 255)
     if not bad.any():
         mapped = lut[raw]
@@ -278,7 +279,7 @@ def read_label(path: str, lut: np.ndarray, dataset: str) -> Tensor:
     if bad.any():
         value = int(raw[bad][0])
         valid = np.flatnonzero(lut != _UNKNOWN)
-        raise ValueError(f"annotation {path!r} holds value {value}, which {dataset} does not define "
+        raise InputError(f"annotation {path!r} holds value {value}, which {dataset} does not define "
                          f"(valid raw values: {_ranges(valid)})")
     return torch.from_numpy(mapped)
 
@@ -318,7 +319,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         s = self.samples[index]
         image, label = read_image(s.image), read_label(s.label, self.lut, self.name)
         if tuple(image.shape[1:]) != tuple(label.shape):
-            raise ValueError(f"image {s.image!r} is {image.shape[2]}x{image.shape[1]} but its annotation "
+            raise InputError(f"image {s.image!r} is {image.shape[2]}x{image.shape[1]} but its annotation "
                              f"{s.label!r} is {label.shape[1]}x{label.shape[0]} (width x height)")
         return {"image": image, "label": label, "name": s.name}
 

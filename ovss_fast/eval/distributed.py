@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ovss_fast.errors import InputError
+
 
 @dataclass
 class DistContext:
@@ -60,8 +62,8 @@ def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     try:
         return int(value) if value.strip() else default
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+    except ValueError as err:
+        raise InputError(f"environment variable {name}={value!r} is not an integer") from err
 
 
 def setup(device: str | torch.device | None = None) -> DistContext:
@@ -78,7 +80,7 @@ def setup(device: str | torch.device | None = None) -> DistContext:
         dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r} but CUDA is not available here; use --device cpu")
+            raise InputError(f"device={str(device)!r} but CUDA is not available here; use --device cpu")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ovss_fast import __version__
+from ovss_fast.errors import InputError
 from ovss_fast.eval.checkpoint import Guarded, RunState
 from ovss_fast.eval.datasets import IGNORE_INDEX, LONG_SIDE_CAP
 from ovss_fast.eval.distributed import DistContext
@@ -62,7 +63,7 @@ def protocol_size(height: int, width: int, short_side: int, long_side: int = LON
     The scale is min(short_side / short, long_side / long), sizes rounded half up (as mmseg).
     """
     if short_side <= 0 or long_side <= 0:
-        raise ValueError(f"short_side and long_side must be positive, got {short_side} and {long_side}")
+        raise InputError(f"short_side and long_side must be positive, got {short_side} and {long_side}")
     scale = min(short_side / min(height, width), long_side / max(height, width))
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
@@ -95,16 +96,10 @@ class SegmenterPredictor:
             size = (max(1, round(size[0] / ph)) * ph, max(1, round(size[1] / pw)) * pw)
         x = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False,
                           antialias=self.antialias).clamp_(0, 1)
-        before = _fallbacks(seg)
-        labels = seg.seg(x[0], self.class_names, guide=img)  # at the annotation's size, guided by the original
-        if _fallbacks(seg) > before:
+        pred = seg.predict(x[0], self.class_names, guide=img)  # at the annotation's size, guided by the original
+        if pred.fallbacks:
             self.fell_back.append({"name": item.get("name"), "size": [H, W], "resized": list(size)})
-        return labels
-
-
-def _fallbacks(seg: Any) -> int:
-    """How many image batches the Segmenter's memory guard sent to its fallback windows so far."""
-    return getattr(getattr(seg, "windows", None), "fallbacks", 0)
+        return pred.labels
 
 
 class SyntheticScenes(torch.utils.data.Dataset):
@@ -113,7 +108,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
     def __init__(self, num_scenes: int = 16, *, seed: int = 0, difficulty: str = "easy", num_classes: int = 6,
                  grid: tuple[int, int] = (24, 24), image_size: tuple[int, int] = (96, 96)) -> None:
         if num_scenes < 1:
-            raise ValueError(f"num_scenes must be >= 1, got {num_scenes}")
+            raise InputError(f"num_scenes must be >= 1, got {num_scenes}")
         self.num_scenes, self.seed, self.difficulty = int(num_scenes), int(seed), difficulty
         self.num_classes, self.grid, self.image_size = int(num_classes), tuple(grid), tuple(image_size)
         self.class_names = [f"class{c}" for c in range(self.num_classes)]
@@ -272,7 +267,7 @@ def run_loop(dataset: torch.utils.data.Dataset, predict: Callable[[dict], Tensor
     """
     ctx = ctx or DistContext()
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise InputError(f"limit must be >= 1, got {limit}")
     n = len(dataset) if limit is None else min(int(limit), len(dataset))
     sizes = ctx.all_reduce(torch.tensor([n, -n], dtype=torch.int64), op="max")
     if int(sizes[0]) != -int(sizes[1]):

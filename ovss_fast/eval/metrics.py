@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ovss_fast.errors import InputError, InputTypeError
 from ovss_fast.eval.datasets import IGNORE_INDEX
 
 
@@ -38,9 +39,9 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, *, ignore_i
     in either tensor, is an error.
     """
     if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have one shape")
+        raise InputError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have one shape")
     if pred.dtype.is_floating_point or target.dtype.is_floating_point:
-        raise TypeError(f"pred and target must hold integer labels, got {pred.dtype} and {target.dtype}")
+        raise InputTypeError(f"pred and target must hold integer labels, got {pred.dtype} and {target.dtype}")
     t = target.reshape(-1).long()
     p = pred.reshape(-1).long().to(t.device)
     keep = t != ignore_index
@@ -50,7 +51,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, *, ignore_i
         for what, v in (("target", t), ("pred", p)):
             lo, hi = int(v.min()), int(v.max())
             if lo < 0 or hi >= k:
-                raise ValueError(f"{what} holds label {lo if lo < 0 else hi}, outside 0..{k - 1} "
+                raise InputError(f"{what} holds label {lo if lo < 0 else hi}, outside 0..{k - 1} "
                                  f"(and not the ignore index {ignore_index})")
     return torch.bincount(t * k + p, minlength=k * k).reshape(k, k)
 
@@ -59,7 +60,7 @@ def scores_from_confusion(cm: Tensor) -> dict:
     """[K, K] confusion matrix -> {"IoU": [K] float64, "Acc": [K] float64 (NaN as above),
     "mIoU", "mAcc", "aAcc": floats in [0, 1] (NaN when nothing was counted)}."""
     if cm.dim() != 2 or cm.shape[0] != cm.shape[1]:
-        raise ValueError(f"confusion matrix must be square [K, K], got shape {tuple(cm.shape)}")
+        raise InputError(f"confusion matrix must be square [K, K], got shape {tuple(cm.shape)}")
     cm = cm.detach().cpu().double()
     tp = cm.diagonal()
     gt = cm.sum(dim=1)
@@ -111,13 +112,13 @@ def boundary_intersection_union(pred: Tensor, target: Tensor, num_classes: int, 
     docstring), summed over the images; classes in neither map count 0. Labels outside 0..K-1 other
     than ``ignore_index`` (in the target) are an error, as in :func:`confusion_matrix`."""
     if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have one shape")
+        raise InputError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have one shape")
     if pred.dim() not in (2, 3):
-        raise ValueError(f"pred and target must be [H, W] or [B, H, W] label maps, got shape {tuple(pred.shape)}")
+        raise InputError(f"pred and target must be [H, W] or [B, H, W] label maps, got shape {tuple(pred.shape)}")
     if pred.dtype.is_floating_point or target.dtype.is_floating_point:
-        raise TypeError(f"pred and target must hold integer labels, got {pred.dtype} and {target.dtype}")
+        raise InputTypeError(f"pred and target must hold integer labels, got {pred.dtype} and {target.dtype}")
     if not (isinstance(dilation_ratio, (int, float)) and dilation_ratio >= 0 and math.isfinite(dilation_ratio)):
-        raise ValueError(f"dilation_ratio must be a finite number >= 0, got {dilation_ratio!r}")
+        raise InputError(f"dilation_ratio must be a finite number >= 0, got {dilation_ratio!r}")
     k = int(num_classes)
     inter = torch.zeros(k, dtype=torch.float64)
     union = torch.zeros(k, dtype=torch.float64)
@@ -133,7 +134,7 @@ def boundary_intersection_union(pred: Tensor, target: Tensor, num_classes: int, 
         for what, v in (("target", tv), ("pred", pv)):
             lo, hi = int(v.min()), int(v.max())
             if lo < 0 or hi >= k:
-                raise ValueError(f"{what} holds label {lo if lo < 0 else hi}, outside 0..{k - 1} "
+                raise InputError(f"{what} holds label {lo if lo < 0 else hi}, outside 0..{k - 1} "
                                  f"(and not the ignore index {ignore_index})")
         d = boundary_dilation(t.shape[0], t.shape[1], dilation_ratio)
         gt_b = _boundary_map(t, d) & valid  # pixels of every class's boundary (not the ignore label's)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ovss_fast.errors import InputError
 from ovss_fast.eval.datasets import DATASETS
 
 #: datasets with a background class (index 0): the only ones a background threshold applies to
@@ -122,7 +123,7 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
 def resolve_protocol(name: str, dataset: str | None) -> dict:
     """A protocol's values for a dataset; an unknown name lists the valid ones."""
     if name not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {name!r}; valid names: {', '.join(PROTOCOLS)}")
+        raise InputError(f"unknown protocol {name!r}; valid names: {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name].resolve(dataset)
 
 

@@ -15,6 +15,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from ovss_fast.errors import InputError
 from ovss_fast.eval.datasets import DATASETS
 
 COLUMNS = ("model", "affinity", "mode", "features", "head", "protocol")
@@ -32,7 +33,7 @@ def _row_key(config: dict) -> tuple[str, ...]:
 def format_table(reports: Sequence[dict]) -> str:
     """Reports (the JSON objects written by ``ovss-fast eval``) -> a Markdown table of mIoU (and mBIoU)."""
     if not reports:
-        raise ValueError("no results to tabulate")
+        raise InputError("no results to tabulate")
     order = [*DATASETS, "synthetic"]
     rows: dict[tuple[str, ...], dict[str, str]] = {}
     values: dict[tuple[str, ...], list[float]] = {}
@@ -42,7 +43,7 @@ def format_table(reports: Sequence[dict]) -> str:
         cfg = r.get("config", {})
         name = cfg.get("dataset")
         if name not in order or "mIoU" not in r:
-            raise ValueError(f"not an ovss-fast eval results file (dataset {name!r})")
+            raise InputError(f"not an ovss-fast eval results file (dataset {name!r})")
         key = _row_key(cfg)
         partial = cfg.get("limit") is not None and r.get("images", 0) < cfg.get("images_in_split", 0)
         miou = r["mIoU"]

@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ovss_fast.errors import InputError, InputTypeError
 from ovss_fast.kernels import reference
 
 OPS = (
@@ -114,7 +115,7 @@ _WARNED: set[str] = set()
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; one that cannot load says why in its reasons."""
     if name not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; got {name!r}")
+        raise InputError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; got {name!r}")
     if name not in _CACHE:
         module, attr = _LOCATIONS[name]
         try:
@@ -136,12 +137,12 @@ def available_backends() -> dict[str, str]:
 def select(op: str, backend: str, tensors: Sequence[Tensor], params: Mapping[str, Any]) -> Backend:
     """The backend that runs ``op``: the forced one, or the first of :func:`auto_order` that can."""
     if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        raise InputTypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend != "auto":
         chosen = get_backend(backend)
         reasons = chosen.unsupported_reasons(op, tensors, params)
         if reasons:
-            raise ValueError(f"backend={backend!r} cannot run {op}: " + "; ".join(reasons))
+            raise InputError(f"backend={backend!r} cannot run {op}: " + "; ".join(reasons))
         return chosen
     every: dict[str, list[str]] = {}
     for name in auto_order(op):
@@ -153,7 +154,7 @@ def select(op: str, backend: str, tensors: Sequence[Tensor], params: Mapping[str
             return candidate
         every[name] = reasons
     detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in every.items())
-    raise ValueError(f"no backend can run {op}: {detail}")
+    raise InputError(f"no backend can run {op}: {detail}")
 
 
 def _warn_fallback(op: str, tensors: Sequence[Tensor], every: Mapping[str, list[str]]) -> None:

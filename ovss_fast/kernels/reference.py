@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ovss_fast.errors import InputError
 from ovss_fast.kernels.common import NMS_AXES, TRANSITIONS, lowres_guide, tap_geometry
 
 #: Divisions floor their denominators here (method.md section 3; a normal float32).
@@ -40,7 +41,7 @@ def class_distributions(feats: Tensor, text: Tensor, *, scale: float = 100.0, nm
     over c') or of its class (``nms_axis="patches"``, over patches i').
     """
     if nms_axis not in NMS_AXES:
-        raise ValueError(f"nms_axis must be one of {', '.join(map(repr, NMS_AXES))}; got {nms_axis!r}")
+        raise InputError(f"nms_axis must be one of {', '.join(map(repr, NMS_AXES))}; got {nms_axis!r}")
     dt = compute_dtype(feats, text)
     # cosine: normalise both sides; a zero vector gets cosine 0 rather than NaN
     x = unit_vectors(feats.to(dt))
@@ -135,7 +136,7 @@ def markov_transition(affinity: Tensor, *, transition: str = "attention", eps: f
         return gibbs_kernel(affinity, eps=eps)[1]
     if transition == "attention":
         return attention_transition(affinity)
-    raise ValueError(f"transition must be one of {', '.join(map(repr, TRANSITIONS))}; got {transition!r}")
+    raise InputError(f"transition must be one of {', '.join(map(repr, TRANSITIONS))}; got {transition!r}")
 
 
 # --------------------------------------------------------------------------- section 3
@@ -246,7 +247,7 @@ def markov_scores(q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int =
             d = nxt
         s = lstar + f0 / (1.0 + f0)
     else:
-        raise ValueError(f"readout must be 'integrated' or 'velocity', got {readout!r}")
+        raise InputError(f"readout must be 'integrated' or 'velocity', got {readout!r}")
     return _mask_dead(s, q)
 
 

@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ovss_fast.errors import InputError, InputTypeError, ModelLoadError
+from ovss_fast.models.loading import load_failure
+
 AffinityFn = Callable[[Tensor, tuple[int, int]], Tensor]
 
 BUILTIN = ("clip", "sd2", "dino")
@@ -42,17 +45,18 @@ DINO_DEFAULT = "vit_small_patch16_224.dino"
 def check_affinity(affinity: object, n: int, batch: int, source: str) -> Tensor:
     """Validate what an affinity source returned: [batch, n, n], finite, non-negative."""
     if not isinstance(affinity, Tensor):
-        raise TypeError(f"affinity source {source} returned {type(affinity).__name__}, expected a tensor [B, N, N]")
+        raise InputTypeError(f"affinity source {source} returned {type(affinity).__name__}, expected a tensor "
+                             "[B, N, N]")
     if tuple(affinity.shape) != (batch, n, n):
-        raise ValueError(
+        raise InputError(
             f"affinity source {source} returned shape {tuple(affinity.shape)}, expected [B, N, N] = "
             f"{(batch, n, n)} on the CLIP patch grid"
         )
     affinity = affinity.detach().float()
     if not bool(torch.isfinite(affinity).all()):
-        raise ValueError(f"affinity source {source} returned NaN or Inf values")
+        raise InputError(f"affinity source {source} returned NaN or Inf values")
     if bool((affinity < 0).any()):
-        raise ValueError(
+        raise InputError(
             f"affinity source {source} returned negative values (min {float(affinity.min()):g}); "
             "affinities must be non-negative"
         )
@@ -132,11 +136,11 @@ class _CaptureSelfAttention:
 def _require_diffusers() -> Any:
     try:
         import diffusers
-    except ImportError:
+    except ImportError as err:
         raise ImportError(
             "affinity='sd2' needs diffusers and transformers, which are not installed: "
             "pip install 'ovss_fast[sd]' (or use affinity='clip', which needs no extra weights)"
-        ) from None
+        ) from err
     return diffusers
 
 
@@ -162,7 +166,7 @@ def _random_seed(weights: str) -> int:
         return 0
     if rest.startswith(":") and rest[1:].lstrip("-").isdigit():
         return int(rest[1:])
-    raise ValueError(f"SD2 random weights are {SD2_RANDOM!r} or '{SD2_RANDOM}:SEED' (an integer), got {weights!r}")
+    raise InputError(f"SD2 random weights are {SD2_RANDOM!r} or '{SD2_RANDOM}:SEED' (an integer), got {weights!r}")
 
 
 def _random_sd2(seed: int, device: torch.device) -> tuple[nn.Module, nn.Module, Tensor]:
@@ -174,9 +178,9 @@ def _random_sd2(seed: int, device: torch.device) -> tuple[nn.Module, nn.Module, 
     diffusers = _require_diffusers()
     try:
         from transformers import CLIPTextConfig, CLIPTextModel
-    except ImportError:
+    except ImportError as err:
         raise ImportError("affinity='sd2' needs transformers for the empty-prompt embedding: "
-                          "pip install 'ovss_fast[sd]'") from None
+                          "pip install 'ovss_fast[sd]'") from err
     from ovss_fast.models import sd2_config
 
     warnings.warn(
@@ -241,7 +245,7 @@ class SD2Affinity:
             uncond_embedding = r_uncond if uncond_embedding is None else uncond_embedding
         if unet is None or vae is None or uncond_embedding is None:
             if weights is None:
-                raise ValueError("SD2Affinity needs weights (a local diffusers directory or a hub id) "
+                raise InputError("SD2Affinity needs weights (a local diffusers directory or a hub id) "
                                  "unless unet, vae and uncond_embedding are all given")
             weights = os.fspath(weights)
             local = os.path.isabs(weights) or weights.startswith((".", "~")) or os.path.exists(weights)
@@ -261,19 +265,19 @@ class SD2Affinity:
             if uncond_embedding is None:
                 uncond_embedding = self._empty_prompt_embedding(weights)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise RuntimeError(
-                f"could not load Stable Diffusion 2 weights from {weights!r}: {str(exc).splitlines()[0]}. "
+            raise ModelLoadError(
+                f"could not load Stable Diffusion 2 weights from {weights!r}: {load_failure(exc)}. "
                 "Pass affinity_weights=/path/to/stable-diffusion-2-1-base, a local diffusers directory with "
                 "unet/, vae/, text_encoder/ and tokenizer/ (download it once when online, e.g. with "
                 "huggingface-cli download stabilityai/stable-diffusion-2-1-base)"
-            ) from None
+            ) from exc
         self.unet = _to(unet, self.device, self.dtype).eval()
         self.vae = _to(vae, self.device, self.dtype).eval()
         self.uncond = uncond_embedding.to(self.device, self.dtype)
         self._store: list[tuple[str, Tensor]] = []
         carrying = [i for i, b in enumerate(self.unet.up_blocks) if getattr(b, "attentions", None)]
         if len(carrying) < blocks:
-            raise ValueError(f"the UNet has {len(carrying)} attention-carrying up-blocks, fewer than blocks={blocks}")
+            raise InputError(f"the UNet has {len(carrying)} attention-carrying up-blocks, fewer than blocks={blocks}")
         #: the up-blocks whose self-attention is captured (the first ``blocks`` attention-carrying ones)
         self.hooked_blocks = [f"up_blocks.{i}" for i in carrying[:blocks]]
         #: the attn1 modules captured, in the order they run; ``last_captured`` lists (name, tokens) of the maps
@@ -327,10 +331,10 @@ class SD2Affinity:
     def _empty_prompt_embedding(weights: str | None) -> Tensor:
         try:
             from transformers import CLIPTextModel, CLIPTokenizer
-        except ImportError:
+        except ImportError as err:
             raise ImportError(
                 "affinity='sd2' needs transformers for the empty-prompt embedding: pip install 'ovss_fast[sd]'"
-            ) from None
+            ) from err
         tokenizer = CLIPTokenizer.from_pretrained(weights, subfolder="tokenizer")
         encoder = CLIPTextModel.from_pretrained(weights, subfolder="text_encoder").eval()
         ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
@@ -375,8 +379,8 @@ class SD2Affinity:
 def _require_timm() -> Any:
     try:
         import timm
-    except ImportError:
-        raise ImportError("affinity='dino' needs timm: pip install 'ovss_fast[dino]'") from None
+    except ImportError as err:
+        raise ImportError("affinity='dino' needs timm: pip install 'ovss_fast[dino]'") from err
     return timm
 
 
@@ -409,13 +413,13 @@ class DinoAffinity:
                 model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay,
                                           num_classes=0, dynamic_img_size=True)
             except Exception as exc:  # timm raises many kinds (download, unknown name, key mismatch)
-                raise RuntimeError(
+                raise ModelLoadError(
                     f"could not build DINO model {arch!r} with weights {weights or 'from the hub'}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Pass "
+                    f"{load_failure(exc)}. Pass "
                     "affinity_weights=/path/to/dino_checkpoint.pth (a local state dict for that architecture)"
-                ) from None
+                ) from exc
         if not getattr(model, "dynamic_img_size", False):
-            raise ValueError("the DINO model must be a timm ViT created with dynamic_img_size=True")
+            raise InputError("the DINO model must be a timm ViT created with dynamic_img_size=True")
         self.model = model.to(self.device, self.dtype).eval()
         cfg = getattr(model, "pretrained_cfg", None) or {}
         self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
@@ -459,7 +463,7 @@ def build_affinity(affinity: str | AffinityFn, *, weights: str | None, device: t
         return SD2Affinity(weights or SD2_DEFAULT, device=device, dtype=dtype)
     if affinity == "dino":
         return DinoAffinity(weights, device=device, dtype=dtype)
-    raise ValueError(
+    raise InputError(
         f"affinity must be one of {', '.join(map(repr, BUILTIN))} or a callable (image, grid) -> [B, N, N]; "
         f"got {affinity!r}"
     )

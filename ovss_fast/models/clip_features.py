@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ovss_fast.errors import InputError, InputTypeError
+
 #: Name of a tiny open_clip config (ViT, width 64, 2 layers, patch 16, 64 px; text width 64, 2 layers;
 #: embedding 32) registered by :func:`register_tiny_config`; for tests and offline smoke runs with
 #: random weights only.
@@ -78,18 +80,18 @@ def parse_class_names(class_names: str | Sequence[str]) -> list[list[str]]:
     elif isinstance(class_names, Sequence):
         entries = list(class_names)
     else:
-        raise TypeError(
+        raise InputTypeError(
             f"class_names must be a list of strings or a comma-separated string, got {type(class_names).__name__}"
         )
     if not entries:
-        raise ValueError("class_names is empty: give at least one class, e.g. ['cat; kitten', 'dog', 'grass']")
+        raise InputError("class_names is empty: give at least one class, e.g. ['cat; kitten', 'dog', 'grass']")
     classes = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, str):
-            raise TypeError(f"class_names[{i}] must be a string, got {type(entry).__name__}")
+            raise InputTypeError(f"class_names[{i}] must be a string, got {type(entry).__name__}")
         synonyms = [s.strip() for s in entry.split(";") if s.strip()]
         if not synonyms:
-            raise ValueError(f"class_names[{i}] = {entry!r} names no class (empty after splitting on ';')")
+            raise InputError(f"class_names[{i}] = {entry!r} names no class (empty after splitting on ';')")
         classes.append(synonyms)
     _reject_duplicates(classes, entries)
     return classes
@@ -107,7 +109,7 @@ def _reject_duplicates(classes: list[list[str]], entries: list[str]) -> None:
                 j = seen[key]
                 where = (f"twice in class_names[{i}] = {entries[i]!r}" if j == i else
                          f"in class_names[{j}] = {entries[j]!r} and class_names[{i}] = {entries[i]!r}")
-                raise ValueError(f"class_names has a duplicate name {name!r} ({where}); each name must belong to "
+                raise InputError(f"class_names has a duplicate name {name!r} ({where}); each name must belong to "
                                  "one class (a duplicate's score equals the first's, so it could never win)")
             seen[key] = i
 
@@ -141,7 +143,7 @@ def text_embeddings(
     templates is L2-normalised again (CLIP's zero-shot recipe).
     """
     if not templates:
-        raise ValueError("templates is empty: give at least one prompt template such as '{}' or 'a photo of a {}.'")
+        raise InputError("templates is empty: give at least one prompt template such as '{}' or 'a photo of a {}.'")
     prompts = [_render(t, n) for n in names for t in templates]
     out = []
     for i in range(0, len(prompts), chunk):
@@ -200,15 +202,15 @@ _REMOVED_FEATURES = {
 def check_features(features: object) -> str:
     """``features`` if it names a preset of :data:`FEATURE_PRESETS`, else a ValueError listing them."""
     if isinstance(features, str) and features in _REMOVED_FEATURES:
-        raise ValueError(_REMOVED_FEATURES[features])
+        raise InputError(_REMOVED_FEATURES[features])
     if not isinstance(features, str) or features not in FEATURE_PRESETS:
-        raise ValueError(f"features must be one of {', '.join(map(repr, FEATURES))}; got {features!r}")
+        raise InputError(f"features must be one of {', '.join(map(repr, FEATURES))}; got {features!r}")
     return features
 
 
 def check_pos_interp(pos_interp: object) -> str:
     if not isinstance(pos_interp, str) or pos_interp not in POS_INTERP:
-        raise ValueError(f"pos_interp must be one of {', '.join(map(repr, POS_INTERP))}; got {pos_interp!r}")
+        raise InputError(f"pos_interp must be one of {', '.join(map(repr, POS_INTERP))}; got {pos_interp!r}")
     return pos_interp
 
 
@@ -377,19 +379,19 @@ def check_visual(visual: nn.Module) -> None:
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
     if not isinstance(visual, VisionTransformer):
-        raise ValueError(
+        raise InputError(
             f"dense features need an open_clip VisionTransformer image tower or a transformers CLIP model, got "
             f"{type(visual).__name__}; use a ViT model such as 'ViT-B-16' or 'hf:openai/clip-vit-base-patch16' "
             "(ResNet and timm towers are not supported)"
         )
     last = visual.transformer.resblocks[-1]
     if not isinstance(last, ResidualAttentionBlock) or not last.attn._qkv_same_embed_dim:
-        raise ValueError(
+        raise InputError(
             f"the last vision block is a {type(last).__name__}; ovss_fast supports open_clip ViTs whose blocks use "
             "nn.MultiheadAttention (e.g. 'ViT-B-16', 'ViT-L-14')"
         )
     if visual.attn_pool is not None:
-        raise ValueError("open_clip ViTs with an attentional pooler (CoCa) are not supported for dense features")
+        raise InputError("open_clip ViTs with an attentional pooler (CoCa) are not supported for dense features")
 
 
 class DenseCLIP:
@@ -421,7 +423,7 @@ class DenseCLIP:
         self.preset = FEATURE_PRESETS[features]
         self.pos_interp = check_pos_interp(pos_interp)
         if isinstance(naclip_std, bool) or not isinstance(naclip_std, (int, float)) or not naclip_std > 0:
-            raise ValueError(f"naclip_std must be a positive number, got {naclip_std!r}")
+            raise InputError(f"naclip_std must be a positive number, got {naclip_std!r}")
         self.naclip_std = float(naclip_std)
         self.tower = _tower(visual)
         self.visual = visual
@@ -464,7 +466,7 @@ class DenseCLIP:
         B, _, H, W = x.shape
         ph, pw = self.patch
         if H % ph or W % pw or H == 0 or W == 0:
-            raise ValueError(f"image crop of size {H}x{W} is not a positive multiple of the patch size {ph}x{pw}")
+            raise InputError(f"image crop of size {H}x{W} is not a positive multiple of the patch size {ph}x{pw}")
         grid = (H // ph, W // pw)
         x = t.conv(x.to(self.dtype))  # [B, width, h, w]
         x = x.reshape(B, x.shape[1], -1).permute(0, 2, 1)  # [B, N, width]

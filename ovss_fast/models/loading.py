@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ovss_fast.errors import InputError, InputTypeError, ModelLoadError
 from ovss_fast.models.clip_features import TINY_MODEL, hf_vision_parts, register_tiny_config
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
@@ -32,6 +34,37 @@ _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 HF_PREFIX = "hf:"
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+# --------------------------------------------------------------------------- errors
+def state_dict_mismatch(message: str, shown: int = 4) -> str:
+    """What torch's ``load_state_dict`` error says does not match, shortened: "missing keys (12): a, b, c, d
+    and 8 more; unexpected keys (2): x, y; shape mismatch (1): w (checkpoint [3, 4], model [4, 4])";
+    '' when the message is not one of those."""
+    def keys(kind: str) -> list[str]:
+        found = re.search(kind + r' key\(s\) in state_dict: ((?:"[^"]*"(?:, )?)+)', message)
+        return re.findall(r'"([^"]*)"', found.group(1)) if found else []
+
+    def listed(what: str, items: list[str]) -> str:
+        more = f" and {len(items) - shown} more" if len(items) > shown else ""
+        return f"{what} ({len(items)}): {', '.join(items[:shown])}{more}"
+
+    shapes = [f"{k} (checkpoint [{a}], model [{b}])" for k, a, b in re.findall(
+        r"size mismatch for ([^:\s]+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from checkpoint, "
+        r"the shape in current model is torch\.Size\(\[([^\]]*)\]\)", message)]
+    parts = [listed(what, items) for what, items in (("missing keys", keys("Missing")),
+                                                     ("unexpected keys", keys("Unexpected")),
+                                                     ("shape mismatch", shapes)) if items]
+    return "; ".join(parts)
+
+
+def load_failure(exc: BaseException) -> str:
+    """The part of a loader's exception worth one message: the mismatched keys of a state dict, else its first
+    line (the whole exception stays chained as ``__cause__``)."""
+    mismatch = state_dict_mismatch(str(exc))
+    if mismatch:
+        return f"the state dict does not match the model ({mismatch})"
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- open_clip
@@ -45,7 +78,7 @@ def build_open_clip(model: str, pretrained: str | os.PathLike | None, *, device:
     import open_clip
 
     if not isinstance(model, str):
-        raise TypeError(f"model must be an open_clip model name or an nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"model must be an open_clip model name or an nn.Module, got {type(model).__name__}")
     if model == TINY_MODEL:
         register_tiny_config()
     if model.startswith(("local-dir:", "hf-hub:")):
@@ -54,7 +87,7 @@ def build_open_clip(model: str, pretrained: str | os.PathLike | None, *, device:
     if model not in names:
         close = difflib.get_close_matches(model, names, n=5, cutoff=0.6)
         hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
-        raise ValueError(
+        raise InputError(
             f"unknown open_clip model {model!r}; {hint}open_clip.list_models() lists the {len(names)} known "
             f"names (e.g. 'ViT-B-16', 'ViT-L-14'); '{TINY_MODEL}' is a tiny config for tests with pretrained=None"
         )
@@ -83,7 +116,7 @@ def build_open_clip(model: str, pretrained: str | os.PathLike | None, *, device:
             tags = open_clip.list_pretrained_tags_by_model(model)
             if pretrained not in tags:
                 known = ", ".join(map(repr, tags)) if tags else "none"
-                raise ValueError(
+                raise InputError(
                     f"unknown pretrained tag {pretrained!r} for open_clip model {model!r} (known tags: {known}); "
                     "or pass a local checkpoint file as pretrained='/path/to/checkpoint.pt'"
                 )
@@ -97,20 +130,20 @@ def build_open_clip(model: str, pretrained: str | os.PathLike | None, *, device:
         clip = open_clip.create_model(model, pretrained=pretrained, precision=precision, device=device,
                                       cache_dir=cache_dir, **kwargs)
     except Exception as exc:  # open_clip raises RuntimeError, OSError, KeyError, hub errors ...
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = load_failure(exc)
         if source == "tag":
-            raise RuntimeError(
+            raise ModelLoadError(
                 f"could not get open_clip weights {model!r} / {pretrained!r}: {first}. If this machine is offline, "
                 "download them once when online (open_clip caches them), or pass a local file: "
                 f"pretrained='/path/to/checkpoint.pt' (an open_clip or OpenAI checkpoint of {model!r}; "
                 "for OpenAI's own .pt files use the '-quickgelu' model name, e.g. 'ViT-B-16-quickgelu')"
-            ) from None
+            ) from exc
         if source == "file":
-            raise RuntimeError(
+            raise ModelLoadError(
                 f"could not load weights file {pretrained!r} into open_clip model {model!r}: {first}. "
                 f"The file must be an open_clip or OpenAI checkpoint (state dict) of {model!r}"
-            ) from None
-        raise RuntimeError(f"could not build open_clip model {model!r}: {first}") from None
+            ) from exc
+        raise ModelLoadError(f"could not build open_clip model {model!r}: {first}") from exc
     tokenizer = open_clip.get_tokenizer(model)
     return clip.eval(), tokenizer
 
@@ -133,12 +166,12 @@ def _build_from_schema(model: str, *, device: torch.device, dtype: torch.dtype,
                                       require_pretrained=True)
         tokenizer = open_clip.get_tokenizer(model, cache_dir=cache_dir)
     except Exception as exc:  # hub, JSON and checkpoint errors of many kinds
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RuntimeError(
+        first = load_failure(exc)
+        raise ModelLoadError(
             f"could not load open_clip model {model!r}: {first}. Offline, pass a folder you downloaded: "
             "model='local-dir:/path/to/folder' (open_clip_config.json and weights), or a built-in name with "
             "pretrained='/path/to/checkpoint.pt'"
-        ) from None
+        ) from exc
     return clip.eval(), tokenizer
 
 
@@ -152,10 +185,10 @@ def _default_tokenizer(model: nn.Module) -> Callable:
 def _require_transformers() -> Any:
     try:
         import transformers
-    except ImportError:
+    except ImportError as err:
         raise ImportError(
             "HuggingFace CLIP models need transformers, which is not installed: pip install 'ovss_fast[hf]'"
-        ) from None
+        ) from err
     return transformers
 
 
@@ -198,7 +231,7 @@ class HFCLIP(nn.Module):
     def __init__(self, clip: nn.Module) -> None:
         super().__init__()
         if not is_hf_clip(clip):
-            raise TypeError(f"expected a transformers CLIPModel, got {type(clip).__name__}")
+            raise InputTypeError(f"expected a transformers CLIPModel, got {type(clip).__name__}")
         self.clip = clip
         self.visual = _HFVisual(clip)
         text_cfg = getattr(getattr(clip, "config", None), "text_config", None)
@@ -226,7 +259,7 @@ def load_hf(spec: str, *, device: torch.device, dtype: torch.dtype, cache_dir: s
     transformers = _require_transformers()
     source = spec[len(HF_PREFIX):].strip()
     if not source:
-        raise ValueError("model='hf:' names no model; use e.g. 'hf:openai/clip-vit-base-patch16' or "
+        raise InputError("model='hf:' names no model; use e.g. 'hf:openai/clip-vit-base-patch16' or "
                          "'hf:/path/to/folder' (a folder written by CLIPModel.save_pretrained)")
     expanded = os.path.expanduser(source)
     local = os.path.isabs(expanded) or source.startswith((".", "~")) or os.path.exists(expanded)
@@ -247,12 +280,12 @@ def load_hf(spec: str, *, device: torch.device, dtype: torch.dtype, cache_dir: s
         dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         clip = transformers.CLIPModel.from_pretrained(source, cache_dir=cache_dir, **{dtype_kw: dtype})
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RuntimeError(f"could not load transformers CLIPModel {source!r}: {first}. {offline_hint}") from None
+        raise ModelLoadError(f"could not load transformers CLIPModel {source!r}: {load_failure(exc)}. "
+                             f"{offline_hint}") from exc
     wrapped = HFCLIP(clip)
     if tokenizer is None:
-        def no_tokenizer(why: str) -> RuntimeError:
-            return RuntimeError(
+        def no_tokenizer(why: str) -> ModelLoadError:
+            return ModelLoadError(
                 f"could not load the tokenizer of {source!r}: {why}. The folder needs the tokenizer files "
                 "(tokenizer.json or vocab.json + merges.txt: tokenizer.save_pretrained(folder)), or pass "
                 f"tokenizer=... (a transformers CLIPTokenizer or open_clip.get_tokenizer('ViT-B-16')). {offline_hint}"
@@ -263,7 +296,7 @@ def load_hf(spec: str, *, device: torch.device, dtype: torch.dtype, cache_dir: s
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise no_tokenizer(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+            raise no_tokenizer(load_failure(exc)) from exc
         vocab = int(getattr(clip.config.text_config, "vocab_size", 0) or 0)
         if len(tokenizer) < vocab // 2:  # transformers 5 builds an empty tokenizer when the files are missing
             raise no_tokenizer(f"it has {len(tokenizer)} tokens but the text model has {vocab}")
@@ -279,11 +312,11 @@ def wrap_model(model: nn.Module, tokenizer: Callable | None) -> tuple[nn.Module,
         model, name = HFCLIP(model), type(model).__name__
     else:
         if getattr(model, "visual", None) is None:
-            raise ValueError(f"model {type(model).__name__} has no .visual image tower; pass an open_clip CLIP model "
+            raise InputError(f"model {type(model).__name__} has no .visual image tower; pass an open_clip CLIP model "
                              "or a transformers CLIPModel")
         return model, tokenizer or _default_tokenizer(model), type(model).__name__
     if tokenizer is None:
-        raise ValueError("a transformers CLIPModel needs its tokenizer: Segmenter.from_model(model, tokenizer) with "
+        raise InputError("a transformers CLIPModel needs its tokenizer: Segmenter.from_model(model, tokenizer) with "
                          "e.g. transformers.AutoTokenizer.from_pretrained('openai/clip-vit-base-patch16')")
     return model, _hf_tokenizer(tokenizer, model.context_length), name
 
@@ -292,7 +325,7 @@ def load_model(model: str, pretrained: str | os.PathLike | None, *, device: torc
                cache_dir: str | None = None, tokenizer: Callable | None = None) -> tuple[nn.Module, Callable, str]:
     """A model name (open_clip, 'local-dir:', 'hf-hub:' or 'hf:') -> (model in eval mode, tokenizer, name)."""
     if not isinstance(model, str):
-        raise TypeError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
     if model.startswith(HF_PREFIX):
         return load_hf(model, device=device, dtype=dtype, cache_dir=cache_dir, tokenizer=tokenizer)
     clip, tok = build_open_clip(model, pretrained, device=device, dtype=dtype, cache_dir=cache_dir)
@@ -317,10 +350,10 @@ def load_frozen(model: str | nn.Module, pretrained: str | os.PathLike | None = N
     (default CUDA if available) in ``dtype`` (default: a built model's own; for names float16 on CUDA,
     float32 on the CPU), in eval mode with every parameter frozen."""
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
+        raise InputTypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu'")
+        raise InputError(f"device={device!r} but CUDA is not available here; use device='cpu'")
     if isinstance(model, nn.Module):
         clip, tok, name = wrap_model(model, tokenizer)
         clip = clip.to(dev).eval()

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ovss_fast.errors import InputError
 from ovss_fast.kernels import reference
 from ovss_fast.kernels.dispatch import select
 from ovss_fast.ops import validate as check
@@ -116,7 +117,7 @@ def discrepancy(
         with torch.no_grad():
             return impl.kl_scores(q)
     if affinity is None:
-        raise ValueError(f"mode={mode!r} needs an affinity [B, N, N]; got None")
+        raise InputError(f"mode={mode!r} needs an affinity [B, N, N]; got None")
     if mode == "op":
         impl = select("sinkhorn_scores", backend, (q, affinity), op_params)
         with torch.no_grad():

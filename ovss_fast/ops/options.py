@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ovss_fast.errors import InputTypeError
 from ovss_fast.ops import validate as check
 
 #: the ops a head option can belong to (``jbu``: both jbu_upsample and jbu_argmax)
@@ -89,7 +90,7 @@ class HeadOptions:
         """HeadOptions from keywords, a TypeError naming ``where`` and the valid names for an unknown one."""
         unknown = sorted(set(options) - set(cls.names()))
         if unknown:
-            raise TypeError(f"{where} got unknown parameters {unknown}; the head's options are "
+            raise InputTypeError(f"{where} got unknown parameters {unknown}; the head's options are "
                             f"{', '.join(cls.names())}")
         return cls(**options)
 

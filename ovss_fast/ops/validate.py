@@ -1,7 +1,7 @@
 """Input checks shared by every public entry point (method.md section 5).
 
-Each check raises TypeError (wrong type or dtype) or ValueError (wrong shape or
-value) with a message that names the argument and what was seen.
+Each check raises InputTypeError (a TypeError: wrong type or dtype) or InputError (a ValueError: wrong
+shape or value; both :mod:`ovss_fast.errors`) with a message that names the argument and what was seen.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ovss_fast.errors import InputError, InputTypeError
 from ovss_fast.kernels.common import NMS_AXES, TRANSITIONS  # noqa: F401  (re-exported: the checks' choices)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -36,15 +37,15 @@ def has_values(x: Tensor) -> bool:
 def tensor(name: str, x: object, rank: int, *, allow_neg_inf: bool = False) -> Tensor:
     """A floating tensor of the given rank, finite, without autograd."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
+        raise InputTypeError(
             f"{name} has unsupported dtype {x.dtype}; expected one of float16, bfloat16, float32, float64"
         )
     if x.dim() != rank:
-        raise ValueError(f"{name} should be a {rank}D tensor, got {x.dim()}D with shape {tuple(x.shape)}")
+        raise InputError(f"{name} should be a {rank}D tensor, got {x.dim()}D with shape {tuple(x.shape)}")
     if x.requires_grad:
-        raise ValueError(
+        raise InputError(
             f"{name} requires grad; ovss_fast is autograd-free: pass {name}.detach() or run under torch.no_grad()"
         )
     if has_values(x):
@@ -55,7 +56,7 @@ def tensor(name: str, x: object, rank: int, *, allow_neg_inf: bool = False) -> T
             bad = ~torch.isfinite(x).all()
             what = "NaN or Inf"
         if bool(bad):
-            raise ValueError(f"{name} contains {what} values (shape {tuple(x.shape)})")
+            raise InputError(f"{name} contains {what} values (shape {tuple(x.shape)})")
     return x
 
 
@@ -63,15 +64,15 @@ def same_device(**tensors: Tensor) -> torch.device:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         seen = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"all inputs must be on one device, got {seen}")
+        raise InputError(f"all inputs must be on one device, got {seen}")
     return next(iter(devices.values()))
 
 
 def positive(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
+        raise InputError(f"{name} must be a positive finite number, got {value}")
     return float(value)
 
 
@@ -80,12 +81,12 @@ def count(name: str, value: int, *, minimum: int = 0, maximum: int | None = None
 
     why: appended to the range error (what goes wrong outside it)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be an integer, got {type(value).__name__}")
     value = int(value)
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}{why}")
+        raise InputError(f"{name} must be >= {minimum}, got {value}{why}")
     if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}{why}")
+        raise InputError(f"{name} must be <= {maximum}, got {value}{why}")
     return value
 
 
@@ -97,13 +98,13 @@ def radius(value: int, name: str = "radius") -> int:
     """The JBU radius: 0..64, the compiled backends' cap and message, for every backend."""
     r = count(name, value, minimum=0)
     if r > MAX_RADIUS:
-        raise ValueError(f"{name} must be <= {MAX_RADIUS} ({(2 * r + 1) * (2 * r + 1)} taps per pixel), got {r}")
+        raise InputError(f"{name} must be <= {MAX_RADIUS} ({(2 * r + 1) * (2 * r + 1)} taps per pixel), got {r}")
     return r
 
 
 def choice(name: str, value: str, options: Sequence[str]) -> str:
     if value not in options:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+        raise InputError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
     return value
 
 
@@ -112,9 +113,9 @@ def threshold(name: str, value: float | None) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number in (0, 1] or None (off), got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be a number in (0, 1] or None (off), got {type(value).__name__}")
     if not (0.0 < value <= 1.0):
-        raise ValueError(f"{name} must lie in (0, 1] (or be None for off), got {value}")
+        raise InputError(f"{name} must lie in (0, 1] (or be None for off), got {value}")
     return float(value)
 
 
@@ -128,25 +129,25 @@ def backend_options(value: object, name: str = "backend_options") -> dict[str, o
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a dict of options or None, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be a dict of options or None, got {type(value).__name__}")
     try:
         TritonOptions().with_(value, argument=name)
     except ValueError as err:
-        raise ValueError(f"{name}: {err}" if not str(err).startswith(name) else str(err)) from None
+        raise InputError(f"{name}: {err}" if not str(err).startswith(name) else str(err)) from err
     return dict(value)
 
 
 def flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        raise InputTypeError(f"{name} must be True or False, got {value!r}")
     return value
 
 
 def nms_ratio(value: float, name: str = "nms") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (0.0 <= value <= 1.0):
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        raise InputError(f"{name} must lie in [0, 1], got {value}")
     return float(value)
 
 
@@ -155,44 +156,44 @@ def features_and_text(feats: object, text: object) -> tuple[Tensor, Tensor]:
     text = tensor("text", text, 2)
     same_device(feats=feats, text=text)
     if text.shape[0] == 0:
-        raise ValueError("text has C = 0 classes (shape (0, D)); give at least one class")
+        raise InputError("text has C = 0 classes (shape (0, D)); give at least one class")
     for name, x in (("feats", feats), ("text", text)):
         if x.shape[-1] == 0:
-            raise ValueError(f"{name} has D = 0 feature width (shape {tuple(x.shape)}); the cosine needs at least "
+            raise InputError(f"{name} has D = 0 feature width (shape {tuple(x.shape)}); the cosine needs at least "
                              "one feature")
     if feats.shape[2] != text.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"feats and text disagree on the feature width D: feats {tuple(feats.shape)} has D = "
             f"{feats.shape[2]}, text {tuple(text.shape)} has D = {text.shape[1]}"
         )
     if feats.shape[1] == 0:
-        raise ValueError(f"feats has N = 0 patches (shape {tuple(feats.shape)})")
+        raise InputError(f"feats has N = 0 patches (shape {tuple(feats.shape)})")
     return feats, text
 
 
 def affinity(affinity: object, n: int | None = None, batch: int | None = None) -> Tensor:
     a = tensor("affinity", affinity, 3)
     if a.shape[1] != a.shape[2]:
-        raise ValueError(f"affinity must be square [B, N, N], got shape {tuple(a.shape)}")
+        raise InputError(f"affinity must be square [B, N, N], got shape {tuple(a.shape)}")
     if a.shape[1] == 0:
-        raise ValueError(f"affinity has N = 0 patches (shape {tuple(a.shape)})")
+        raise InputError(f"affinity has N = 0 patches (shape {tuple(a.shape)})")
     if n is not None and a.shape[1] != n:
-        raise ValueError(f"affinity has N = {a.shape[1]} (shape {tuple(a.shape)}) but the patches number N = {n}")
+        raise InputError(f"affinity has N = {a.shape[1]} (shape {tuple(a.shape)}) but the patches number N = {n}")
     if batch is not None and a.shape[0] != batch:
-        raise ValueError(f"affinity has B = {a.shape[0]} (shape {tuple(a.shape)}) but the batch is B = {batch}")
+        raise InputError(f"affinity has B = {a.shape[0]} (shape {tuple(a.shape)}) but the batch is B = {batch}")
     if has_values(a) and bool((a < 0).any()):
-        raise ValueError(f"affinity must be non-negative, got a minimum of {float(a.min())}")
+        raise InputError(f"affinity must be non-negative, got a minimum of {float(a.min())}")
     return a
 
 
 def class_scores(q: object) -> Tensor:
     q = tensor("q", q, 3)
     if q.shape[2] == 0:
-        raise ValueError(f"q has C = 0 classes (shape {tuple(q.shape)})")
+        raise InputError(f"q has C = 0 classes (shape {tuple(q.shape)})")
     if q.shape[1] == 0:
-        raise ValueError(f"q has N = 0 patches (shape {tuple(q.shape)})")
+        raise InputError(f"q has N = 0 patches (shape {tuple(q.shape)})")
     if has_values(q) and bool((q < 0).any()):
-        raise ValueError(f"q must be non-negative (distributions over patches), got a minimum of {float(q.min())}")
+        raise InputError(f"q must be non-negative (distributions over patches), got a minimum of {float(q.min())}")
     return q
 
 
@@ -201,17 +202,17 @@ def grid(n: int, grid: object) -> tuple[int, int]:
     if grid is None:
         side = math.isqrt(n)
         if side * side != n:
-            raise ValueError(f"grid=None needs a square patch count, got N = {n}; pass grid=(h, w) with h * w = {n}")
+            raise InputError(f"grid=None needs a square patch count, got N = {n}; pass grid=(h, w) with h * w = {n}")
         return side, side
     if (
         not isinstance(grid, (tuple, list))
         or len(grid) != 2
         or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in grid)
     ):
-        raise TypeError(f"grid must be a pair of ints (h, w), got {grid!r}")
+        raise InputTypeError(f"grid must be a pair of ints (h, w), got {grid!r}")
     h, w = int(grid[0]), int(grid[1])
     if h <= 0 or w <= 0 or h * w != n:
-        raise ValueError(f"grid {tuple(grid)} does not match N = {n} patches (h * w must equal N)")
+        raise InputError(f"grid {tuple(grid)} does not match N = {n} patches (h * w must equal N)")
     return h, w
 
 
@@ -220,7 +221,7 @@ def finite_scores(scores: Tensor, mode: str, affinity: Tensor, eps: float) -> Te
     a NaN or +Inf there comes from the affinity's range, so the error names the affinity."""
     if has_values(scores) and bool(torch.isnan(scores).any() | (scores == float("inf")).any()):
         lo, hi = float(affinity.min()), float(affinity.max())
-        raise ValueError(
+        raise InputError(
             f"mode={mode!r} gave NaN or +Inf scores for this affinity (shape {tuple(affinity.shape)}, values in "
             f"[{lo:g}, {hi:g}], eps={eps:g}): its range defeats float32 arithmetic; rescale the affinity "
             "(e.g. affinity / affinity.amax()) or raise eps")
@@ -237,18 +238,18 @@ def scores_and_guide(scores: object, guide: object) -> tuple[Tensor, Tensor]:
     same_device(scores=scores, guide=guide)
     B, C, h, w = scores.shape
     if C == 0:
-        raise ValueError(f"scores has C = 0 classes (shape {tuple(scores.shape)})")
+        raise InputError(f"scores has C = 0 classes (shape {tuple(scores.shape)})")
     if h == 0 or w == 0:
-        raise ValueError(f"scores has an empty grid (shape {tuple(scores.shape)})")
+        raise InputError(f"scores has an empty grid (shape {tuple(scores.shape)})")
     if guide.shape[0] != B:
-        raise ValueError(f"guide has B = {guide.shape[0]} (shape {tuple(guide.shape)}) but scores has B = {B}")
+        raise InputError(f"guide has B = {guide.shape[0]} (shape {tuple(guide.shape)}) but scores has B = {B}")
     if guide.shape[1] != 3:
-        raise ValueError(f"guide must be an RGB image [B, 3, H, W], got shape {tuple(guide.shape)}")
+        raise InputError(f"guide must be an RGB image [B, 3, H, W], got shape {tuple(guide.shape)}")
     if guide.shape[2] == 0 or guide.shape[3] == 0:
-        raise ValueError(f"guide has an empty image (shape {tuple(guide.shape)})")
+        raise InputError(f"guide has an empty image (shape {tuple(guide.shape)})")
     lo, hi = (float(guide.min()), float(guide.max())) if has_values(guide) else (0.0, 1.0)
     if lo < 0.0 or hi > 1.0:
-        raise ValueError(
+        raise InputError(
             f"guide values must lie in [0, 1], got min {lo:g} and max {hi:g} "
             "(an 8-bit image wants guide / 255)"
         )
@@ -258,9 +259,10 @@ def scores_and_guide(scores: object, guide: object) -> tuple[Tensor, Tensor]:
 def dilations(value: object, name: str = "dilations") -> tuple[int, ...]:
     """PAMR's dilations: a non-empty sequence of positive integers (repeats allowed, as the peers' module)."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a sequence of positive integers such as (8, 16), got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be a sequence of positive integers such as (8, 16), "
+                             f"got {type(value).__name__}")
     if len(value) == 0:
-        raise ValueError(f"{name} must hold at least one dilation, got {tuple(value)}")
+        raise InputError(f"{name} must hold at least one dilation, got {tuple(value)}")
     return tuple(count(f"{name}[{i}]", d, minimum=1) for i, d in enumerate(value))
 
 
@@ -271,13 +273,13 @@ def scores_and_image(scores: object, image: object) -> tuple[Tensor, Tensor]:
     same_device(scores=scores, image=image)
     B, C, h, w = scores.shape
     if C == 0:
-        raise ValueError(f"scores has C = 0 classes (shape {tuple(scores.shape)})")
+        raise InputError(f"scores has C = 0 classes (shape {tuple(scores.shape)})")
     if h == 0 or w == 0:
-        raise ValueError(f"scores has an empty grid (shape {tuple(scores.shape)})")
+        raise InputError(f"scores has an empty grid (shape {tuple(scores.shape)})")
     if image.shape[0] != B:
-        raise ValueError(f"image has B = {image.shape[0]} (shape {tuple(image.shape)}) but scores has B = {B}")
+        raise InputError(f"image has B = {image.shape[0]} (shape {tuple(image.shape)}) but scores has B = {B}")
     if image.shape[1] == 0:
-        raise ValueError(f"image has K = 0 channels (shape {tuple(image.shape)})")
+        raise InputError(f"image has K = 0 channels (shape {tuple(image.shape)})")
     if image.shape[2] == 0 or image.shape[3] == 0:
-        raise ValueError(f"image has an empty image (shape {tuple(image.shape)})")
+        raise InputError(f"image has an empty image (shape {tuple(image.shape)})")
     return scores, image

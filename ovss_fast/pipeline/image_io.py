@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ovss_fast.errors import InputError
+
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 _ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -37,14 +39,14 @@ def decode(im: Any, *, exif: bool = False) -> np.ndarray:
     if mode in _SIXTEEN_BIT or mode == "I":
         raw = np.asarray(im)
         if mode == "I" and raw.size and (int(raw.min()) < 0 or int(raw.max()) > 65535):
-            raise ValueError(f"image mode 'I' (32-bit integers) holds values {int(raw.min())}..{int(raw.max())}; "
+            raise InputError(f"image mode 'I' (32-bit integers) holds values {int(raw.min())}..{int(raw.max())}; "
                              "only 0..65535 (16-bit) is understood")
         grey = raw.astype(np.float32) / np.float32(65535.0)
         return np.repeat(grey[..., None], 3, axis=-1)
     if mode == "F":
         grey = np.asarray(im, dtype=np.float32)
         if grey.size and not (np.isfinite(grey).all() and grey.min() >= 0.0 and grey.max() <= 1.0):
-            raise ValueError(f"image mode 'F' (32-bit floats) must lie in [0, 1], got {float(np.nanmin(grey)):g}.."
+            raise InputError(f"image mode 'F' (32-bit floats) must lie in [0, 1], got {float(np.nanmin(grey)):g}.."
                              f"{float(np.nanmax(grey)):g}")
         return np.repeat(grey[..., None], 3, axis=-1)
     if mode in _ALPHA or "transparency" in im.info:

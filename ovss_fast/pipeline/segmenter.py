@@ -12,13 +12,17 @@ Pipeline for one image (method.md sections 1-4 on CLIP), and the module of each 
                                                      vocabulary, head_maps, options, ops
       -> windows' scores averaged on the grid, class score = max over its synonyms
       -> joint bilateral upsampling to (H, W) guided by the full-resolution image, argmax
+
+One call, one result: :meth:`Segmenter.predict` returns a :class:`~ovss_fast.pipeline.prediction.Prediction`
+(labels, scores, timings, fallbacks, the options used); :meth:`Segmenter.seg` and :meth:`Segmenter.scores`
+are views of it. What a call collects (stage timings, window fallbacks) goes into its own
+:class:`~ovss_fast.pipeline.prediction.RunRecord`, passed down; nothing on the shared Segmenter changes.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -32,6 +36,7 @@ from ovss_fast.models.clip_features import (
     check_features,
     check_pos_interp,
     normalise,
+    parse_class_names,
     preprocess_stats,
 )
 from ovss_fast.models.loading import (
@@ -48,6 +53,7 @@ from ovss_fast.pipeline.image_inputs import (
     load_image,
     map_by_size,
 )  # noqa: F401
+from ovss_fast.pipeline.prediction import Prediction, RunRecord
 from ovss_fast.pipeline.vocabulary import Vocabulary
 from ovss_fast.pipeline.windows import (
     DEFAULT_MEMORY_BUDGET,
@@ -133,9 +139,6 @@ class Segmenter:
                    "resize": None if resize is None else check.count("resize", resize, minimum=1),
                    "memory_budget": check.positive("memory_budget", memory_budget),
                    "batch_windows": check.flag("batch_windows", batch_windows)}
-        #: optional ``name -> context manager`` that times the pipeline's stages (visual, affinity,
-        #: class_distributions, discrepancy, jbu); None (default) times nothing
-        self.stage_timer: Callable[[str], AbstractContextManager] | None = None
         self.loaded = load_frozen(model, pretrained, device=device, dtype=dtype, tokenizer=tokenizer,
                                   cache_dir=cache_dir)
         self.dense = DenseCLIP(self.model.visual, features=features, pos_interp=pos_interp)
@@ -183,6 +186,21 @@ class Segmenter:
     templates = _held_by("vocabulary", "templates", "the prompt templates")
 
     @property
+    def settings(self) -> dict[str, Any]:
+        """The Segmenter's settings besides the head's options (windows and strides in pixels, None for the
+        whole image); a :class:`~ovss_fast.pipeline.prediction.Prediction` carries them."""
+        def px(cells: tuple[int, int] | None) -> tuple[int, int] | None:
+            return None if cells is None else self.windows.px_pair(cells)
+
+        return {"model": self.model_name, "affinity": self.affinity_name, "mode": self.mode, "head": self.head,
+                "features": self.features, "pos_interp": self.pos_interp, "bg_threshold": self.bg_threshold,
+                "aggregation": self.aggregation, "crop": self.crop, "antialias": self.antialias,
+                "resize": self.resize, "window": px(self.window), "stride": px(self.stride),
+                "fallback_window": px(self.fallback_window), "memory_budget": self.memory_budget,
+                "batch_windows": self.batch_windows, "backend": self.backend, "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""), "patch": tuple(self.patch)}
+
+    @property
     def op_params(self) -> dict[str, Any]:
         """The options of class_distributions and discrepancy (scale, nms, eps, ..., tau)."""
         return {**self.options.for_op("class_distributions"), **self.options.for_op("discrepancy")}
@@ -212,12 +230,8 @@ class Segmenter:
     def _window_bytes(self, cells: tuple[int, int], synonyms: int) -> int:
         return window_bytes(self.dense, self.mode, getattr(self, "affinity_fn", None), cells, synonyms)
 
-    def _stage(self, name: str) -> AbstractContextManager:
-        """Context for one pipeline stage; ``stage_timer`` (e.g. bench/bench_pipeline.py's) times it."""
-        return nullcontext() if self.stage_timer is None else self.stage_timer(name)
-
-    def _window_features(self, crops01: Tensor) -> tuple[Tensor, Tensor | None]:
-        """crops01 [M, 3, wh * ph, ww * pw] in [0, 1] -> (feats [M, n, D] float32, affinity [M, n, n] or None).
+    def _window_features(self, crops01: Tensor, record: RunRecord) -> tuple[Tensor, Tensor | None]:
+        """crops01 [M, 3, wh * ph, ww * pw] -> (feats [M, n, D] float32, affinity [M, n, n] or None).
 
         One forward of the visual tower for all M windows; the affinity source is called
         once with the whole batch (None for mode "kl" and head "logits").
@@ -225,56 +239,103 @@ class Segmenter:
         M = crops01.shape[0]
         grid = (crops01.shape[-2] // self.patch[0], crops01.shape[-1] // self.patch[1])
         need_attention = self.maps.needs_affinity and self.affinity_fn is None
-        with self._stage("visual"):
+        with record.stage("visual"):
             feats, attention = self.dense(normalise(crops01, self.mean, self.std), need_attention=need_attention)
             feats = feats.float()
         if not self.maps.needs_affinity:
             return feats, None
         if self.affinity_fn is None:
             return feats, attention
-        with self._stage("affinity"):
+        with record.stage("affinity"):
             affinity = check_affinity(self.affinity_fn(crops01, grid), grid[0] * grid[1], M,
                                       repr(self.affinity_name))
             return feats, affinity.to(crops01.device)
 
-    def _window_maps(self, crops01: Tensor, text: Tensor) -> Tensor:
+    def _window_maps(self, crops01: Tensor, text: Tensor, record: RunRecord) -> Tensor:
         """crops01 [M, 3, h, w] -> the head's per-synonym maps [M, n, K * S] (:meth:`HeadMaps.window_maps`)."""
-        feats, affinity = self._window_features(crops01)
-        return self.maps.window_maps(feats, affinity, text, self._stage)
+        feats, affinity = self._window_features(crops01, record)
+        return self.maps.window_maps(feats, affinity, text, record.stage)
 
     @torch.no_grad()
-    def _grid_maps(self, img: Tensor, text: Tensor, pixels: bool = False) -> Tensor:
+    def _grid_maps(self, img: Tensor, text: Tensor, record: RunRecord | None = None, pixels: bool = False) -> Tensor:
         """img [B, 3, H, W] -> per-synonym maps [B, K * S, gh, gw] averaged over windows on the patch grid
-        (:meth:`Windows.grid_maps`), or with ``pixels`` [B, K * S, h, w] at the processed size (the peers')."""
-        K, maps = len(self.maps.kinds) * text.shape[0], lambda crops: self._window_maps(crops, text)
-        return self.windows.pixel_maps(img, K, maps, self.mean) if pixels else self.windows.grid_maps(img, K, maps)
+        (:meth:`Windows.grid_maps`), or with ``pixels`` [B, K * S, h, w] at the processed size (the peers');
+        ``record``: the call's (a fresh one when None)."""
+        K = len(self.maps.kinds) * text.shape[0]
+        record = RunRecord() if record is None else record
 
-    def _finish(self, img: Tensor, guide: Tensor, text: Tensor, groups: list[list[int]], want: str) -> Tensor:
-        """img [B, 3, H, W] -> "grid" class scores at the aggregation's resolution, or "scores" / "labels"
-        at the guide's size (JBU guided by it for aggregation "grid", bilinear for "pixels")."""
+        def maps(crops: Tensor) -> Tensor:
+            return self._window_maps(crops, text, record)
+
+        if pixels:
+            return self.windows.pixel_maps(img, K, maps, self.mean, record)
+        return self.windows.grid_maps(img, K, maps, record)
+
+    def _finish(self, img: Tensor, guide: Tensor, text: Tensor, groups: list[list[int]], record: RunRecord,
+                labels: bool, full: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """img [B, 3, H, W] -> (labels [B, H', W'] if ``labels``, class scores at the aggregation's resolution,
+        class scores at the guide's size [B, C, H', W'] if ``full``): JBU guided by the guide for aggregation
+        "grid", bilinear for "pixels"."""
+        size = tuple(guide.shape[-2:])
         if self.aggregation == "pixels":
-            maps = self._grid_maps(img, text, pixels=True)
-            if want != "grid" and tuple(maps.shape[-2:]) != tuple(guide.shape[-2:]):
-                maps = F.interpolate(maps, size=tuple(guide.shape[-2:]), mode="bilinear", align_corners=False)
+            maps = self._grid_maps(img, text, record, pixels=True)
             scores, probs = self.maps.class_maps(maps, groups)
-            return scores if want in ("grid", "scores") else self.maps.labels(scores, probs)
-        scores, probs = self.maps.class_maps(self._grid_maps(img, text), groups)
-        if want == "grid":
-            return scores
-        with self._stage("jbu"):
-            if want == "labels" and self.bg_threshold is None:
-                return jbu_argmax(scores, guide, backend=self.backend, **self.jbu_params)
-            up = jbu_upsample(scores, guide, backend=self.backend, **self.jbu_params)
-            if want == "scores":
-                return up
-            if probs is not None and probs is not scores:
-                probs = jbu_upsample(probs, guide, backend=self.backend, **self.jbu_params)
-            return self.maps.labels(up, up if probs is scores else probs)
+            if not (labels or full):
+                return None, scores, None
+            up, up_probs = scores, probs
+            if tuple(maps.shape[-2:]) != size:
+                maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+                up, up_probs = self.maps.class_maps(maps, groups)
+            return (self.maps.labels(up, up_probs) if labels else None), scores, (up if full else None)
+        scores, probs = self.maps.class_maps(self._grid_maps(img, text, record), groups)
+        if not (labels or full):
+            return None, scores, None
+        out, up = None, None
+        with record.stage("jbu"):
+            if labels and self.bg_threshold is None:
+                out = jbu_argmax(scores, guide, backend=self.backend, **self.jbu_params)
+            if full or out is None:
+                up = jbu_upsample(scores, guide, backend=self.backend, **self.jbu_params)
+            if out is None:
+                if probs is not None and probs is not scores:
+                    probs = jbu_upsample(probs, guide, backend=self.backend, **self.jbu_params)
+                out = self.maps.labels(up, up if probs is scores else probs)
+        return (out if labels else None), scores, (up if full else None)
 
-    def _run(self, image: ImageLike, class_names: str | Sequence[str], want: str,
-             guide: ImageLike | None = None) -> Tensor | list[Tensor]:
-        text, groups = self.text_features(class_names)  # embedded on self.device
-        return map_by_size(image, guide, lambda img, g: self._finish(img, g, text, groups, want), self.device)
+    @torch.no_grad()
+    def _predict(self, image: ImageLike, class_names: str | Sequence[str], guide: ImageLike | None, *,
+                 labels: bool, upsample_scores: bool, sync_timings: bool) -> Prediction:
+        """The one path of :meth:`predict`, :meth:`seg` and :meth:`scores` (``labels=False``: no labels)."""
+        record = RunRecord(sync=sync_timings)
+        with record.stage("total"):
+            with record.stage("text"):
+                text, groups = self.text_features(class_names)  # embedded on self.device, cached per class list
+
+            def finish(img: Tensor, g: Tensor, images: tuple[int, ...]) -> tuple[Tensor | None, ...]:
+                record.images = images
+                return self._finish(img, g, text, groups, record, labels, upsample_scores)
+
+            out, scores, full = map_by_size(image, guide, finish, self.device)
+        names = ["; ".join(c) for c in parse_class_names(class_names)]
+        total = record.timings.pop("total")
+        return Prediction(labels=out, scores=scores, scores_full=full, class_names=names,
+                          timings={**record.timings, "total": total}, fallbacks=record.fallbacks,
+                          options=self.options, settings=self.settings)
+
+    def predict(self, image: ImageLike, class_names: str | Sequence[str], *, upsample_scores: bool = False,
+                guide: ImageLike | None = None, sync_timings: bool = False) -> Prediction:
+        """Segment once, get everything: a :class:`~ovss_fast.pipeline.prediction.Prediction` with the labels
+        (as :meth:`seg`), the class scores on the patch grid (as ``scores(upsample=False)``), with
+        ``upsample_scores`` the scores at the labels' size too (as ``scores(upsample=True)``), the class
+        names, seconds per stage, the images that fell back to ``fallback_window`` and why, and the options
+        and settings used. The model runs once per call.
+
+        image, class_names, guide: as in :meth:`seg`. sync_timings: synchronise CUDA at every stage
+        boundary, so the per-stage seconds are exact on a GPU (slower; on the CPU nothing changes).
+        Each call collects its own timings and fallbacks: calls from several threads do not mix them.
+        """
+        return self._predict(image, class_names, guide, labels=True, upsample_scores=upsample_scores,
+                             sync_timings=check.flag("sync_timings", sync_timings))
 
     def seg(self, image: ImageLike, class_names: str | Sequence[str], *,
             guide: ImageLike | None = None) -> Tensor | list[Tensor]:
@@ -289,7 +350,7 @@ class Segmenter:
         evaluation protocol resizes, then predicts at the annotation's size guided by
         the original image); default the image itself.
         """
-        return self._run(image, class_names, "labels", guide)
+        return self.predict(image, class_names, guide=guide).labels
 
     __call__ = seg
 
@@ -304,7 +365,10 @@ class Segmenter:
         "logits": class probabilities). With aggregation "pixels", upsample=False gives
         the maps at the processed image's pixels. guide: as in :meth:`seg`.
         """
-        return self._run(image, class_names, "scores" if upsample else "grid", guide)
+        pred = self._predict(image, class_names, guide, labels=False, upsample_scores=check.flag("upsample", upsample),
+                             sync_timings=False)
+        return pred.scores_full if upsample else pred.scores
 
 
-__all__ = ["Segmenter", "WindowLayout", "as_image_batches", "build_open_clip", "load_image", "window_starts"]
+__all__ = ["Prediction", "Segmenter", "WindowLayout", "as_image_batches", "build_open_clip", "load_image",
+           "window_starts"]

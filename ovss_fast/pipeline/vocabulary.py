@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ovss_fast.errors import InputError
 from ovss_fast.models.clip_features import default_templates, parse_class_names, text_embeddings
 
 #: how many class lists the text-embedding cache keeps
@@ -48,7 +49,7 @@ class Vocabulary:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.templates = tuple(templates) if templates is not None else default_templates()
         if not self.templates:
-            raise ValueError("templates is empty: give at least one prompt template such as '{}'")
+            raise InputError("templates is empty: give at least one prompt template such as '{}'")
         self.cache: OrderedDict[tuple, Tensor] = OrderedDict()
 
     def __call__(self, class_names: str | Sequence[str]) -> tuple[Tensor, list[list[int]]]:

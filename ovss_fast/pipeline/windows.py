@@ -16,20 +16,22 @@ whole images:
 The memory guard: :func:`window_bytes` estimates one window's bytes (visual tower, last block,
 head, affinity source); a chunk holds as many windows as fit the budget. When even one does not,
 the ``fallback`` window is used instead if one is set (:meth:`Windows.plan`; e.g. the whole-image
-``dslo`` protocol falls back to the dataset's 224-pixel windows, and counts it in
-``Windows.fallbacks``), else a ValueError says which window to use.
+``dslo`` protocol falls back to the dataset's 224-pixel windows, and the call's
+:class:`~ovss_fast.pipeline.prediction.RunRecord` notes it), else an InputError says which window to use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ovss_fast.errors import InputError, InputTypeError
 
 #: float32 [heads, T, T] tensors alive in the last block per feature preset's attention (the q-k
 #: attention for the affinity included): scores + probabilities, plus a second pair for "qq+kk".
@@ -117,15 +119,15 @@ def pixels_to_cells(name: str, value: object, patch: tuple[int, int]) -> Cells |
         or len(value) != 2
         or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
     ):
-        raise TypeError(f"{name} must be an int or a pair of ints (height, width) in pixels, got {value!r}")
+        raise InputTypeError(f"{name} must be an int or a pair of ints (height, width) in pixels, got {value!r}")
     out = []
     for v, p in zip(value, patch, strict=True):
         v = int(v)
         if v <= 0:
-            raise ValueError(f"{name} must be positive, got {value!r}")
+            raise InputError(f"{name} must be positive, got {value!r}")
         if v % p:
             lo, hi = max(p, v // p * p), (v // p + 1) * p
-            raise ValueError(f"{name}={v} is not a multiple of the patch size {p}; use {lo} or {hi}")
+            raise InputError(f"{name}={v} is not a multiple of the patch size {p}; use {lo} or {hi}")
         out.append(v // p)
     return out[0], out[1]
 
@@ -153,7 +155,8 @@ class Windows:
     resize: the shorter side images are resized to (None: native size, snapped to whole patches);
     one_window_bytes(cells, synonyms): the memory guard's estimate of one window (:func:`window_bytes`);
     fallback: the window (in patches; stride half of it) for images whose windows do not fit
-    ``memory_budget`` (None: refuse them); fallbacks counts the image batches that fell back.
+    ``memory_budget`` (None: refuse them). Nothing here changes while images go through: a fallback is
+    noted on the call's record (``record.fell_back``, :class:`~ovss_fast.pipeline.prediction.RunRecord`).
     """
 
     patch: Cells
@@ -166,7 +169,6 @@ class Windows:
     batch_windows: bool
     one_window_bytes: Callable[[Cells, int], int]
     fallback: Cells | None = None
-    fallbacks: int = field(default=0, compare=False)
 
     @classmethod
     def from_pixels(cls, patch: Cells, window: object, stride: object, fallback: object = None,
@@ -176,14 +178,17 @@ class Windows:
         win, step = pixels_to_cells("window", window, patch), pixels_to_cells("stride", stride, patch)
         kwargs["fallback"] = pixels_to_cells("fallback_window", fallback, patch)
         if step is not None and win is None:
-            raise ValueError("stride is given without window; pass window too (stride is the step between windows)")
+            raise InputError("stride is given without window; pass window too (stride is the step between windows)")
         if win is not None and step is None:
             step = (max(1, win[0] // 2), max(1, win[1] // 2))
         out = cls(patch, win, step, **kwargs)
         if win is not None and (step[0] > win[0] or step[1] > win[1]):
-            raise ValueError(f"stride {out.px(step)} is larger than window {out.px(win)}: it would leave gaps; use "
+            raise InputError(f"stride {out.px(step)} is larger than window {out.px(win)}: it would leave gaps; use "
                              "stride <= window")
         return out
+
+    def px_pair(self, cells: Cells) -> tuple[int, int]:
+        return cells[0] * self.patch[0], cells[1] * self.patch[1]
 
     def px(self, cells: Cells) -> str:
         h, w = cells[0] * self.patch[0], cells[1] * self.patch[1]
@@ -226,14 +231,23 @@ class Windows:
         (wh, ww), _ = self.cells(self.grid_for(height, width))
         return int(batch) * self.one_window_bytes((wh, ww), int(synonyms))
 
-    def plan(self, height: int, width: int, synonyms: int, batch: int = 1) -> Windows:
+    def plan(self, height: int, width: int, synonyms: int, batch: int = 1, record: Any = None) -> Windows:
         """The windows for ``batch`` images of height x width: these, or when ``batch`` of their windows do
-        not fit ``memory_budget`` and a fallback is set, the fallback window every half window (counted)."""
-        if self.fallback is None or self.memory_estimate(height, width, batch, synonyms) <= self.memory_budget:
+        not fit ``memory_budget`` and a fallback is set, the fallback window every half window (noted on
+        ``record`` when given: ``record.fell_back(size, window, fallback, reason)``)."""
+        if self.fallback is None:
             return self
-        self.fallbacks += 1
+        need = self.memory_estimate(height, width, batch, synonyms)
+        if need <= self.memory_budget:
+            return self
         step = (max(1, self.fallback[0] // 2), max(1, self.fallback[1] // 2))
-        return replace(self, window=self.fallback, stride=step, fallback=None, fallbacks=0)
+        if record is not None:
+            record.fell_back((height, width), None if self.window is None else self.px_pair(self.window),
+                             self.px_pair(self.fallback),
+                             f"about {need / 2**30:.2f} GiB for {batch} window(s) of "
+                             f"{'the whole image' if self.window is None else self.px(self.window)}, over "
+                             f"memory_budget = {self.memory_budget / 2**30:.2f} GiB")
+        return replace(self, window=self.fallback, stride=step, fallback=None)
 
     def per_chunk(self, height: int, width: int, synonyms: int) -> int:
         """How many windows go through together so a chunk fits ``memory_budget``; raises if one does not."""
@@ -264,10 +278,10 @@ class Windows:
             msg += ", or raise memory_budget"
         else:
             msg += "even one patch does not fit: raise memory_budget or pass fewer images at once"
-        raise ValueError(msg)
+        raise InputError(msg)
 
     # ----------------------------------------------------------------------- aggregation on the patch grid
-    def grid_maps(self, img: Tensor, K: int, window_maps: WindowMaps) -> Tensor:
+    def grid_maps(self, img: Tensor, K: int, window_maps: WindowMaps, record: Any = None) -> Tensor:
         """img [B, 3, H, W] in [0, 1] -> maps [B, K, gh, gw] (float32), the windows' maps averaged on the grid.
 
         All B x nw windows (nw per image, one size) go through in chunks of as many as
@@ -276,7 +290,7 @@ class Windows:
         by the number of windows covering each cell.
         """
         B, _, H, W = img.shape
-        plan = self.plan(H, W, K, 1 if self.batch_windows else B)
+        plan = self.plan(H, W, K, 1 if self.batch_windows else B, record)
         if plan is not self:
             return plan.grid_maps(img, K, window_maps)
         if not self.batch_windows:
@@ -324,17 +338,18 @@ class Windows:
         if self.crop == "pad":
             return -(-hc // ph), -(-wc // pw)
         if hc < ph or wc < pw:
-            raise ValueError(f"a {hc}x{wc} crop is smaller than one {ph}x{pw} patch; use crop='pad' or a larger "
+            raise InputError(f"a {hc}x{wc} crop is smaller than one {ph}x{pw} patch; use crop='pad' or a larger "
                              "image / resize")
         return hc // ph, wc // pw
 
-    def pixel_maps(self, img: Tensor, K: int, window_maps: WindowMaps, pad: tuple[float, ...]) -> Tensor:
+    def pixel_maps(self, img: Tensor, K: int, window_maps: WindowMaps, pad: tuple[float, ...],
+                   record: Any = None) -> Tensor:
         """img [B, 3, H, W] in [0, 1] -> maps [B, K, h, w] at the processed size (peers' slide inference):
         windows of the window size in pixels every stride pixels (the last shifted back to the border),
         each window's patch maps upsampled bilinearly to the window's pixels and averaged where windows
         overlap. pad: the colour crop="pad" pads with (the normalisation mean: zeros once normalised)."""
         B, _, H, W = img.shape
-        plan = self.plan(H, W, K)
+        plan = self.plan(H, W, K, record=record)
         if plan is not self:
             return plan.pixel_maps(img, K, window_maps, pad)
         h, w = self.pixel_size(H, W)

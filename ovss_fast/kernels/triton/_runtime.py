@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from ovss_fast.errors import InputError
+
 #: Divisions floor their denominators here (method.md section 3); equals reference.DENOM_FLOOR.
 DENOM_FLOOR = 1e-30
 #: Added to the symmetrised affinity before the log (method.md section 2); equals reference.LOG_FLOOR.
@@ -64,9 +66,9 @@ class TritonOptions:
         for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("gibbs", GIBBS_SCHEDULES)):
             value = getattr(self, name)
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+                raise InputError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         if not isinstance(self.graphs, bool):
-            raise ValueError(f"graphs must be True or False, got {self.graphs!r}")
+            raise InputError(f"graphs must be True or False, got {self.graphs!r}")
 
     def with_(self, overrides: Mapping[str, object] | None = None, *, argument: str = "backend_options",
               **kw: object) -> TritonOptions:
@@ -76,7 +78,7 @@ class TritonOptions:
         fields = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(merged) - fields)
         if unknown:
-            raise ValueError(f"{argument}: unknown Triton option(s) {', '.join(map(repr, unknown))}; "
+            raise InputError(f"{argument}: unknown Triton option(s) {', '.join(map(repr, unknown))}; "
                              f"known: {', '.join(sorted(fields))}")
         given = {k: v for k, v in merged.items() if v is not None}
         return dataclasses.replace(self, **given) if given else self
@@ -110,7 +112,7 @@ def defaults() -> TritonOptions:
     """The default :class:`TritonOptions` (from the environment at import); ValueError naming the variable
     when one held an invalid value."""
     if _ENV_ERROR is not None:
-        raise ValueError(_ENV_ERROR)
+        raise InputError(_ENV_ERROR)
     return _DEFAULTS
 
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ovss_fast.errors import InputError
 from ovss_fast.kernels.triton import _runtime
 from ovss_fast.kernels.triton._runtime import DENOM_FLOOR as _DENOM_FLOOR
 from ovss_fast.kernels.triton._runtime import configs, interpreting, next_pow2
@@ -301,13 +302,13 @@ def choose_schedule(B: int, N: int, C: int, device: torch.device, schedule: str 
     is :func:`fused_is_better`'s choice.
     """
     if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
+        raise InputError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
     if schedule == "window" and N > WINDOW_MAX_N:
-        raise ValueError(f"schedule='window' takes N <= {WINDOW_MAX_N} patches, got N = {N}")
+        raise InputError(f"schedule='window' takes N <= {WINDOW_MAX_N} patches, got N = {N}")
     if schedule != "auto":
         return schedule
     if preferred not in SCHEDULES:
-        raise ValueError(f"schedule option must be one of {', '.join(map(repr, SCHEDULES))}, got {preferred!r}")
+        raise InputError(f"schedule option must be one of {', '.join(map(repr, SCHEDULES))}, got {preferred!r}")
     if preferred == "window" and N <= WINDOW_MAX_N:
         return "window"
     if preferred in ("persistent", "fused", "split"):

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ovss_fast.errors import InputError
 from ovss_fast.kernels.triton import _schedules as sched
 from ovss_fast.kernels.triton._runtime import TritonOptions, autotune, configs, device_guard, interpreting, resolve
 from ovss_fast.kernels.triton._schedules import SCRATCH_PAD, WINDOW_MAX_N
@@ -602,7 +603,7 @@ def markov_scores(q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int =
     "auto", and the products' precision.
     """
     if readout not in ("integrated", "velocity"):
-        raise ValueError(f"readout must be 'integrated' or 'velocity', got {readout!r}")
+        raise InputError(f"readout must be 'integrated' or 'velocity', got {readout!r}")
     B, N, C = q.shape
     opts = resolve(options)
     chosen = sched.choose_schedule(B, N, C, q.device, schedule, opts.schedule)

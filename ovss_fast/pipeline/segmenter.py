@@ -12,6 +12,7 @@ Pipeline for one image (method.md sections 1-4 on CLIP), and the module of each 
                                                      vocabulary, head_maps, options, ops
       -> windows' scores averaged on the grid, class score = max over its synonyms
       -> joint bilateral upsampling to (H, W) guided by the full-resolution image, argmax
+         (refine "bilinear": the per-synonym maps bilinear to (H, W); "pamr": then PAMR, NACLIP's tail)
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ovss_fast.models.loading import (
     load_frozen,
 )
 from ovss_fast.ops import validate as check
-from ovss_fast.ops.api import jbu_argmax, jbu_upsample
+from ovss_fast.ops.api import jbu_argmax, jbu_upsample, refine_scores
 from ovss_fast.ops.options import HeadOptions
 from ovss_fast.pipeline.head_maps import HeadMaps
 from ovss_fast.pipeline.image_inputs import (
@@ -108,7 +109,12 @@ class Segmenter:
     batch_windows: False runs one window at a time (the older path). backend: the ops'
     ("auto", "reference", "cpu", "cuda", "triton"). Other keywords: the head's options
     (scale, nms, eps, iters, sk_iters, steps, readout, tau, sigma_spatial, sigma_range,
-    radius; :class:`~ovss_fast.ops.options.HeadOptions`).
+    radius, refine, pamr_iters, pamr_dilations; :class:`~ovss_fast.ops.options.HeadOptions`).
+    refine: how the maps reach the output size, "jbu" (default: joint bilateral upsampling
+    of the patch grid; bilinear with aggregation "pixels", which keeps no grid), "bilinear"
+    (each synonym's map bilinear, the peers' resize) or "pamr" (bilinear, then PAMR,
+    ``pamr_iters`` steps at ``pamr_dilations``, on the image normalised as the model sees
+    it: NACLIP's default tail).
     """
 
 
@@ -251,11 +257,13 @@ class Segmenter:
 
     def _finish(self, img: Tensor, guide: Tensor, text: Tensor, groups: list[list[int]], want: str) -> Tensor:
         """img [B, 3, H, W] -> "grid" class scores at the aggregation's resolution, or "scores" / "labels"
-        at the guide's size (JBU guided by it for aggregation "grid", bilinear for "pixels")."""
-        if self.aggregation == "pixels":
-            maps = self._grid_maps(img, text, pixels=True)
-            if want != "grid" and tuple(maps.shape[-2:]) != tuple(guide.shape[-2:]):
-                maps = F.interpolate(maps, size=tuple(guide.shape[-2:]), mode="bilinear", align_corners=False)
+        at the guide's size: JBU guided by it (aggregation "grid", refine "jbu"), else the per-synonym maps
+        bilinear to it and, for refine "pamr", refined by PAMR (:meth:`_refine`) before the class maps."""
+        if self.aggregation == "pixels" or self.options.refine != "jbu":
+            maps = self._grid_maps(img, text, pixels=self.aggregation == "pixels")
+            if want != "grid":
+                with self._stage("refine"):
+                    maps = self._refine(maps, img, guide)
             scores, probs = self.maps.class_maps(maps, groups)
             return scores if want in ("grid", "scores") else self.maps.labels(scores, probs)
         scores, probs = self.maps.class_maps(self._grid_maps(img, text), groups)
@@ -270,6 +278,19 @@ class Segmenter:
             if probs is not None and probs is not scores:
                 probs = jbu_upsample(probs, guide, backend=self.backend, **self.jbu_params)
             return self.maps.labels(up, up if probs is scores else probs)
+
+    def _refine(self, maps: Tensor, img: Tensor, guide: Tensor) -> Tensor:
+        """Per-synonym maps [B, K * S, h, w] -> [B, K * S, H, W] at the guide's size, the peers' tail: bilinear
+        (align_corners=False), then for refine "pamr" PAMR on the image as NACLIP gives it: ``img`` (in eval the
+        protocol-resized image) normalised with the model's mean / std and resized bilinearly to H x W.
+        Refine "jbu" with aggregation "pixels" is bilinear (JBU upsamples a patch grid, "pixels" keeps none)."""
+        size = tuple(guide.shape[-2:])
+        image = None
+        if self.options.refine == "pamr":
+            image = normalise(img.float(), self.mean, self.std)
+            if tuple(image.shape[-2:]) != size:
+                image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        return refine_scores(maps, size, image=image, backend=self.backend, **self.options.pamr_params())
 
     def _run(self, image: ImageLike, class_names: str | Sequence[str], want: str,
              guide: ImageLike | None = None) -> Tensor | list[Tensor]:

@@ -44,7 +44,9 @@ def test_protocol_switches():
     d = resolve_protocol("dslo", "voc21")
     assert (d["head"], d["aggregation"], d["pos_interp"], d["antialias"], d["snap"]) == \
         ("dslo", "grid", "size", True, True)
-    assert "PAMR" in " ".join(resolve_protocol("naclip", "voc21")["not_reproduced"])
+    # the step to the annotation: NACLIP's default PAMR, SCLIP's and ClearCLIP's bilinear (PAMR off), DSLO's JBU
+    assert {n: resolve_protocol(n, "voc21")["refine"] for n in PROTOCOLS} == {
+        "dslo": "jbu", "dslo-windows": "jbu", "sclip": "bilinear", "clearclip": "bilinear", "naclip": "pamr"}
     with pytest.raises(ValueError, match="unknown protocol 'tcl'; valid names: dslo, dslo-windows, sclip, clearclip, "
                                          "naclip"):
         resolve_protocol("tcl", "voc21")
@@ -97,13 +99,18 @@ def test_dslo_falls_back_to_windows_for_an_image_over_the_budget_and_lists_it(tm
             torch.rand(3, 256, 352), load_class_names("voc21"))
 
 
-def test_eval_with_a_peer_protocol_records_everything(tmp_path, capsys):
+def _eval_config(tmp_path, capsys, *flags: str) -> dict:
+    """The results file's config of ``ovss-fast eval`` on one voc21 image with the tiny model and these flags."""
     make_layout(tmp_path, "voc21", [0, 1, 7, 15, 20, 255])
     out = tmp_path / "r.json"
-    rc = main(["eval", "--dataset", "voc21", "--root", str(tmp_path), *TINY, "--limit", "1", "--quiet",
-               "--protocol", "sclip", "--features", "sclip", "--short-side", "96", "--out", str(out)])
+    rc = main(["eval", "--dataset", "voc21", "--root", str(tmp_path), *TINY, "--limit", "1", "--quiet", *flags,
+               "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
-    c = json.loads(out.read_text())["config"]
+    return json.loads(out.read_text())["config"]
+
+
+def test_eval_with_a_peer_protocol_records_everything(tmp_path, capsys):
+    c = _eval_config(tmp_path, capsys, "--protocol", "sclip", "--features", "sclip", "--short-side", "96")
     p = c["protocol"]
     assert (p["protocol"], p["window"], p["stride"], p["scale"], p["bg_threshold"]) == ("sclip", 224, 112, 65.0, 0.1)
     assert (p["short_side"], p["overridden"]) == (96, ["short_side"])
@@ -113,17 +120,19 @@ def test_eval_with_a_peer_protocol_records_everything(tmp_path, capsys):
     assert (c["features"], c["head"], c["aggregation"], c["pos_interp"], c["bg_threshold"], c["scale"]) == \
         ("sclip", "logits", "pixels", "peers", 0.1, 65.0)
     assert c["antialias"] is False and "without antialias" in c["resize"]
+    assert (p["refine"], c["refine"]) == ("bilinear", "bilinear") and "PAMR" not in c["prediction_to_annotation"]
+
+
+def test_eval_with_the_naclip_protocol_refines_with_pamr(tmp_path, capsys):
+    c = _eval_config(tmp_path, capsys, "--protocol", "naclip", "--short-side", "64", "--pamr-iters", "3")
+    assert (c["protocol"]["refine"], c["refine"], c["pamr_iters"], c["pamr_dilations"]) == ("pamr", "pamr", 3, [8, 16])
+    assert "then PAMR (3 steps, dilations [8, 16])" in c["prediction_to_annotation"]
 
 
 def test_eval_flags_override_the_protocol(tmp_path, capsys):
-    make_layout(tmp_path, "voc21", [0, 1, 7, 15, 20, 255])
-    out = tmp_path / "r.json"
-    rc = main(["eval", "--dataset", "voc21", "--root", str(tmp_path), *TINY, "--limit", "1", "--quiet",
-               "--protocol", "clearclip", "--short-side", "64", "--window", "32", "--stride", "16", "--scale", "30",
-               "--bg-threshold", "none", "--head", "dslo", "--mode", "op", "--iters", "5", "--eps", "0.05",
-               "--radius", "1", "--out", str(out)])
-    assert rc == 0, capsys.readouterr().err
-    c = json.loads(out.read_text())["config"]
+    c = _eval_config(tmp_path, capsys, "--protocol", "clearclip", "--short-side", "64", "--window", "32", "--stride",
+                     "16", "--scale", "30", "--bg-threshold", "none", "--head", "dslo", "--mode", "op", "--iters", "5",
+                     "--eps", "0.05", "--radius", "1")
     assert c["protocol"]["overridden"] == ["bg_threshold", "head", "scale", "short_side", "window", "stride"]
     assert (c["scale"], c["bg_threshold"], c["head"], c["iters"], c["eps"], c["radius"]) == \
         (30.0, None, "dslo", 5, 0.05, 1)

@@ -7,7 +7,8 @@ Three kinds of test:
   compile or are interpreted, and TRITON_INTERPRET=1 must not leak into the other test
   modules (``backend="auto"`` would then pick the slow interpreter for CPU tensors). So these
   tests run in ONE child pytest process started with TRITON_INTERPRET=1; in this process each
-  of them reports the outcome its twin had in the child (a failure carries the child's message).
+  of them reports the outcome its twin had in the child (a failure carries the child's message;
+  tests/triton_child.py).
 * plain tests of ``unsupported_reasons`` and an ahead-of-time compile of every kernel for
   sm_90 (H100 / H200), which needs no GPU and catches what the interpreter does not check
   (constexpr globals, layouts, shared memory);
@@ -20,26 +21,22 @@ the reference's top two scores are within that tolerance.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import rel_err, velocity_lstar
+from triton_child import HAS_TRITON, InterpreterChild
 
 from ovss_fast.kernels import reference as R
 from ovss_fast.kernels.triton._runtime import TritonOptions
 from ovss_fast.ops import api as ops
 
-CHILD = os.environ.get("OVSS_FAST_TRITON_CHILD") == "1"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 
@@ -47,57 +44,7 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 
 
 # --------------------------------------------------------------------------- the interpreter child
-_CHILD_RESULTS: dict[str, tuple[str, str]] | None = None
-_CHILD_LOG = ""
-
-
-def _run_child() -> dict[str, tuple[str, str]]:
-    """Run every triton_interpret test of this file once, in a TRITON_INTERPRET=1 subprocess."""
-    global _CHILD_RESULTS, _CHILD_LOG
-    if _CHILD_RESULTS is None:
-        env = dict(os.environ, TRITON_INTERPRET="1", OVSS_FAST_TRITON_CHILD="1")
-        results: dict[str, tuple[str, str]] = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            report = Path(tmp) / "triton_interpret.xml"
-            cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-m", "triton_interpret", "-q",
-                   "-p", "no:cacheprovider", f"--junitxml={report}"]
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-            _CHILD_LOG = (proc.stdout + proc.stderr)[-6000:]
-            if report.exists():
-                for case in ET.parse(report).getroot().iter("testcase"):
-                    outcome, detail = "passed", ""
-                    for child in case:
-                        if child.tag in ("failure", "error"):
-                            outcome, detail = "failed", f"{child.get('message', '')}\n{child.text or ''}"
-                        elif child.tag == "skipped":
-                            outcome, detail = "skipped", child.get("message", "")
-                    results[case.get("name", "")] = (outcome, detail)
-        _CHILD_RESULTS = results
-    return _CHILD_RESULTS
-
-
-def interpreted(fn):
-    """Mark a test as an interpreter test: run in the child, mirrored here."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if CHILD:
-            return fn(*args, **kwargs)
-        if not HAS_TRITON:
-            pytest.skip("triton is not installed")
-        current = os.environ.get("PYTEST_CURRENT_TEST", "")
-        name = current.split("::")[-1].rsplit(" ", 1)[0]
-        results = _run_child()
-        if name not in results:
-            pytest.fail(f"{name} did not run in the TRITON_INTERPRET=1 child pytest; its output:\n{_CHILD_LOG}",
-                        pytrace=False)
-        outcome, detail = results[name]
-        if outcome == "failed":
-            pytest.fail(f"failed under the Triton interpreter (child pytest):\n{detail}", pytrace=False)
-        if outcome == "skipped":
-            pytest.skip(detail)
-
-    return pytest.mark.triton_interpret(wrapper)
+interpreted = InterpreterChild(__file__).interpreted
 
 
 def _backend():

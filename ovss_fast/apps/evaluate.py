@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ovss_fast.apps import flags as _cli
 from ovss_fast.errors import InputError
@@ -141,7 +141,7 @@ def _resolved(args: argparse.Namespace, dataset: str | None) -> tuple[dict, dict
     """(the protocol with the flags applied, Segmenter keywords, the flags that overrode the protocol)."""
     proto = resolve_protocol(args.protocol, dataset)
     defaults = {k: proto[k] for k in ("scale", "bg_threshold", "head", "aggregation", "crop", "pos_interp",
-                                      "antialias")}
+                                      "antialias", "refine")}
     kwargs = _cli.method_kwargs(args, defaults)
     overridden = sorted(k for k in defaults if kwargs[k] != defaults[k])
     for key in ("short_side", "window", "stride", "snap"):
@@ -180,6 +180,21 @@ def _synthetic(args: argparse.Namespace, ctx: DistContext) -> tuple:
     return dataset, predict, config, 0
 
 
+def _prediction_to_annotation(seg: Any) -> str:
+    """How the Segmenter's maps reach the annotation, in words for the results file."""
+    refine = seg.options.refine
+    if seg.aggregation == "grid" and refine == "jbu":
+        return ("joint bilateral upsampling of the patch-grid scores guided by the original image to the annotation "
+                "size, then argmax")
+    first = ("patch-grid maps" if seg.aggregation == "grid" else
+             "window maps upsampled bilinearly to pixels and averaged,")
+    text = f"{first} bilinear to the annotation size (align_corners=False)"
+    if refine == "pamr":
+        text += (f", then PAMR ({seg.options.pamr_iters} steps, dilations {list(seg.options.pamr_dilations)}) on the "
+                 "processed image normalised with the model's mean / std, bilinear to the annotation size")
+    return text + ", then argmax"
+
+
 def _benchmark(args: argparse.Namespace, ctx: DistContext) -> tuple:
     from ovss_fast.eval.datasets import SegmentationDataset
     from ovss_fast.eval.harness import SegmenterPredictor, segmenter_config
@@ -202,10 +217,7 @@ def _benchmark(args: argparse.Namespace, ctx: DistContext) -> tuple:
         "dataset": spec.name, "title": spec.title, "root": os.path.abspath(args.root), "split": dataset.split,
         "images_in_split": len(dataset), "limit": args.limit, "short_side": short, "long_side": args.long_side,
         "resize": f"{flavour} to the protocol size" + (", rounded to whole patches" if proto["snap"] else ""),
-        "prediction_to_annotation": (
-            "joint bilateral upsampling of the patch-grid scores guided by the original image to the annotation "
-            "size, then argmax" if seg.aggregation == "grid" else
-            "window maps upsampled bilinearly to pixels and averaged, bilinear to the annotation size, then argmax"),
+        "prediction_to_annotation": _prediction_to_annotation(seg),
         "protocol": {**proto, "overridden": overridden},
         "ignore_index": 255, "seed": args.seed, "pretrained": _cli.pretrained_arg(args.pretrained),
         "affinity_weights": args.affinity_weights, "class_names": dataset.class_names, **segmenter_config(seg),

@@ -141,7 +141,7 @@ def add_method_arguments(parser: argparse.ArgumentParser, *, protocol_note: str 
                    help="antialias the resizes (default on)")
     for f in fields(HeadOptions):  # one flag per head option: --sk-iters for sk_iters, its help and choices
         choices = f.metadata["choices"]
-        g.add_argument(flag(f.name), type=type(f.default), default=None, help=f.metadata["help"],
+        g.add_argument(flag(f.name), type=f.metadata["parse"], default=None, help=f.metadata["help"],
                        metavar="|".join(choices) if choices else None)
 
 

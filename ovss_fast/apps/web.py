@@ -93,6 +93,9 @@ CONTROLS: tuple[Control, ...] = (
             info="given at start (--pretrained), or none: RANDOM weights, meaningless labels"),
     Control("mode", "mode", check.MODES, info="mv maximum velocity, op optimal path, kl no affinity"),
     Control("transition", "transition", check.TRANSITIONS, keyword=True, info="the Markov chain of mv"),
+    Control("refine", "refine", check.REFINERS, keyword=True,
+            info="scores to the image: jbu (joint bilateral), bilinear, or pamr (bilinear, then PAMR: NACLIP's; "
+                 "--pamr-iters / --pamr-dilations at start)"),
     Control("affinity", "affinity", BUILTIN, info="clip: CLIP's attention; sd2 / dino need --affinity-weights"),
     Control("window", "window (pixels)", (WHOLE_IMAGE, "224", "336", "448"), keyword=True, custom=True,
             default=WHOLE_IMAGE, info="whole image, or sliding windows of this size (a multiple of the patch)"),

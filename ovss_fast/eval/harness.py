@@ -52,7 +52,7 @@ from ovss_fast.eval.metrics import (
     scores_from_confusion,
 )
 from ovss_fast.ops import validate as check
-from ovss_fast.ops.api import jbu_argmax, segment_features
+from ovss_fast.ops.api import jbu_argmax, refine_scores, segment_features
 from ovss_fast.ops.options import HeadOptions
 from ovss_fast.synthetic import make_scene
 
@@ -128,7 +128,8 @@ def synthetic_predictor(mode: str = "mv", backend: str = "auto", device: torch.d
                         head: str = "dslo", **params: Any) -> Callable[[dict], Tensor]:
     """item {"scene": Scene} -> labels [H, W]: the scene's features, text and affinity through segment_features
     (head "dslo"), or the argmax of the joint-bilaterally upsampled class probabilities softmax(scale * cos)
-    (head "logits"). params: the head's options (:class:`~ovss_fast.ops.options.HeadOptions`)."""
+    (head "logits"; with refine "bilinear" / "pamr" the argmax of the cosines refined as NACLIP refines them, PAMR
+    on the scene's guide). params: the head's options (:class:`~ovss_fast.ops.options.HeadOptions`)."""
     check.choice("head", head, check.HEADS)
     options = HeadOptions.of("synthetic_predictor", params)
 
@@ -137,6 +138,11 @@ def synthetic_predictor(mode: str = "mv", backend: str = "auto", device: torch.d
         feats, text, aff, guide = (t.to(device) for t in (s.feats, s.text, s.affinity, s.guide))
         if head == "logits":
             cos = F.normalize(feats.float(), dim=-1) @ F.normalize(text.float(), dim=-1).t()  # [1, N, C]
+            if options.refine != "jbu":  # softmax keeps the order of a pixel's classes: the argmax of the cosines
+                cos = cos.transpose(1, 2).reshape(1, -1, *s.grid)
+                image = guide if options.refine == "pamr" else None
+                return refine_scores(cos, tuple(guide.shape[-2:]), image=image, backend=backend,
+                                     **options.pamr_params()).argmax(dim=1)[0]
             probs = torch.softmax(options.scale * cos, dim=-1)
             probs = probs.transpose(1, 2).reshape(1, -1, *s.grid)
             return jbu_argmax(probs, guide, backend=backend, **options.for_op("jbu"))[0]

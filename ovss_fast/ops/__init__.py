@@ -9,6 +9,7 @@ from ovss_fast.ops.api import (
     jbu_argmax,
     jbu_upsample,
     pamr,
+    refine_scores,
     segment_features,
 )
 from ovss_fast.ops.options import HeadOptions
@@ -22,5 +23,6 @@ __all__ = [
     "jbu_argmax",
     "jbu_upsample",
     "pamr",
+    "refine_scores",
     "segment_features",
 ]

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ovss_fast.errors import InputError
@@ -201,6 +202,34 @@ def pamr(scores: Tensor, image: Tensor, *, iters: int = 10, dilations: tuple[int
         return impl.pamr(scores, image, **params)
 
 
+#: what -inf scores become before a bilinear or PAMR refinement: both take convex combinations, so a finite floor
+#: keeps 0 * -inf (NaN) out and every result within [floor, max] (no overflow to -inf either)
+REFINE_FLOOR = -1e30
+
+
+def refine_scores(scores: Tensor, size: tuple[int, int], *, image: Tensor | None = None, iters: int = 10,
+                  dilations: tuple[int, ...] = (8, 16), backend: str = "auto") -> Tensor:
+    """Scores to an output size the peers' way: bilinear, then optionally PAMR (``refine="bilinear" | "pamr"``).
+
+    scores: [B, C, h, w] -> [B, C, H, W] for size (H, W), float32 (float64 for float64 scores): resized
+    bilinearly with align_corners=False (the peers' final resize; skipped when the size is the scores'),
+    then, when ``image`` [B, K, H, W] is given, refined by :func:`pamr` on it (``iters``, ``dilations``;
+    NACLIP passes its mean/std-normalised image). -inf scores (a class NMS emptied) enter as
+    :data:`REFINE_FLOOR`, so a refined score is never NaN.
+    """
+    scores = check.tensor("scores", scores, 4, allow_neg_inf=True)
+    H, W = (check.count("size[0]", size[0], minimum=1), check.count("size[1]", size[1], minimum=1))
+    dt = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    m = scores.to(dt).clamp_min(REFINE_FLOOR)
+    if tuple(m.shape[-2:]) != (H, W):
+        m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
+    if image is None:
+        return m
+    if tuple(image.shape[-2:]) != (H, W):
+        raise InputError(f"image must be {H} x {W} (the output size) for PAMR, got shape {tuple(image.shape)}")
+    return pamr(m, image, iters=iters, dilations=dilations, backend=backend)
+
+
 def segment_features(
     feats: Tensor,
     text: Tensor,
@@ -217,10 +246,13 @@ def segment_features(
 
     feats: [B, N, D]; text: [C, D]; affinity: [B, N, N] (None only for mode "kl");
     grid: (h, w) with h * w = N (None: square). Returns labels [B, h, w] int64 when
-    guide is None, else labels [B, H, W] for guide [B, 3, H, W]. With
+    guide is None, else labels [B, H, W] for guide [B, 3, H, W], brought there as ``refine`` says:
+    "jbu" (joint bilateral upsampling guided by it, default), "bilinear", or "pamr" (bilinear, then
+    PAMR with the guide as its image, as given: :func:`refine_scores`). With
     ``return_scores=True`` returns (labels, scores [B, C, h, w]). options: the head's
     knobs, :class:`~ovss_fast.ops.options.HeadOptions` (scale, nms, eps, iters, sk_iters,
-    steps, readout, tau, sigma_spatial, sigma_range, radius; all checked, used or not).
+    steps, readout, tau, sigma_spatial, sigma_range, radius, refine, pamr_iters, pamr_dilations;
+    all checked, used or not).
     """
     feats, text = check.features_and_text(feats, text)
     B, N, _ = feats.shape
@@ -236,8 +268,12 @@ def segment_features(
     scores = s.transpose(1, 2).reshape(B, text.shape[0], h, w)  # [B, C, h, w]; B = 0 gives empty results
     if guide is None:
         labels = scores.argmax(dim=1)
-    else:
+    elif opts.refine == "jbu":
         labels = jbu_argmax(scores, guide, backend=backend, **opts.for_op("jbu"))
+    else:
+        image = guide if opts.refine == "pamr" else None
+        labels = refine_scores(scores, tuple(guide.shape[-2:]), image=image, backend=backend,
+                               **opts.pamr_params()).argmax(dim=1)
     return (labels, scores) if return_scores else labels
 
 

@@ -11,7 +11,7 @@ string options) its choices. Everything else reads the fields instead of repeati
 - the eval results file records :meth:`HeadOptions.as_dict`.
 
 Adding an option is one line here: ``name: type = option(default, "op", check, "help")``, where
-"op" is the keyword's op (``class_distributions``, ``discrepancy`` or ``jbu``) and check is
+"op" is the keyword's op (``class_distributions``, ``discrepancy``, ``jbu`` or ``refine``) and check is
 ``check(name, value) -> value`` raising a message that names ``name`` (for a choice,
 ``one_of(CHOICES)`` and ``choices=CHOICES``). See ARCHITECTURE.md.
 """
@@ -25,16 +25,21 @@ from typing import Any
 from ovss_fast.errors import InputTypeError
 from ovss_fast.ops import validate as check
 
-#: the ops a head option can belong to (``jbu``: both jbu_upsample and jbu_argmax)
-OPS = ("class_distributions", "discrepancy", "jbu")
+#: the ops a head option can belong to (``jbu``: both jbu_upsample and jbu_argmax; ``refine``: the step from
+#: the scores to the output size, ``refine`` itself and PAMR's ``pamr_iters`` / ``pamr_dilations``, which
+#: :meth:`HeadOptions.pamr_params` hands to :func:`ovss_fast.pamr` as its ``iters`` / ``dilations``)
+OPS = ("class_distributions", "discrepancy", "jbu", "refine")
 
 Check = Callable[[str, Any], Any]
 
 
-def option(default: Any, op: str, checker: Check, help: str, *, choices: Sequence[str] | None = None) -> Any:
-    """A HeadOptions field: its default, the op that takes it, its check and its help (and choices)."""
+def option(default: Any, op: str, checker: Check, help: str, *, choices: Sequence[str] | None = None,
+           parse: Callable[[str], Any] | None = None) -> Any:
+    """A HeadOptions field: its default, the op that takes it, its check and its help (and choices, and how a
+    command-line value is parsed when not by the default's type)."""
     assert op in OPS, op
-    return field(default=default, metadata={"op": op, "check": checker, "help": help, "choices": choices})
+    return field(default=default, metadata={"op": op, "check": checker, "help": help, "choices": choices,
+                                            "parse": parse or type(default)})
 
 
 def at_least(minimum: int, why: str = "") -> Check:
@@ -51,6 +56,18 @@ def _nms(name: str, value: float) -> float:
 
 def _radius(name: str, value: int) -> int:
     return check.radius(value, name)
+
+
+def _dilations(name: str, value: Any) -> tuple[int, ...]:
+    return check.dilations(value, name)
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    """A command-line list of integers, "8,16" or "8 16" -> (8, 16) (checked by the field's check)."""
+    try:
+        return tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise ValueError(f"expected integers separated by commas, such as 8,16; got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,14 @@ class HeadOptions:
     sigma_spatial: float = option(2.0, "jbu", check.positive, "JBU spatial sigma in patches (default 2.0)")
     sigma_range: float = option(0.1, "jbu", check.positive, "JBU range sigma on [0, 1] colours (default 0.1)")
     radius: int = option(2, "jbu", _radius, "JBU radius in patches (default 2)")
+    refine: str = option("jbu", "refine", one_of(check.REFINERS),
+                         "scores to the output size: jbu (joint bilateral upsampling of the patch grid, default), "
+                         "bilinear (the peers' resize) or pamr (bilinear, then PAMR on the normalised image: "
+                         "NACLIP's default)", choices=check.REFINERS)
+    pamr_iters: int = option(10, "refine", at_least(0), "PAMR iterations for refine pamr (default 10)")
+    pamr_dilations: tuple = option((8, 16), "refine", _dilations,
+                                   "PAMR dilations for refine pamr, e.g. 8,16 (default) or 1,2,4,8,12,24",
+                                   parse=parse_ints)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # numpy scalars become Python numbers, bad values fail here
@@ -98,6 +123,10 @@ class HeadOptions:
         """The keywords of one op (``class_distributions``, ``discrepancy`` or ``jbu``)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["op"] == op}
 
+    def pamr_params(self) -> dict[str, Any]:
+        """:func:`ovss_fast.pamr`'s keywords: ``iters`` and ``dilations``."""
+        return {"iters": self.pamr_iters, "dilations": self.pamr_dilations}
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -107,4 +136,4 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-__all__ = ["OPS", "HeadOptions", "at_least", "flag", "one_of", "option"]
+__all__ = ["OPS", "HeadOptions", "at_least", "flag", "one_of", "option", "parse_ints"]

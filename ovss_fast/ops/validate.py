@@ -24,6 +24,9 @@ HEADS = ("dslo", "logits")
 #: How overlapping windows are combined: on the patch grid then JBU (ours), or upsampled bilinearly to
 #: pixels and averaged, then bilinear to the output (the peers').
 AGGREGATIONS = ("grid", "pixels")
+#: how a Segmenter brings its maps to the output size: joint bilateral upsampling of the patch grid, bilinear
+#: (the peers' final resize), or bilinear then PAMR (NACLIP's default)
+REFINERS = ("jbu", "pamr", "bilinear")
 #: Pixel-aggregation crops not a multiple of the patch: "floor" (the conv drops the remainder, the logits
 #: are upsampled to the whole crop; SCLIP, NACLIP) or "pad" (padded to whole patches, logits cut back; ClearCLIP).
 CROPS = ("floor", "pad")

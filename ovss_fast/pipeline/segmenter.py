@@ -12,6 +12,7 @@ Pipeline for one image (method.md sections 1-4 on CLIP), and the module of each 
                                                      vocabulary, head_maps, options, ops
       -> windows' scores averaged on the grid, class score = max over its synonyms
       -> joint bilateral upsampling to (H, W) guided by the full-resolution image, argmax
+         (refine "bilinear": the per-synonym maps bilinear to (H, W); "pamr": then PAMR, NACLIP's tail)
 
 One call, one result: :meth:`Segmenter.predict` returns a :class:`~ovss_fast.pipeline.prediction.Prediction`
 (labels, scores, timings, fallbacks, the options used); :meth:`Segmenter.seg` and :meth:`Segmenter.scores`
@@ -44,7 +45,7 @@ from ovss_fast.models.loading import (
     load_frozen,
 )
 from ovss_fast.ops import validate as check
-from ovss_fast.ops.api import jbu_argmax, jbu_upsample
+from ovss_fast.ops.api import jbu_argmax, jbu_upsample, refine_scores
 from ovss_fast.ops.options import HeadOptions
 from ovss_fast.pipeline.head_maps import HeadMaps
 from ovss_fast.pipeline.image_inputs import (
@@ -114,7 +115,12 @@ class Segmenter:
     batch_windows: False runs one window at a time (the older path). backend: the ops'
     ("auto", "reference", "cpu", "cuda", "triton"). Other keywords: the head's options
     (scale, nms, eps, iters, sk_iters, steps, readout, tau, sigma_spatial, sigma_range,
-    radius; :class:`~ovss_fast.ops.options.HeadOptions`).
+    radius, refine, pamr_iters, pamr_dilations; :class:`~ovss_fast.ops.options.HeadOptions`).
+    refine: how the maps reach the output size, "jbu" (default: joint bilateral upsampling
+    of the patch grid; bilinear with aggregation "pixels", which keeps no grid), "bilinear"
+    (each synonym's map bilinear, the peers' resize) or "pamr" (bilinear, then PAMR,
+    ``pamr_iters`` steps at ``pamr_dilations``, on the image normalised as the model sees
+    it: NACLIP's default tail).
     """
 
 
@@ -274,18 +280,17 @@ class Segmenter:
     def _finish(self, img: Tensor, guide: Tensor, text: Tensor, groups: list[list[int]], record: RunRecord,
                 labels: bool, full: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
         """img [B, 3, H, W] -> (labels [B, H', W'] if ``labels``, class scores at the aggregation's resolution,
-        class scores at the guide's size [B, C, H', W'] if ``full``): JBU guided by the guide for aggregation
-        "grid", bilinear for "pixels"."""
-        size = tuple(guide.shape[-2:])
-        if self.aggregation == "pixels":
-            maps = self._grid_maps(img, text, record, pixels=True)
+        class scores at the guide's size [B, C, H', W'] if ``full``): JBU guided by the guide (aggregation
+        "grid", refine "jbu"), else the per-synonym maps bilinear to the guide's size and, for refine "pamr",
+        refined by PAMR (:meth:`_refine`) before the class maps."""
+        if self.aggregation == "pixels" or self.options.refine != "jbu":
+            maps = self._grid_maps(img, text, record, pixels=self.aggregation == "pixels")
             scores, probs = self.maps.class_maps(maps, groups)
             if not (labels or full):
                 return None, scores, None
-            up, up_probs = scores, probs
-            if tuple(maps.shape[-2:]) != size:
-                maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-                up, up_probs = self.maps.class_maps(maps, groups)
+            with record.stage("refine"):
+                maps = self._refine(maps, img, guide)
+            up, up_probs = self.maps.class_maps(maps, groups)
             return (self.maps.labels(up, up_probs) if labels else None), scores, (up if full else None)
         scores, probs = self.maps.class_maps(self._grid_maps(img, text, record), groups)
         if not (labels or full):
@@ -336,6 +341,19 @@ class Segmenter:
         """
         return self._predict(image, class_names, guide, labels=True, upsample_scores=upsample_scores,
                              sync_timings=check.flag("sync_timings", sync_timings))
+
+    def _refine(self, maps: Tensor, img: Tensor, guide: Tensor) -> Tensor:
+        """Per-synonym maps [B, K * S, h, w] -> [B, K * S, H, W] at the guide's size, the peers' tail: bilinear
+        (align_corners=False), then for refine "pamr" PAMR on the image as NACLIP gives it: ``img`` (in eval the
+        protocol-resized image) normalised with the model's mean / std and resized bilinearly to H x W.
+        Refine "jbu" with aggregation "pixels" is bilinear (JBU upsamples a patch grid, "pixels" keeps none)."""
+        size = tuple(guide.shape[-2:])
+        image = None
+        if self.options.refine == "pamr":
+            image = normalise(img.float(), self.mean, self.std)
+            if tuple(image.shape[-2:]) != size:
+                image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        return refine_scores(maps, size, image=image, backend=self.backend, **self.options.pamr_params())
 
     def seg(self, image: ImageLike, class_names: str | Sequence[str], *,
             guide: ImageLike | None = None) -> Tensor | list[Tensor]:

@@ -1,8 +1,8 @@
 """The Triton backend: ``backend="triton"``.
 
-``TRITON_BACKEND`` runs the seven ops of :mod:`ovss_fast.kernels.reference` as Triton kernels, one
+``TRITON_BACKEND`` runs the eight ops of :mod:`ovss_fast.kernels.reference` as Triton kernels, one
 module per op (``class_distributions``, ``gibbs_kernel``, ``kl_scores``, ``sinkhorn_scores``,
-``markov_scores``, ``jbu``). Importing this package never imports triton; the kernel modules
+``markov_scores``, ``jbu``) and PAMR (``pamr``). Importing this package never imports triton; the kernel modules
 are imported on the first call, so ``import ovss_fast.kernels.triton`` works without triton and the
 backend then reports "triton is not installed".
 
@@ -11,7 +11,7 @@ first imported: then the Triton interpreter runs the kernels on CPU tensors (slo
 that variable set, ``backend="auto"`` may pick this backend for CPU tensors, since it comes
 before "cpu" in the auto order). Inputs are float16, bfloat16 or float32 and the kernels
 compute in float32; float64 inputs are declined so that ``auto`` falls through to a backend
-that computes in float64.
+that computes in float64 (PAMR computes its affinities in float64 and stores them as float32).
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from ovss_fast.kernels.triton._runtime import (
     interpreting,
     resolve,
 )
+
+#: the most image channels the PAMR affinity kernel holds per pixel (BLOCK_K = next_pow2(K) in registers)
+MAX_PAMR_CHANNELS = 64
 
 _CPU_REASON = ("CPU tensors: Triton runs on CUDA (set TRITON_INTERPRET=1 before importing triton and pass "
                "backend='triton' to use the interpreter)")
@@ -77,6 +80,9 @@ class TritonBackend(Backend):
         if op == "class_distributions" and len(tensors) > 1 and tensors[1].shape[0] > MAX_CLASSES:
             reasons.append(f"class_distributions holds at most {MAX_CLASSES} classes per program, "
                            f"got C = {tensors[1].shape[0]}")
+        if op == "pamr" and len(tensors) > 1 and tensors[1].shape[1] > MAX_PAMR_CHANNELS:
+            reasons.append(f"pamr holds at most {MAX_PAMR_CHANNELS} image channels per program, "
+                           f"got K = {tensors[1].shape[1]}")
         if op == "markov_scores" and params.get("readout", "integrated") not in ("integrated", "velocity"):
             reasons.append(f"unknown readout {params.get('readout')!r}")
         return reasons
@@ -154,7 +160,13 @@ class TritonBackend(Backend):
 
         return mod.jbu_argmax(scores, guide, sigma_spatial=sigma_spatial, sigma_range=sigma_range, radius=radius)
 
+    def pamr(self, scores: Tensor, image: Tensor, *, iters: int = 10, dilations: tuple[int, ...] = (8, 16)) -> Tensor:
+        """scores: [B, C, h, w]; image: [B, K, H, W] -> [B, C, H, W] float32 (see reference.pamr)."""
+        from ovss_fast.kernels.triton import pamr as mod
+
+        return mod.pamr(scores, image, iters=iters, dilations=dilations)
+
 
 TRITON_BACKEND = TritonBackend()
 
-__all__ = ["TRITON_BACKEND", "TritonBackend", "TritonOptions", "MAX_CLASSES"]
+__all__ = ["MAX_CLASSES", "MAX_PAMR_CHANNELS", "TRITON_BACKEND", "TritonBackend", "TritonOptions"]

@@ -8,7 +8,9 @@ from ovss_fast.ops.api import (
     gibbs_kernel,
     jbu_argmax,
     jbu_upsample,
+    label_propagation,
     pamr,
+    pixel_propagation,
     segment_features,
 )
 from ovss_fast.ops.options import HeadOptions
@@ -21,6 +23,8 @@ __all__ = [
     "gibbs_kernel",
     "jbu_argmax",
     "jbu_upsample",
+    "label_propagation",
     "pamr",
+    "pixel_propagation",
     "segment_features",
 ]

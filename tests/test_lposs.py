@@ -254,3 +254,43 @@ def test_validation_messages_name_the_argument():
         ovss_fast.pixel_propagation(sc, img, tau=0.0)
     with pytest.raises(ValueError, match="backend"):
         ovss_fast.pixel_propagation(sc, img, backend="gpu")
+
+
+# --------------------------------------------------------------------------- the compiled ops
+def test_compiled_ops_opcheck_and_checks():
+    """The schemas, fake kernels and C++ argument checks of knn_propagation and pixel_propagation."""
+    if get_backend("cpu").unsupported_reasons("pixel_propagation", (torch.zeros(1),), {}):
+        pytest.skip("the compiled extension has no pixel_propagation")
+    ops = torch.ops.ovss_fast
+    gen = torch.Generator().manual_seed(4)
+    scores, image = torch.randn(1, 2, 6, 7, generator=gen), torch.rand(1, 3, 6, 7, generator=gen)
+    torch.library.opcheck(ops.pixel_propagation, (scores, image, 2, 0.1, 0.95, 4, 1e-6))
+    index = torch.randint(0, 9, (9, 3), generator=gen)
+    w, b = torch.rand(9, 3, generator=gen), torch.randn(9, 4, generator=gen)
+    torch.library.opcheck(ops.knn_propagation, (index, w, b, 0.9, 5, 1e-6))
+    with pytest.raises(RuntimeError, match=r"index should lie in \[0, 9\)"):
+        ops.knn_propagation(index + 9, w, b, 0.9, 5, 1e-6)
+    with pytest.raises(RuntimeError, match="index and weights should be"):
+        ops.knn_propagation(index, w[:, :2], b, 0.9, 5, 1e-6)
+    with pytest.raises(RuntimeError, match="image should be"):
+        ops.pixel_propagation(scores, image[:, :, :5], 2, 0.1, 0.95, 4, 1e-6)
+
+
+def test_compiled_ops_do_not_depend_on_the_thread_count():
+    if get_backend("cpu").unsupported_reasons("pixel_propagation", (torch.zeros(1),), {}):
+        pytest.skip("the compiled extension has no pixel_propagation")
+    gen = torch.Generator().manual_seed(8)
+    scores, image = torch.randn(1, 5, 19, 13, generator=gen), torch.rand(1, 3, 19, 13, generator=gen)
+    index = torch.randint(0, 300, (300, 40), generator=gen)  # 5 blocks of 64 rows
+    w, b = torch.rand(300, 40, generator=gen), torch.randn(300, 6, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = (ovss_fast.pixel_propagation(scores, image, radius=3, backend="cpu"),
+               torch.ops.ovss_fast.knn_propagation(index, w, b, 0.95, 10, 1e-6))
+        torch.set_num_threads(2)
+        two = (ovss_fast.pixel_propagation(scores, image, radius=3, backend="cpu"),
+               torch.ops.ovss_fast.knn_propagation(index, w, b, 0.95, 10, 1e-6))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ovss_fast.kernels.common import NMS_AXES, TRANSITIONS, lowres_guide, tap_geometry
+from ovss_fast.kernels.common import NMS_AXES, TRANSITIONS, lowres_guide, symmetric_knn_graph, tap_geometry
 
 #: Divisions floor their denominators here (method.md section 3; a normal float32).
 DENOM_FLOOR = 1e-30
@@ -482,18 +482,7 @@ def lposs_graph(feats: Tensor, positions: Tensor, *, k: int = 400, gamma: float 
     sims, index = lposs_knn(f, min(k, N))
     dist = (positions.unsqueeze(1) - positions[index]).square().sum(-1).sqrt()  # [N, k]
     w = sims.clamp(min=0).pow(gamma) * torch.exp(-sigma * dist.pow(dist_pow))
-    rows = torch.arange(N, device=feats.device).unsqueeze(1).expand_as(index).reshape(-1)
-    cols = index.reshape(-1)
-    w = w.reshape(-1)
-    off = rows != cols
-    rows, cols, w = rows[off], cols[off], w[off]
-    coo = torch.sparse_coo_tensor(torch.stack([torch.cat([rows, cols]), torch.cat([cols, rows])]),
-                                  torch.cat([w, w]), (N, N), check_invariants=False).coalesce()
-    (r, c), v = coo.indices(), coo.values()
-    degree = torch.zeros(N, dtype=v.dtype, device=v.device).index_add_(0, r, v)
-    degree = torch.where(degree == 0, torch.ones_like(degree), degree).rsqrt()
-    return torch.sparse_coo_tensor(coo.indices(), v * degree[r] * degree[c], (N, N), is_coalesced=True,
-                                   check_invariants=False)
+    return symmetric_knn_graph(index, w)
 
 
 def label_propagation(scores: Tensor, feats: Tensor, positions: Tensor, *, k: int = 400, gamma: float = 3.0,

@@ -39,10 +39,9 @@ HOSTDEVICE void scaled_lab(T r, T g, T b, T* out) {
   out[2] = static_cast<T>(200.0) * (fy - fz) / static_cast<T>(128.0);
 }
 
-// the edge weight between two pixels of scaled Lab colours p and q
+// the edge weight between two pixels whose scaled Lab colours differ by (d0, d1, d2)
 template <typename T>
-HOSTDEVICE T pixel_edge_weight(const T* p, const T* q, T inv_tau) {
-  const T d0 = p[0] - q[0], d1 = p[1] - q[1], d2 = p[2] - q[2];
+HOSTDEVICE T pixel_edge_weight(T d0, T d1, T d2, T inv_tau) {
   return math_exp(-math_sqrt(d0 * d0 + d1 * d1 + d2 * d2) * inv_tau);
 }
 

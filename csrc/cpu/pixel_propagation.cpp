@@ -70,32 +70,77 @@ inline void stencil_row_any(const double* s, const double* p, double* q, double*
   stencil_row<double>(s, p, q, pq, y, g, alpha);
 }
 
-// the stencil weights s [H * W, K] of one image [3, H, W]
+// The edge weights of row y towards the forward half of the square (dy > 0, or dy = 0 and dx > 0), each offset
+// a loop over x (contiguous Lab planes, so it vectorises); slots off the image stay as they are (0).
+template <typename T>
+OVSS_INLINE void forward_weights_row(const T* lab,  // [3, H * W], scaled Lab planes
+                                     T* s,          // [H * W, K]
+                                     T* tmp,        // [W]
+                                     int64_t y, Grid g, T inv_tau) {
+  const int64_t H = g.H, W = g.W, HW = H * W, r = g.r, side = 2 * r + 1, K = g.K();
+  for (int64_t dy = 0; dy <= r && y + dy < H; ++dy) {
+    for (int64_t dx = dy == 0 ? 1 : -r; dx <= r; ++dx) {
+      const int64_t x0 = std::max<int64_t>(0, -dx), x1 = std::min<int64_t>(W, W - dx);
+      const int64_t i0 = y * W, j0 = (y + dy) * W + dx;
+      for (int64_t x = x0; x < x1; ++x) {
+        const T d0 = lab[i0 + x] - lab[j0 + x], d1 = lab[HW + i0 + x] - lab[HW + j0 + x];
+        const T d2 = lab[2 * HW + i0 + x] - lab[2 * HW + j0 + x];
+        tmp[x] = pixel_edge_weight(d0, d1, d2, inv_tau);
+      }
+      const int64_t o = (dy + r) * side + dx + r;
+      for (int64_t x = x0; x < x1; ++x) s[(i0 + x) * K + o] = tmp[x];
+    }
+  }
+}
+
+// sqrt of a sum of squares never sets errno: without it the compiler may vectorise sqrtf
+__attribute__((optimize("no-math-errno"))) OVSS_CPU_CLONES void forward_weights_row_f32(
+    const float* lab, float* s, float* tmp, int64_t y, Grid g, float inv_tau) {
+  forward_weights_row<float>(lab, s, tmp, y, g, inv_tau);
+}
+inline void forward_weights_row_any(const float* lab, float* s, float* tmp, int64_t y, Grid g, float inv_tau) {
+  forward_weights_row_f32(lab, s, tmp, y, g, inv_tau);
+}
+inline void forward_weights_row_any(const double* lab, double* s, double* tmp, int64_t y, Grid g, double inv_tau) {
+  forward_weights_row<double>(lab, s, tmp, y, g, inv_tau);
+}
+
+// the stencil weights s [H * W, K] of one image [3, H, W]: the forward half computed, the backward half copied
+// (w_ij = w_ji: pixel i's slot -o is pixel i - o's slot o), then d^-1/2 on both sides
 template <typename T>
 void pixel_graph(const T* image, T* s, Grid g, T tau) {
   const int64_t H = g.H, W = g.W, HW = H * W, r = g.r, side = 2 * r + 1, K = g.K();
   std::vector<T> lab(HW * 3), inv(HW);
   at::parallel_for(0, HW, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) scaled_lab(image[i], image[HW + i], image[2 * HW + i], lab.data() + 3 * i);
+    for (int64_t i = i0; i < i1; ++i) {
+      T px[3];
+      scaled_lab(image[i], image[HW + i], image[2 * HW + i], px);
+      lab[i] = px[0];
+      lab[HW + i] = px[1];
+      lab[2 * HW + i] = px[2];
+    }
   });
   const T inv_tau = T(1) / tau;
-  // weights and degrees, then the symmetric normalisation
+  at::parallel_for(0, H, 1, [&](int64_t y0, int64_t y1) {
+    std::vector<T> tmp(W);
+    for (int64_t y = y0; y < y1; ++y) {
+      std::fill(s + y * W * K, s + (y + 1) * W * K, T(0));
+      forward_weights_row_any(lab.data(), s, tmp.data(), y, g, inv_tau);
+    }
+  });
   at::parallel_for(0, H, 1, [&](int64_t y0, int64_t y1) {
     for (int64_t y = y0; y < y1; ++y) {
       for (int64_t x = 0; x < W; ++x) {
         const int64_t i = y * W + x;
         T* si = s + i * K;
-        T degree = 0;
-        for (int64_t dy = -r; dy <= r; ++dy) {
-          for (int64_t dx = -r; dx <= r; ++dx) {
-            const int64_t yy = y + dy, xx = x + dx;
-            const bool inside = yy >= 0 && yy < H && xx >= 0 && xx < W && (dy != 0 || dx != 0);
-            const T w = inside ? pixel_edge_weight(lab.data() + 3 * i, lab.data() + 3 * (yy * W + xx), inv_tau)
-                               : T(0);
-            si[(dy + r) * side + dx + r] = w;
-            degree += w;
+        // backward half: slots before the centre, read from the neighbour's forward slot
+        for (int64_t dy = std::max(-r, -y); dy <= 0; ++dy)
+          for (int64_t dx = std::max(-r, -x); dx <= (dy == 0 ? -1 : std::min(r, W - 1 - x)); ++dx) {
+            const int64_t o = (dy + r) * side + dx + r;
+            si[o] = s[(i + dy * W + dx) * K + (K - 1 - o)];
           }
-        }
+        T degree = 0;
+        for (int64_t o = 0; o < K; ++o) degree += si[o];
         inv[i] = inverse_sqrt_degree(degree);
       }
     }

@@ -137,15 +137,15 @@ at::Tensor knn_propagation_cpu(const at::Tensor& index, const at::Tensor& weight
                 ")");
   }
   const auto dt = compute_dtype(b, weights);
-  const at::Tensor bc = prepare(b, dt), wc = prepare(weights, dt), ic = index.contiguous();
+  if (b.numel() == 0) return at::empty(b.sizes(), b.options().dtype(dt));
+  const at::Tensor bc = pad_classes(prepare(b, dt)), wc = prepare(weights, dt), ic = index.contiguous();
   at::Tensor x = at::empty(bc.sizes(), bc.options());
-  if (x.numel() == 0) return x;
   if (dt == at::kDouble) {
     solve<double>(ic, wc, bc, x, alpha, iters, tol);
   } else {
     solve<float>(ic, wc, bc, x, static_cast<float>(alpha), iters, static_cast<float>(tol));
   }
-  return x;
+  return x.narrow(1, 0, b.size(1)).contiguous();
 }
 
 }  // namespace

@@ -182,27 +182,28 @@ at::Tensor pixel_propagation_cpu(const at::Tensor& scores, const at::Tensor& ima
   TORCH_CHECK(tau > 0, "tau should be > 0, got ", tau);
   check_cg_arguments(alpha, iters, tol);
   const auto dt = compute_dtype(scores, image);
-  const at::Tensor y0 = scores.to(dt).permute({0, 2, 3, 1}).contiguous();  // [B, H, W, C]
+  if (scores.numel() == 0) return at::empty(scores.sizes(), scores.options().dtype(dt));
+  const at::Tensor y0 = pad_classes(scores.to(dt).permute({0, 2, 3, 1}).contiguous());  // [B, H, W, Cp]
   const at::Tensor img = prepare(image, dt);
   at::Tensor out = at::empty(y0.sizes(), y0.options());
-  if (out.numel() == 0) return out.permute({0, 3, 1, 2}).contiguous();
-  const Grid g{H, W, C, radius};
+  const int64_t Cp = y0.size(3);
+  const Grid g{H, W, Cp, radius};
   at::Tensor s = at::empty({H * W, g.K()}, y0.options());
   for (int64_t b = 0; b < B; ++b) {
     if (dt == at::kDouble) {
       pixel_propagation_image<double>(img.const_data_ptr<double>() + b * 3 * H * W,
-                                      y0.const_data_ptr<double>() + b * H * W * C,
-                                      out.mutable_data_ptr<double>() + b * H * W * C, s.mutable_data_ptr<double>(),
+                                      y0.const_data_ptr<double>() + b * H * W * Cp,
+                                      out.mutable_data_ptr<double>() + b * H * W * Cp, s.mutable_data_ptr<double>(),
                                       g, tau, alpha, iters, tol);
     } else {
       pixel_propagation_image<float>(img.const_data_ptr<float>() + b * 3 * H * W,
-                                     y0.const_data_ptr<float>() + b * H * W * C,
-                                     out.mutable_data_ptr<float>() + b * H * W * C, s.mutable_data_ptr<float>(), g,
+                                     y0.const_data_ptr<float>() + b * H * W * Cp,
+                                     out.mutable_data_ptr<float>() + b * H * W * Cp, s.mutable_data_ptr<float>(), g,
                                      static_cast<float>(tau), static_cast<float>(alpha), iters,
                                      static_cast<float>(tol));
     }
   }
-  return out.permute({0, 3, 1, 2}).contiguous();
+  return out.narrow(3, 0, C).permute({0, 3, 1, 2}).contiguous();
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
 
 #include <algorithm>
 #include <vector>
@@ -17,6 +18,14 @@
 #include "common/propagation_math.h"
 
 namespace ovss_fast {
+
+// The CG's vectors hold each node's classes padded to a multiple of 8 (zero classes, which stop at once), so
+// the loops over classes run whole vectors: [n, C] -> [n, padded_classes(C)], on the last dimension.
+inline int64_t padded_classes(int64_t C) { return (C + 7) / 8 * 8; }
+inline at::Tensor pad_classes(const at::Tensor& t) {
+  const int64_t C = t.size(-1), Cp = padded_classes(C);
+  return Cp == C ? t : at::constant_pad_nd(t, {0, Cp - C}, 0).contiguous();
+}
 
 // a floating CPU tensor of the given rank (the wrappers' first checks)
 inline void check_cpu_floating(const at::Tensor& t, const char* name, int64_t rank, const char* layout) {

@@ -294,3 +294,18 @@ def test_compiled_ops_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pytorch_sparse_path_of_the_cuda_backend(dtype):
+    """The CUDA backend's label_propagation (kernels/propagation.py: CSR graph + torch.sparse.mm CG) has no GPU
+    here; its arithmetic is device-independent PyTorch, so it is checked on CPU tensors."""
+    from ovss_fast.kernels import propagation
+
+    gen = torch.Generator().manual_seed(9)
+    scores, feats, pos = _windows_inputs(3, 6, 7, 16, gen, dtype)
+    scores[:, 3] = 0
+    index, w = propagation.edge_weights(feats, pos, k=50, gamma=3.0, sigma=0.01, dist_pow=1.0)
+    out = propagation.batched_cg(propagation.normalised_graph(index, w), scores, alpha=0.95, iters=10, tol=1e-6)
+    assert rel_err(out, oracle_patch(scores, feats, pos, k=50)) < TOL[dtype]
+    assert bool((out[:, 3] == 0).all())

@@ -4,8 +4,8 @@ or PyTorch sparse ops (CUDA: no kernel of ours).
 Equal to :func:`ovss_fast.kernels.reference.label_propagation` (the spec); faster by what the spec
 spells out plainly: the kNN takes ``topk`` per row block and sorts only the rows whose k-th and
 (k+1)-th similarities tie (the tie-break by index needs it there and nowhere else). On the CPU the
-symmetric graph and the CG are the compiled ``knn_propagation``; elsewhere the graph is a CSR
-matrix and the CG updates its [N, C] vectors in place, all classes per sparse-dense product.
+symmetric graph and the CG are the compiled ``knn_propagation``; elsewhere the graph is a sparse
+matrix (COO) and the CG updates its [N, C] vectors in place, all classes per sparse-dense product.
 """
 
 from __future__ import annotations
@@ -54,12 +54,9 @@ def edge_weights(feats: Tensor, positions: Tensor, *, k: int, gamma: float, sigm
 
 
 def normalised_graph(index: Tensor, w: Tensor) -> Tensor:
-    """S = D^-1/2 (W + W^T, diagonal removed) D^-1/2 as a CSR matrix [N, N] (reference.lposs_graph)."""
-    coo = symmetric_knn_graph(index, w)
-    N, r = index.shape[0], coo.indices()[0]
-    crow = torch.zeros(N + 1, dtype=torch.int64, device=index.device)
-    crow[1:] = torch.bincount(r, minlength=N).cumsum(0)
-    return torch.sparse_csr_tensor(crow, coo.indices()[1], coo.values(), (N, N), check_invariants=False)
+    """S = D^-1/2 (W + W^T, diagonal removed) D^-1/2 as a coalesced sparse COO matrix [N, N] (torch.sparse.mm
+    takes it on CPU and CUDA; a CSR tensor would warn that its support is in beta)."""
+    return symmetric_knn_graph(index, w)
 
 
 def batched_cg(s: Tensor, b: Tensor, *, alpha: float, iters: int, tol: float) -> Tensor:

@@ -50,6 +50,11 @@ TORCH_LIBRARY(ovss_fast, m) {
   m.def("jbu_upsample(Tensor scores, Tensor guide, float sigma_spatial, float sigma_range, int radius) -> Tensor");
   // section 4, fused: scores [B, C, h, w], guide [B, 3, H, W] -> labels [B, H, W] int64
   m.def("jbu_argmax(Tensor scores, Tensor guide, float sigma_spatial, float sigma_range, int radius) -> Tensor");
+  // LPOSS+ pixel stage: scores [B, C, H, W], image [B, 3, H, W] sRGB in [0, 1] -> [B, C, H, W]
+  m.def("pixel_propagation(Tensor scores, Tensor image, int radius, float tau, float alpha, int iters, float tol) "
+        "-> Tensor");
+  // LPOSS patch stage after the kNN: index [N, k], weights [N, k], b [N, C] -> x [N, C]
+  m.def("knn_propagation(Tensor index, Tensor weights, Tensor b, float alpha, int iters, float tol) -> Tensor");
   // diagnostics: the threads one at::parallel_for of the extension uses
   m.def("_intra_op_threads() -> int", &intra_op_threads);
 }

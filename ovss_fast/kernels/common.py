@@ -42,3 +42,22 @@ def lowres_guide(guide: Tensor, h: int, w: int, dt: torch.dtype) -> tuple[Tensor
     gd = torch.nn.functional.adaptive_avg_pool2d(guide.to(torch.float64), (h, w))
     hi = gd.to(dt)
     return hi, (gd - hi.to(torch.float64)).to(dt)
+
+
+def symmetric_knn_graph(index: Tensor, w: Tensor) -> Tensor:
+    """LPOSS's normalised graph from each node's neighbours index [N, k] and edge weights w [N, k]: S =
+    D^-1/2 (W + W^T) D^-1/2 with the diagonal removed (an edge found from both ends counts twice) and d the row
+    sums (0 -> 1), as a coalesced sparse COO matrix [N, N] of O(N k) entries. Shared by the reference and the
+    PyTorch path of the compiled backends (kernels/propagation.py)."""
+    N = index.shape[0]
+    rows = torch.arange(N, device=index.device).repeat_interleave(index.shape[1])
+    cols, w = index.reshape(-1), w.reshape(-1)
+    off = rows != cols
+    rows, cols, w = rows[off], cols[off], w[off]
+    coo = torch.sparse_coo_tensor(torch.stack([torch.cat([rows, cols]), torch.cat([cols, rows])]),
+                                  torch.cat([w, w]), (N, N), check_invariants=False).coalesce()
+    (r, c), v = coo.indices(), coo.values()
+    degree = torch.zeros(N, dtype=v.dtype, device=v.device).index_add_(0, r, v)
+    inv = torch.where(degree == 0, torch.ones_like(degree), degree).rsqrt()
+    return torch.sparse_coo_tensor(coo.indices(), v * inv[r] * inv[c], (N, N), is_coalesced=True,
+                                   check_invariants=False)

@@ -33,6 +33,8 @@ OPS = (
     "jbu_upsample",
     "jbu_argmax",
     "pamr",
+    "label_propagation",
+    "pixel_propagation",
 )
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 #: the order ``backend="auto"`` tries; the first that can serve the call wins

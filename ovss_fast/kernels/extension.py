@@ -20,11 +20,16 @@ from torch import Tensor
 from ovss_fast.kernels import (
     _C,  # noqa: F401  (loads the library; its static initialisers register the ops)
     fake,  # noqa: F401  (register_fake for torch.compile)
+    propagation,
 )
 from ovss_fast.kernels.dispatch import OPS, Backend
 
 #: dtypes the kernels take (half and bfloat16 are computed in float32 by the C++ wrappers)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: (op, device type) -> the compiled kernel the op needs there; None: PyTorch ops only. label_propagation's
+#: kNN is a blocked matmul + top-k in PyTorch on every device; on the CPU the graph and CG are the compiled
+#: knn_propagation, on CUDA PyTorch sparse ops (kernels/propagation.py; no CUDA kernel of ours)
+KERNEL_FOR = {("label_propagation", "cpu"): "knn_propagation", ("label_propagation", "cuda"): None}
 #: the JBU kernels take at most this radius ((2r+1)^2 taps per pixel; csrc/common/jbu_prepare.h)
 MAX_JBU_RADIUS = 64
 
@@ -55,7 +60,7 @@ class ExtensionBackend(Backend):
             return [f"{self.name} backend has no op {op!r}"]
         if self.device_type == "cuda" and not torch.cuda.is_available():
             reasons.append("CUDA is not available")
-        elif not has_kernel(op, self.dispatch_key):
+        elif (kernel := KERNEL_FOR.get((op, self.device_type), op)) and not has_kernel(kernel, self.dispatch_key):
             what = "this build has no CUDA kernels" if self.device_type == "cuda" else "not compiled in"
             reasons.append(f"{self.name} backend has no kernel for {op} ({what})")
         for i, t in enumerate(tensors):
@@ -116,6 +121,20 @@ class ExtensionBackend(Backend):
     ) -> Tensor:
         """scores [B, C, h, w], guide [B, 3, H, W] -> labels [B, H, W] int64."""
         return torch.ops.ovss_fast.jbu_argmax(scores, guide, float(sigma_spatial), float(sigma_range), int(radius))
+
+    # refiners: LPOSS / LPOSS+
+    def label_propagation(self, scores: Tensor, feats: Tensor, positions: Tensor, *, k: int = 400,
+                          gamma: float = 3.0, sigma: float = 0.01, dist_pow: float = 1.0, alpha: float = 0.95,
+                          iters: int = 10, tol: float = 1e-6) -> Tensor:
+        """scores [B, N, C], feats [B, N, D], positions [B, N, 2] -> [B, N, C] (:mod:`.propagation`)."""
+        return propagation.label_propagation(scores, feats, positions, k=k, gamma=gamma, sigma=sigma,
+                                             dist_pow=dist_pow, alpha=alpha, iters=iters, tol=tol)
+
+    def pixel_propagation(self, scores: Tensor, image: Tensor, *, radius: int = 6, tau: float = 0.01,
+                          alpha: float = 0.95, iters: int = 10, tol: float = 1e-6) -> Tensor:
+        """scores [B, C, H, W], image [B, 3, H, W] -> [B, C, H, W] (the stencil CG in C++)."""
+        return torch.ops.ovss_fast.pixel_propagation(scores, image, int(radius), float(tau), float(alpha),
+                                                     int(iters), float(tol))
 
 
 CPU_BACKEND = ExtensionBackend("cpu", "cpu", "CPU")

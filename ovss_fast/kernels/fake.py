@@ -53,3 +53,14 @@ def _jbu_upsample(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_ran
 def _jbu_argmax(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_range: float, radius: int) -> Tensor:
     H, W = guide.shape[-2:]
     return scores.new_empty((scores.shape[0], H, W), dtype=torch.int64)
+
+
+@torch.library.register_fake("ovss_fast::pixel_propagation")
+def _pixel_propagation(scores: Tensor, image: Tensor, radius: int, tau: float, alpha: float, iters: int,
+                       tol: float) -> Tensor:
+    return scores.new_empty(scores.shape, dtype=_dtype(scores, image))
+
+
+@torch.library.register_fake("ovss_fast::knn_propagation")
+def _knn_propagation(index: Tensor, weights: Tensor, b: Tensor, alpha: float, iters: int, tol: float) -> Tensor:
+    return b.new_empty(b.shape, dtype=_dtype(b, weights))

@@ -12,11 +12,13 @@ accumulate in float32 at least").
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from ovss_fast.errors import InputError
-from ovss_fast.kernels.common import NMS_AXES, TRANSITIONS, lowres_guide, tap_geometry
+from ovss_fast.kernels.common import NMS_AXES, TRANSITIONS, lowres_guide, symmetric_knn_graph, tap_geometry
 
 #: Divisions floor their denominators here (method.md section 3; a normal float32).
 DENOM_FLOOR = 1e-30
@@ -411,3 +413,163 @@ def pamr(scores: Tensor, image: Tensor, *, iters: int = 10, dilations: tuple[int
             out += a[:, j : j + 1] * _replicate_shift(m, dy, dx)
         m = out
     return m
+
+
+# --------------------------------------------------------------------------- refiners: LPOSS / LPOSS+
+# Label propagation of LPOSS (Stojnic, Kalantidis, Tolias, CVPR 2025; vladan-stojnic/LPOSS,
+# segmentation/evaluation/lposs_eval.py). docs/lposs.md lists each fact taken from their code with its line.
+
+
+def propagation_cg(apply_s: Callable[[Tensor], Tensor], b: Tensor, *, alpha: float, iters: int, tol: float,
+                   dims: tuple[int, ...]) -> Tensor:
+    """Solve (I - alpha S) x = b by conjugate gradient, every column at once, each on its own schedule.
+
+    ``apply_s(p)`` returns S p for p shaped like b; a column is the slice of b over ``dims`` (a class of an image).
+    Per column, as cupyx.scipy.sparse.linalg.cg with x0 = 0 and M = I: a column with ||b|| = 0 returns b (zeros);
+    otherwise at most ``iters`` steps, stopping after the first step whose residual has ||r|| <= tol ||b||. A
+    column that stopped is frozen (its step size is 0) while the others go on.
+    """
+    def dot(u: Tensor, v: Tensor) -> Tensor:
+        return (u * v).sum(dims, keepdim=True)
+
+    x = torch.zeros_like(b)
+    r = b.clone()
+    rho = dot(r, r)
+    atol = tol * rho.sqrt()
+    active = rho > 0
+    p = r.clone()
+    zero = torch.zeros_like(rho)
+    for _ in range(iters):
+        if not bool(active.any()):
+            break
+        q = p - alpha * apply_s(p)
+        step = torch.where(active, rho / dot(p, q), zero)  # frozen columns take no step
+        x = x + step * p
+        r = r - step * q
+        rho_new = dot(r, r)
+        active = active & ~(rho_new.sqrt() <= atol)
+        p = torch.where(active, r + torch.where(active, rho_new / rho, zero) * p, torch.zeros_like(p))
+        rho = rho_new
+    return x
+
+
+def lposs_knn(feats: Tensor, k: int, *, block: int = 1024) -> tuple[Tensor, Tensor]:
+    """Exact k nearest neighbours by inner product, row block by row block (never an N x N matrix).
+
+    feats [N, D] -> (sims [N, k], index [N, k]), largest first; equal similarities keep the lower index first
+    (a stable sort), so the k-th place goes to the lowest index among ties. Each row lists itself when its
+    feature's norm is the largest inner product (L2-normalised features: always, ties aside).
+    """
+    sims, index = [], []
+    for start in range(0, feats.shape[0], block):
+        s = feats[start:start + block] @ feats.T  # [b, N]
+        s, i = torch.sort(s, dim=1, descending=True, stable=True)
+        sims.append(s[:, :k])
+        index.append(i[:, :k])
+    return torch.cat(sims), torch.cat(index)
+
+
+def lposs_graph(feats: Tensor, positions: Tensor, *, k: int = 400, gamma: float = 3.0, sigma: float = 0.01,
+                dist_pow: float = 1.0) -> Tensor:
+    """LPOSS's normalised patch graph S = D^-1/2 W D^-1/2 as a coalesced sparse COO matrix [N, N] (O(N k) entries).
+
+    feats [N, D] (L2-normalised here), positions [N, 2] in pixels. Each node is linked to its min(k, N) nearest
+    neighbours by inner product (:func:`lposs_knn`, itself included) with w = max(0, sim)^gamma
+    exp(-sigma dist^dist_pow), dist the Euclidean distance of the positions; W + W^T (an edge found from both
+    ends counts twice), the diagonal removed, degree d = row sums (0 -> 1).
+    """
+    N = feats.shape[0]
+    f = torch.nn.functional.normalize(feats, dim=1)
+    sims, index = lposs_knn(f, min(k, N))
+    dist = (positions.unsqueeze(1) - positions[index]).square().sum(-1).sqrt()  # [N, k]
+    w = sims.clamp(min=0).pow(gamma) * torch.exp(-sigma * dist.pow(dist_pow))
+    return symmetric_knn_graph(index, w)
+
+
+def label_propagation(scores: Tensor, feats: Tensor, positions: Tensor, *, k: int = 400, gamma: float = 3.0,
+                      sigma: float = 0.01, dist_pow: float = 1.0, alpha: float = 0.95, iters: int = 10,
+                      tol: float = 1e-6) -> Tensor:
+    """LPOSS's patch stage: scores [B, N, C], feats [B, N, D], positions [B, N, 2] (pixels) -> [B, N, C].
+
+    Per image, x solves (I - alpha S) x = y0 (y0 = the scores, per class) for the graph of :func:`lposs_graph`,
+    by :func:`propagation_cg` (all classes at once, each stopping on its own).
+    """
+    dt = compute_dtype(scores, feats, positions)
+    out = []
+    for y0, f, pos in zip(scores.to(dt), feats.to(dt), positions.to(dt), strict=True):
+        s = lposs_graph(f, pos, k=k, gamma=gamma, sigma=sigma, dist_pow=dist_pow)
+        out.append(propagation_cg(lambda p, s=s: s @ p, y0, alpha=alpha, iters=iters, tol=tol, dims=(0,)))
+    if not out:
+        return scores.to(dt).clone()
+    return torch.stack(out)
+
+
+#: sRGB -> XYZ (D65) matrix and reference white of kornia's rgb_to_lab (kornia.color.xyz / lab)
+RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+D65_WHITE = (0.95047, 1.0, 1.08883)
+#: LPOSS divides Lab by these before the pixel distances (lposs_eval.py: "project Lab values to 0-1 range")
+LAB_SCALE = (100.0, 128.0, 128.0)
+
+
+def srgb_to_lab(image: Tensor) -> Tensor:
+    """image [..., 3, H, W] sRGB in [0, 1] -> CIE Lab [..., 3, H, W] (L in 0..100), as kornia's rgb_to_lab."""
+    lin = torch.where(image > 0.04045, ((image + 0.055).clamp(min=0) / 1.055).pow(2.4), image / 12.92)
+    m = torch.tensor(RGB_TO_XYZ, dtype=image.dtype, device=image.device)
+    xyz = torch.einsum("ij,...jhw->...ihw", m, lin)
+    xyz = xyz / torch.tensor(D65_WHITE, dtype=image.dtype, device=image.device)[:, None, None]
+    f = torch.where(xyz > 0.008856, xyz.clamp(min=0.008856).pow(1 / 3), 7.787 * xyz + 4.0 / 29.0)
+    fx, fy, fz = f.unbind(-3)
+    return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], -3)
+
+
+def pixel_offsets(radius: int) -> list[tuple[int, int]]:
+    """The (dy, dx) of a pixel's neighbours: the (2r+1)^2 square minus its centre, row by row."""
+    return [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1) if (dy, dx) != (0, 0)]
+
+
+def _shifted(x: Tensor, dy: int, dx: int, radius: int) -> Tensor:
+    """x [..., H + 2r, W + 2r] (zero-padded by r = radius) read at (y + dy, x + dx) -> [..., H, W]."""
+    H, W = x.shape[-2] - 2 * radius, x.shape[-1] - 2 * radius
+    return x[..., radius + dy:radius + dy + H, radius + dx:radius + dx + W]
+
+
+def pixel_graph(image: Tensor, *, radius: int = 6, tau: float = 0.01) -> Tensor:
+    """LPOSS+'s normalised pixel graph as stencil weights s [B, P, H, W], P = (2r+1)^2 - 1 (:func:`pixel_offsets`).
+
+    w_ij = exp(-||lab_i - lab_j|| / tau) for j in the square around i, inside the image (Lab / LAB_SCALE);
+    s_ij = w_ij / sqrt(d_i d_j), d the row sums (0 -> 1). Zero where the neighbour is off the image.
+    """
+    lab = srgb_to_lab(image) / torch.tensor(LAB_SCALE, dtype=image.dtype, device=image.device)[:, None, None]
+    H, W = image.shape[-2:]
+    pad = torch.nn.functional.pad
+    lab_p = pad(lab, (radius,) * 4)
+    inside = pad(torch.ones((1, 1, H, W), dtype=image.dtype, device=image.device), (radius,) * 4)
+    offsets = pixel_offsets(radius)
+    w = torch.stack([torch.exp(-(lab - _shifted(lab_p, dy, dx, radius)).square().sum(1).sqrt() / tau)
+                     * _shifted(inside, dy, dx, radius)[:, 0] for dy, dx in offsets], 1)  # [B, P, H, W]
+    degree = w.sum(1, keepdim=True)
+    inv = torch.where(degree == 0, torch.ones_like(degree), degree).rsqrt()  # [B, 1, H, W]
+    inv_p = pad(inv, (radius,) * 4)
+    return torch.stack([w[:, o] * inv[:, 0] * _shifted(inv_p, dy, dx, radius)[:, 0]
+                        for o, (dy, dx) in enumerate(offsets)], 1)
+
+
+def pixel_propagation(scores: Tensor, image: Tensor, *, radius: int = 6, tau: float = 0.01, alpha: float = 0.95,
+                      iters: int = 10, tol: float = 1e-6) -> Tensor:
+    """LPOSS+'s pixel stage: scores [B, C, H, W], image [B, 3, H, W] sRGB in [0, 1] -> [B, C, H, W].
+
+    Per image and class, x solves (I - alpha S) x = scores with S the stencil of :func:`pixel_graph`, by
+    :func:`propagation_cg` (every class of every image at once, each stopping on its own).
+    """
+    dt = compute_dtype(scores, image)
+    s = pixel_graph(image.to(dt), radius=radius, tau=tau)
+    offsets = pixel_offsets(radius)
+
+    def apply_s(p: Tensor) -> Tensor:
+        p_pad = torch.nn.functional.pad(p, (radius,) * 4)
+        out = torch.zeros_like(p)
+        for o, (dy, dx) in enumerate(offsets):
+            out += s[:, o:o + 1] * _shifted(p_pad, dy, dx, radius)
+        return out
+
+    return propagation_cg(apply_s, scores.to(dt), alpha=alpha, iters=iters, tol=tol, dims=(2, 3))

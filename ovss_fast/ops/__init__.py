@@ -8,7 +8,9 @@ from ovss_fast.ops.api import (
     gibbs_kernel,
     jbu_argmax,
     jbu_upsample,
+    label_propagation,
     pamr,
+    pixel_propagation,
     refine_scores,
     segment_features,
 )
@@ -22,7 +24,9 @@ __all__ = [
     "gibbs_kernel",
     "jbu_argmax",
     "jbu_upsample",
+    "label_propagation",
     "pamr",
+    "pixel_propagation",
     "refine_scores",
     "segment_features",
 ]

@@ -230,6 +230,59 @@ def refine_scores(scores: Tensor, size: tuple[int, int], *, image: Tensor | None
     return pamr(m, image, iters=iters, dilations=dilations, backend=backend)
 
 
+def label_propagation(scores: Tensor, feats: Tensor, positions: Tensor, *, k: int = 400, gamma: float = 3.0,
+                      sigma: float = 0.01, dist_pow: float = 1.0, alpha: float = 0.95, iters: int = 10,
+                      tol: float = 1e-6, backend: str = "auto") -> Tensor:
+    """LPOSS's patch-stage label propagation (Stojnic et al., CVPR 2025; docs/lposs.md).
+
+    scores: [N, C] or [B, N, C] (LPOSS: raw cosines of the patches' features and the class embeddings, all
+    windows of an image stacked); feats: [N, D] or [B, N, D] (LPOSS: DINO ViT-B/16 last-block value features;
+    L2-normalised here); positions: [N, 2] or [B, N, 2], each patch centre in pixels -> [N, C] or [B, N, C]
+    float32 (float64 for float64 inputs). Per image: each patch linked to its min(k, N) nearest neighbours by
+    cosine (itself included, ties to the lower index), w = max(0, cos)^gamma exp(-sigma dist^dist_pow), W + W^T,
+    the diagonal removed, S = D^-1/2 W D^-1/2 (degree 0 -> 1); x solves (I - alpha S) x = scores per class by
+    conjugate gradient from 0, each class stopping at ||r|| <= tol ||scores|| or after ``iters`` steps.
+    """
+    two_d = isinstance(scores, Tensor) and scores.dim() == 2
+    scores, feats, positions = check.scores_feats_positions(scores, feats, positions)
+    params = {
+        "k": check.count("k", k, minimum=1),
+        "gamma": check.non_negative("gamma", gamma),
+        "sigma": check.non_negative("sigma", sigma),
+        "dist_pow": check.positive("dist_pow", dist_pow),
+        "alpha": check.propagation_alpha(alpha),
+        "iters": check.count("iters", iters, minimum=0),
+        "tol": check.non_negative("tol", tol),
+    }
+    impl = select("label_propagation", backend, (scores, feats, positions), params)
+    with torch.no_grad():
+        out = impl.label_propagation(scores, feats, positions, **params)
+    return out[0] if two_d else out
+
+
+def pixel_propagation(scores: Tensor, image: Tensor, *, radius: int = 6, tau: float = 0.01, alpha: float = 0.95,
+                      iters: int = 10, tol: float = 1e-6, backend: str = "auto") -> Tensor:
+    """LPOSS+'s pixel-stage label propagation (Stojnic et al., CVPR 2025; docs/lposs.md).
+
+    scores: [B, C, H, W] (LPOSS+: the patch stage's scores resized to the image); image: [B, 3, H, W] sRGB in
+    [0, 1] -> [B, C, H, W] float32 (float64 for float64 inputs). Each pixel linked to the pixels of the
+    (2 radius + 1)^2 square around it (not itself; inside the image) with w = exp(-||Lab_i - Lab_j|| / tau), Lab
+    divided by (100, 128, 128); S = D^-1/2 W D^-1/2; (I - alpha S) x = scores solved per image and class by
+    conjugate gradient as :func:`label_propagation`.
+    """
+    scores, image = check.scores_and_rgb(scores, image)
+    params = {
+        "radius": check.count("radius", radius, minimum=1, maximum=64),
+        "tau": check.positive("tau", tau),
+        "alpha": check.propagation_alpha(alpha),
+        "iters": check.count("iters", iters, minimum=0),
+        "tol": check.non_negative("tol", tol),
+    }
+    impl = select("pixel_propagation", backend, (scores, image), params)
+    with torch.no_grad():
+        return impl.pixel_propagation(scores, image, **params)
+
+
 def segment_features(
     feats: Tensor,
     text: Tensor,

@@ -286,3 +286,72 @@ def scores_and_image(scores: object, image: object) -> tuple[Tensor, Tensor]:
     if image.shape[2] == 0 or image.shape[3] == 0:
         raise InputError(f"image has an empty image (shape {tuple(image.shape)})")
     return scores, image
+
+
+def non_negative(name: str, value: float) -> float:
+    """A finite real number >= 0, returned as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise InputError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def propagation_alpha(value: float, name: str = "alpha") -> float:
+    """Label propagation's alpha in [0, 1): below 1 keeps I - alpha S positive definite (CG needs it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (0.0 <= value < 1.0):
+        raise InputError(f"{name} must lie in [0, 1) (I - alpha S must stay positive definite), got {value}")
+    return float(value)
+
+
+def _rank_2_or_3(name: str, x: object) -> Tensor:
+    if isinstance(x, Tensor) and x.dim() in (2, 3):
+        return tensor(name, x, x.dim())
+    return tensor(name, x, 3)  # raises with the rank seen
+
+
+def scores_feats_positions(scores: object, feats: object, positions: object) -> tuple[Tensor, Tensor, Tensor]:
+    """LPOSS's patch stage: scores [N, C] or [B, N, C]; feats [N, D] or [B, N, D]; positions [N, 2] or [B, N, 2].
+
+    Returned as [B, N, C], [B, N, D], [B, N, 2] (2D feats / positions expanded to the scores' B, no copy)."""
+    scores = _rank_2_or_3("scores", scores)
+    feats = _rank_2_or_3("feats", feats)
+    positions = _rank_2_or_3("positions", positions)
+    same_device(scores=scores, feats=feats, positions=positions)
+    s3 = scores if scores.dim() == 3 else scores.unsqueeze(0)
+    B, N, C = s3.shape
+    if C == 0:
+        raise InputError(f"scores has C = 0 classes (shape {tuple(scores.shape)})")
+    if positions.shape[-1] != 2:
+        raise InputError(f"positions must hold (y, x) pixel coordinates in its last dimension of size 2, got shape "
+                         f"{tuple(positions.shape)}")
+    if feats.shape[-1] == 0:
+        raise InputError(f"feats has D = 0 features (shape {tuple(feats.shape)})")
+    out = []
+    for name, t in (("feats", feats), ("positions", positions)):
+        if t.dim() == 3 and scores.dim() == 2:
+            raise InputError(f"{name} is 3D (shape {tuple(t.shape)}) but scores is 2D (shape {tuple(scores.shape)})")
+        t3 = t if t.dim() == 3 else t.unsqueeze(0).expand(B, *t.shape)
+        if t3.shape[:2] != (B, N):
+            raise InputError(f"{name} has shape {tuple(t.shape)} but scores has shape {tuple(scores.shape)}: "
+                             f"they must agree on {'B and ' if t.dim() == 3 else ''}N = {N}")
+        out.append(t3)
+    return s3, out[0], out[1]
+
+
+def scores_and_rgb(scores: object, image: object) -> tuple[Tensor, Tensor]:
+    """LPOSS+'s pixel stage: scores [B, C, H, W] and an sRGB image [B, 3, H, W] in [0, 1] of the same size."""
+    scores, image = scores_and_image(scores, image)
+    B, C, H, W = scores.shape
+    if image.shape[1] != 3:
+        raise InputError(f"image must be RGB [B, 3, H, W], got shape {tuple(image.shape)}")
+    if image.shape[0] != B or image.shape[2:] != (H, W):
+        raise InputError(f"image has shape {tuple(image.shape)} but scores has shape {tuple(scores.shape)}: "
+                         "they must agree on B, H and W (resize the scores to the image first)")
+    if has_values(image):
+        lo, hi = float(image.min()), float(image.max())
+        if lo < 0 or hi > 1:
+            raise InputError(f"image must hold sRGB values in [0, 1], got values in [{lo:g}, {hi:g}]")
+    return scores, image

@@ -1,0 +1,155 @@
+// LPOSS's patch stage after the kNN (Stojnic et al., CVPR 2025; docs/lposs.md; the spec:
+// reference.lposs_graph and label_propagation): from each node's neighbours index [N, k] and edge weights
+// [N, k] (ovss_fast/kernels/propagation.py computes both), S = D^-1/2 (W + W^T, diagonal removed) D^-1/2
+// as CSR in O(N k) (counting sort, no coalescing), then x solves (I - alpha S) x = b per class by conjugate
+// gradient from 0, b [N, C]. The sparse-dense product serves all C classes per stored entry (a node's classes
+// contiguous); the CG is cpu/propagation_cg.h, blocks of 64 rows.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/checks.h"
+#include "cpu/cpu_simd.h"
+#include "cpu/propagation_cg.h"
+
+namespace ovss_fast {
+namespace {
+
+constexpr int64_t kRowsPerBlock = 64;
+
+// q_i = p_i - alpha sum_e v_e p_{col_e} for the rows of one block; pq[c] = sum_i p_ic q_ic
+template <typename T>
+OVSS_INLINE void csr_rows(const int64_t* crow, const int64_t* col, const T* v, const T* p, T* q, double* pq,
+                          int64_t i0, int64_t i1, int64_t C, T alpha) {
+  for (int64_t c = 0; c < C; ++c) pq[c] = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    T* qi = q + i * C;
+    for (int64_t c = 0; c < C; ++c) qi[c] = 0;
+    for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
+      const T w = v[e];
+      const T* pj = p + col[e] * C;
+      for (int64_t c = 0; c < C; ++c) qi[c] += w * pj[c];
+    }
+    const T* pi = p + i * C;
+    for (int64_t c = 0; c < C; ++c) {
+      qi[c] = pi[c] - alpha * qi[c];
+      pq[c] += static_cast<double>(pi[c]) * static_cast<double>(qi[c]);
+    }
+  }
+}
+
+OVSS_CPU_CLONES void csr_rows_f32(const int64_t* crow, const int64_t* col, const float* v, const float* p, float* q,
+                                  double* pq, int64_t i0, int64_t i1, int64_t C, float alpha) {
+  csr_rows<float>(crow, col, v, p, q, pq, i0, i1, C, alpha);
+}
+inline void csr_rows_any(const int64_t* crow, const int64_t* col, const float* v, const float* p, float* q,
+                         double* pq, int64_t i0, int64_t i1, int64_t C, float alpha) {
+  csr_rows_f32(crow, col, v, p, q, pq, i0, i1, C, alpha);
+}
+inline void csr_rows_any(const int64_t* crow, const int64_t* col, const double* v, const double* p, double* q,
+                         double* pq, int64_t i0, int64_t i1, int64_t C, double alpha) {
+  csr_rows<double>(crow, col, v, p, q, pq, i0, i1, C, alpha);
+}
+
+// The normalised graph S of W + W^T as CSR (crow [N + 1], col, v), the diagonal removed: row i lists its
+// kNN entries (j != i) and then the entries (i in kNN(j)) of W^T, in order of j; an edge found from both
+// ends stays two entries (their sum is W_ij + W_ji). s_ij = w_ij / sqrt(d_i d_j), d the row sums (0 -> 1).
+template <typename T>
+void symmetric_graph(const int64_t* index, const T* w, int64_t N, int64_t k, std::vector<int64_t>& crow,
+                     std::vector<int64_t>& col, std::vector<T>& v) {
+  std::vector<int64_t> count(N + 1, 0);
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t e = 0; e < k; ++e) {
+      const int64_t j = index[i * k + e];
+      if (j != i) {
+        count[i + 1] += 1;
+        count[j + 1] += 1;
+      }
+    }
+  crow.assign(N + 1, 0);
+  for (int64_t i = 0; i < N; ++i) crow[i + 1] = crow[i] + count[i + 1];
+  col.resize(crow[N]);
+  v.resize(crow[N]);
+  std::vector<int64_t> fill(crow.begin(), crow.end() - 1);
+  for (int64_t i = 0; i < N; ++i)  // W's rows first: each row's kNN entries
+    for (int64_t e = 0; e < k; ++e) {
+      const int64_t j = index[i * k + e];
+      if (j != i) {
+        col[fill[i]] = j;
+        v[fill[i]++] = w[i * k + e];
+      }
+    }
+  for (int64_t i = 0; i < N; ++i)  // then W^T's: row j gains (i, w_ij)
+    for (int64_t e = 0; e < k; ++e) {
+      const int64_t j = index[i * k + e];
+      if (j != i) {
+        col[fill[j]] = i;
+        v[fill[j]++] = w[i * k + e];
+      }
+    }
+  std::vector<T> inv(N);
+  at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T d = 0;
+      for (int64_t e = crow[i]; e < crow[i + 1]; ++e) d += v[e];
+      inv[i] = inverse_sqrt_degree(d);
+    }
+  });
+  at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t e = crow[i]; e < crow[i + 1]; ++e) v[e] *= inv[i] * inv[col[e]];
+  });
+}
+
+template <typename T>
+void solve(const at::Tensor& index, const at::Tensor& weights, const at::Tensor& b, at::Tensor& x, T alpha,
+           int64_t iters, T tol) {
+  const int64_t N = b.size(0), C = b.size(1), k = index.size(1);
+  std::vector<int64_t> crow, col;
+  std::vector<T> v;
+  symmetric_graph<T>(index.const_data_ptr<int64_t>(), weights.const_data_ptr<T>(), N, k, crow, col, v);
+  const auto matvec = [&](int64_t blk, const T* p, T* q, double* pq) {
+    csr_rows_any(crow.data(), col.data(), v.data(), p, q, pq, blk * kRowsPerBlock,
+                 std::min(N, (blk + 1) * kRowsPerBlock), C, alpha);
+  };
+  batched_cg_cpu<T>(matvec, b.const_data_ptr<T>(), x.mutable_data_ptr<T>(), N, C, kRowsPerBlock, iters, tol);
+}
+
+at::Tensor knn_propagation_cpu(const at::Tensor& index, const at::Tensor& weights, const at::Tensor& b,
+                               double alpha, int64_t iters, double tol) {
+  check_cpu_floating(b, "b", 2, "[N, C]");
+  check_cpu_floating(weights, "weights", 2, "[N, k]");
+  check_rank(index, "index", 2, "[N, k]");
+  check_same_device(b, "b", index, "index");
+  check_same_device(b, "b", weights, "weights");
+  const int64_t N = b.size(0);
+  TORCH_CHECK(index.scalar_type() == at::kLong, "index should be int64, got ", index.scalar_type());
+  TORCH_CHECK(index.size(0) == N && weights.sizes() == index.sizes(), "index and weights should be [N, k] with N = ",
+              N, ", got ", shape_str(index), " and ", shape_str(weights));
+  check_cg_arguments(alpha, iters, tol);
+  if (index.numel() > 0) {
+    TORCH_CHECK(index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < N, "index should lie in [0, ", N,
+                ")");
+  }
+  const auto dt = compute_dtype(b, weights);
+  if (b.numel() == 0) return at::empty(b.sizes(), b.options().dtype(dt));
+  const at::Tensor bc = pad_classes(prepare(b, dt)), wc = prepare(weights, dt), ic = index.contiguous();
+  at::Tensor x = at::empty(bc.sizes(), bc.options());
+  if (dt == at::kDouble) {
+    solve<double>(ic, wc, bc, x, alpha, iters, tol);
+  } else {
+    solve<float>(ic, wc, bc, x, static_cast<float>(alpha), iters, static_cast<float>(tol));
+  }
+  return x.narrow(1, 0, b.size(1)).contiguous();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ovss_fast, CPU, m) { m.impl("knn_propagation", &knn_propagation_cpu); }
+
+}  // namespace ovss_fast

@@ -1,0 +1,102 @@
+"""LPOSS's patch stage for the "cpu" and "cuda" backends: the kNN in PyTorch ops, then the compiled solve (CPU)
+or PyTorch sparse ops (CUDA: no kernel of ours).
+
+Equal to :func:`ovss_fast.kernels.reference.label_propagation` (the spec); faster by what the spec
+spells out plainly: the kNN takes ``topk`` per row block and sorts only the rows whose k-th and
+(k+1)-th similarities tie (the tie-break by index needs it there and nowhere else). On the CPU the
+symmetric graph and the CG are the compiled ``knn_propagation``; elsewhere the graph is a sparse
+matrix (COO) and the CG updates its [N, C] vectors in place, all classes per sparse-dense product.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ovss_fast.kernels.common import symmetric_knn_graph
+
+#: rows of the similarity matrix held at once by the kNN ([KNN_BLOCK, N])
+KNN_BLOCK = 512
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32 (as the reference)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def knn(feats: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """feats [N, D] -> (sims [N, k], index [N, k]): the k largest inner products of each row, the lower index
+    first among equal ones at the k-th place (what a stable sort gives). Order within a row is unspecified."""
+    N = feats.shape[0]
+    sims, index = [], []
+    for start in range(0, N, KNN_BLOCK):
+        s = feats[start:start + KNN_BLOCK] @ feats.T  # [b, N]
+        if k >= N:
+            v, i = torch.sort(s, dim=1, descending=True, stable=True)
+        else:
+            v, i = torch.topk(s, k + 1, dim=1)
+            tied = (v[:, k - 1] == v[:, k]).nonzero().flatten()
+            if tied.numel():
+                tv, ti = torch.sort(s[tied], dim=1, descending=True, stable=True)
+                v[tied], i[tied] = tv[:, : k + 1], ti[:, : k + 1]
+        sims.append(v[:, :k])
+        index.append(i[:, :k])
+    return torch.cat(sims), torch.cat(index)
+
+
+def edge_weights(feats: Tensor, positions: Tensor, *, k: int, gamma: float, sigma: float,
+                 dist_pow: float) -> tuple[Tensor, Tensor]:
+    """feats [N, D] (L2-normalised here), positions [N, 2] -> (index [N, k'], w [N, k']), k' = min(k, N): each
+    node's neighbours (itself among them) and w = max(0, sim)^gamma exp(-sigma dist^dist_pow)."""
+    sims, index = knn(torch.nn.functional.normalize(feats, dim=1), min(k, feats.shape[0]))
+    dist = (positions.unsqueeze(1) - positions[index]).square_().sum(-1).sqrt_()
+    return index, sims.clamp_(min=0).pow_(gamma).mul_(torch.exp(dist.pow_(dist_pow).mul_(-sigma)))
+
+
+def normalised_graph(index: Tensor, w: Tensor) -> Tensor:
+    """S = D^-1/2 (W + W^T, diagonal removed) D^-1/2 as a coalesced sparse COO matrix [N, N] (torch.sparse.mm
+    takes it on CPU and CUDA; a CSR tensor would warn that its support is in beta)."""
+    return symmetric_knn_graph(index, w)
+
+
+def batched_cg(s: Tensor, b: Tensor, *, alpha: float, iters: int, tol: float) -> Tensor:
+    """(I - alpha s) x = b for b [N, C], every class with its own CG scalars and stop (reference.propagation_cg)."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = b.clone()
+    rho = torch.linalg.vecdot(r, r, dim=0)
+    atol = rho.sqrt() * tol
+    active = rho > 0
+    zero = torch.zeros_like(rho)
+    for _ in range(iters):
+        if not bool(active.any()):
+            break
+        q = torch.sparse.mm(s, p).mul_(-alpha).add_(p)
+        step = torch.where(active, rho / torch.linalg.vecdot(p, q, dim=0), zero)
+        x.addcmul_(p, step)
+        r.addcmul_(q, step, value=-1)
+        rho_new = torch.linalg.vecdot(r, r, dim=0)
+        active &= ~(rho_new.sqrt() <= atol)
+        p.mul_(torch.where(active, rho_new / rho, zero)).add_(r).mul_(active)
+        rho = rho_new
+    return x
+
+
+def label_propagation(scores: Tensor, feats: Tensor, positions: Tensor, *, k: int = 400, gamma: float = 3.0,
+                      sigma: float = 0.01, dist_pow: float = 1.0, alpha: float = 0.95, iters: int = 10,
+                      tol: float = 1e-6) -> Tensor:
+    """scores [B, N, C], feats [B, N, D], positions [B, N, 2] -> [B, N, C]; as reference.label_propagation.
+
+    CPU tensors: the graph and the CG run in the compiled ``knn_propagation`` (csrc/cpu/knn_propagation.cpp)
+    after the kNN here; other devices: :func:`normalised_graph` and :func:`batched_cg` in PyTorch ops."""
+    dt = compute_dtype(scores, feats, positions)
+    out = torch.empty(scores.shape, dtype=dt, device=scores.device)
+    for i in range(scores.shape[0]):
+        index, w = edge_weights(feats[i].to(dt), positions[i].to(dt), k=k, gamma=gamma, sigma=sigma,
+                                dist_pow=dist_pow)
+        if scores.device.type == "cpu":
+            out[i] = torch.ops.ovss_fast.knn_propagation(index, w, scores[i].to(dt), float(alpha), int(iters),
+                                                         float(tol))
+        else:
+            out[i] = batched_cg(normalised_graph(index, w), scores[i].to(dt), alpha=alpha, iters=iters, tol=tol)
+    return out

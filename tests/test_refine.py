@@ -173,7 +173,7 @@ def _compare_with_naclip(tiny, pamr_module, iters, dilations):
     seg = tiny_segmenter(tiny, TEMPLATES, head="logits", aggregation="pixels", refine="pamr", scale=40.0,
                          bg_threshold=0.1, pamr_iters=iters, pamr_dilations=dilations)
     assert seg.mean == pytest.approx(OPENAI_MEAN, abs=1e-5) and seg.std == pytest.approx(OPENAI_STD, abs=1e-5)
-    seg._grid_maps = lambda img, text, pixels=False: logits  # ours from the same logits on
+    seg._grid_maps = lambda img, text, record=None, pixels=False: logits  # ours from the same logits on
     ours = seg.seg(img, classes, guide=guide)[0]
     mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
     theirs, probs = _naclip_tail(pamr_module, logits, (img - mean) / std, (37, 61), 40.0, groups, 0.1)

@@ -235,21 +235,32 @@ SK_ITERS_WHY = (" (mode 'mv' runs its chain on the kernel made doubly stochastic
                 "unnormalised Gibbs kernel, whose rows sum to ~N, and overflows float32 within a few steps)")
 
 
-def scores_and_guide(scores: object, guide: object) -> tuple[Tensor, Tensor]:
-    scores = tensor("scores", scores, 4, allow_neg_inf=True)
-    guide = tensor("guide", guide, 4)
-    same_device(scores=scores, guide=guide)
+def _scores_and_picture(scores: object, picture: object, name: str, *, rgb: bool,
+                        allow_neg_inf: bool) -> tuple[Tensor, Tensor]:
+    """scores [B, C, h, w] and an image ``name`` [B, K, H, W] (K = 3 when ``rgb``) on one device, none empty."""
+    scores = tensor("scores", scores, 4, allow_neg_inf=allow_neg_inf)
+    picture = tensor(name, picture, 4)
+    same_device(**{"scores": scores, name: picture})
     B, C, h, w = scores.shape
+    shape = tuple(picture.shape)
     if C == 0:
         raise InputError(f"scores has C = 0 classes (shape {tuple(scores.shape)})")
     if h == 0 or w == 0:
         raise InputError(f"scores has an empty grid (shape {tuple(scores.shape)})")
-    if guide.shape[0] != B:
-        raise InputError(f"guide has B = {guide.shape[0]} (shape {tuple(guide.shape)}) but scores has B = {B}")
-    if guide.shape[1] != 3:
-        raise InputError(f"guide must be an RGB image [B, 3, H, W], got shape {tuple(guide.shape)}")
-    if guide.shape[2] == 0 or guide.shape[3] == 0:
-        raise InputError(f"guide has an empty image (shape {tuple(guide.shape)})")
+    if shape[0] != B:
+        raise InputError(f"{name} has B = {shape[0]} (shape {shape}) but scores has B = {B}")
+    if rgb and shape[1] != 3:
+        raise InputError(f"{name} must be an RGB image [B, 3, H, W], got shape {shape}")
+    if shape[1] == 0:
+        raise InputError(f"{name} has K = 0 channels (shape {shape})")
+    if shape[2] == 0 or shape[3] == 0:
+        raise InputError(f"{name} has an empty image (shape {shape})")
+    return scores, picture
+
+
+def scores_and_guide(scores: object, guide: object) -> tuple[Tensor, Tensor]:
+    """The JBU's inputs: scores [B, C, h, w] (-inf allowed) and an RGB guide [B, 3, H, W] in [0, 1]."""
+    scores, guide = _scores_and_picture(scores, guide, "guide", rgb=True, allow_neg_inf=True)
     lo, hi = (float(guide.min()), float(guide.max())) if has_values(guide) else (0.0, 1.0)
     if lo < 0.0 or hi > 1.0:
         raise InputError(
@@ -271,21 +282,7 @@ def dilations(value: object, name: str = "dilations") -> tuple[int, ...]:
 
 def scores_and_image(scores: object, image: object) -> tuple[Tensor, Tensor]:
     """PAMR's inputs: scores [B, C, h, w] and a guide image [B, K, H, W] of any K and value range."""
-    scores = tensor("scores", scores, 4)
-    image = tensor("image", image, 4)
-    same_device(scores=scores, image=image)
-    B, C, h, w = scores.shape
-    if C == 0:
-        raise InputError(f"scores has C = 0 classes (shape {tuple(scores.shape)})")
-    if h == 0 or w == 0:
-        raise InputError(f"scores has an empty grid (shape {tuple(scores.shape)})")
-    if image.shape[0] != B:
-        raise InputError(f"image has B = {image.shape[0]} (shape {tuple(image.shape)}) but scores has B = {B}")
-    if image.shape[1] == 0:
-        raise InputError(f"image has K = 0 channels (shape {tuple(image.shape)})")
-    if image.shape[2] == 0 or image.shape[3] == 0:
-        raise InputError(f"image has an empty image (shape {tuple(image.shape)})")
-    return scores, image
+    return _scores_and_picture(scores, image, "image", rgb=False, allow_neg_inf=False)
 
 
 def non_negative(name: str, value: float) -> float:

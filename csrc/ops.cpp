@@ -50,6 +50,9 @@ TORCH_LIBRARY(ovss_fast, m) {
   m.def("jbu_upsample(Tensor scores, Tensor guide, float sigma_spatial, float sigma_range, int radius) -> Tensor");
   // section 4, fused: scores [B, C, h, w], guide [B, 3, H, W] -> labels [B, H, W] int64
   m.def("jbu_argmax(Tensor scores, Tensor guide, float sigma_spatial, float sigma_range, int radius) -> Tensor");
+  // refiners, PAMR (Araslanov and Roth 2020; common/pamr_math.h): scores [B, C, h, w], image [B, K, H, W]
+  // -> [B, C, H, W], the scores resized to H x W (bilinear, align_corners) then refined `iters` times
+  m.def("pamr(Tensor scores, Tensor image, int iters, int[] dilations) -> Tensor");
   // diagnostics: the threads one at::parallel_for of the extension uses
   m.def("_intra_op_threads() -> int", &intra_op_threads);
 }

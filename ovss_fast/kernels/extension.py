@@ -117,6 +117,11 @@ class ExtensionBackend(Backend):
         """scores [B, C, h, w], guide [B, 3, H, W] -> labels [B, H, W] int64."""
         return torch.ops.ovss_fast.jbu_argmax(scores, guide, float(sigma_spatial), float(sigma_range), int(radius))
 
+    # refiners
+    def pamr(self, scores: Tensor, image: Tensor, *, iters: int = 10, dilations: Sequence[int] = (8, 16)) -> Tensor:
+        """scores [B, C, h, w], image [B, K, H, W] -> [B, C, H, W] (csrc/cpu/pamr.cpp, csrc/cuda/pamr.cpp)."""
+        return torch.ops.ovss_fast.pamr(scores, image, int(iters), [int(d) for d in dilations])
+
 
 CPU_BACKEND = ExtensionBackend("cpu", "cpu", "CPU")
 CUDA_BACKEND = ExtensionBackend("cuda", "cuda", "CUDA")

@@ -53,3 +53,10 @@ def _jbu_upsample(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_ran
 def _jbu_argmax(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_range: float, radius: int) -> Tensor:
     H, W = guide.shape[-2:]
     return scores.new_empty((scores.shape[0], H, W), dtype=torch.int64)
+
+
+@torch.library.register_fake("ovss_fast::pamr")
+def _pamr(scores: Tensor, image: Tensor, iters: int, dilations: list[int]) -> Tensor:
+    B, C = scores.shape[:2]
+    H, W = image.shape[-2:]
+    return scores.new_empty((B, C, H, W), dtype=_dtype(scores, image))

@@ -70,6 +70,8 @@ from ._ext_bench import time_gpu, time_gpu_graph
 from ._results_io import append_rows, device_name, markdown_table, now, versions, write_section
 
 TOL = 1e-4
+#: issue 27: every PAMR backend within 1e-5 of the float64 result
+PAMR_TOL = 1e-5
 
 
 # --------------------------------------------------------------------------- cases
@@ -272,7 +274,8 @@ def compare(case: Case, out: Any, inputs32: tuple[torch.Tensor, ...]) -> tuple[b
         err = rel_err(out, ref)
         return err <= TOL, f"rel {err:.1e} ({int(near.sum())} borderline lstar)"
     err = rel_err(out, ref)
-    return err <= TOL, f"rel {err:.1e}"
+    tol = PAMR_TOL if case.op == "pamr" else TOL
+    return err <= tol, f"rel {err:.1e}"
 
 
 #: "cuda[tile]": the cuda backend with OVSS_FAST_CUDA_DISCREPANCY=tile (the fallback schedule of

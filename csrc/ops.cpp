@@ -55,6 +55,10 @@ TORCH_LIBRARY(ovss_fast, m) {
         "-> Tensor");
   // LPOSS patch stage after the kNN: index [N, k], weights [N, k], b [N, C] -> x [N, C]
   m.def("knn_propagation(Tensor index, Tensor weights, Tensor b, float alpha, int iters, float tol) -> Tensor");
+
+  // refiners, PAMR (Araslanov and Roth 2020; common/pamr_math.h): scores [B, C, h, w], image [B, K, H, W]
+  // -> [B, C, H, W], the scores resized to H x W (bilinear, align_corners) then refined `iters` times
+  m.def("pamr(Tensor scores, Tensor image, int iters, int[] dilations) -> Tensor");
   // diagnostics: the threads one at::parallel_for of the extension uses
   m.def("_intra_op_threads() -> int", &intra_op_threads);
 }

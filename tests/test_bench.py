@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,13 +61,18 @@ def test_run_all_smoke_writes_tables_plots_and_reports_missing_peers(tmp_path):
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before
 
 
-def test_pipeline_smoke_writes_its_section_plot_and_rows(tmp_path):
-    before = (ROOT / "bench" / "RESULTS.md").read_text()
+def _run_smoke(module: str, out: Path, *extra: str) -> str:
+    """``python -m bench.<module> --smoke --out OUT ...`` on one thread; its RESULTS.md text."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "bench.bench_pipeline", "--smoke", "--out", str(tmp_path), "--threads", "1"]
+    cmd = [sys.executable, "-m", f"bench.{module}", "--smoke", "--out", str(out), *extra]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    text = (tmp_path / "RESULTS.md").read_text()
+    return (out / "RESULTS.md").read_text()
+
+
+def test_pipeline_smoke_writes_its_section_plot_and_rows(tmp_path):
+    before = (ROOT / "bench" / "RESULTS.md").read_text()
+    text = _run_smoke("bench_pipeline", tmp_path, "--threads", "1")
     assert "## Pipeline (cpu)" in text and "checks passed" in text
     rows = [line for line in text.splitlines() if line.startswith(("| voc21:", "| cityscapes:"))]
     # 2 protocols x (mv, op) x (per-window reference, batched auto), the batched rows carry the check
@@ -141,3 +148,22 @@ def test_gpu_session_script_parses():
     text = script.read_text()
     assert "TORCH_CUDA_ARCH_LIST=9.0" in text and "--no-build-isolation --no-deps -e ." in text
     assert "bench.gpu_check" in text and "open_clip" not in text.split("set -uo pipefail")[1]
+
+
+@pytest.mark.slow
+def test_bench_refiners_smoke(tmp_path):
+    """bench/bench_refiners.py --smoke (PAMR; NACLIP's module only with OVSS_FAST_NACLIP): correctness first,
+    then every measurement in its own process, the section and the rows written where --out says (the
+    committed results stay as they are)."""
+    before = (ROOT / "bench" / "RESULTS.md").read_text()
+    text = _run_smoke("bench_refiners", tmp_path, "--reps", "2")
+    assert "## Refiners" in text and "correctness" in text.lower()
+    rows = [line for line in text.splitlines() if line.startswith("| B=1")]
+    cpu = [r for r in rows if "| ovss_fast cpu |" in r]
+    assert len(cpu) == 3 and all(" s (" in r for r in cpu), rows  # two sizes and the big one, all measured
+    assert len([r for r in rows if "| ovss_fast reference |" in r]) == 2
+    naclip = [r for r in rows if "NACLIP" in r]
+    assert len(naclip) == (2 if os.environ.get("OVSS_FAST_NACLIP") else 0)
+    assert "| C=171 1024x2048 | 21.38 GiB | 42.75 GiB |" in text  # the peers' computed requirement
+    assert (tmp_path / "results.csv").read_text().count("bench_refiners") >= 5
+    assert (ROOT / "bench" / "RESULTS.md").read_text() == before

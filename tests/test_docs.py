@@ -16,7 +16,7 @@ PAGES = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", *sorted(DOCS.glob("*.md")
 
 # Pages that other branches add (linked from docs/index.md already). A link to one of them is accepted only
 # while the page is absent; once it exists it is checked like any other. Empty this set when they have landed.
-PENDING = {DOCS / "refiners.md"}
+PENDING: set[Path] = set()  # pages linked before they exist (none now)
 
 # files the code writes, named in the docs as outputs: bench/bench_discrepancy.py --device cuda appends here
 OUTPUTS = {"bench/results_gpu.json"}

@@ -72,8 +72,9 @@ def assert_labels_match(labels: torch.Tensor, up_ref: torch.Tensor, tol: float) 
 def test_extension_loads_and_registers_every_op():
     """Fails (never skips) when the library lacks an op or a CPU kernel."""
     for op in ("class_distributions", "gibbs_kernel", "kl_scores", "sinkhorn_scores", "markov_scores",
-               "jbu_upsample", "jbu_argmax"):
+               "jbu_upsample", "jbu_argmax", "pamr"):
         assert hasattr(torch.ops.ovss_fast, op), op
+    assert has_kernel("pamr", "CPU"), "pamr has no CPU kernel"
     for op in OPS_MINE:
         assert has_kernel(op, "CPU"), f"{op} has no CPU kernel"
     assert not has_kernel("no_such_op", "CPU")

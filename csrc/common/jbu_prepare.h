@@ -9,6 +9,7 @@
 #include <ATen/ops/sub.h>
 
 #include "checks.h"
+#include "image_checks.h"
 #include "jbu_math.h"
 
 namespace ovss_fast {
@@ -23,15 +24,7 @@ struct JbuInputs {
 
 inline void check_jbu_args(const at::Tensor& scores, const at::Tensor& guide, double sigma_spatial,
                            double sigma_range, int64_t radius, c10::DeviceType device) {
-  check_rank(scores, "scores", 4, "[B, C, h, w]");
-  check_rank(guide, "guide", 4, "[B, 3, H, W]");
-  check_floating(scores, "scores");
-  check_floating(guide, "guide");
-  check_device(scores, "scores", device);
-  check_device(guide, "guide", device);
-  check_same_device(scores, "scores", guide, "guide");
-  TORCH_CHECK(guide.size(0) == scores.size(0), "guide has B = ", guide.size(0), " (shape ", shape_str(guide),
-              ") but scores has B = ", scores.size(0));
+  check_scores_and_image(scores, guide, "guide", "[B, 3, H, W]", device);
   TORCH_CHECK(guide.size(1) == 3, "guide must be an RGB image [B, 3, H, W], got shape ", shape_str(guide));
   TORCH_CHECK(sigma_spatial > 0, "sigma_spatial must be positive, got ", sigma_spatial);
   TORCH_CHECK(sigma_range > 0, "sigma_range must be positive, got ", sigma_range);

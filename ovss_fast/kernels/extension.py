@@ -136,6 +136,11 @@ class ExtensionBackend(Backend):
         return torch.ops.ovss_fast.pixel_propagation(scores, image, int(radius), float(tau), float(alpha),
                                                      int(iters), float(tol))
 
+    # refiners
+    def pamr(self, scores: Tensor, image: Tensor, *, iters: int = 10, dilations: Sequence[int] = (8, 16)) -> Tensor:
+        """scores [B, C, h, w], image [B, K, H, W] -> [B, C, H, W] (csrc/cpu/pamr.cpp, csrc/cuda/pamr.cpp)."""
+        return torch.ops.ovss_fast.pamr(scores, image, int(iters), [int(d) for d in dilations])
+
 
 CPU_BACKEND = ExtensionBackend("cpu", "cpu", "CPU")
 CUDA_BACKEND = ExtensionBackend("cuda", "cuda", "CUDA")

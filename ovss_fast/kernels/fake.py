@@ -64,3 +64,10 @@ def _pixel_propagation(scores: Tensor, image: Tensor, radius: int, tau: float, a
 @torch.library.register_fake("ovss_fast::knn_propagation")
 def _knn_propagation(index: Tensor, weights: Tensor, b: Tensor, alpha: float, iters: int, tol: float) -> Tensor:
     return b.new_empty(b.shape, dtype=_dtype(b, weights))
+
+
+@torch.library.register_fake("ovss_fast::pamr")
+def _pamr(scores: Tensor, image: Tensor, iters: int, dilations: list[int]) -> Tensor:
+    B, C = scores.shape[:2]
+    H, W = image.shape[-2:]
+    return scores.new_empty((B, C, H, W), dtype=_dtype(scores, image))

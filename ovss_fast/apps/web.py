@@ -221,7 +221,7 @@ class App:
 
     def segmenter(self, ns: argparse.Namespace, kw: dict[str, Any]) -> tuple[Any, bool]:
         """The Segmenter ``ovss-fast segment`` would build for these flags (cached); whether it was built now."""
-        key = (ns.model, ns.pretrained, ns.affinity, ns.mode, tuple(sorted(kw.items())))
+        key = (ns.model, ns.pretrained, ns.preset, ns.affinity, ns.mode, tuple(sorted(kw.items())))
         if key in self.segmenters:
             self.segmenters.move_to_end(key)
             return self.segmenters[key], False
@@ -337,7 +337,8 @@ class App:
         res.timings = timings_markdown(stages)
         h, w = res.label_map.shape
         res.message = (f"Segmented {html.escape(os.path.basename(path))} ({w}x{h}) into {len(parsed)} classes with "
-                       f"{html.escape(str(segmenter.model_name))}, mode {ns.mode}, affinity {ns.affinity}.")
+                       f"{html.escape(str(segmenter.model_name))}, mode {segmenter.mode}, affinity "
+                       f"{segmenter.affinity_name}, preset {ns.preset}.")
         if random_weights(ns.pretrained):
             res.message = RANDOM_WARNING + "\n\n" + res.message
         return res

@@ -11,11 +11,13 @@ from ovss_fast.ops.api import (
     pamr,
     segment_features,
 )
-from ovss_fast.ops.options import HeadOptions
+from ovss_fast.ops.options import PAPER_HEAD, PRESETS, HeadOptions
 
 __all__ = [
     "DSLOHead",
     "HeadOptions",
+    "PAPER_HEAD",
+    "PRESETS",
     "class_distributions",
     "discrepancy",
     "gibbs_kernel",

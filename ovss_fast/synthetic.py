@@ -292,7 +292,7 @@ class ClipLikeParams:
 #: and + KL only, then frozen: per dataset family, (evidence, bias)
 CLIP_LIKE = {
     "voc": ClipLikeParams(evidence=2.0, bias=3.0, noise=0.1),
-    "stuff": ClipLikeParams(evidence=2.0, bias=1.0, noise=0.5),
+    "stuff": ClipLikeParams(evidence=2.0, bias=2.0, noise=0.45),
 }
 #: per difficulty, multipliers (noise, affinity noise index into DIFFICULTY, texture and camouflage)
 CLIP_LIKE_DIFFICULTY = {"easy": 1.0, "hard": 1.25}

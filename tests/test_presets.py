@@ -37,6 +37,7 @@ def test_resolve_preset_explicit_values_win_and_are_recorded():
     assert rec["name"] == "paper" and rec["overridden"] == r.overridden
     assert rec["paper_values"]["affinity"] == "sd2" and rec["paper_values"]["readout"] == "velocity"
     assert "sigma_spatial" in rec["our_values"] and "readout" not in rec["our_values"]
+    assert rec["paper_values_by_our_reading"] == ["nms", "nms_axis"]
     ours = resolve_preset("ours", mode=None, affinity=None, window=None, options={})
     assert (ours.mode, ours.affinity) == ("mv", "clip") and ours.options == HeadOptions()
     assert "readout" in preset_record("ours")["our_values"]
@@ -68,3 +69,17 @@ def test_segmenter_preset_paper_on_a_tiny_model(tiny):
     assert tiny_segmenter(tiny, ("a {}.",)).options == HeadOptions()
     with pytest.raises(ValueError, match="preset"):
         tiny_segmenter(tiny, ("a {}.",), preset="nope")
+
+
+def test_eval_results_file_records_the_preset(tmp_path):
+    import json
+
+    from ovss_fast.apps.cli import main
+
+    out = tmp_path / "s.json"
+    assert main(["eval", "--synthetic", "--limit", "1", "--backend", "reference", "--quiet", "--preset", "paper",
+                 "--tau", "0.2", "--out", str(out)]) == 0
+    cfg = json.loads(out.read_text())["config"]
+    assert cfg["preset"]["name"] == "paper" and cfg["preset"]["overridden"] == {"tau": 0.2}
+    assert cfg["op_params"]["readout"] == "velocity" and cfg["op_params"]["tau"] == 0.2
+    assert cfg["preset"]["paper_values"]["eps"] == 0.1 and "steps" in cfg["preset"]["our_values"]

@@ -74,7 +74,10 @@ def preset_record(preset: str, overridden: dict[str, Any] | None = None) -> dict
         paper = {k: v for k, v in {**SETTINGS["ours"], **defaults}.items()
                  if k in PAPER_STATES + tuple(head) and v == {**SETTINGS["paper"], **head}.get(k)}
         ours = {k: v for k, v in {**SETTINGS["ours"], **defaults}.items() if k not in paper}
-    return {"name": preset, "paper_values": paper, "our_values": ours, "overridden": dict(overridden or {})}
+    # the paper says NMS is on but not its rule or ratio: these paper values are our reading
+    read = [k for k in ("nms", "nms_axis") if k in paper]
+    return {"name": preset, "paper_values": paper, "paper_values_by_our_reading": read, "our_values": ours,
+            "overridden": dict(overridden or {})}
 
 
 __all__ = ["PAPER_STATES", "PRESETS", "SETTINGS", "ResolvedPreset", "preset_record", "resolve_preset"]

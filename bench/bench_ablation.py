@@ -428,10 +428,13 @@ def write_results(res: dict, out_dir: Path, *, smoke: bool) -> list[str]:
     grid = res["grid"]
     d = HeadOptions()
     nms_now = "off" if d.nms == 0 else fmt_value((d.nms, d.nms_axis))
+    backend_flag = "" if BACKEND == "reference" else f" --backend {BACKEND}"
     body = [
         f"{now()}; {device_name('cpu')}; {versions()}; ovss_fast {commit}; load average at the end {load} "
         f"(the machine's 2 cores shared with other jobs). `python -m bench.bench_ablation{' --smoke' if smoke else ''} "
-        f"--seeds {res['seeds']}{'' if BACKEND == 'reference' else f' --backend {BACKEND}'}`: wall time {res['wall_s']:.0f} s (every scene, row and sweep below).",
+        f"--seeds {res['seeds']}{backend_flag}`: wall time {res['wall_s']:.0f} s (every scene, row and sweep "
+        "below)." + (f" Fewer seeds than the {FULL.seeds} of a full run: `python -m bench.bench_ablation --backend "
+                     f"cpu` runs those." if res["seeds"] < FULL.seeds and not smoke else ""),
         "",
         f"Scenes: `ovss_fast.synthetic.make_clip_like_scene` (CLIP-like failures: an image-level term towards the "
         f"salient classes, a per-class text bias, spatially correlated noise, irregular shapes, a textured guide; "

@@ -48,6 +48,7 @@ import torch
 from ovss_fast.apps import flags as _cli
 from ovss_fast.models.affinity import BUILTIN
 from ovss_fast.ops import validate as check
+from ovss_fast.pipeline.presets import SETTINGS as PRESET_SETTINGS
 
 PROG = "ovss-fast serve"
 WHOLE_IMAGE = "whole image"
@@ -105,6 +106,8 @@ CONTROLS: tuple[Control, ...] = (
 def control_choices(control: Control, args: argparse.Namespace) -> tuple[list[str], str]:
     """The control's choices with the start value first, and that value."""
     start = getattr(args, control.name, None)
+    if start is None and control.name in ("mode", "affinity"):  # not given at start: the preset's
+        start = PRESET_SETTINGS[getattr(args, "preset", "ours")][control.name]
     value = str(start) if start is not None else (control.default or control.choices[0])
     if control.name == "pretrained":  # the weights given at start, and random weights
         value = RANDOM_WEIGHTS if random_weights(start) else str(start)

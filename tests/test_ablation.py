@@ -69,8 +69,8 @@ def test_ablation_smoke_writes_section_and_decides(tmp_path, one_thread):
 
     res = B.run(B.SMOKE, log=lambda _: None)
     rows = res["rows"]
-    names = ["raw", "kl", "nms_classes", "nms_patches", "jbu", "op"] + [
-        f"mv_{r}_{t}" for r, t in B.MV_VARIANTS] + ["fused"]
+    names = ["raw", "kl", "jbu", "op"] + [f"mv_{r}_{t}" for r, t in B.MV_VARIANTS] + ["mv_paper", "fused",
+                                                                                   "fused_paper"]
     assert list(rows) == names
     for name in names:
         assert set(rows[name]) == set(B.COLUMNS)
@@ -97,7 +97,11 @@ def test_ablation_smoke_writes_section_and_decides(tmp_path, one_thread):
 
     plots = B.write_results(res, tmp_path, smoke=True)
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "## Synthetic ablation" in text and "Against the paper's ordering" in text
+    assert "## Synthetic ablation" in text and "The paper's orderings" in text and "NMS side table" in text
+    assert text.count("\n| default | ") == 6 and text.count("\n| paper's MV | ") == 6  # the orderings, both heads
+    # NMS: off and each axis at its best KL ratio, on our head and the paper's MV
+    assert set(res["nms_tables"]) == {(0.0, "off")} | {(res["best_ratio"][a], a) for a in B.NMS_AXES}
+    assert all(r > 0 for r in res["best_ratio"].values())
     for label in res["labels"].values():
         assert f"| {label} |" in text
     assert re.search(r"\| \+ OP \| (\d\.\d{3} ± \d\.\d{3} \| ){4}\d\.\d{3} \| 66\.9 \| 28\.6 \| 40\.0 \|", text)
@@ -106,6 +110,16 @@ def test_ablation_smoke_writes_section_and_decides(tmp_path, one_thread):
     # a second write replaces the section, it does not add one
     B.write_results(res, tmp_path, smoke=True)
     assert (tmp_path / "RESULTS.md").read_text().count("## Synthetic ablation") == 1
+    # the defaults table for the README: rewritten between its markers, the rest of the page kept
+    page = tmp_path / "defaults.md"
+    page.write_text("# Defaults\n\nintro\n\n" + B.DEFAULTS_BEGIN + "\nold\n" + B.DEFAULTS_END + "\n\nafter\n")
+    B.write_defaults(res, "abc1234", page)
+    B.write_defaults(res, "abc1234", page)
+    out = page.read_text()
+    assert out.startswith("# Defaults\n\nintro\n") and out.rstrip().endswith("after") and "old" not in out
+    assert out.count(B.DEFAULTS_BEGIN) == 1 and "abc1234" in out
+    for d in res["decisions"]:
+        assert f"| {d.param} | `{B.fmt_value(d.chosen)}` | {d.source} |" in out
 
 
 def test_case_class_distributions_are_the_reference():

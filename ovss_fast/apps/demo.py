@@ -1,8 +1,9 @@
 """``ovss-fast demo``: a synthetic scene through every mode; a table and a PNG panel.
 
-Needs no weights and no network. The panel shows, left to right: the guide image,
-the ground truth, raw CLIP argmax, and the kl, op and mv maps (joint-bilaterally
-upsampled to the guide's size).
+Needs no weights and no network. The scene is CLIP-like (:func:`ovss_fast.synthetic.make_clip_like_scene`:
+VOC-like by default, its raw argmax fails the way CLIP's does). The panel shows, left to right: the guide
+image, the ground truth, raw CLIP argmax, and the kl, op and mv maps (joint-bilaterally upsampled to the
+guide's size).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from ovss_fast.apps.flags import add_backend_arguments, fail_or_raise
 from ovss_fast.ops import api as ops
-from ovss_fast.synthetic import make_scene, miou
+from ovss_fast.synthetic import DATASETS, make_clip_like_scene, miou
 
 MODES = ("kl", "op", "mv")
 
@@ -41,15 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--difficulty", choices=("easy", "hard"), default="easy")
     parser.add_argument("--grid", type=int, default=32, help="patch grid side h = w (default: 32)")
     parser.add_argument("--size", type=int, default=256, help="image side H = W (default: 256)")
-    parser.add_argument("--classes", type=int, default=6, help="number of classes (default: 6)")
+    parser.add_argument("--kind", choices=sorted(DATASETS), default="voc",
+                        help="voc: 21 classes, 2-6 present (default); stuff: 171 classes, 8-20 present")
     add_backend_arguments(parser, device_default="cpu")
 
 
-def run_demo(*, seed: int = 0, difficulty: str = "easy", grid: int = 32, size: int = 256, classes: int = 6,
+def run_demo(*, seed: int = 0, difficulty: str = "easy", grid: int = 32, size: int = 256, kind: str = "voc",
              backend: str = "auto", device: str = "cpu") -> tuple[list[tuple[str, float, float]], list[np.ndarray]]:
     """Rows (name, mIoU at image resolution, ms) and the panel images, guide first."""
-    scene = make_scene(seed, grid=(grid, grid), image_size=(size, size), num_classes=classes,
-                       num_regions=max(classes + 3, 9), difficulty=difficulty)
+    if grid < 2 or size < grid or size % grid:
+        raise ValueError(f"--size must be a multiple of --grid (>= 2), got size {size} and grid {grid}")
+    scene = make_clip_like_scene(seed, kind, difficulty, grid=(grid, grid), patch_px=size // grid)
+    classes = scene.text.shape[0]
     feats, text, aff, guide = (t.to(device) for t in (scene.feats, scene.text, scene.affinity, scene.guide))
     gt = scene.labels_full[0]
     rows: list[tuple[str, float, float]] = []
@@ -94,10 +98,10 @@ def save_panel(panels: list[np.ndarray], titles: list[str], path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         rows, panels = run_demo(seed=args.seed, difficulty=args.difficulty, grid=args.grid, size=args.size,
-                                classes=args.classes, backend=args.backend, device=args.device)
+                                kind=args.kind, backend=args.backend, device=args.device)
     except Exception as exc:
         return fail_or_raise("ovss-fast demo", exc)
-    print(f"synthetic scene: seed {args.seed}, {args.difficulty}, {args.classes} classes, "
+    print(f"synthetic CLIP-like scene: seed {args.seed}, {args.kind}-like, {args.difficulty}, "
           f"{args.grid}x{args.grid} patches -> {args.size}x{args.size} pixels, backend {args.backend}")
     print(f"{'method':<12}{'mIoU':>8}{'ms':>10}")
     for name, score, ms in rows:

@@ -18,6 +18,7 @@ from ovss_fast.eval.checkpoint import BadItem, Interrupted, RunState, check_writ
 from ovss_fast.eval.datasets import DATASETS, LONG_SIDE_CAP
 from ovss_fast.eval.protocols import BACKGROUND_DATASETS, PROTOCOLS, resolve_protocol
 from ovss_fast.ops.options import HeadOptions
+from ovss_fast.pipeline.presets import resolve_preset
 
 if TYPE_CHECKING:
     from ovss_fast.eval.distributed import DistContext
@@ -167,11 +168,14 @@ def _synthetic(args: argparse.Namespace, ctx: DistContext) -> tuple:
               f"{', '.join('--' + k.replace('_', '-') for k in not_applied)}; the head, mode and op/JBU flags do",
               file=sys.stderr)
     dataset = SyntheticScenes(args.limit or 16, seed=args.seed, difficulty=args.difficulty)
-    options = HeadOptions.of("--synthetic", {k: v for k, v in kwargs.items() if k in HeadOptions.names()})
-    predict = synthetic_predictor(args.mode, args.backend, ctx.device, head=kwargs["head"], **options.as_dict())
+    preset = resolve_preset(args.preset, mode=args.mode, affinity=None, window=None,
+                            options={k: v for k, v in kwargs.items() if k in HeadOptions.names()})
+    options = preset.options
+    predict = synthetic_predictor(preset.mode, args.backend, ctx.device, head=kwargs["head"], **options.as_dict())
     applied = {k: proto[k] for k in ("protocol", "head", "scale")}
     config = {"dataset": "synthetic", "scenes": len(dataset), "seed": args.seed, "difficulty": args.difficulty,
-              "grid": list(dataset.grid), "image_size": list(dataset.image_size), "mode": args.mode,
+              "grid": list(dataset.grid), "image_size": list(dataset.image_size), "mode": preset.mode,
+              "preset": {**preset.record(), "not_applied": "affinity and window (the scenes carry their own)"},
               "backend": args.backend, "device": str(ctx.device), "ignore_index": 255,
               "features": "synthetic", "head": kwargs["head"], "protocol": {**applied, "overridden": overridden},
               "not_applied": [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in not_applied]

@@ -22,7 +22,7 @@ import torch
 from ovss_fast.errors import InputError, OVSSError
 from ovss_fast.models.clip_features import FEATURES, POS_INTERP, check_features
 from ovss_fast.ops import validate as check
-from ovss_fast.ops.options import HeadOptions, flag
+from ovss_fast.ops.options import PRESETS, HeadOptions, flag
 
 #: the optional extras' modules: an ImportError of one of these is a missing install, said in one line
 OPTIONAL_MODULES = ("open_clip", "transformers", "diffusers", "timm", "gradio", "triton", "matplotlib", "tqdm",
@@ -96,7 +96,7 @@ def add_backend_arguments(parser: argparse.ArgumentParser, device_default: str |
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model --pretrained --affinity --affinity-weights --mode --memory-budget --device --backend."""
+    """--model --pretrained --preset --affinity --affinity-weights --mode --memory-budget --device --backend."""
     parser.add_argument("--model", default="ViT-B-16",
                         help="open_clip model name (default ViT-B-16; see open_clip.list_models()), "
                              "local-dir:/folder (open_clip_config.json + weights), hf:openai/clip-vit-base-patch16 "
@@ -106,14 +106,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="open_clip weights tag (default openai; downloaded by open_clip when online), a local "
                              "checkpoint file, or 'none' for RANDOM weights (tests only: the labels are meaningless); "
                              "ignored for hf: models")
-    parser.add_argument("--affinity", default="clip", choices=["clip", "sd2", "dino"],
-                        help="patch affinity: clip (CLIP's last-block attention, default), sd2 (Stable Diffusion 2 "
-                             "self-attention, needs ovss_fast[sd]), dino (DINO ViT features, needs timm)")
+    parser.add_argument("--preset", default="ours", choices=list(PRESETS),
+                        help="ours (default) or paper: every value the paper states (mode mv, --affinity sd2, the "
+                             "whole image, readout velocity, transition attention, tau 0.3, eps 0.1, iters 50, "
+                             "sk-iters 15, NMS on); a flag given explicitly overrides the preset's value")
+    parser.add_argument("--affinity", default=None, choices=["clip", "sd2", "dino"],
+                        help="patch affinity: clip (CLIP's last-block attention; preset ours), sd2 (Stable Diffusion "
+                             "2 self-attention, needs ovss_fast[sd]; preset paper), dino (DINO ViT features, needs "
+                             "timm)")
     parser.add_argument("--affinity-weights", default=None,
                         help="local weights for --affinity sd2 (a diffusers folder; 'random:sd2' builds its published "
                              "architecture with RANDOM weights, for smoke tests) or dino (a checkpoint file)")
-    parser.add_argument("--mode", default="mv", choices=list(check.MODES),
-                        help="discrepancy: mv maximum velocity (default), op optimal path, kl no affinity")
+    parser.add_argument("--mode", default=None, choices=list(check.MODES),
+                        help="discrepancy: mv maximum velocity (default, both presets), op optimal path, kl no "
+                             "affinity")
     parser.add_argument("--memory-budget", type=float, default=4.0,
                         help="GiB allowed for one chunk of windows going through together (default 4)")
     add_backend_arguments(parser)
@@ -188,5 +194,5 @@ def segmenter_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
 
     kwargs.setdefault("device", args.device)
     return Segmenter(model=args.model, pretrained=pretrained_arg(args.pretrained), affinity=args.affinity,
-                     mode=args.mode, affinity_weights=args.affinity_weights,
+                     mode=args.mode, preset=args.preset, affinity_weights=args.affinity_weights,
                      memory_budget=args.memory_budget * 2**30, backend=args.backend, **kwargs)

@@ -47,6 +47,7 @@ from ovss_fast.apps import flags as _cli
 from ovss_fast.errors import InputError
 from ovss_fast.models.affinity import BUILTIN
 from ovss_fast.ops import validate as check
+from ovss_fast.pipeline.presets import SETTINGS as PRESET_SETTINGS
 
 PROG = "ovss-fast serve"
 WHOLE_IMAGE = "whole image"
@@ -107,6 +108,8 @@ CONTROLS: tuple[Control, ...] = (
 def control_choices(control: Control, args: argparse.Namespace) -> tuple[list[str], str]:
     """The control's choices with the start value first, and that value."""
     start = getattr(args, control.name, None)
+    if start is None and control.name in ("mode", "affinity"):  # not given at start: the preset's
+        start = PRESET_SETTINGS[getattr(args, "preset", "ours")][control.name]
     value = str(start) if start is not None else (control.default or control.choices[0])
     if control.name == "pretrained":  # the weights given at start, and random weights
         value = RANDOM_WEIGHTS if random_weights(start) else str(start)
@@ -203,7 +206,7 @@ class App:
 
     def segmenter(self, ns: argparse.Namespace, kw: dict[str, Any]) -> tuple[Any, bool]:
         """The Segmenter ``ovss-fast segment`` would build for these flags (cached); whether it was built now."""
-        key = (ns.model, ns.pretrained, ns.affinity, ns.mode, tuple(sorted(kw.items())))
+        key = (ns.model, ns.pretrained, ns.preset, ns.affinity, ns.mode, tuple(sorted(kw.items())))
         if key in self.segmenters:
             self.segmenters.move_to_end(key)
             return self.segmenters[key], False
@@ -312,7 +315,8 @@ class App:
         res.timings = timings_markdown(stages)
         h, w = res.label_map.shape
         res.message = (f"Segmented {html.escape(os.path.basename(path))} ({w}x{h}) into {len(parsed)} classes with "
-                       f"{html.escape(str(segmenter.model_name))}, mode {ns.mode}, affinity {ns.affinity}.")
+                       f"{html.escape(str(segmenter.model_name))}, mode {segmenter.mode}, affinity "
+                       f"{segmenter.affinity_name}, preset {ns.preset}.")
         if random_weights(ns.pretrained):
             res.message = RANDOM_WARNING + "\n\n" + res.message
         return res

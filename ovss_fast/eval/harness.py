@@ -344,6 +344,8 @@ def segmenter_config(seg: Any) -> dict:
         "patch": list(seg.patch), "dtype": str(seg.dtype).replace("torch.", ""),
         "device": str(seg.device), "backend": seg.backend, "templates": len(seg.templates),
         "memory_budget_gib": seg.memory_budget / 2**30, **seg.options.as_dict(),
+        # the preset: which values are the paper's, which ours, which were given over it
+        "preset": seg.preset.record() if hasattr(seg, "preset") else None,
     }
 
 

@@ -14,11 +14,13 @@ from ovss_fast.ops.api import (
     refine_scores,
     segment_features,
 )
-from ovss_fast.ops.options import HeadOptions
+from ovss_fast.ops.options import PAPER_HEAD, PRESETS, HeadOptions
 
 __all__ = [
     "DSLOHead",
     "HeadOptions",
+    "PAPER_HEAD",
+    "PRESETS",
     "class_distributions",
     "discrepancy",
     "gibbs_kernel",

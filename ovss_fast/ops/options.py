@@ -130,10 +130,37 @@ class HeadOptions:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def paper(cls, **overrides: Any) -> HeadOptions:
+        """The head as the paper states it (:data:`PAPER_HEAD`: readout velocity, transition attention, tau 0.3,
+        eps 0.1, iters 50, sk_iters 15, NMS on by our reading of its rule); the fields the paper does not state
+        keep our defaults; ``overrides`` replace any field (checked like every field)."""
+        return cls.of("HeadOptions.paper", {**PAPER_HEAD, **overrides})
+
+
+#: the presets of the head (and of the Segmenter, which adds the affinity, the mode and the whole image):
+#: "ours" (the defaults above) and "paper" (:meth:`HeadOptions.paper`)
+PRESETS = ("ours", "paper")
+#: the NMS ratio of the paper preset: the paper turns NMS on ("suppress low-confidence patches") without
+#: giving its rule or ratio; our reading is method.md's nms_axis="patches" at the ratio where + NMS scores
+#: best on that axis in the synthetic ablation (bench/RESULTS.md, "Synthetic ablation", NMS side table)
+PAPER_NMS_RATIO = 0.2
+#: the head options whose value the paper states (method.md, "What the full paper reports"); the NMS ratio
+#: and axis are our reading of a rule it states only in words
+PAPER_HEAD: dict[str, Any] = {"readout": "velocity", "transition": "attention", "tau": 0.3, "eps": 0.1,
+                              "iters": 50, "sk_iters": 15, "nms": PAPER_NMS_RATIO, "nms_axis": "patches"}
+
+
+def preset_head(preset: str) -> dict[str, Any]:
+    """The head-option values a preset sets (``ours``: none, the defaults)."""
+    check.choice("preset", preset, PRESETS)
+    return dict(PAPER_HEAD) if preset == "paper" else {}
+
 
 def flag(name: str) -> str:
     """The command-line flag of an option: ``sk_iters`` -> ``--sk-iters``."""
     return "--" + name.replace("_", "-")
 
 
-__all__ = ["OPS", "HeadOptions", "at_least", "flag", "one_of", "option", "parse_ints"]
+__all__ = ["OPS", "PAPER_HEAD", "PAPER_NMS_RATIO", "PRESETS", "HeadOptions", "at_least", "flag", "one_of", "option",
+           "parse_ints", "preset_head"]

@@ -46,7 +46,6 @@ from ovss_fast.models.loading import (
 )
 from ovss_fast.ops import validate as check
 from ovss_fast.ops.api import jbu_argmax, jbu_upsample, refine_scores
-from ovss_fast.ops.options import HeadOptions
 from ovss_fast.pipeline.head_maps import HeadMaps
 from ovss_fast.pipeline.image_inputs import (
     ImageLike,
@@ -55,6 +54,7 @@ from ovss_fast.pipeline.image_inputs import (
     map_by_size,
 )  # noqa: F401
 from ovss_fast.pipeline.prediction import Prediction, RunRecord
+from ovss_fast.pipeline.presets import resolve_preset
 from ovss_fast.pipeline.vocabulary import Vocabulary
 from ovss_fast.pipeline.windows import (
     DEFAULT_MEMORY_BUDGET,
@@ -74,7 +74,8 @@ def _held_by(part: str, name: str, doc: str) -> property:
 class Segmenter:
     """Open-vocabulary segmentation: CLIP dense features + an affinity + the DSLO head (or the peers' logits).
 
-    ``Segmenter(model="ViT-B-16", pretrained="openai", affinity="clip", mode="mv")``
+    ``Segmenter(model="ViT-B-16", pretrained="openai", affinity="clip", mode="mv")``;
+    ``Segmenter(preset="paper")``: the paper's configuration (:mod:`ovss_fast.pipeline.presets`).
 
     model: an open_clip model name (``open_clip.list_models()``), an open_clip
     'local-dir:/folder' (open_clip_config.json + weights) or 'hf-hub:org/repo' name
@@ -85,7 +86,9 @@ class Segmenter:
     ``tokenizer`` too, or use :meth:`from_model`). See :mod:`ovss_fast.models.loading`.
     pretrained: an open_clip tag (downloaded by open_clip when online), a local
     checkpoint path, or None (random weights, for tests; warns).
-    affinity: "clip" (last-block self-attention, no extra weights), "sd2" (Stable
+    preset: "ours" (default) or "paper" (mode mv, affinity sd2, the whole image, ``HeadOptions.paper()``);
+    mode, affinity and the head's options given explicitly override the preset's (None: the preset's).
+    affinity: "clip" (last-block self-attention, no extra weights; ours), "sd2" (Stable
     Diffusion 2 self-attention, ``pip install 'ovss_fast[sd]'``), "dino" (timm DINO
     ViT), or a callable ``(image [B, 3, H, W] in [0, 1], grid (h, w)) -> [B, N, N]``;
     ``affinity_weights`` is the local weights path for "sd2"/"dino".
@@ -125,18 +128,22 @@ class Segmenter:
 
 
     def __init__(self, model: str | nn.Module = "ViT-B-16", pretrained: str | os.PathLike | None = "openai",
-                 affinity: str | AffinityFn = "clip", mode: str = "mv", device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, window: int | tuple[int, int] | None = None,
+                 affinity: str | AffinityFn | None = None, mode: str | None = None,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 window: int | tuple[int, int] | None = None,
                  stride: int | tuple[int, int] | None = None, *, features: str = "clip", pos_interp: str = "size",
                  head: str = "dslo", bg_threshold: float | None = None, aggregation: str = "grid",
                  crop: str = "floor", antialias: bool = True, resize: int | None = None,
                  tokenizer: Callable | None = None, templates: Sequence[str | Callable[[str], str]] | None = None,
                  affinity_weights: str | os.PathLike | None = None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
                  batch_windows: bool = True, cache_dir: str | None = None, backend: str = "auto",
-                 fallback_window: int | tuple[int, int] | None = None, **options: Any) -> None:
+                 fallback_window: int | tuple[int, int] | None = None, preset: str = "ours", **options: Any) -> None:
         # every argument is checked before the model is built and the text embedded
         check.choice("backend", backend, ("auto", *BACKENDS))
-        self.maps = HeadMaps(head, mode, bg_threshold, backend, HeadOptions.of("Segmenter", options))
+        #: the preset with the explicit arguments applied (``self.preset.record()`` for a results file)
+        self.preset = resolve_preset(preset, mode=mode, affinity=affinity, window=window, options=options)
+        mode, affinity = self.preset.mode, self.preset.affinity
+        self.maps = HeadMaps(head, mode, bg_threshold, backend, self.preset.options)
         self.features, self.pos_interp = check_features(features), check_pos_interp(pos_interp)
         self.aggregation = check.choice("aggregation", aggregation, check.AGGREGATIONS)
         if not callable(affinity):

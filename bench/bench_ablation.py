@@ -369,6 +369,8 @@ def orderings(res: dict) -> list[list[str]]:
 DEFAULTS_BEGIN = "<!-- defaults table: written by python -m bench.bench_ablation; do not edit by hand -->"
 DEFAULTS_END = "<!-- end of defaults table -->"
 DEFAULTS_DOC = Path(__file__).resolve().parents[1] / "docs" / "defaults.md"
+#: the README's "Method defaults" holds the same block between the same markers
+DEFAULTS_README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def defaults_table(res: dict, commit: str) -> str:
@@ -392,9 +394,15 @@ def defaults_table(res: dict, commit: str) -> str:
 
 
 def write_defaults(res: dict, commit: str, path: Path = DEFAULTS_DOC) -> Path:
-    """Rewrite the block between the markers of docs/defaults.md (the page stays otherwise as written)."""
-    text = path.read_text() if path.exists() else ""
+    """Rewrite the block between the markers of docs/defaults.md (the page stays otherwise as written) and, when
+    writing the repository's page, the same block of the README's "Method defaults"."""
     block = defaults_table(res, commit)
+    if path == DEFAULTS_DOC and DEFAULTS_README.exists():
+        readme = DEFAULTS_README.read_text()
+        if DEFAULTS_BEGIN in readme and DEFAULTS_END in readme:
+            pre, rest = readme.split(DEFAULTS_BEGIN, 1)
+            DEFAULTS_README.write_text(pre + block + rest.split(DEFAULTS_END, 1)[1])
+    text = path.read_text() if path.exists() else ""
     if DEFAULTS_BEGIN in text and DEFAULTS_END in text:
         pre, rest = text.split(DEFAULTS_BEGIN, 1)
         text = pre + block + rest.split(DEFAULTS_END, 1)[1]

@@ -1,5 +1,6 @@
-"""One request, one result: :class:`Prediction` (what :meth:`Segmenter.predict` returns) and :class:`RunRecord`
-(what one call collects on its way: stage timings and window fallbacks).
+"""One request, one result: :class:`Prediction` (what
+:meth:`~ovss_fast.pipeline.segmenter.Segmenter.predict` returns) and :class:`RunRecord` (what one call
+collects on its way: stage timings and window fallbacks).
 
 A :class:`RunRecord` is made per call and passed down the pipeline (the windows, the head), so two
 threads segmenting with one Segmenter at once each get their own timings and fallbacks; nothing is

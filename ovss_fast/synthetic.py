@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ovss_fast.errors import InputError
+from ovss_fast.errors import InputError, InputTypeError
 
 #: per difficulty: (class-evidence weight, class-noise weight, isotropic noise,
 #: affinity noise, affinity sharpness, colour noise)
@@ -427,7 +427,7 @@ def _vocabulary(kind: str, dim: int) -> tuple[Tensor, Tensor, Tensor]:
     if dim == 0:
         return torch.empty(0), torch.empty(0), bias
     if dim < num_classes + 2:
-        raise ValueError(f"dim must be >= {num_classes + 2} for {kind!r} ({num_classes} classes), got {dim}")
+        raise InputError(f"dim must be >= {num_classes + 2} for {kind!r} ({num_classes} classes), got {dim}")
     basis, _ = torch.linalg.qr(torch.randn(dim, num_classes + 1, generator=gen, dtype=torch.float64))
     basis = basis.T.contiguous()  # [C + 1, D], orthonormal rows
     text = TEXT_COMMON * basis[0] + (1 - TEXT_COMMON**2) ** 0.5 * basis[1:]
@@ -443,7 +443,7 @@ def _features_with_logits(gen: torch.Generator, basis: Tensor, logits: Tensor) -
     coef = logits / (100.0 * (1 - TEXT_COMMON**2) ** 0.5)  # [N, C]
     rest = 1 - common**2 - (coef**2).sum(dim=1)
     if float(rest.min()) <= 0:
-        raise ValueError("logits too large for unit features: lower evidence, bias or noise")
+        raise InputError("logits too large for unit features: lower evidence, bias or noise")
     resid = torch.randn(n, dim, generator=gen, dtype=torch.float64)
     resid = resid - (resid @ basis.T) @ basis
     resid = resid / resid.norm(dim=1, keepdim=True) * rest.sqrt()[:, None]
@@ -481,16 +481,16 @@ class ClipLikeLayout:
 def _check_clip_like(kind: str, difficulty: str, grid: tuple[int, int] | None,
                      patch_px: int | None) -> tuple[DatasetLike, tuple[int, int], int]:
     if kind not in DATASETS:
-        raise ValueError(f"kind must be one of {sorted(DATASETS)}, got {kind!r}")
+        raise InputError(f"kind must be one of {sorted(DATASETS)}, got {kind!r}")
     if difficulty not in CLIP_LIKE_DIFFICULTY:
-        raise ValueError(f"difficulty must be one of {sorted(CLIP_LIKE_DIFFICULTY)}, got {difficulty!r}")
+        raise InputError(f"difficulty must be one of {sorted(CLIP_LIKE_DIFFICULTY)}, got {difficulty!r}")
     spec = DATASETS[kind]
     grid = tuple(grid or spec.grid)
     if len(grid) != 2 or min(grid) < 2:
-        raise ValueError(f"grid must be (h, w) with h, w >= 2, got {grid}")
+        raise InputError(f"grid must be (h, w) with h, w >= 2, got {grid}")
     px = spec.patch_px if patch_px is None else int(patch_px)
     if px < 1:
-        raise ValueError(f"patch_px must be >= 1, got {patch_px}")
+        raise InputError(f"patch_px must be >= 1, got {patch_px}")
     return spec, grid, px
 
 
@@ -560,7 +560,7 @@ def make_clip_like_scene(seed: int, kind: str = "voc", difficulty: str = "easy",
     spec, grid, px = _check_clip_like(kind, difficulty, grid, patch_px)
     p = params if params is not None else CLIP_LIKE[kind]
     if not isinstance(p, ClipLikeParams):
-        raise TypeError(f"params must be a ClipLikeParams, got {type(p).__name__}")
+        raise InputTypeError(f"params must be a ClipLikeParams, got {type(p).__name__}")
     basis, text, _ = _vocabulary(kind, dim)
     gen = torch.Generator().manual_seed(seed)
     lay = _layout(gen, kind, difficulty, grid, px, p.noise_corr)
@@ -577,7 +577,7 @@ def boundary_auc(guide: Tensor, labels: Tensor) -> float:
     against interior pixels. guide [3, H, W], labels [H, W]; 1 = every boundary pixel has a stronger edge than
     every interior one, 0.5 = chance."""
     if guide.dim() != 3 or labels.shape != guide.shape[1:]:
-        raise ValueError(f"guide [3, H, W] and labels [H, W] expected, got {tuple(guide.shape)} and "
+        raise InputError(f"guide [3, H, W] and labels [H, W] expected, got {tuple(guide.shape)} and "
                          f"{tuple(labels.shape)}")
     g = guide.double()
     gy = torch.zeros_like(g)
@@ -595,7 +595,7 @@ def boundary_auc(guide: Tensor, labels: Tensor) -> float:
     mag, edge = mag[inner, inner].reshape(-1), edge[inner, inner].reshape(-1)
     pos, neg = int(edge.sum()), int((~edge).sum())
     if pos == 0 or neg == 0:
-        raise ValueError("labels need both boundary and interior pixels")
+        raise InputError("labels need both boundary and interior pixels")
     ranks = torch.empty_like(mag)
     ranks[mag.argsort()] = torch.arange(1, mag.numel() + 1, dtype=torch.float64)
     return float((ranks[edge].sum() - pos * (pos + 1) / 2) / (pos * neg))

@@ -140,8 +140,8 @@ def test_demo_command(tmp_path, capsys, monkeypatch):
     with pytest.raises(AttributeError, match="a bug in the demo"):
         main(["demo", "--out", str(tmp_path / "d.png")])
     monkeypatch.undo()
-    assert main(["demo", "--out", str(tmp_path / "d.png"), "--classes", "0"]) == 2
-    assert "ovss-fast demo: error: num_classes and num_regions must be >= 1" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "d.png"), "--grid", "0"]) == 2
+    assert "ovss-fast demo: error: --size must be a multiple of --grid (>= 2)" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:pretrained=None")

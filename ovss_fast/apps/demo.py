@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ovss_fast.apps.flags import add_backend_arguments, fail_or_raise
+from ovss_fast.errors import InputError
 from ovss_fast.ops import api as ops
 from ovss_fast.synthetic import DATASETS, make_clip_like_scene, miou
 
@@ -51,7 +52,7 @@ def run_demo(*, seed: int = 0, difficulty: str = "easy", grid: int = 32, size: i
              backend: str = "auto", device: str = "cpu") -> tuple[list[tuple[str, float, float]], list[np.ndarray]]:
     """Rows (name, mIoU at image resolution, ms) and the panel images, guide first."""
     if grid < 2 or size < grid or size % grid:
-        raise ValueError(f"--size must be a multiple of --grid (>= 2), got size {size} and grid {grid}")
+        raise InputError(f"--size must be a multiple of --grid (>= 2), got size {size} and grid {grid}")
     scene = make_clip_like_scene(seed, kind, difficulty, grid=(grid, grid), patch_px=size // grid)
     classes = scene.text.shape[0]
     feats, text, aff, guide = (t.to(device) for t in (scene.feats, scene.text, scene.affinity, scene.guide))

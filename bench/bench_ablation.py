@@ -23,6 +23,10 @@ by more than ``MARGIN`` mIoU on average over the four columns; where it is silen
 steps, the JBU parameters), the ablation's best. The parameter sweeps run on the head the earlier decisions
 chose and are scored without JBU (nearest upsampling), except the JBU sweep.
 
+Refiner side table (issue 27): the default head (mode mv, ``HeadOptions()``'s values) by bilinear, JBU and
+PAMR (NACLIP's 10 iterations, dilations (8, 16), on the guide normalised with CLIP's mean / std), mIoU and
+Boundary IoU per image. It decides nothing.
+
 Writes the "Synthetic ablation" section of ``OUT/RESULTS.md``, ``OUT/plots/ablation.png`` (matplotlib) and
 (not with --smoke) the defaults table between the markers of docs/defaults.md, which the README's table copies;
 ``--smoke`` (seconds): two seeds of small scenes (10 x 12 patches), short sweeps.
@@ -45,7 +49,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench._results_io import BENCH_DIR, device_name, markdown_table, now, versions, write_section  # noqa: E402
+from ovss_fast.eval.metrics import boundary_intersection_union, scores_from_boundary  # noqa: E402
 from ovss_fast.kernels import reference as R  # noqa: E402
+from ovss_fast.models.clip_features import normalise  # noqa: E402
+from ovss_fast.models.loading import _OPENAI_MEAN, _OPENAI_STD  # noqa: E402
 from ovss_fast.ops import api as ops  # noqa: E402
 from ovss_fast.ops.options import HeadOptions  # noqa: E402
 from ovss_fast.synthetic import DATASETS, Scene, make_clip_like_scene, miou  # noqa: E402
@@ -77,6 +84,9 @@ PAPER_ROWS = {
 #: compiled kernels, about twice as fast here, labels equal to the reference's); set by --backend
 BACKEND = "reference"
 MV_VARIANTS = tuple((r, t) for r in ("integrated", "velocity") for t in ("gibbs", "attention"))
+#: the refiner side table's rows: the step from the default head's patch scores to the guide's pixels
+REFINERS = ("bilinear", "jbu", "pamr")
+REFINER_LABEL = {"bilinear": "bilinear", "jbu": "JBU", "pamr": "PAMR"}
 
 
 @dataclass(frozen=True)
@@ -193,6 +203,30 @@ class Case:
             else:
                 lab = ops.jbu_argmax(maps, sc.guide, **jbu)
             self.eval_cache[key] = miou(lab[0], sc.labels_full[0], sc.text.shape[0])
+        return self.eval_cache[key]
+
+    def refined(self, head: dict, refiner: str, jbu: dict, pamr: dict) -> tuple[float, float]:
+        """(mIoU, mBIoU) at the guide's resolution of ``head``'s labels after ``refiner``: "bilinear"
+        (``ops.refine_scores``, align_corners=False), "jbu" (``ops.jbu_argmax`` with ``jbu``) or "pamr"
+        (bilinear, then PAMR with ``pamr`` on the guide normalised with OpenAI CLIP's mean / std, as the
+        Segmenter does). mBIoU: Boundary IoU of this image over the scene's classes, the mean over the classes
+        with a non-zero boundary union."""
+        key = ("refined", key_of(head), refiner)
+        if key not in self.eval_cache:
+            sc = self.scene
+            maps = self.scores(head).transpose(1, 2).reshape(1, -1, *sc.grid).contiguous()
+            size = tuple(sc.guide.shape[-2:])
+            if refiner == "jbu":
+                lab = ops.jbu_argmax(maps, sc.guide, **jbu)
+            elif refiner in ("bilinear", "pamr"):
+                image = normalise(sc.guide.float(), _OPENAI_MEAN, _OPENAI_STD) if refiner == "pamr" else None
+                lab = ops.refine_scores(maps, size, image=image, **pamr).argmax(dim=1)
+            else:
+                raise ValueError(f"unknown refiner {refiner!r}")
+            k = sc.text.shape[0]
+            target = sc.labels_full[0]
+            inter, union = boundary_intersection_union(lab[0], target, k)
+            self.eval_cache[key] = (miou(lab[0], target, k), scores_from_boundary(inter, union)["mBIoU"])
         return self.eval_cache[key]
 
 
@@ -319,7 +353,15 @@ def run(plan: Plan, *, log: Callable[[str], None] = print) -> dict:
         decisions.append(decide(param, sweep(head, param, getattr(plan, param), jbu0, jbu_param=True),
                                 f"{head_name} with JBU"))
     log(f"JBU sweeps done ({time.perf_counter() - t_start:.0f} s)")
-    return {"rows": rows, "labels": labels, "kl_sweep": kl_sweep, "best_ratio": best_ratio,
+
+    # the refiner side table: the default head (mode mv, HeadOptions()'s values) by bilinear, JBU and PAMR
+    mv_code = mv_of(d.readout, d.transition)
+    pamr = d.pamr_params()
+    refiners = {r: {col: [cases[col, s].refined(mv_code, r, jbu0, pamr) for s in range(plan.seeds)]
+                    for col in COLUMNS} for r in REFINERS}
+    log(f"refiner side table done ({time.perf_counter() - t_start:.0f} s)")
+    return {"rows": rows, "refiners": refiners, "pamr": pamr, "refiner_head": f"mv_{d.readout}_{d.transition}",
+            "labels": labels, "kl_sweep": kl_sweep, "best_ratio": best_ratio,
             "nms_tables": nms_tables, "nms_paper": nms_paper, "head_name": head_name,
             "decisions": decisions, "mv_default": mv_default, "seeds": plan.seeds,
             "grid": {k: plan.grid[k] or DATASETS[k].grid for k in DATASETS},
@@ -427,6 +469,10 @@ def write_results(res: dict, out_dir: Path, *, smoke: bool) -> list[str]:
                 + [f"{average(t):.3f}"] for k, t in res["nms_tables"].items()]
     nms_rows += [["MV, the paper's", fmt_value(k)] + [cell(t[c]) for c in COLUMNS] + [f"{average(t):.3f}"]
                  for k, t in res["nms_paper"].items()]
+    ref_rows = [[REFINER_LABEL[r]] + [f"{cell([v[0] for v in t[c]])} / {cell([v[1] for v in t[c]])}"
+                                      for c in COLUMNS]
+                + [f"{mean(mean(v[0] for v in t[c]) for c in COLUMNS):.3f} / "
+                   f"{mean(mean(v[1] for v in t[c]) for c in COLUMNS):.3f}"] for r, t in res["refiners"].items()]
     dec_rows = [[d.param, "silent" if d.paper is None else fmt_value(d.paper),
                  ", ".join(f"{fmt_value(v)}: {s:.3f}" for v, s in d.candidates.items()), d.basis,
                  f"**{fmt_value(d.chosen)}**", d.source] for d in res["decisions"]]
@@ -437,6 +483,8 @@ def write_results(res: dict, out_dir: Path, *, smoke: bool) -> list[str]:
     d = HeadOptions()
     nms_now = "off" if d.nms == 0 else fmt_value((d.nms, d.nms_axis))
     backend_flag = "" if BACKEND == "reference" else f" --backend {BACKEND}"
+    guide_px = {k: (grid[k][0] * DATASETS[k].patch_px, grid[k][1] * DATASETS[k].patch_px) for k in DATASETS}
+    pamr = res["pamr"]
     body = [
         f"{now()}; {device_name('cpu')}; {versions()}; ovss_fast {commit}; load average at the end {load} "
         f"(the machine's 2 cores shared with other jobs). `python -m bench.bench_ablation{' --smoke' if smoke else ''} "
@@ -479,6 +527,22 @@ def write_results(res: dict, out_dir: Path, *, smoke: bool) -> list[str]:
         "The MV heads with NMS off and with each axis at its best KL ratio (with JBU):",
         "",
         markdown_table(["head", "nms"] + cols + ["mean"], nms_rows),
+        "",
+        f"Refiners on the default head (`{res['refiner_head']}`: mode mv with every `HeadOptions()` value, NMS "
+        f"{nms_now}): its patch scores to the guide's pixels by bilinear (`ops.refine_scores`, align_corners=False), "
+        "JBU (`ops.jbu_argmax`, the main table's parameters) and PAMR (bilinear, then `ops.pamr` on the guide "
+        f"normalised with OpenAI CLIP's mean / std, as the Segmenter's refine pamr; NACLIP's {pamr['iters']} "
+        f"iterations, dilations {tuple(pamr['dilations'])}). Each cell: mIoU / mBIoU, mean ± standard deviation "
+        "over the seeds; mBIoU is Boundary IoU (`ovss_fast.eval.boundary_intersection_union`, dilation ratio "
+        "0.02) per image over the scene's classes, the mean over the classes with a non-zero boundary union, then "
+        "the mean over the seeds (per image, not pooled over the seeds). The guides are "
+        f"{guide_px['voc'][0]} x {guide_px['voc'][1]} px (VOC-like) and {guide_px['stuff'][0]} x "
+        f"{guide_px['stuff'][1]} px (Stuff-like), {DATASETS['voc'].patch_px} px per patch: dilation "
+        f"{max(pamr['dilations'])} spans {max(pamr['dilations']) / DATASETS['voc'].patch_px:g} patches and "
+        f"{max(pamr['dilations']) / min(min(g) for g in guide_px.values()):.0%} of the shorter guide side, large "
+        "next to NACLIP's setting (16 px patches on images a few hundred px a side).",
+        "",
+        markdown_table(["refiner"] + cols + ["mean (mIoU / mBIoU)"], ref_rows),
         "",
         f"Head defaults by the rule of issue 19: where the paper is explicit, its value unless the best candidate "
         f"beats it by more than {MARGIN} mIoU (mean of the four columns); where it is silent, the best candidate. "

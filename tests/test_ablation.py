@@ -95,6 +95,19 @@ def test_ablation_smoke_writes_section_and_decides(tmp_path, one_thread):
         if d.source == "ours" and d.paper is not None:  # the paper's value lost by more than the margin
             assert d.candidates[d.chosen] - d.candidates[d.paper] > B.MARGIN
 
+    # the refiner side table: the default head by bilinear, JBU and PAMR, (mIoU, mBIoU) per (column, seed)
+    refiners = res["refiners"]
+    assert list(refiners) == list(B.REFINERS)
+    for r, t in refiners.items():
+        for col in B.COLUMNS:
+            assert len(t[col]) == B.SMOKE.seeds and all(0.0 <= v <= 1.0 for pair in t[col] for v in pair), (r, t)
+    # its JBU row is the main table's row of that head (one scoring, one JBU)
+    assert res["refiner_head"] in rows
+    for col in B.COLUMNS:
+        assert [v[0] for v in refiners["jbu"][col]] == pytest.approx(rows[res["refiner_head"]][col])
+    # PAMR moves the labels: its cells differ from bilinear's somewhere
+    assert any(refiners["pamr"][c] != refiners["bilinear"][c] for c in B.COLUMNS)
+
     plots = B.write_results(res, tmp_path, smoke=True)
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## Synthetic ablation" in text and "The paper's orderings" in text and "NMS side table" in text
@@ -104,6 +117,10 @@ def test_ablation_smoke_writes_section_and_decides(tmp_path, one_thread):
     assert all(r > 0 for r in res["best_ratio"].values())
     for label in res["labels"].values():
         assert f"| {label} |" in text
+    assert "Refiners on the default head" in text
+    for label in B.REFINER_LABEL.values():
+        assert re.search(rf"\n\| {label} \| (\d\.\d{{3}} ± \d\.\d{{3}} / \d\.\d{{3}} ± \d\.\d{{3}} \| ){{4}}"
+                         rf"\d\.\d{{3}} / \d\.\d{{3}} \|", text), label
     assert re.search(r"\| \+ OP \| (\d\.\d{3} ± \d\.\d{3} \| ){4}\d\.\d{3} \| 66\.9 \| 28\.6 \| 40\.0 \|", text)
     if plots == ["ablation.png"]:
         assert (tmp_path / "plots" / "ablation.png").stat().st_size > 1000
@@ -132,6 +149,14 @@ def test_case_class_distributions_are_the_reference():
     for nms in ((0.0, "classes"), (0.2, "classes"), (0.1, "patches"), (0.5, "patches")):
         want = R.class_distributions(sc.feats, sc.text, nms=nms[0], nms_axis=nms[1])
         torch.testing.assert_close(case.q(nms), want, rtol=1e-6, atol=1e-9)
+
+
+def test_case_refined_rejects_an_unknown_refiner():
+    from bench import bench_ablation as B
+
+    case = B.Case(make_dataset_scene(1, "voc", grid=(6, 7)))
+    with pytest.raises(ValueError, match="refiner"):
+        case.refined({"mode": "raw"}, "nearest", {}, {})
 
 
 def test_ablation_smoke_refuses_to_overwrite_committed_results(capsys):

@@ -295,9 +295,11 @@ class Segmenter:
             scores, probs = self.maps.class_maps(maps, groups)
             if not (labels or full):
                 return None, scores, None
-            with record.stage("refine"):
-                maps = self._refine(maps, img, guide)
-            up, up_probs = self.maps.class_maps(maps, groups)
+            up, up_probs = scores, probs
+            if self.options.refine == "pamr" or tuple(maps.shape[-2:]) != tuple(guide.shape[-2:]):
+                with record.stage("refine"):
+                    maps = self._refine(maps, img, guide)
+                up, up_probs = self.maps.class_maps(maps, groups)
             return (self.maps.labels(up, up_probs) if labels else None), scores, (up if full else None)
         scores, probs = self.maps.class_maps(self._grid_maps(img, text, record), groups)
         if not (labels or full):

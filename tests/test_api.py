@@ -135,8 +135,37 @@ def test_auto_prefers_triton_for_the_iterative_ops(monkeypatch):
     monkeypatch.setitem(_backends._CACHE, "triton", Accepts("triton"))
     for op in _backends.OPS:
         want = "triton" if op in ("sinkhorn_scores", "markov_scores") else "cuda"
+        if op in REFINER_OPS:  # never run on a GPU: the CPU kernel, else the reference
+            want = "cpu"
         assert select(op, "auto", (), {}).name == want, op
         assert _backends.auto_order(op)[-1] == "reference"
+
+
+REFINER_OPS = ("pamr", "label_propagation", "pixel_propagation")
+
+
+def test_auto_never_picks_gpu_paths_nobody_ran_for_the_refiners(monkeypatch):
+    """The refiners' CUDA / Triton paths have never run on a GPU: auto gives CUDA tensors to the reference;
+    a forced backend still runs them."""
+    from ovss_fast.kernels import dispatch as _backends
+
+    class Accepts(Backend):
+        def __init__(self, name):
+            self.name = name
+
+    class Refuses(Backend):
+        name = "cpu"
+
+        def unsupported_reasons(self, op, tensors, params):
+            return ["no"]
+
+    monkeypatch.setitem(_backends._CACHE, "cuda", Accepts("cuda"))
+    monkeypatch.setitem(_backends._CACHE, "triton", Accepts("triton"))
+    monkeypatch.setitem(_backends._CACHE, "cpu", Refuses())
+    for op in REFINER_OPS:
+        assert not {"cuda", "triton"} & set(_backends.auto_order(op)), op
+        assert select(op, "auto", (), {}).name == "reference", op
+        assert select(op, "cuda", (), {}).name == "cuda", op
 
 
 def test_auto_never_picks_cuda_for_op_and_mv(monkeypatch):

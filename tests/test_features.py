@@ -79,10 +79,10 @@ def reference_features(visual, x, features, pos_interp="size", std=5.0):
                 rj, cj = divmod(j - 1, grid[1])
                 gauss[i, j] = math.exp(-((ri - rj) ** 2 + (ci - cj) ** 2) / (2 * std ** 2))
         attn = sm(k, k, gauss)
-    elif features == "maskclip":
+    elif features in ("maskclip", "maskclip-res"):
         attn = torch.eye(L, dtype=torch.float64).expand(B, heads, L, L)
     o = (attn @ val).transpose(1, 2).reshape(B, L, W) @ last.attn.out_proj.weight.T + last.attn.out_proj.bias
-    if features in ("clip", "sclip"):  # residual and MLP kept
+    if features in ("clip", "sclip", "maskclip-res"):  # residual and MLP kept
         h = h + o
         h = h + last.mlp(F.layer_norm(h, (W,), last.ln_2.weight, last.ln_2.bias, last.ln_2.eps))
     else:  # residual and MLP removed
@@ -158,7 +158,8 @@ def test_peers_pos_interp_in_dense_features(model):
 
 
 def test_bad_features_and_pos_interp(model):
-    with pytest.raises(ValueError, match="features must be one of 'clip', 'maskclip', 'sclip', 'clearclip', 'naclip'"):
+    with pytest.raises(ValueError, match="features must be one of 'clip', 'maskclip', 'maskclip-res', 'sclip', "
+                                         "'clearclip', 'naclip'"):
         DenseCLIP(model.visual, features="proxyclip")
     with pytest.raises(ValueError, match="self_self.*removed.*'sclip'.*'clearclip'"):
         DenseCLIP(model.visual, features="self_self")

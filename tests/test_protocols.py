@@ -46,11 +46,12 @@ def test_protocol_switches():
         ("dslo", "grid", "size", True, True)
     # the step to the annotation: NACLIP's default PAMR, SCLIP's and ClearCLIP's bilinear (PAMR off), DSLO's JBU
     assert {n: resolve_protocol(n, "voc21")["refine"] for n in PROTOCOLS} == {
-        "dslo": "jbu", "dslo-windows": "jbu", "sclip": "bilinear", "clearclip": "bilinear", "naclip": "pamr"}
+        "dslo": "jbu", "dslo-windows": "jbu", "sclip": "bilinear", "clearclip": "bilinear", "naclip": "pamr",
+        "lposs": "lposs+"}
     with pytest.raises(ValueError, match="unknown protocol 'tcl'; valid names: dslo, dslo-windows, sclip, clearclip, "
-                                         "naclip"):
+                                         "naclip, lposs"):
         resolve_protocol("tcl", "voc21")
-    assert list(PROTOCOLS) == ["dslo", "dslo-windows", "sclip", "clearclip", "naclip"]
+    assert list(PROTOCOLS) == ["dslo", "dslo-windows", "sclip", "clearclip", "naclip", "lposs"]
 
 
 def test_dslo_is_the_whole_image_at_the_papers_short_side():
@@ -145,7 +146,7 @@ def test_eval_flags_override_the_protocol(tmp_path, capsys):
     (["--readout", "fast"], "--readout must be one of 'integrated', 'velocity'; got 'fast'"),
     (["--bg-threshold", "2"], r"--bg-threshold must lie in \(0, 1\]"),
     (["--features", "self_self"], "removed; use 'sclip'"),
-    (["--head", "argmax"], "--head must be one of 'dslo', 'logits'"),
+    (["--head", "argmax"], "--head must be one of 'dslo', 'logits', 'lposs'"),
     (["--nms", "1.5"], r"--nms must lie in \[0, 1\]"),
     (["--sigma-range", "0"], "--sigma-range must be a positive finite number"),
     (["--pos-interp", "area"], "--pos-interp must be one of 'size', 'peers'"),

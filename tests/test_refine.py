@@ -50,7 +50,7 @@ def test_refine_options_are_pamrs_keywords_and_flags():
     for key, value in o.pamr_params().items():  # the same defaults as the op's own
         assert params[key].default == value, key
     assert HeadOptions(pamr_dilations=[1, 2, 4]).pamr_dilations == (1, 2, 4)
-    with pytest.raises(ValueError, match="refine must be one of 'jbu', 'pamr', 'bilinear'; got 'crf'"):
+    with pytest.raises(ValueError, match=r"refine must be one of 'jbu', 'pamr', 'bilinear', 'lposs\+'; got 'crf'"):
         HeadOptions(refine="crf")
     with pytest.raises(ValueError, match="pamr_iters must be >= 0"):
         HeadOptions(pamr_iters=-1)
@@ -210,10 +210,10 @@ def test_web_page_has_the_refine_control():
     args = parser.parse_args(["--model", "ovss-fast-tiny", "--backend", "reference", "--refine", "pamr",
                               "--pamr-dilations", "1,2"])
     control = next(c for c in web.CONTROLS if c.name == "refine")
-    assert web.control_choices(control, args) == (["pamr", "jbu", "bilinear"], "pamr")  # the start value first
+    assert web.control_choices(control, args) == (["pamr", "jbu", "bilinear", "lposs+"], "pamr")  # the start first
     ns, kw = web.request_options(args, {"refine": "bilinear"})
     assert kw["refine"] == "bilinear" and ns.pamr_dilations == (1, 2)
-    with pytest.raises(ValueError, match="refine must be one of 'pamr', 'jbu', 'bilinear', got 'crf'"):
+    with pytest.raises(ValueError, match=r"refine must be one of 'pamr', 'jbu', 'bilinear', 'lposs\+', got 'crf'"):
         web.request_options(args, {"refine": "crf"})
 
 

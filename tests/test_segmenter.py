@@ -382,7 +382,7 @@ def test_wrong_image_inputs(tiny, bad, match):
     ({"affinity": "sd3"}, ValueError, "affinity must be one of"),
     ({"features": "proxyclip"}, ValueError, "features must be one of"),
     ({"features": "self_self"}, ValueError, "self_self.*removed.*sclip"),
-    ({"head": "argmax"}, ValueError, "head must be one of 'dslo', 'logits'"),
+    ({"head": "argmax"}, ValueError, "head must be one of 'dslo', 'logits', 'lposs'"),
     ({"bg_threshold": 1.5}, ValueError, r"bg_threshold must lie in \(0, 1\]"),
     ({"bg_threshold": "0.1"}, TypeError, "bg_threshold must be a number"),
     ({"aggregation": "mean"}, ValueError, "aggregation must be one of 'grid', 'pixels'"),

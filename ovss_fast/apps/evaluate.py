@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  ovss-fast eval --synthetic --out synthetic.json      (no dataset, no weights)\n"
         "  ovss-fast eval --dataset voc21 --root /data/VOCdevkit --protocol sclip --features sclip  (SCLIP's setup)\n"
         "  ovss-fast eval --dataset ade --root /data/ade --protocol naclip --features naclip --head dslo --mode op\n"
+        "  ovss-fast eval --dataset voc21 --root /data/VOCdevkit --protocol lposs --pretrained laion2b_s34b_b88k "
+        "--affinity-weights dino_vitb16.pth  (LPOSS+)\n"
         "offline smoke test (random weights, meaningless mIoU):\n"
         "  ovss-fast eval --dataset voc21 --root /data/VOCdevkit --limit 4 --model ovss-fast-tiny --pretrained none"
     )
@@ -58,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--protocol", default="dslo", choices=list(PROTOCOLS),
                         help="evaluation protocol: dslo (the paper's whole image, default), dslo-windows (sliding "
-                             "windows), sclip, clearclip, naclip; per dataset it sets "
+                             "windows), sclip, clearclip, naclip, lposs (LPOSS+: head lposs, refine lposs+, features "
+                             "maskclip-res, LPOSS's propagation settings); per dataset it sets "
                              "the short side, window / stride, logit scale, bg threshold, resize flavour, aggregation, "
                              "positional interpolation and head (flags given here override it)")
     _cli.add_model_arguments(parser)
@@ -143,6 +146,9 @@ def _resolved(args: argparse.Namespace, dataset: str | None) -> tuple[dict, dict
     proto = resolve_protocol(args.protocol, dataset)
     defaults = {k: proto[k] for k in ("scale", "bg_threshold", "head", "aggregation", "crop", "pos_interp",
                                       "antialias", "refine")}
+    if proto["features"] is not None:  # a protocol that fixes the dense features (lposs)
+        defaults["features"] = proto["features"]
+    defaults.update(proto["head_options"])  # and head options (lposs: LPOSS's propagation settings)
     kwargs = _cli.method_kwargs(args, defaults)
     overridden = sorted(k for k in defaults if kwargs[k] != defaults[k])
     for key in ("short_side", "window", "stride", "snap"):
@@ -152,7 +158,8 @@ def _resolved(args: argparse.Namespace, dataset: str | None) -> tuple[dict, dict
             proto[key] = (value or None) if key in ("window", "stride") else value
     if args.window is not None and args.stride is None:
         proto["stride"] = None  # a window given without a stride: half the window (the API's default)
-    proto.update({k: kwargs[k] for k in defaults})
+    proto.update({k: kwargs[k] for k in defaults if k not in proto["head_options"]})
+    proto["head_options"] = {k: kwargs[k] for k in proto["head_options"]}
     proto["features"] = kwargs.get("features", "clip")
     return proto, kwargs, overridden
 
@@ -187,6 +194,14 @@ def _synthetic(args: argparse.Namespace, ctx: DistContext) -> tuple:
 def _prediction_to_annotation(seg: Any) -> str:
     """How the Segmenter's maps reach the annotation, in words for the results file."""
     refine = seg.options.refine
+    if refine == "lposs+":
+        o = seg.options
+        first = ("patch-grid maps" if seg.aggregation == "grid" else
+                 "window maps upsampled bilinearly to pixels and averaged,")
+        return (f"{first} bilinear to the processed image, LPOSS+'s pixel-stage label propagation on it (radius "
+                f"{o.lposs_radius}, tau {o.lposs_tau}, alpha {o.lposs_alpha}, {o.lposs_iters} conjugate-gradient "
+                f"steps, tol {o.lposs_tol}), the max over a class's synonyms, bilinear to the annotation size "
+                "(align_corners=False), then argmax")
     if seg.aggregation == "grid" and refine == "jbu":
         return ("joint bilateral upsampling of the patch-grid scores guided by the original image to the annotation "
                 "size, then argmax")

@@ -113,10 +113,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--affinity", default=None, choices=["clip", "sd2", "dino"],
                         help="patch affinity: clip (CLIP's last-block attention; preset ours), sd2 (Stable Diffusion "
                              "2 self-attention, needs ovss_fast[sd]; preset paper), dino (DINO ViT features, needs "
-                             "timm)")
+                             "timm; with --head lposs, its default, DINO ViT-B/16 value features for the graph)")
     parser.add_argument("--affinity-weights", default=None,
                         help="local weights for --affinity sd2 (a diffusers folder; 'random:sd2' builds its published "
-                             "architecture with RANDOM weights, for smoke tests) or dino (a checkpoint file)")
+                             "architecture with RANDOM weights, for smoke tests) or dino (a checkpoint file for "
+                             "timm's DINO ViT-S/16, ViT-B/16 with --head lposs; 'random:dino' RANDOM weights)")
     parser.add_argument("--mode", default=None, choices=list(check.MODES),
                         help="discrepancy: mv maximum velocity (default, both presets), op optimal path, kl no "
                              "affinity")
@@ -129,10 +130,13 @@ def add_method_arguments(parser: argparse.ArgumentParser, *, protocol_note: str 
     """--features --head --bg-threshold --aggregation --crop --pos-interp --antialias and the op/JBU knobs."""
     g = parser.add_argument_group("method (defaults: the API's" + (protocol_note and f"; {protocol_note}") + ")")
     g.add_argument("--features", default=None, metavar="|".join(FEATURES),
-                   help="dense CLIP features: clip (plain patch tokens, default), maskclip, sclip, clearclip, naclip "
+                   help="dense CLIP features: clip (plain patch tokens, default), maskclip, maskclip-res (LPOSS's), "
+                        "sclip, clearclip, naclip "
                         "(each method's published last block)")
     g.add_argument("--head", default=None, metavar="|".join(check.HEADS),
-                   help="dslo (the discrepancy scores, default) or logits (the peers' plain argmax of the logits)")
+                   help="dslo (the discrepancy scores, default), logits (the peers' plain argmax of the logits) or "
+                        "lposs (LPOSS's label propagation over all windows as one graph; --affinity dino, its default, "
+                        "gives the graph's features)")
     g.add_argument("--bg-threshold", type=threshold_arg, default=None, metavar="P|none",
                    help="the peers' prob_thd: pixels whose best class probability is below P become class 0 (the "
                         "first class must be the background); 'none' turns it off (default off)")

@@ -94,10 +94,14 @@ CONTROLS: tuple[Control, ...] = (
             info="given at start (--pretrained), or none: RANDOM weights, meaningless labels"),
     Control("mode", "mode", check.MODES, info="mv maximum velocity, op optimal path, kl no affinity"),
     Control("transition", "transition", check.TRANSITIONS, keyword=True, info="the Markov chain of mv"),
+    Control("head", "head", check.HEADS, keyword=True,
+            info="dslo (discrepancy scores), logits (the peers' argmax), or lposs (LPOSS's label propagation over all "
+                 "windows: choose affinity dino, its graph's DINO ViT-B/16 features)"),
     Control("refine", "refine", check.REFINERS, keyword=True,
-            info="scores to the image: jbu (joint bilateral), bilinear, or pamr (bilinear, then PAMR: NACLIP's; "
-                 "--pamr-iters / --pamr-dilations at start)"),
-    Control("affinity", "affinity", BUILTIN, info="clip: CLIP's attention; sd2 / dino need --affinity-weights"),
+            info="scores to the image: jbu (joint bilateral), bilinear, pamr (bilinear, then PAMR: NACLIP's; "
+                 "--pamr-iters / --pamr-dilations at start) or lposs+ (LPOSS+'s pixel stage; --lposs-* at start)"),
+    Control("affinity", "affinity", BUILTIN,
+            info="clip: CLIP's attention; sd2 / dino need --affinity-weights (random:dino: random weights)"),
     Control("window", "window (pixels)", (WHOLE_IMAGE, "224", "336", "448"), keyword=True, custom=True,
             default=WHOLE_IMAGE, info="whole image, or sliding windows of this size (a multiple of the patch)"),
     Control("stride", "stride (pixels)", (HALF_WINDOW, "112", "168", "224"), keyword=True, custom=True,

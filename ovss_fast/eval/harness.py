@@ -52,7 +52,7 @@ from ovss_fast.eval.metrics import (
     scores_from_confusion,
 )
 from ovss_fast.ops import validate as check
-from ovss_fast.ops.api import jbu_argmax, refine_scores, segment_features
+from ovss_fast.ops.api import jbu_argmax, refine_lposs_plus, refine_scores, segment_features
 from ovss_fast.ops.options import HeadOptions
 from ovss_fast.synthetic import make_scene
 
@@ -129,8 +129,13 @@ def synthetic_predictor(mode: str = "mv", backend: str = "auto", device: torch.d
     """item {"scene": Scene} -> labels [H, W]: the scene's features, text and affinity through segment_features
     (head "dslo"), or the argmax of the joint-bilaterally upsampled class probabilities softmax(scale * cos)
     (head "logits"; with refine "bilinear" / "pamr" the argmax of the cosines refined as NACLIP refines them, PAMR
-    on the scene's guide). params: the head's options (:class:`~ovss_fast.ops.options.HeadOptions`)."""
+    on the scene's guide; "lposs+" LPOSS+'s pixel stage on the guide). Head "lposs" needs patch features the
+    scenes do not carry: an InputError. params: the head's options (:class:`~ovss_fast.ops.options.HeadOptions`)."""
     check.choice("head", head, check.HEADS)
+    if head == "lposs":
+        raise InputError("head 'lposs' needs patch features for its kNN graph (LPOSS's DINO features), which the "
+                         "synthetic scenes do not carry (they give an affinity); use head dslo or logits here, or "
+                         "--refine lposs+ (the pixel stage on the scene's guide)")
     options = HeadOptions.of("synthetic_predictor", params)
 
     def predict(item: dict) -> Tensor:
@@ -140,6 +145,9 @@ def synthetic_predictor(mode: str = "mv", backend: str = "auto", device: torch.d
             cos = F.normalize(feats.float(), dim=-1) @ F.normalize(text.float(), dim=-1).t()  # [1, N, C]
             if options.refine != "jbu":  # softmax keeps the order of a pixel's classes: the argmax of the cosines
                 cos = cos.transpose(1, 2).reshape(1, -1, *s.grid)
+                if options.refine == "lposs+":  # LPOSS+ alone: the pixel stage on the raw cosines
+                    return refine_lposs_plus(cos, guide, backend=backend,
+                                             **options.pixel_propagation_params()).argmax(dim=1)[0]
                 image = guide if options.refine == "pamr" else None
                 return refine_scores(cos, tuple(guide.shape[-2:]), image=image, backend=backend,
                                      **options.pamr_params()).argmax(dim=1)[0]

@@ -1,4 +1,4 @@
-"""Evaluation protocols: DSLO's own and the SCLIP / ClearCLIP / NACLIP codebases' (values from peers.md).
+"""Evaluation protocols: DSLO's own and the SCLIP / ClearCLIP / NACLIP / LPOSS codebases' (values from peers.md).
 
 A protocol fixes, per dataset, everything besides the method itself (the dense features
 and the affinity): the resize (short side, antialias or not, snapped to whole patches or
@@ -11,7 +11,9 @@ interpolation, the head, and how crops that are not whole patches are handled.
 What the peers do that ovss_fast does not reproduce is listed in each protocol's
 ``not_reproduced`` (SCLIP's area_thd, fp16 softmaxes), and goes into the results file with
 the rest. ``refine`` is the step to the annotation size: NACLIP's bilinear then PAMR (10 steps,
-dilations 8 and 16, on the normalised image), SCLIP's and ClearCLIP's bilinear, DSLO's JBU.
+dilations 8 and 16, on the normalised image), SCLIP's and ClearCLIP's bilinear, DSLO's JBU, LPOSS+'s
+pixel-stage label propagation. A protocol may also fix the dense features and head options (``lposs``:
+MaskCLIP's features and LPOSS's propagation settings), recorded with the rest.
 """
 
 from __future__ import annotations
@@ -49,8 +51,14 @@ class Protocol:
     #: window (pixels, stride half of it) for images too large for the memory budget as they are (None: refuse)
     default_fallback: int | None = None
     fallback: dict[str, int] = field(default_factory=dict)
-    #: the step from the maps to the annotation size (HeadOptions.refine): jbu, bilinear or pamr
+    #: the step from the maps to the annotation size (HeadOptions.refine): jbu, bilinear, pamr or lposs+
     refine: str = "jbu"
+    #: the dense CLIP features the codebase uses (None: not part of the protocol, the --features flag's)
+    features: str | None = None
+    #: head options the codebase fixes (HeadOptions fields), e.g. LPOSS's propagation settings
+    head_options: dict[str, object] = field(default_factory=dict)
+    #: what the codebase uses that the protocol records but cannot set (the CLIP weights, the graph's features)
+    notes: tuple[str, ...] = ()
 
     def resolve(self, dataset: str) -> dict:
         """The protocol's values for one dataset (``dataset=None``: the defaults, for synthetic scenes)."""
@@ -60,7 +68,8 @@ class Protocol:
             "window": window, "stride": stride, "scale": self.scale.get(dataset, self.default_scale),
             "bg_threshold": self.bg_threshold.get(dataset), "antialias": self.antialias, "snap": self.snap,
             "aggregation": self.aggregation, "crop": self.crop, "pos_interp": self.pos_interp, "head": self.head,
-            "refine": self.refine,
+            "refine": self.refine, "features": self.features, "head_options": dict(self.head_options),
+            "notes": list(self.notes),
             "not_reproduced": list(self.not_reproduced),
             "fallback_window": self.fallback.get(dataset, self.default_fallback),
         }
@@ -85,6 +94,38 @@ def _dslo_windows() -> Protocol:
         default_short=336, default_window=224, default_stride=112, default_scale=100.0,
         short_side={n: s.short_side for n, s in DATASETS.items()},
         window={n: (s.window, s.stride) for n, s in DATASETS.items()},
+    )
+
+
+#: LPOSS's published propagation settings (configs/lposs_plus.yaml: alpha 0.95, gamma 3, k 400, sigma 0.01,
+#: pix_dist_pow 1, tau 0.01, r 13 -> radius 6; the conjugate gradient's tol 1e-6 and 10 steps, lposs_eval.py)
+LPOSS_OPTIONS: dict[str, object] = {"lposs_k": 400, "lposs_gamma": 3.0, "lposs_sigma": 0.01, "lposs_dist_pow": 1.0,
+                                    "lposs_alpha": 0.95, "lposs_iters": 10, "lposs_tol": 1e-6, "lposs_radius": 6,
+                                    "lposs_tau": 0.01}
+
+
+def _lposs() -> Protocol:
+    """LPOSS+ (vladan-stojnic/LPOSS, configs/lposs_plus.yaml; docs/lposs.md): every dataset at short side 448
+    (mmseg Resize (2048, 448), keep ratio, cv2 bilinear), 224 / 112 sliding windows, MaskCLIP features as
+    CLIP-DINOiser's code computes them (features "maskclip-res": v through out_proj, residual and MLP kept), the
+    patch stage over all windows of an image as one graph on DINO ViT-B/16 value features, each window's
+    result bilinear to its pixels and averaged, LPOSS+'s pixel stage on the resized image, bilinear to the
+    annotation, argmax. ``--refine bilinear`` gives LPOSS without the pixel stage (configs/lposs.yaml)."""
+    return Protocol(
+        "lposs", "LPOSS+ (vladan-stojnic/LPOSS): 448 short side, 224 / 112 windows as one graph, pixel stage",
+        head="lposs", aggregation="pixels", pos_interp="size", antialias=False, snap=False, crop="floor",
+        default_short=448, default_window=224, default_stride=112, default_scale=100.0, refine="lposs+",
+        features="maskclip-res", head_options=dict(LPOSS_OPTIONS),
+        notes=("the graph's features: --affinity dino (the default for head lposs) builds DINO ViT-B/16 "
+               "(timm vit_base_patch16_224.dino = torch hub dino_vitb16) and takes its last block's value features",
+               "the CLIP weights are --model / --pretrained's: LPOSS uses ViT-B-16 laion2b_s34b_b88k "
+               "(--pretrained laion2b_s34b_b88k)"),
+        not_reproduced=("class names: ours (eval/datasets.py), not LPOSS's lists",
+                        "cv2 bilinear resize (ours: torch bilinear, no antialias)",
+                        "--refine bilinear (LPOSS without the pixel stage): a class's synonyms bilinear to the "
+                        "annotation size, then their max (LPOSS: the max, then bilinear); they differ only where a "
+                        "class has several synonyms",
+                        "faiss-gpu's kNN ties and cupy's float32 CG: ours breaks ties by index (docs/lposs.md)"),
     )
 
 
@@ -124,6 +165,7 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
                         "PAMR skipped when it runs out of memory (ours: an out-of-memory error is raised)"),
         refine="pamr",  # NACLIP's default: bilinear to the image, then PAMR 10 steps at dilations (8, 16)
     ),
+    _lposs(),
 )}
 
 
@@ -134,4 +176,4 @@ def resolve_protocol(name: str, dataset: str | None) -> dict:
     return PROTOCOLS[name].resolve(dataset)
 
 
-__all__ = ["BACKGROUND_DATASETS", "PROTOCOLS", "Protocol", "resolve_protocol"]
+__all__ = ["BACKGROUND_DATASETS", "LPOSS_OPTIONS", "PROTOCOLS", "Protocol", "resolve_protocol"]

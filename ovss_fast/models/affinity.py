@@ -10,6 +10,9 @@ Every source returns a non-negative affinity [B, N, N] on the CLIP patch grid
   Diffusion 2 UNet self-attention, the paper's choice.
 - "dino" (:class:`DinoAffinity`, needs timm): cosine affinity of DINO ViT patch
   features, clamped at 0.
+- for head "lposs" the source hands patch FEATURES [B, N, D] for LPOSS's kNN graph instead
+  (:func:`patch_features_of`): "dino" builds LPOSS's DINO ViT-B/16 (:data:`LPOSS_DINO`) and gives
+  its last block's value features (:meth:`DinoAffinity.features`), a callable gives what it returns.
 - any callable ``fn(image, grid) -> [B, N, N]``, where ``image`` is the crop as
   [B, 3, H, W] float32 RGB in [0, 1] (not normalised) and ``grid`` is (h, w). The
   Segmenter calls it once per chunk of windows (B = the chunk's crops); a source with a
@@ -40,6 +43,13 @@ SD2_DEFAULT = "stabilityai/stable-diffusion-2-1-base"
 SD2_RANDOM = "random:sd2"
 #: timm name used by :class:`DinoAffinity` when no model is given.
 DINO_DEFAULT = "vit_small_patch16_224.dino"
+#: timm name of LPOSS's DINO (torch hub ``dino_vitb16``: ViT-B/16), the "dino" source of head "lposs"
+LPOSS_DINO = "vit_base_patch16_224.dino"
+#: ``weights`` (or ``affinity_weights``) that build the DINO architecture with RANDOM weights (``random:dino:SEED``
+#: picks the seed; tests and timing only: the features are meaningless)
+DINO_RANDOM = "random:dino"
+#: (image [B, 3, H, W] in [0, 1], grid (h, w)) -> patch features [B, h * w, D] (head "lposs"'s graph)
+FeaturesFn = Callable[[Tensor, tuple[int, int]], Tensor]
 
 
 def check_affinity(affinity: object, n: int, batch: int, source: str) -> Tensor:
@@ -159,14 +169,15 @@ def _stop_unet(module: nn.Module, args: Any, output: Any) -> None:
     raise _UNetStopped
 
 
-def _random_seed(weights: str) -> int:
-    """The seed of ``random:sd2`` (0) or ``random:sd2:SEED``."""
-    rest = weights[len(SD2_RANDOM):]
+def _random_seed(weights: str, prefix: str = SD2_RANDOM) -> int:
+    """The seed of ``random:sd2`` (0) or ``random:sd2:SEED`` (``prefix``: the source's, ``random:dino``)."""
+    rest = weights[len(prefix):]
     if rest == "":
         return 0
     if rest.startswith(":") and rest[1:].lstrip("-").isdigit():
         return int(rest[1:])
-    raise InputError(f"SD2 random weights are {SD2_RANDOM!r} or '{SD2_RANDOM}:SEED' (an integer), got {weights!r}")
+    what = "SD2" if prefix == SD2_RANDOM else "DINO"
+    raise InputError(f"{what} random weights are {prefix!r} or '{prefix}:SEED' (an integer), got {weights!r}")
 
 
 def _random_sd2(seed: int, device: torch.device) -> tuple[nn.Module, nn.Module, Tensor]:
@@ -384,16 +395,23 @@ def _require_timm() -> Any:
     return timm
 
 
+class _ValueCaptured(Exception):
+    """Raised by the qkv hook of :meth:`DinoAffinity.features` once the last block's qkv is computed."""
+
+
 class DinoAffinity:
     """Cosine affinity of DINO ViT patch features: ``relu(cos(f_i, f_j))`` [B, N, N].
 
     The crop is resized so the DINO patch grid equals the CLIP grid (h, w), normalised
     with the model's mean/std, and ``forward_features`` gives the patch tokens (prefix
     tokens dropped). Negative cosines are clamped to 0 (affinities are non-negative).
+    :meth:`features` gives LPOSS's patch features instead (head "lposs").
 
     weights: a local checkpoint file for the timm architecture ``arch`` (DINO ViT-S/16
-    by default); None downloads timm's pretrained weights when online. ``model``: an
-    already-built timm ViT created with ``dynamic_img_size=True``.
+    by default; head "lposs" builds :data:`LPOSS_DINO`, ViT-B/16); None downloads timm's
+    pretrained weights when online; ``"random:dino[:SEED]"`` builds ``arch`` with RANDOM
+    weights (offline; meaningless, for tests and timing). ``model``: an already-built timm
+    ViT created with ``dynamic_img_size=True``.
     """
 
     def __init__(self, weights: str | None = None, *, arch: str = DINO_DEFAULT,
@@ -402,6 +420,8 @@ class DinoAffinity:
         timm = _require_timm()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        if model is None and isinstance(weights, str) and weights.startswith(DINO_RANDOM):
+            model = _random_dino(arch, _random_seed(weights, DINO_RANDOM))
         if model is None:
             if weights is not None and not os.path.isfile(weights):
                 raise FileNotFoundError(
@@ -437,24 +457,103 @@ class DinoAffinity:
         e = torch.empty((), dtype=self.dtype).element_size()
         return 12 * t * d * e + 2 * heads * t * t * e + n * d * 4 + n * n * 4
 
-    @torch.no_grad()
-    def __call__(self, image: Tensor, grid: tuple[int, int]) -> Tensor:
+    def _input(self, image: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The crops [B, 3, H, W] in [0, 1] at the DINO patch grid (h, w) (resized only when not already there),
+        normalised with the model's mean / std, in the model's dtype."""
         h, w = grid
-        x = F.interpolate(image.to(self.device, torch.float32), size=(h * self.patch[0], w * self.patch[1]),
-                          mode="bilinear", align_corners=False, antialias=True)
+        x = image.to(self.device, torch.float32)
+        size = (h * self.patch[0], w * self.patch[1])
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         m = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         s = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        tokens = self.model.forward_features(((x - m) / s).to(self.dtype))
+        return ((x - m) / s).to(self.dtype)
+
+    def _patches(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """tokens [B, T, D] -> the patch tokens [B, N, D] in float32, L2-normalised (prefix tokens dropped)."""
         prefix = getattr(self.model, "num_prefix_tokens", 1)
-        f = F.normalize(tokens[:, prefix:].float(), dim=-1)  # [B, N, D]
-        if f.shape[1] != h * w:
-            raise RuntimeError(f"DINO returned {f.shape[1]} patch tokens for a {h}x{w} grid")
+        f = F.normalize(tokens[:, prefix:].float(), dim=-1)
+        if f.shape[1] != grid[0] * grid[1]:
+            raise RuntimeError(f"DINO returned {f.shape[1]} patch tokens for a {grid[0]}x{grid[1]} grid")
+        return f
+
+    @torch.no_grad()
+    def __call__(self, image: Tensor, grid: tuple[int, int]) -> Tensor:
+        f = self._patches(self.model.forward_features(self._input(image, grid)), grid)  # [B, N, D]
         return (f @ f.transpose(1, 2)).clamp_min(0)
+
+    @torch.no_grad()
+    def features(self, image: Tensor, grid: tuple[int, int]) -> Tensor:
+        """LPOSS's patch features: the last block's attention VALUES [B, N, D] (heads side by side, float32,
+        L2-normalised), as LPOSS hooks ``blocks[-1].attn.qkv`` of DINO ViT-B/16 and keeps its third part.
+
+        The crops go in as for the affinity (at the DINO grid equal to the CLIP grid (h, w), the model's
+        mean / std; LPOSS's 224-pixel windows with patch 16 need no resize); the forward stops once the
+        last block's qkv projection has run."""
+        attn = getattr(self.model.blocks[-1], "attn", None) if hasattr(self.model, "blocks") else None
+        if attn is None or not isinstance(getattr(attn, "qkv", None), nn.Linear):
+            raise InputError("DINO value features need a timm ViT whose last block's attention has a qkv projection "
+                             "(blocks[-1].attn.qkv)")
+        store: list[Tensor] = []
+
+        def capture(module: nn.Module, args: Any, output: Tensor) -> None:
+            store.append(output)
+            raise _ValueCaptured
+
+        handle = attn.qkv.register_forward_hook(capture)
+        try:
+            self.model.forward_features(self._input(image, grid))
+        except _ValueCaptured:
+            pass
+        finally:
+            handle.remove()
+        qkv = store[0]  # [B, T, 3 * D]: q, k, v, each heads x head_dim
+        B, T, _ = qkv.shape
+        v = qkv.reshape(B, T, 3, int(attn.num_heads), -1)[:, :, 2].reshape(B, T, -1)
+        return self._patches(v, grid)
+
+
+def _random_dino(arch: str, seed: int) -> nn.Module:
+    """timm's ``arch`` with RANDOM weights (nothing downloaded; the caller's RNG is left as it was), warned."""
+    import warnings
+
+    timm = _require_timm()
+    warnings.warn(f"DinoAffinity with RANDOM weights ({arch}, seed {seed}): the features are meaningless; use this "
+                  "for tests, timing and memory only (pass a checkpoint file for results)", UserWarning, stacklevel=3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
+        except Exception as exc:  # an unknown name
+            raise ModelLoadError(f"could not build DINO model {arch!r} with random weights: "
+                                 f"{load_failure(exc)}") from exc
+
+
+def check_patch_features(features: object, n: int, batch: int, source: str) -> Tensor:
+    """Validate what a feature source returned for head "lposs": [batch, n, D], finite -> float32."""
+    if not isinstance(features, Tensor):
+        raise InputTypeError(f"feature source {source} returned {type(features).__name__}, expected a tensor "
+                             "[B, N, D] of patch features")
+    if features.dim() != 3 or tuple(features.shape[:2]) != (batch, n) or features.shape[2] < 1:
+        raise InputError(f"feature source {source} returned shape {tuple(features.shape)}, expected [B, N, D] with "
+                         f"(B, N) = {(batch, n)} on the CLIP patch grid")
+    features = features.detach().float()
+    if not bool(torch.isfinite(features).all()):
+        raise InputError(f"feature source {source} returned NaN or Inf values")
+    return features
+
+
+def patch_features_of(source: Any) -> FeaturesFn:
+    """Head "lposs"'s feature callable of an affinity source: its ``features`` method when it has one
+    (:class:`DinoAffinity`), else the source itself, called as ``(image, grid) -> [B, N, D]``."""
+    features = getattr(source, "features", None)
+    return features if callable(features) else source
 
 
 def build_affinity(affinity: str | AffinityFn, *, weights: str | None, device: torch.device,
-                   dtype: torch.dtype | None) -> AffinityFn | None:
-    """The affinity callable for a name or callable; None for "clip" (it comes from the CLIP forward)."""
+                   dtype: torch.dtype | None, dino_arch: str = DINO_DEFAULT) -> AffinityFn | None:
+    """The affinity callable for a name or callable; None for "clip" (it comes from the CLIP forward).
+    dino_arch: the timm architecture "dino" builds (head "lposs": :data:`LPOSS_DINO`)."""
     if callable(affinity):
         return affinity
     if affinity == "clip":
@@ -462,7 +561,7 @@ def build_affinity(affinity: str | AffinityFn, *, weights: str | None, device: t
     if affinity == "sd2":
         return SD2Affinity(weights or SD2_DEFAULT, device=device, dtype=dtype)
     if affinity == "dino":
-        return DinoAffinity(weights, device=device, dtype=dtype)
+        return DinoAffinity(weights, arch=dino_arch, device=device, dtype=dtype)
     raise InputError(
         f"affinity must be one of {', '.join(map(repr, BUILTIN))} or a callable (image, grid) -> [B, N, N]; "
         f"got {affinity!r}"

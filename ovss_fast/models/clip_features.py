@@ -178,6 +178,9 @@ FEATURE_PRESETS: dict[str, FeaturePreset] = {
     "clip": FeaturePreset("qk", residual=True, mlp=True, method="plain CLIP patch tokens"),
     "maskclip": FeaturePreset("identity", residual=False, mlp=False,
                               method="MaskCLIP: v through out_proj, no residual, no MLP"),
+    "maskclip-res": FeaturePreset("identity", residual=True, mlp=True,
+                                  method="MaskCLIP as CLIP-DINOiser's and LPOSS's code run it: v through out_proj, "
+                                         "residual and MLP kept"),
     "sclip": FeaturePreset("qq+kk", residual=True, mlp=True,
                            method="SCLIP correlative self-attention, softmax(qq^T) + softmax(kk^T)"),
     "clearclip": FeaturePreset("qq", residual=False, mlp=False,

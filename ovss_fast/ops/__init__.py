@@ -11,6 +11,7 @@ from ovss_fast.ops.api import (
     label_propagation,
     pamr,
     pixel_propagation,
+    refine_lposs_plus,
     refine_scores,
     segment_features,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "label_propagation",
     "pamr",
     "pixel_propagation",
+    "refine_lposs_plus",
     "refine_scores",
     "segment_features",
 ]

@@ -283,6 +283,31 @@ def pixel_propagation(scores: Tensor, image: Tensor, *, radius: int = 6, tau: fl
         return impl.pixel_propagation(scores, image, **params)
 
 
+def refine_lposs_plus(scores: Tensor, image: Tensor, *, radius: int = 6, tau: float = 0.01, alpha: float = 0.95,
+                      iters: int = 10, tol: float = 1e-6, backend: str = "auto") -> Tensor:
+    """Refine "lposs+": scores [B, C, h, w] -> bilinear (align_corners=False) to the image's size, then
+    :func:`pixel_propagation` on image [B, 3, H, W] (sRGB in [0, 1], as LPOSS+ takes it) -> [B, C, H, W].
+
+    LPOSS+ propagates the patch stage's raw scores (no softmax); after another head the scores are that
+    head's. -inf scores (a class NMS emptied) enter as the lowest finite score of their image (0 when it has
+    none), so the conjugate gradient's norms stay finite.
+    """
+    scores = check.tensor("scores", scores, 4, allow_neg_inf=True)
+    check.tensor("image", image, 4)
+    check.same_device(scores=scores, image=image)
+    dt = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    m = scores.to(dt)
+    low = torch.isneginf(m)
+    if bool(low.any()):
+        floor = torch.where(low, torch.full_like(m, float("inf")), m).flatten(1).amin(dim=1)  # [B]
+        floor = torch.where(torch.isinf(floor), torch.zeros_like(floor), floor)
+        m = torch.where(low, floor.view(-1, 1, 1, 1), m)
+    H, W = image.shape[-2:]
+    if tuple(m.shape[-2:]) != (H, W):
+        m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
+    return pixel_propagation(m, image, radius=radius, tau=tau, alpha=alpha, iters=iters, tol=tol, backend=backend)
+
+
 def segment_features(
     feats: Tensor,
     text: Tensor,
@@ -300,11 +325,12 @@ def segment_features(
     feats: [B, N, D]; text: [C, D]; affinity: [B, N, N] (None only for mode "kl");
     grid: (h, w) with h * w = N (None: square). Returns labels [B, h, w] int64 when
     guide is None, else labels [B, H, W] for guide [B, 3, H, W], brought there as ``refine`` says:
-    "jbu" (joint bilateral upsampling guided by it, default), "bilinear", or "pamr" (bilinear, then
-    PAMR with the guide as its image, as given: :func:`refine_scores`). With
+    "jbu" (joint bilateral upsampling guided by it, default), "bilinear", "pamr" (bilinear, then
+    PAMR with the guide as its image, as given: :func:`refine_scores`) or "lposs+" (bilinear, then LPOSS+'s
+    pixel stage on the guide, in [0, 1]: :func:`refine_lposs_plus`). With
     ``return_scores=True`` returns (labels, scores [B, C, h, w]). options: the head's
     knobs, :class:`~ovss_fast.ops.options.HeadOptions` (scale, nms, eps, iters, sk_iters,
-    steps, readout, tau, sigma_spatial, sigma_range, radius, refine, pamr_iters, pamr_dilations;
+    steps, readout, tau, sigma_spatial, sigma_range, radius, refine, pamr_iters, pamr_dilations, lposs_*;
     all checked, used or not).
     """
     feats, text = check.features_and_text(feats, text)
@@ -323,6 +349,8 @@ def segment_features(
         labels = scores.argmax(dim=1)
     elif opts.refine == "jbu":
         labels = jbu_argmax(scores, guide, backend=backend, **opts.for_op("jbu"))
+    elif opts.refine == "lposs+":
+        labels = refine_lposs_plus(scores, guide, backend=backend, **opts.pixel_propagation_params()).argmax(dim=1)
     else:
         image = guide if opts.refine == "pamr" else None
         labels = refine_scores(scores, tuple(guide.shape[-2:]), image=image, backend=backend,

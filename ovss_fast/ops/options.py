@@ -27,8 +27,14 @@ from ovss_fast.ops import validate as check
 
 #: the ops a head option can belong to (``jbu``: both jbu_upsample and jbu_argmax; ``refine``: the step from
 #: the scores to the output size, ``refine`` itself and PAMR's ``pamr_iters`` / ``pamr_dilations``, which
-#: :meth:`HeadOptions.pamr_params` hands to :func:`ovss_fast.pamr` as its ``iters`` / ``dilations``)
-OPS = ("class_distributions", "discrepancy", "jbu", "refine")
+#: :meth:`HeadOptions.pamr_params` hands to :func:`ovss_fast.pamr` as its ``iters`` / ``dilations``;
+#: ``label_propagation``: head "lposs"'s patch stage, ``lposs_k`` ... ``lposs_tol``, which
+#: :meth:`HeadOptions.label_propagation_params` hands to :func:`ovss_fast.label_propagation` without the prefix;
+#: ``pixel_propagation``: refine "lposs+"'s ``lposs_radius`` / ``lposs_tau``, with the patch stage's alpha, iters
+#: and tol as LPOSS shares them, :meth:`HeadOptions.pixel_propagation_params`)
+OPS = ("class_distributions", "discrepancy", "jbu", "refine", "label_propagation", "pixel_propagation")
+#: the prefix of the LPOSS options (``lposs_k`` is label_propagation's ``k``)
+LPOSS_PREFIX = "lposs_"
 
 Check = Callable[[str, Any], Any]
 
@@ -60,6 +66,14 @@ def _radius(name: str, value: int) -> int:
 
 def _dilations(name: str, value: Any) -> tuple[int, ...]:
     return check.dilations(value, name)
+
+
+def _alpha(name: str, value: float) -> float:
+    return check.propagation_alpha(value, name)
+
+
+def _pixel_radius(name: str, value: int) -> int:
+    return check.count(name, value, minimum=1, maximum=64)
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
@@ -95,12 +109,35 @@ class HeadOptions:
     radius: int = option(2, "jbu", _radius, "JBU radius in patches (default 2)")
     refine: str = option("jbu", "refine", one_of(check.REFINERS),
                          "scores to the output size: jbu (joint bilateral upsampling of the patch grid, default), "
-                         "bilinear (the peers' resize) or pamr (bilinear, then PAMR on the normalised image: "
-                         "NACLIP's default)", choices=check.REFINERS)
+                         "bilinear (the peers' resize), pamr (bilinear, then PAMR on the normalised image: "
+                         "NACLIP's default) or lposs+ (bilinear to the processed image, then LPOSS+'s pixel-stage "
+                         "label propagation on it)", choices=check.REFINERS)
     pamr_iters: int = option(10, "refine", at_least(0), "PAMR iterations for refine pamr (default 10)")
     pamr_dilations: tuple = option((8, 16), "refine", _dilations,
                                    "PAMR dilations for refine pamr, e.g. 8,16 (default) or 1,2,4,8,12,24",
                                    parse=parse_ints)
+    lposs_k: int = option(400, "label_propagation", at_least(1),
+                          "head lposs: neighbours per patch in the kNN graph, itself included (default 400, LPOSS's)")
+    lposs_gamma: float = option(3.0, "label_propagation", check.non_negative,
+                                "head lposs: edge weight max(0, cos)^gamma (default 3, LPOSS's)")
+    lposs_sigma: float = option(0.01, "label_propagation", check.non_negative,
+                                "head lposs: edge weight times exp(-sigma dist^dist_pow), dist in pixels between "
+                                "patch centres (default 0.01, LPOSS's)")
+    lposs_dist_pow: float = option(1.0, "label_propagation", check.positive,
+                                   "head lposs: the power of the patch distance (default 1, LPOSS's)")
+    lposs_alpha: float = option(0.95, "label_propagation", _alpha,
+                                "head lposs and refine lposs+: propagation strength alpha in [0, 1) of "
+                                "(I - alpha S) x = y0 (default 0.95, LPOSS's)")
+    lposs_iters: int = option(10, "label_propagation", at_least(1, "(0 conjugate-gradient steps leave every score 0)"),
+                              "head lposs and refine lposs+: conjugate-gradient steps at most (default 10, LPOSS's)")
+    lposs_tol: float = option(1e-6, "label_propagation", check.non_negative,
+                              "head lposs and refine lposs+: a class stops once ||r|| <= tol ||y0|| (default 1e-6, "
+                              "LPOSS's)")
+    lposs_radius: int = option(6, "pixel_propagation", _pixel_radius,
+                               "refine lposs+: pixel neighbours within this radius, a (2r+1)^2 square (default 6: "
+                               "LPOSS's 13 x 13)")
+    lposs_tau: float = option(0.01, "pixel_propagation", check.positive,
+                              "refine lposs+: pixel weight exp(-||Lab_i - Lab_j|| / tau) (default 0.01, LPOSS's)")
 
     def __post_init__(self) -> None:
         for f in fields(self):  # numpy scalars become Python numbers, bad values fail here
@@ -126,6 +163,16 @@ class HeadOptions:
     def pamr_params(self) -> dict[str, Any]:
         """:func:`ovss_fast.pamr`'s keywords: ``iters`` and ``dilations``."""
         return {"iters": self.pamr_iters, "dilations": self.pamr_dilations}
+
+    def label_propagation_params(self) -> dict[str, Any]:
+        """:func:`ovss_fast.label_propagation`'s keywords (k, gamma, sigma, dist_pow, alpha, iters, tol)."""
+        return {k[len(LPOSS_PREFIX):]: v for k, v in self.for_op("label_propagation").items()}
+
+    def pixel_propagation_params(self) -> dict[str, Any]:
+        """:func:`ovss_fast.pixel_propagation`'s keywords: radius and tau, and alpha, iters and tol shared with the
+        patch stage (LPOSS uses one alpha and one conjugate-gradient setting for both stages)."""
+        shared = {k: v for k, v in self.label_propagation_params().items() if k in ("alpha", "iters", "tol")}
+        return {**{k[len(LPOSS_PREFIX):]: v for k, v in self.for_op("pixel_propagation").items()}, **shared}
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,5 +209,5 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-__all__ = ["OPS", "PAPER_HEAD", "PAPER_NMS_RATIO", "PRESETS", "HeadOptions", "at_least", "flag", "one_of", "option",
-           "parse_ints", "preset_head"]
+__all__ = ["LPOSS_PREFIX", "OPS", "PAPER_HEAD", "PAPER_NMS_RATIO", "PRESETS", "HeadOptions", "at_least", "flag",
+           "one_of", "option", "parse_ints", "preset_head"]

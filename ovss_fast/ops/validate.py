@@ -19,14 +19,16 @@ from ovss_fast.kernels.common import NMS_AXES, TRANSITIONS  # noqa: F401  (re-ex
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MODES = ("kl", "op", "mv")
 READOUTS = ("integrated", "velocity")
-#: Segmenter heads: the DSLO discrepancy scores, or the peers' plain logits argmax.
-HEADS = ("dslo", "logits")
+#: Segmenter heads: the DSLO discrepancy scores, the peers' plain logits argmax, or LPOSS's patch-stage label
+#: propagation of the raw cosines over all windows of an image (docs/lposs.md).
+HEADS = ("dslo", "logits", "lposs")
 #: How overlapping windows are combined: on the patch grid then JBU (ours), or upsampled bilinearly to
 #: pixels and averaged, then bilinear to the output (the peers').
 AGGREGATIONS = ("grid", "pixels")
 #: how a Segmenter brings its maps to the output size: joint bilateral upsampling of the patch grid, bilinear
-#: (the peers' final resize), or bilinear then PAMR (NACLIP's default)
-REFINERS = ("jbu", "pamr", "bilinear")
+#: (the peers' final resize), bilinear then PAMR (NACLIP's default), or bilinear then LPOSS+'s pixel-stage
+#: label propagation on the processed image
+REFINERS = ("jbu", "pamr", "bilinear", "lposs+")
 #: Pixel-aggregation crops not a multiple of the patch: "floor" (the conv drops the remainder, the logits
 #: are upsampled to the whole crop; SCLIP, NACLIP) or "pad" (padded to whole patches, logits cut back; ClearCLIP).
 CROPS = ("floor", "pad")

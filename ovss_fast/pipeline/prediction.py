@@ -21,9 +21,11 @@ from torch import Tensor
 from ovss_fast.ops.options import HeadOptions
 
 #: the stages a Prediction's timings name, in pipeline order ("text": the class names' embeddings, cached
-#: per class list; "affinity" only for a separate affinity source such as "sd2" / "dino"; "jbu" the joint
-#: bilateral upsampling and argmax; "total" the whole call)
-STAGES = ("text", "visual", "affinity", "class_distributions", "discrepancy", "jbu", "total")
+#: per class list; "affinity" only for a separate affinity source such as "sd2" / "dino" (head "lposs": its
+#: patch features); "label_propagation" head "lposs"'s patch stage; "jbu" the joint bilateral upsampling and
+#: argmax, "refine" the other refiners; "total" the whole call)
+STAGES = ("text", "visual", "affinity", "class_distributions", "discrepancy", "label_propagation", "jbu", "refine",
+          "total")
 
 Labels = Tensor | list[Tensor]
 
@@ -93,7 +95,7 @@ class Prediction:
     the labels), when asked with ``upsample_scores=True``; else None.
     class_names: one entry per class (its synonyms joined by "; "), in the order of the labels' indices.
     timings: seconds per stage (:data:`STAGES`: "text", "visual", "affinity", "class_distributions",
-    "discrepancy", "jbu" as they ran, and "total").
+    "discrepancy", "label_propagation", "jbu", "refine" as they ran, and "total").
     fallbacks: the images that went through ``fallback_window`` and why (:class:`Fallback`).
     options: the head's options used (:class:`~ovss_fast.ops.options.HeadOptions`).
     settings: the Segmenter's other settings used (:attr:`ovss_fast.Segmenter.settings`).

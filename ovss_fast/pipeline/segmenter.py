@@ -12,7 +12,12 @@ Pipeline for one image (method.md sections 1-4 on CLIP), and the module of each 
                                                      vocabulary, head_maps, options, ops
       -> windows' scores averaged on the grid, class score = max over its synonyms
       -> joint bilateral upsampling to (H, W) guided by the full-resolution image, argmax
-         (refine "bilinear": the per-synonym maps bilinear to (H, W); "pamr": then PAMR, NACLIP's tail)
+         (refine "bilinear": the per-synonym maps bilinear to (H, W); "pamr": then PAMR, NACLIP's tail;
+         "lposs+": bilinear to the processed image, LPOSS+'s pixel stage on it, then bilinear to (H, W))
+
+Head "lposs" (LPOSS's patch stage) replaces the per-window head: each window hands its raw cosines and
+the affinity source's patch features, and label propagation runs over all windows of an image as one
+graph before the windows are aggregated (windows, head_maps).
 
 One call, one result: :meth:`Segmenter.predict` returns a :class:`~ovss_fast.pipeline.prediction.Prediction`
 (labels, scores, timings, fallbacks, the options used); :meth:`Segmenter.seg` and :meth:`Segmenter.scores`
@@ -30,8 +35,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ovss_fast.errors import InputError
 from ovss_fast.kernels.dispatch import BACKENDS
-from ovss_fast.models.affinity import BUILTIN, AffinityFn, build_affinity, check_affinity
+from ovss_fast.models.affinity import (
+    BUILTIN,
+    DINO_DEFAULT,
+    LPOSS_DINO,
+    AffinityFn,
+    build_affinity,
+    check_affinity,
+    check_patch_features,
+    patch_features_of,
+)
 from ovss_fast.models.clip_features import (
     DenseCLIP,
     check_features,
@@ -45,7 +60,7 @@ from ovss_fast.models.loading import (
     load_frozen,
 )
 from ovss_fast.ops import validate as check
-from ovss_fast.ops.api import jbu_argmax, jbu_upsample, refine_scores
+from ovss_fast.ops.api import jbu_argmax, jbu_upsample, refine_lposs_plus, refine_scores
 from ovss_fast.pipeline.head_maps import HeadMaps
 from ovss_fast.pipeline.image_inputs import (
     ImageLike,
@@ -63,6 +78,18 @@ from ovss_fast.pipeline.windows import (
     window_bytes,
     window_starts,
 )
+
+#: the DINO architecture the "dino" affinity source builds for heads other than "lposs"
+DINO_ARCH = DINO_DEFAULT
+
+
+def _check_feature_source(affinity: str | AffinityFn) -> None:
+    """Head "lposs"'s source of patch features: "dino" or a callable; "clip" / "sd2" give none."""
+    if isinstance(affinity, str) and affinity != "dino":
+        raise InputError(f"head 'lposs' needs patch features for its kNN graph, which affinity={affinity!r} does not "
+                         "give: use affinity='dino' (LPOSS's DINO ViT-B/16 last-block value features, the default "
+                         "for this head; --affinity dino) or a callable (image [B, 3, H, W] in [0, 1], grid) -> "
+                         "[B, N, D]")
 
 
 def _held_by(part: str, name: str, doc: str) -> property:
@@ -101,12 +128,18 @@ class Segmenter:
     "maskclip", "sclip", "clearclip" or "naclip", each as its method publishes it
     (:data:`~ovss_fast.models.clip_features.FEATURE_PRESETS`). pos_interp: "size" (default) or
     "peers" (the peers' ``scale_factor=(g + 0.1) / g0`` positional interpolation).
-    head: "dslo" (the discrepancy scores, default) or "logits" (the peers' plain
+    head: "dslo" (the discrepancy scores, default), "logits" (the peers' plain
     argmax of softmax(scale * cos) over synonyms, max over a class's synonyms; no
-    affinity is computed). bg_threshold: None (default, off) or the peers' prob_thd:
-    pixels whose highest class probability (softmax over synonyms of scale * cos, max
-    over a class's synonyms, brought to pixels by the same upsampling as the scores)
-    is below it become class 0, so the first class must be the background.
+    affinity is computed) or "lposs" (LPOSS's patch stage: the raw cosines of every synonym
+    propagated by :func:`~ovss_fast.ops.label_propagation` over one kNN graph of all patches of all
+    windows of an image, options ``lposs_k`` ... ``lposs_tol``; the graph's features come from
+    ``affinity``: "dino", the default for this head, is LPOSS's DINO ViT-B/16 last-block value
+    features (:data:`~ovss_fast.models.affinity.LPOSS_DINO`), a callable ``(image, grid) -> [B, N, D]``
+    or an object with such a ``features`` method gives its own; "clip" and "sd2" give none).
+    bg_threshold: None (default, off) or the peers' prob_thd: pixels whose highest class
+    probability (softmax over synonyms of scale * cos, max over a class's synonyms, brought to
+    pixels by the same upsampling as the scores) is below it become class 0, so the first class
+    must be the background.
     aggregation: "grid" (default: windows averaged on the patch grid, then joint bilateral
     upsampling) or "pixels" (the peers': each window's maps bilinear to its pixels,
     averaged, then bilinear to the output; not snapped to whole patches, and crops that
@@ -123,7 +156,11 @@ class Segmenter:
     of the patch grid; bilinear with aggregation "pixels", which keeps no grid), "bilinear"
     (each synonym's map bilinear, the peers' resize) or "pamr" (bilinear, then PAMR,
     ``pamr_iters`` steps at ``pamr_dilations``, on the image normalised as the model sees
-    it: NACLIP's default tail).
+    it: NACLIP's default tail) or "lposs+" (LPOSS+: the per-synonym maps bilinear to the processed image,
+    ``img`` at ``resize``, LPOSS+'s pixel-stage label propagation on it, ``lposs_radius``, ``lposs_tau`` and
+    the patch stage's alpha / iters / tol, then the class maps bilinear to (H, W); after head "dslo" it
+    propagates the discrepancy scores, after "logits" the raw cosines; its memory is checked against
+    ``memory_budget``).
     """
 
 
@@ -140,10 +177,14 @@ class Segmenter:
                  fallback_window: int | tuple[int, int] | None = None, preset: str = "ours", **options: Any) -> None:
         # every argument is checked before the model is built and the text embedded
         check.choice("backend", backend, ("auto", *BACKENDS))
+        if head == "lposs" and affinity is None:
+            affinity = "dino"  # LPOSS's graph features (the presets' "clip" / "sd2" give none)
         #: the preset with the explicit arguments applied (``self.preset.record()`` for a results file)
         self.preset = resolve_preset(preset, mode=mode, affinity=affinity, window=window, options=options)
         mode, affinity = self.preset.mode, self.preset.affinity
         self.maps = HeadMaps(head, mode, bg_threshold, backend, self.preset.options)
+        if self.maps.needs_features:
+            _check_feature_source(affinity)
         self.features, self.pos_interp = check_features(features), check_pos_interp(pos_interp)
         self.aggregation = check.choice("aggregation", aggregation, check.AGGREGATIONS)
         if not callable(affinity):
@@ -163,7 +204,8 @@ class Segmenter:
         self.affinity_name = affinity if isinstance(affinity, str) else getattr(affinity, "__name__", "callable")
         self.affinity_fn = build_affinity(
             affinity, weights=None if affinity_weights is None else os.fspath(affinity_weights),
-            device=self.device, dtype=self.dtype) if self.maps.needs_affinity else None
+            device=self.device, dtype=self.dtype, dino_arch=LPOSS_DINO if self.maps.needs_features else DINO_ARCH,
+        ) if self.maps.needs_affinity or self.maps.needs_features else None
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer: Callable | None = None, **kwargs: Any) -> Segmenter:
@@ -184,7 +226,7 @@ class Segmenter:
     device = _held_by("loaded", "device", "where the model and the ops run")
     dtype = _held_by("loaded", "dtype", "the model's dtype (the DSLO ops run in float32)")
     mode = _held_by("maps", "mode", 'the discrepancy mode, "mv", "op" or "kl"')
-    head = _held_by("maps", "head", 'the head, "dslo" or "logits"')
+    head = _held_by("maps", "head", 'the head, "dslo", "logits" or "lposs"')
     bg_threshold = _held_by("maps", "bg_threshold", "the background threshold (None: off)")
     backend = _held_by("maps", "backend", "the ops' backend")
     options = _held_by("maps", "options", "the head's options (:class:`~ovss_fast.ops.options.HeadOptions`)")
@@ -241,7 +283,8 @@ class Segmenter:
         return self.windows.memory_estimate(height, width, batch, synonyms)
 
     def _window_bytes(self, cells: tuple[int, int], synonyms: int) -> int:
-        return window_bytes(self.dense, self.mode, getattr(self, "affinity_fn", None), cells, synonyms)
+        mode = "kl" if self.head == "lposs" else self.mode  # head lposs holds no N x N head tensors per window
+        return window_bytes(self.dense, mode, getattr(self, "affinity_fn", None), cells, synonyms)
 
     def _window_features(self, crops01: Tensor, record: RunRecord) -> tuple[Tensor, Tensor | None]:
         """crops01 [M, 3, wh * ph, ww * pw] -> (feats [M, n, D] float32, affinity [M, n, n] or None).
@@ -265,8 +308,15 @@ class Segmenter:
             return feats, affinity.to(crops01.device)
 
     def _window_maps(self, crops01: Tensor, text: Tensor, record: RunRecord) -> Tensor:
-        """crops01 [M, 3, h, w] -> the head's per-synonym maps [M, n, K * S] (:meth:`HeadMaps.window_maps`)."""
+        """crops01 [M, 3, h, w] -> the head's per-synonym maps [M, n, K * S] (:meth:`HeadMaps.window_maps`);
+        head "lposs": the cosines and the source's patch features [M, n, S + Dg] (:meth:`HeadMaps.window_inputs`)."""
         feats, affinity = self._window_features(crops01, record)
+        if self.maps.needs_features:
+            grid = (crops01.shape[-2] // self.patch[0], crops01.shape[-1] // self.patch[1])
+            with record.stage("affinity"):
+                graph = check_patch_features(patch_features_of(self.affinity_fn)(crops01, grid), grid[0] * grid[1],
+                                             crops01.shape[0], repr(self.affinity_name))
+            return self.maps.window_inputs(feats, graph.to(feats.device), text)
         return self.maps.window_maps(feats, affinity, text, record.stage)
 
     @torch.no_grad()
@@ -280,9 +330,14 @@ class Segmenter:
         def maps(crops: Tensor) -> Tensor:
             return self._window_maps(crops, text, record)
 
+        joint = None
+        if self.maps.needs_features:  # head lposs: one graph over all windows of an image
+            def joint(inputs: Tensor, positions: Tensor) -> Tensor:
+                return self.maps.propagate(inputs, positions, text.shape[0], record.stage)
+
         if pixels:
-            return self.windows.pixel_maps(img, K, maps, self.mean, record)
-        return self.windows.grid_maps(img, K, maps, record)
+            return self.windows.pixel_maps(img, K, maps, self.mean, record, joint=joint)
+        return self.windows.grid_maps(img, K, maps, record, joint=joint)
 
     def _finish(self, img: Tensor, guide: Tensor, text: Tensor, groups: list[list[int]], record: RunRecord,
                 labels: bool, full: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
@@ -296,7 +351,10 @@ class Segmenter:
             if not (labels or full):
                 return None, scores, None
             up, up_probs = scores, probs
-            if self.options.refine == "pamr" or tuple(maps.shape[-2:]) != tuple(guide.shape[-2:]):
+            if self.options.refine == "lposs+":
+                with record.stage("refine"):
+                    up, up_probs = self._refine_lposs_plus(maps, img, guide, groups)
+            elif self.options.refine == "pamr" or tuple(maps.shape[-2:]) != tuple(guide.shape[-2:]):
                 with record.stage("refine"):
                     maps = self._refine(maps, img, guide)
                 up, up_probs = self.maps.class_maps(maps, groups)
@@ -363,6 +421,28 @@ class Segmenter:
             if tuple(image.shape[-2:]) != size:
                 image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
         return refine_scores(maps, size, image=image, backend=self.backend, **self.options.pamr_params())
+
+    def _refine_lposs_plus(self, maps: Tensor, img: Tensor, guide: Tensor,
+                           groups: list[list[int]]) -> tuple[Tensor, Tensor | None]:
+        """Refine "lposs+", LPOSS+'s order: per-synonym maps [B, K * S, h, w] bilinear to the processed image
+        (``img`` at the Segmenter's ``resize``, in [0, 1]), the pixel stage on it (:func:`refine_lposs_plus`),
+        the class maps (max over synonyms), then bilinear to the guide's size -> (scores, probabilities)."""
+        size = self.windows.pixel_size(*img.shape[-2:])
+        image = img.float()
+        if tuple(image.shape[-2:]) != size:
+            image = F.interpolate(image, size=size, mode="bilinear", align_corners=False,
+                                  antialias=self.antialias).clamp(0, 1)
+        params = self.options.pixel_propagation_params()
+        step = self.windows.pixel_stage_images(img.shape[0], maps.shape[1], size[0], size[1], params["radius"])
+        refined = torch.cat([refine_lposs_plus(maps[i:i + step], image[i:i + step], backend=self.backend, **params)
+                             for i in range(0, img.shape[0], step)])
+        up, up_probs = self.maps.class_maps(refined, groups)
+        out = tuple(guide.shape[-2:])
+        if out != size:
+            same = up_probs is up
+            up = refine_scores(up, out)
+            up_probs = up if same else (None if up_probs is None else refine_scores(up_probs, out))
+        return up, up_probs
 
     def seg(self, image: ImageLike, class_names: str | Sequence[str], *,
             guide: ImageLike | None = None) -> Tensor | list[Tensor]:

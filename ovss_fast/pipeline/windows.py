@@ -13,6 +13,12 @@ whole images:
 - :meth:`Windows.pixel_maps` (aggregation "pixels", the peers' slide inference): each window's maps
   upsampled bilinearly to its pixels and averaged where windows overlap.
 
+Both take an optional ``joint(inputs [B, nw * n, F], positions [nw * n, 2]) -> [B, nw * n, K]``: then
+``window_maps`` hands F columns per patch, and once every window of the images is in, ``joint`` turns
+them into the K maps of every window of an image together (head "lposs": one graph over all windows;
+positions are the patch centres in pixels of the processed image, (y, x), window offset + patch // 2 +
+patch x index, as LPOSS places them), before the windows are aggregated as above.
+
 The memory guard: :func:`window_bytes` estimates one window's bytes (visual tower, last block,
 head, affinity source); a chunk holds as many windows as fit the budget. When even one does not,
 the ``fallback`` window is used instead if one is set (:meth:`Windows.plan`; e.g. the whole-image
@@ -42,6 +48,26 @@ DEFAULT_MEMORY_BUDGET = 4 * 2**30
 Cells = tuple[int, int]
 #: crops01 [M, 3, h, w] in [0, 1] -> per-synonym maps [M, n, K] (n = the crops' patches, row-major)
 WindowMaps = Callable[[Tensor], Tensor]
+#: (inputs [B, nw * n, F] of every window of B images, positions [nw * n, 2] patch centres in pixels (y, x))
+#: -> maps [B, nw * n, K]
+JointMaps = Callable[[Tensor, Tensor], Tensor]
+
+
+def patch_centres(offsets: Tensor, cells: Cells, patch: Cells) -> Tensor:
+    """offsets [nw, 2] windows' top-left pixels (y, x) -> [nw * wh * ww, 2] float32 patch centres in pixels,
+    window by window, row-major within a window: offset + patch // 2 + patch x index (LPOSS's)."""
+    (wh, ww), (ph, pw) = cells, patch
+    ys = offsets[:, :1, None] + ph // 2 + ph * torch.arange(wh, device=offsets.device).view(1, wh, 1)  # [nw, wh, 1]
+    xs = offsets[:, 1:, None] + pw // 2 + pw * torch.arange(ww, device=offsets.device).view(1, 1, ww)  # [nw, 1, ww]
+    return torch.stack(torch.broadcast_tensors(ys, xs), dim=-1).reshape(-1, 2).float()
+
+
+def pixel_stage_bytes(batch: int, channels: int, height: int, width: int, radius: int) -> int:
+    """Bytes refine "lposs+" holds for ``batch`` images of height x width with ``channels`` maps: the stencil
+    weights (float32, (2r+1)^2 - 1 per pixel) and about six float32 [channels, H, W] tensors (the conjugate
+    gradient's x, r, p, A p, its input and output)."""
+    taps = (2 * radius + 1) ** 2 - 1
+    return int(batch) * height * width * 4 * (taps + 6 * channels)
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -280,34 +306,59 @@ class Windows:
             msg += "even one patch does not fit: raise memory_budget or pass fewer images at once"
         raise InputError(msg)
 
+    def pixel_stage_images(self, batch: int, channels: int, height: int, width: int, radius: int) -> int:
+        """How many of ``batch`` images refine "lposs+" takes at once within ``memory_budget``
+        (:func:`pixel_stage_bytes`); an InputError when one image does not fit."""
+        one = pixel_stage_bytes(1, channels, height, width, radius)
+        if one > self.memory_budget:
+            raise InputError(
+                f"refine 'lposs+' on a {height}x{width} image with {channels} maps (classes' synonyms) and "
+                f"lposs_radius={radius} needs about {one / 2**30:.2f} GiB (stencil weights and the conjugate "
+                f"gradient's vectors), over memory_budget = {self.memory_budget / 2**30:.2f} GiB; raise "
+                "memory_budget (--memory-budget), resize the image smaller, or lower lposs_radius")
+        return max(1, min(int(batch), int(self.memory_budget // one)))
+
     # ----------------------------------------------------------------------- aggregation on the patch grid
-    def grid_maps(self, img: Tensor, K: int, window_maps: WindowMaps, record: Any = None) -> Tensor:
+    def grid_maps(self, img: Tensor, K: int, window_maps: WindowMaps, record: Any = None,
+                  joint: JointMaps | None = None) -> Tensor:
         """img [B, 3, H, W] in [0, 1] -> maps [B, K, gh, gw] (float32), the windows' maps averaged on the grid.
 
         All B x nw windows (nw per image, one size) go through in chunks of as many as
         ``memory_budget`` allows, one ``window_maps`` call per chunk; each chunk's maps are
         scatter-added onto the grid (index_add_ with precomputed patch indices), then divided
-        by the number of windows covering each cell.
+        by the number of windows covering each cell. With ``joint`` (module docstring) the chunks'
+        outputs are kept until every window is in, turned into maps by ``joint``, then scattered.
         """
         B, _, H, W = img.shape
         plan = self.plan(H, W, K, 1 if self.batch_windows else B, record)
         if plan is not self:
-            return plan.grid_maps(img, K, window_maps)
+            return plan.grid_maps(img, K, window_maps, joint=joint)
         if not self.batch_windows:
-            return self.grid_maps_per_window(img, K, window_maps)
+            return self.grid_maps_per_window(img, K, window_maps, joint)
         chunk = self.per_chunk(H, W, K)
         x01 = self.on_grid(img)
         gh, gw = self.grid_for(H, W)
         layout = self.layout((gh, gw), img.device)
         total = B * layout.num_windows
         acc = torch.zeros(B * gh * gw, K, device=img.device, dtype=torch.float32)  # [B * gh * gw, K]
+        kept = []
         for start in range(0, total, chunk):
             items = torch.arange(start, min(total, start + chunk), device=img.device)  # (image, window) pairs
-            m = window_maps(layout.gather(x01, items, self.patch))  # [M, n, K]
-            acc.index_add_(0, layout.flat_index(items).reshape(-1), m.reshape(-1, K))
+            m = window_maps(layout.gather(x01, items, self.patch))  # [M, n, K] ([M, n, F] with joint)
+            if joint is None:
+                acc.index_add_(0, layout.flat_index(items).reshape(-1), m.reshape(-1, K))
+            else:
+                kept.append(m)
+        if joint is not None:
+            n = layout.cell_index.shape[1]
+            inputs = torch.cat(kept).reshape(B, layout.num_windows * n, -1)
+            offsets = layout.starts * torch.tensor(self.patch, device=img.device)
+            m = joint(inputs, patch_centres(offsets, layout.cells, self.patch))  # [B, nw * n, K]
+            acc.index_add_(0, layout.flat_index(torch.arange(total, device=img.device)).reshape(-1), m.reshape(-1, K))
         return (acc.view(B, gh * gw, K) / layout.count.view(1, -1, 1)).transpose(1, 2).reshape(B, K, gh, gw)
 
-    def grid_maps_per_window(self, img: Tensor, K: int, window_maps: WindowMaps) -> Tensor:
+    def grid_maps_per_window(self, img: Tensor, K: int, window_maps: WindowMaps,
+                             joint: JointMaps | None = None) -> Tensor:
         """The per-window path: one ``window_maps`` call per window (the B images together)."""
         B, _, H, W = img.shape
         if self.memory_estimate(H, W, B, K) > self.memory_budget:
@@ -318,11 +369,15 @@ class Windows:
         (wh, ww), (sh, sw) = self.cells((gh, gw))
         acc = torch.zeros(B, K, gh, gw, device=img.device, dtype=torch.float32)
         count = torch.zeros(1, 1, gh, gw, device=img.device, dtype=torch.float32)
-        for y0 in window_starts(gh, wh, sh):
-            for x0 in window_starts(gw, ww, sw):
-                m = window_maps(x01[:, :, y0 * ph:(y0 + wh) * ph, x0 * pw:(x0 + ww) * pw])  # [B, n, K]
-                acc[:, :, y0:y0 + wh, x0:x0 + ww] += m.transpose(1, 2).reshape(B, K, wh, ww)
-                count[:, :, y0:y0 + wh, x0:x0 + ww] += 1
+        starts = [(y0, x0) for y0 in window_starts(gh, wh, sh) for x0 in window_starts(gw, ww, sw)]
+        maps = [window_maps(x01[:, :, y0 * ph:(y0 + wh) * ph, x0 * pw:(x0 + ww) * pw]) for y0, x0 in starts]
+        if joint is not None:  # [B, n, F] per window -> [B, nw * n, K] -> [B, n, K] per window
+            offsets = torch.tensor(starts, device=img.device) * torch.tensor(self.patch, device=img.device)
+            joined = joint(torch.cat(maps, dim=1), patch_centres(offsets, (wh, ww), self.patch))
+            maps = list(joined.split(wh * ww, dim=1))
+        for (y0, x0), m in zip(starts, maps, strict=True):  # m [B, n, K]
+            acc[:, :, y0:y0 + wh, x0:x0 + ww] += m.transpose(1, 2).reshape(B, K, wh, ww)
+            count[:, :, y0:y0 + wh, x0:x0 + ww] += 1
         return acc / count
 
     # ----------------------------------------------------------------------- the peers' pixel aggregation
@@ -343,15 +398,17 @@ class Windows:
         return hc // ph, wc // pw
 
     def pixel_maps(self, img: Tensor, K: int, window_maps: WindowMaps, pad: tuple[float, ...],
-                   record: Any = None) -> Tensor:
+                   record: Any = None, joint: JointMaps | None = None) -> Tensor:
         """img [B, 3, H, W] in [0, 1] -> maps [B, K, h, w] at the processed size (peers' slide inference):
         windows of the window size in pixels every stride pixels (the last shifted back to the border),
         each window's patch maps upsampled bilinearly to the window's pixels and averaged where windows
-        overlap. pad: the colour crop="pad" pads with (the normalisation mean: zeros once normalised)."""
+        overlap. pad: the colour crop="pad" pads with (the normalisation mean: zeros once normalised).
+        With ``joint`` (module docstring) every window's output is kept until all are in and turned into
+        maps by ``joint`` first (LPOSS: the count map averages the windows' resized maps)."""
         B, _, H, W = img.shape
         plan = self.plan(H, W, K, record=record)
         if plan is not self:
-            return plan.pixel_maps(img, K, window_maps, pad)
+            return plan.pixel_maps(img, K, window_maps, pad, joint=joint)
         h, w = self.pixel_size(H, W)
         x01 = img if (h, w) == (H, W) else F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False,
                                                           antialias=self.antialias).clamp(0, 1)
@@ -366,10 +423,12 @@ class Windows:
         if one > self.memory_budget:
             self.refuse(H, W, 1, K)
         chunk = max(1, int(self.memory_budget // one))
-        items = [(b, y, x) for b in range(B) for y in window_starts(h, hc, sy) for x in window_starts(w, wc, sx)]
+        starts = [(y, x) for y in window_starts(h, hc, sy) for x in window_starts(w, wc, sx)]
+        items = [(b, y, x) for b in range(B) for y, x in starts]
         acc = torch.zeros(B, K, h, w, device=img.device, dtype=torch.float32)
         count = torch.zeros(1, 1, h, w, device=img.device, dtype=torch.float32)
         mean = torch.tensor(pad, device=img.device, dtype=x01.dtype).view(1, 3, 1, 1)
+        chunks = []  # (items, their maps [M, n, K]) in order
         for start in range(0, len(items), chunk):
             part = items[start:start + chunk]
             crops = torch.stack([x01[b, :, y:y + hc, x:x + wc] for b, y, x in part])  # [M, 3, hc, wc]
@@ -379,16 +438,37 @@ class Windows:
                 crops = padded
             else:
                 crops = crops[:, :, :fh * ph, :fw * pw]
-            m = window_maps(crops).transpose(1, 2).reshape(len(part), K, fh, fw)
-            if self.crop == "pad":
-                m = F.interpolate(m, size=(fh * ph, fw * pw), mode="bilinear", align_corners=False)[:, :, :hc, :wc]
+            m = window_maps(crops)
+            if joint is None:
+                self._add_window_maps(acc, count, part, m, (fh, fw), (hc, wc))
             else:
-                m = F.interpolate(m, size=(hc, wc), mode="bilinear", align_corners=False)
-            for (b, y, x), mi in zip(part, m, strict=True):
-                acc[b, :, y:y + hc, x:x + wc] += mi
-                if b == 0:
-                    count[:, :, y:y + hc, x:x + wc] += 1
+                chunks.append(m)
+        if joint is not None:
+            n = fh * fw
+            inputs = torch.cat(chunks).reshape(B, len(starts) * n, -1)
+            offsets = torch.tensor(starts, device=img.device, dtype=torch.float32)
+            m = joint(inputs, patch_centres(offsets, (fh, fw), self.patch)).reshape(B * len(starts), n, K)
+            for start in range(0, len(items), chunk):
+                self._add_window_maps(acc, count, items[start:start + chunk], m[start:start + chunk], (fh, fw),
+                                      (hc, wc))
         return acc / count
 
+    def _add_window_maps(self, acc: Tensor, count: Tensor, part: list[tuple[int, int, int]], m: Tensor,
+                         cells: Cells, crop: Cells) -> None:
+        """Windows ``part`` ((image, y, x) each) with maps m [M, n, K] on their (fh, fw) patches: upsampled
+        bilinearly to their (hc, wc) pixels, added onto acc [B, K, h, w] and counted (image 0) in count."""
+        (fh, fw), (hc, wc), (ph, pw) = cells, crop, self.patch
+        K = acc.shape[1]
+        m = m.transpose(1, 2).reshape(len(part), K, fh, fw)
+        if self.crop == "pad":
+            m = F.interpolate(m, size=(fh * ph, fw * pw), mode="bilinear", align_corners=False)[:, :, :hc, :wc]
+        else:
+            m = F.interpolate(m, size=(hc, wc), mode="bilinear", align_corners=False)
+        for (b, y, x), mi in zip(part, m, strict=True):
+            acc[b, :, y:y + hc, x:x + wc] += mi
+            if b == 0:
+                count[:, :, y:y + hc, x:x + wc] += 1
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "WindowLayout", "Windows", "pixels_to_cells", "window_bytes", "window_starts"]
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "JointMaps", "WindowLayout", "Windows", "patch_centres", "pixel_stage_bytes",
+           "pixels_to_cells", "window_bytes", "window_starts"]

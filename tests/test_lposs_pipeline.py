@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from conftest import tiny_segmenter
 
 import ovss_fast
+from ovss_fast.ops.api import refine_lposs_plus
 from ovss_fast.ops.options import HeadOptions, flag
 
 open_clip = pytest.importorskip("open_clip", reason="the segmentation pipeline needs open_clip_torch")
@@ -216,7 +217,7 @@ def test_refine_lposs_plus_takes_neg_inf_scores_and_segment_features():
     s = torch.randn(1, 3, 4, 5)
     s[0, 1, :2] = float("-inf")  # a class NMS emptied in part of the image
     image = _image(1, 8, 10, 8)
-    out = ovss_fast.refine_lposs_plus(s, image, radius=2, backend="reference")
+    out = refine_lposs_plus(s, image, radius=2, backend="reference")
     floor = s.clone()
     floor[0, 1, :2] = s[torch.isfinite(s)].min()
     want = ovss_fast.pixel_propagation(F.interpolate(floor, size=(8, 10), mode="bilinear", align_corners=False),
@@ -227,7 +228,7 @@ def test_refine_lposs_plus_takes_neg_inf_scores_and_segment_features():
     labels, scores = ovss_fast.segment_features(feats, text, None, grid=(4, 5), guide=image, mode="kl",
                                                 refine="lposs+", lposs_radius=2, backend="reference",
                                                 return_scores=True)
-    assert torch.equal(labels, ovss_fast.refine_lposs_plus(scores, image, radius=2, backend="reference").argmax(1))
+    assert torch.equal(labels, refine_lposs_plus(scores, image, radius=2, backend="reference").argmax(1))
 
 
 def test_the_pixel_stage_memory_is_checked():
@@ -337,3 +338,18 @@ def test_eval_records_the_lposs_settings(tmp_path, monkeypatch):
     assert c["protocol"]["protocol"] == "lposs" and c["protocol"]["head_options"]["lposs_k"] == 20
     assert any("laion2b_s34b_b88k" in n for n in c["protocol"]["notes"])
     assert "LPOSS+'s pixel-stage label propagation" in c["prediction_to_annotation"]
+
+
+def test_segment_says_in_one_line_what_head_lposs_needs(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from ovss_fast.apps.cli import main
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 48, 3), dtype=np.uint8)).save(path)
+    assert main(["segment", str(path), "--classes", "a, b", "--out", str(tmp_path / "l.png"), "--model",
+                 "ovss-fast-tiny", "--pretrained", "none", "--head", "lposs", "--refine", "lposs+", "--affinity",
+                 "clip"]) == 2
+    err = capsys.readouterr().err
+    assert "ovss-fast segment: error: head 'lposs' needs patch features" in err and "--affinity dino" in err

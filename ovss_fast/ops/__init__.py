@@ -11,7 +11,6 @@ from ovss_fast.ops.api import (
     label_propagation,
     pamr,
     pixel_propagation,
-    refine_lposs_plus,
     refine_scores,
     segment_features,
 )
@@ -30,7 +29,6 @@ __all__ = [
     "label_propagation",
     "pamr",
     "pixel_propagation",
-    "refine_lposs_plus",
     "refine_scores",
     "segment_features",
 ]

@@ -353,3 +353,39 @@ def test_segment_says_in_one_line_what_head_lposs_needs(tmp_path, capsys):
                  "clip"]) == 2
     err = capsys.readouterr().err
     assert "ovss-fast segment: error: head 'lposs' needs patch features" in err and "--affinity dino" in err
+
+
+def test_the_web_page_runs_head_lposs_and_refine_lposs_plus(tmp_path, monkeypatch):
+    """A page request with head lposs, refine lposs+ and affinity dino (random DINO weights from the start flag
+    --affinity-weights random:dino; a tiny ViT stands in for ViT-B/16): labels like ``ovss-fast segment``'s."""
+    import numpy as np
+    from PIL import Image
+
+    from ovss_fast.apps import web
+    from ovss_fast.pipeline import segmenter
+
+    monkeypatch.setattr(segmenter, "LPOSS_DINO", "vit_tiny_patch16_224")
+    parser = argparse.ArgumentParser()
+    web.add_arguments(parser)
+    app = web.App(parser.parse_args(["--model", "ovss-fast-tiny", "--backend", "reference", "--affinity-weights",
+                                     "random:dino", "--lposs-radius", "2"]))
+    path = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path)
+    values = {"head": "lposs", "refine": "lposs+", "affinity": "dino", "window": "32", "stride": "16"}
+    r = app.run(str(path), "cat; kitten, dog, grass", values, want_scores=False)
+    assert r.labels is not None and r.label_map.shape == (40, 56), r.message
+    assert "label_propagation" in r.timings and "refine" in r.timings
+    bad = app.run(str(path), "cat, dog", {**values, "affinity": "clip"}, want_scores=False)
+    assert bad.labels is None and "head &#x27;lposs&#x27; needs patch features" in bad.message  # HTML-escaped
+
+
+def test_synthetic_scenes_take_refine_lposs_plus():
+    from ovss_fast.eval.harness import SyntheticScenes, synthetic_predictor
+
+    item = SyntheticScenes(1, grid=(6, 6), image_size=(24, 24))[0]
+    s = item["scene"]
+    labels = synthetic_predictor(head="logits", backend="reference", refine="lposs+", lposs_radius=2)(item)
+    cos = F.normalize(s.feats.float(), dim=-1) @ F.normalize(s.text.float(), dim=-1).t()
+    cos = cos.transpose(1, 2).reshape(1, -1, 6, 6)
+    want = refine_lposs_plus(cos, s.guide, radius=2, backend="reference").argmax(1)[0]
+    assert torch.equal(labels, want)

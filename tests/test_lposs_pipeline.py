@@ -389,3 +389,15 @@ def test_synthetic_scenes_take_refine_lposs_plus():
     cos = cos.transpose(1, 2).reshape(1, -1, 6, 6)
     want = refine_lposs_plus(cos, s.guide, radius=2, backend="reference").argmax(1)[0]
     assert torch.equal(labels, want)
+
+
+def test_head_lposs_takes_the_background_threshold(tiny, dino):
+    """The threshold reads softmax(scale * raw cosines) beside the propagated maps: a tiny one changes nothing,
+    one above every probability makes every pixel class 0."""
+    img = _image(1, 48, 80, 10)
+    kw = {"head": "lposs", "affinity": dino, "window": 32, "stride": 16, "aggregation": "pixels",
+          "refine": "bilinear", **LP}
+    plain = tiny_segmenter(tiny, TEMPLATES, **kw).seg(img, CLASSES)
+    assert int(plain.max()) > 0  # not all class 0 already
+    assert torch.equal(tiny_segmenter(tiny, TEMPLATES, bg_threshold=1e-6, **kw).seg(img, CLASSES), plain)
+    assert int(tiny_segmenter(tiny, TEMPLATES, bg_threshold=1.0, **kw).seg(img, CLASSES).max()) == 0

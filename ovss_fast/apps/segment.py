@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  ovss-fast segment photo.jpg --classes \"cat, dog\" --model hf:/path/to/clip-vit-base-patch16 --out l.png\n"
         "  ovss-fast segment photo.jpg --classes \"cat, dog\" --model ViT-B-16-quickgelu "
         "--pretrained /path/to/open_clip_pytorch_model.bin --out l.png   (OpenAI weights from a local file)\n"
+        "  ovss-fast segment photo.jpg --classes \"sky, cat, dog\" --head lposs --refine lposs+ "
+        "--features maskclip-res --pretrained laion2b_s34b_b88k --affinity-weights dino_vitb16.pth --window 224 "
+        "--stride 112 --aggregation pixels --resize 448 --no-antialias --out l.png   (LPOSS+, docs/lposs.md)\n"
         "offline smoke test (random weights, meaningless labels):\n"
         "  ovss-fast segment photo.jpg --classes \"cat, dog\" --model ovss-fast-tiny --pretrained none --out l.png"
     )

@@ -234,9 +234,9 @@ def test_refine_lposs_plus_takes_neg_inf_scores_and_segment_features():
 def test_the_pixel_stage_memory_is_checked():
     from ovss_fast.pipeline.windows import Windows, pixel_stage_bytes
 
-    assert pixel_stage_bytes(1, 21, 448, 597, 6) == 448 * 597 * 4 * (168 + 6 * 21)
+    assert pixel_stage_bytes(1, 21, 448, 597, 6) == 448 * 597 * 4 * (168 + 8 + 6 * 21)
     w = Windows((16, 16), None, None, None, True, "floor", 2**30, True, lambda cells, s: 1)
-    assert w.pixel_stage_images(4, 21, 448, 597, 6) == 3  # 0.31 GiB per image
+    assert w.pixel_stage_images(4, 21, 448, 597, 6) == 3  # 0.30 GiB per image
     with pytest.raises(ValueError, match="refine 'lposs\\+' on a 2048x2048 image .* over memory_budget = 1.00 GiB"):
         w.pixel_stage_images(1, 21, 2048, 2048, 6)
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ovss_fast.errors import InputError, InputTypeError
 from ovss_fast.kernels import reference
+from ovss_fast.kernels.common import EPS
 
 OPS = (
     "class_distributions",
@@ -71,12 +72,12 @@ class Backend:
         """Why this backend cannot run ``op`` on these (validated) inputs; empty when it can."""
         return []
 
-    def gibbs_kernel_only(self, affinity: Tensor, *, eps: float = 0.2) -> Tensor:
+    def gibbs_kernel_only(self, affinity: Tensor, *, eps: float = EPS) -> Tensor:
         """affinity: [B, N, N] -> the kernel K of ``gibbs_kernel`` (what ops.discrepancy needs); a backend
         that can skip the cost overrides this. Not an op of :data:`OPS`: it calls this backend's gibbs_kernel."""
         return self.gibbs_kernel(affinity, eps=eps)[1]
 
-    def markov_transition(self, affinity: Tensor, *, transition: str = "attention", eps: float = 0.2,
+    def markov_transition(self, affinity: Tensor, *, transition: str = "attention", eps: float = EPS,
                           **options: Any) -> Tensor:
         """affinity: [B, N, N] -> the matrix mode "mv" makes doubly stochastic (method.md section 3): this
         backend's Gibbs kernel ("gibbs") or W = Sym / M ("attention"), the latter one elementwise PyTorch pass

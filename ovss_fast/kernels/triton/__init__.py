@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ovss_fast.kernels.common import EPS, ITERS, RADIUS, SIGMA_RANGE, SIGMA_SPATIAL, SK_ITERS, STEPS, TAU
 from ovss_fast.kernels.dispatch import Backend
 from ovss_fast.kernels.triton._runtime import (
     GRAPHS,
@@ -94,13 +95,13 @@ class TritonBackend(Backend):
 
         return mod.class_distributions(feats, text, scale=scale, nms=nms)
 
-    def gibbs_kernel(self, affinity: Tensor, *, eps: float = 0.2) -> tuple[Tensor, Tensor]:
+    def gibbs_kernel(self, affinity: Tensor, *, eps: float = EPS) -> tuple[Tensor, Tensor]:
         """affinity: [B, N, N] -> (cost [B, N, N], kernel [B, N, N]) float32."""
         from ovss_fast.kernels.triton import gibbs_kernel as mod
 
         return mod.gibbs_kernel(affinity, eps=eps)
 
-    def gibbs_kernel_only(self, affinity: Tensor, *, eps: float = 0.2, gibbs: str | None = None) -> Tensor:
+    def gibbs_kernel_only(self, affinity: Tensor, *, eps: float = EPS, gibbs: str | None = None) -> Tensor:
         """affinity: [B, N, N] -> kernel [B, N, N] float32. ``gibbs="fused"``: symmetric tiles, no cost
         written (gibbs_kernel.gibbs_kernel_only); "separate" (the default): gibbs_kernel's K. None: the
         default option (TritonOptions, from OVSS_FAST_TRITON_GIBBS read at import)."""
@@ -116,7 +117,7 @@ class TritonBackend(Backend):
 
         return mod.kl_scores(q)
 
-    def sinkhorn_scores(self, q: Tensor, kernel: Tensor, *, eps: float = 0.2, iters: int = 50,
+    def sinkhorn_scores(self, q: Tensor, kernel: Tensor, *, eps: float = EPS, iters: int = ITERS,
                         symmetric: bool = False, schedule: str | None = None, precision: str | None = None,
                         graphs: bool | None = None) -> Tensor:
         """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32. ``symmetric=True`` promises K = K^T.
@@ -130,8 +131,8 @@ class TritonBackend(Backend):
                                                            symmetric=params[2], options=opts),
                           "sinkhorn_scores", params, q, kernel, graphs=opts.graphs)
 
-    def markov_scores(self, q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int = 50,
-                      readout: str = "integrated", tau: float = 0.1, symmetric: bool = False,
+    def markov_scores(self, q: Tensor, kernel: Tensor, *, sk_iters: int = SK_ITERS, steps: int = STEPS,
+                      readout: str = "integrated", tau: float = TAU, symmetric: bool = False,
                       schedule: str | None = None, precision: str | None = None,
                       graphs: bool | None = None) -> Tensor:
         """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32. ``symmetric=True`` promises K = K^T.
@@ -146,15 +147,17 @@ class TritonBackend(Backend):
                                                          options=opts),
                           "markov_scores", params, q, kernel, graphs=opts.graphs)
 
-    def jbu_upsample(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
-                     radius: int = 2) -> Tensor:
+    def jbu_upsample(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = SIGMA_SPATIAL,
+                     sigma_range: float = SIGMA_RANGE,
+                     radius: int = RADIUS) -> Tensor:
         """scores: [B, C, h, w]; guide: [B, 3, H, W] -> [B, C, H, W] float32."""
         from ovss_fast.kernels.triton import jbu as mod
 
         return mod.jbu_upsample(scores, guide, sigma_spatial=sigma_spatial, sigma_range=sigma_range, radius=radius)
 
-    def jbu_argmax(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
-                   radius: int = 2) -> Tensor:
+    def jbu_argmax(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = SIGMA_SPATIAL,
+                   sigma_range: float = SIGMA_RANGE,
+                   radius: int = RADIUS) -> Tensor:
         """scores: [B, C, h, w]; guide: [B, 3, H, W] -> labels [B, H, W] int64."""
         from ovss_fast.kernels.triton import jbu as mod
 

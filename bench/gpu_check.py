@@ -491,7 +491,7 @@ def sanitizer_payload() -> int:
         sc, im = lposs_pixel_inputs(2, 3, 13, 11, g)
         b.pixel_propagation(sc.float().to(dev), im.float().to(dev), radius=6, iters=4)
         b.pixel_propagation(sc.to(dev)[:1, :1], im.to(dev)[:1], radius=1, iters=3)
-        sc, feats, pos = lposs_patch_inputs(1, 9, 16, g)
+        sc, feats, pos = lposs_patch_inputs(3, 9, 16, g)
         b.label_propagation(sc.float().to(dev), feats.float().to(dev), pos.float().to(dev), k=50, iters=4)
         b.label_propagation(sc.to(dev), feats.to(dev), pos.to(dev), k=400, iters=2)
     torch.cuda.synchronize()

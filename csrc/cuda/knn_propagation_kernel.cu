@@ -24,17 +24,19 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;  // lane 0 holds the sum
 }
 
-// inv[i] = d_i^-1/2, d_i the sum of row i's entries (0 -> 1); a warp per row
+// inv[i] = d_i^-1/2, d_i the sum of row i's entries (0 -> 1); a warp per row (rows strided over the grid's warps,
+// the same row for every lane of a warp, so whole warps loop and leave together)
 template <typename T>
 __global__ void degree_kernel(const int64_t* __restrict__ crow, const T* __restrict__ val, T* __restrict__ inv,
                               int64_t N) {
-  const int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
   const int lane = threadIdx.x % kWarp;
-  if (i >= N) return;  // whole warps leave together
-  T d = 0;
-  for (int64_t e = crow[i] + lane; e < crow[i + 1]; e += kWarp) d += val[e];
-  d = warp_sum(d);
-  if (lane == 0) inv[i] = inverse_sqrt_degree(d);
+  for (int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp; i < N; i += warps) {
+    T d = 0;
+    for (int64_t e = crow[i] + lane; e < crow[i + 1]; e += kWarp) d += val[e];
+    d = warp_sum(d);
+    if (lane == 0) inv[i] = inverse_sqrt_degree(d);
+  }
 }
 
 template <typename T>

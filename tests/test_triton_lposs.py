@@ -49,6 +49,7 @@ def _patch_inputs(N, C, D, seed):
     (2, 1, 5, 7, 1),  # B = 2, C = 1, radius 1
     (1, 2, 4, 6, 3),  # the square wider than the image
     (1, 20, 3, 5, 1),  # C above one class block
+    (1, 2, 40, 31, 1),  # two pixel blocks of the interpreter (1024 pixels), the boundary inside a row
 ])
 def test_pixel_propagation(B, C, H, W, radius):
     from ovss_fast.kernels.triton import propagation as T
@@ -146,6 +147,9 @@ def test_backend_reasons():
     assert any("float64" in r for r in TRITON_BACKEND.unsupported_reasons("label_propagation", (s, f, p), {}))
     assert not any("no op" in r for r in TRITON_BACKEND.unsupported_reasons("label_propagation", (s, f, p.float()),
                                                                             {}))
+    huge = torch.zeros(1, 3, 1, 1).expand(1, 3, 8192, 4096)  # no memory: a view
+    assert any("int32" in r for r in TRITON_BACKEND.unsupported_reasons("pixel_propagation", (huge[:, :1], huge),
+                                                                         {"radius": 6}))
 
 
 @needs_triton

@@ -84,6 +84,11 @@ class TritonBackend(Backend):
         if op == "pamr" and len(tensors) > 1 and tensors[1].shape[1] > MAX_PAMR_CHANNELS:
             reasons.append(f"pamr holds at most {MAX_PAMR_CHANNELS} image channels per program, "
                            f"got K = {tensors[1].shape[1]}")
+        if op == "pixel_propagation" and len(tensors) > 1:
+            r = int(params.get("radius", 6))
+            if 2 * r * (r + 1) * tensors[1].shape[-2] * tensors[1].shape[-1] >= 2**31:
+                reasons.append("pixel_propagation indexes an image's stencil (2 r (r + 1) H W weights) in int32, "
+                               f"too few for radius {r} at {tensors[1].shape[-2]} x {tensors[1].shape[-1]}")
         if op == "markov_scores" and params.get("readout", "integrated") not in ("integrated", "velocity"):
             reasons.append(f"unknown readout {params.get('readout')!r}")
         return reasons

@@ -46,7 +46,7 @@ AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
 #: Triton, CUDA tensors take the reference; backend="cuda" still runs the extension. Put "cuda" back
 #: only in a commit that records a GPU check where it beats the reference at every shape of the
 #: regime table (bench/gpu_check.py).
-#: The refiners' CUDA and Triton paths (pamr's kernels, label_propagation's torch-sparse CUDA path) compile and pass
+#: The refiners' CUDA and Triton paths (pamr's kernels, label_propagation's and pixel_propagation's) compile and pass
 #: the interpreter / CPU tests but have never run on a GPU: until a GPU check (bench/gpu_check.py) shows them
 #: correct, auto gives CUDA tensors to the reference (forced backend="cuda" / "triton" still runs them).
 AUTO_ORDER_BY_OP = {

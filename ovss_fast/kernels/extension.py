@@ -28,9 +28,9 @@ from ovss_fast.kernels.dispatch import OPS, Backend
 #: dtypes the kernels take (half and bfloat16 are computed in float32 by the C++ wrappers)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: (op, device type) -> the compiled kernel the op needs there; None: PyTorch ops only. label_propagation's
-#: kNN is a blocked matmul + top-k in PyTorch on every device; on the CPU the graph and CG are the compiled
-#: knn_propagation, on CUDA PyTorch sparse ops (kernels/propagation.py; no CUDA kernel of ours)
-KERNEL_FOR = {("label_propagation", "cpu"): "knn_propagation", ("label_propagation", "cuda"): None}
+#: kNN is a blocked matmul + top-k in PyTorch on every device; the graph and CG are the compiled knn_propagation
+#: (csrc/cpu/knn_propagation.cpp, csrc/cuda/knn_propagation*; kernels/propagation.py)
+KERNEL_FOR = {("label_propagation", "cpu"): "knn_propagation", ("label_propagation", "cuda"): "knn_propagation"}
 #: the JBU kernels take at most this radius ((2r+1)^2 taps per pixel; csrc/common/jbu_prepare.h)
 MAX_JBU_RADIUS = 64
 
@@ -135,7 +135,7 @@ class ExtensionBackend(Backend):
 
     def pixel_propagation(self, scores: Tensor, image: Tensor, *, radius: int = 6, tau: float = 0.01,
                           alpha: float = 0.95, iters: int = 10, tol: float = 1e-6) -> Tensor:
-        """scores [B, C, H, W], image [B, 3, H, W] -> [B, C, H, W] (the stencil CG in C++)."""
+        """scores [B, C, H, W], image [B, 3, H, W] -> [B, C, H, W] (the stencil CG in C++ / CUDA)."""
         return torch.ops.ovss_fast.pixel_propagation(scores, image, int(radius), float(tau), float(alpha),
                                                      int(iters), float(tol))
 

@@ -2,7 +2,8 @@
 
 ``TRITON_BACKEND`` runs the eight ops of :mod:`ovss_fast.kernels.reference` as Triton kernels, one
 module per op (``class_distributions``, ``gibbs_kernel``, ``kl_scores``, ``sinkhorn_scores``,
-``markov_scores``, ``jbu``) and PAMR (``pamr``). Importing this package never imports triton; the kernel modules
+``markov_scores``, ``jbu``), PAMR (``pamr``) and LPOSS / LPOSS+ (``propagation``: ``label_propagation``,
+``pixel_propagation``). Importing this package never imports triton; the kernel modules
 are imported on the first call, so ``import ovss_fast.kernels.triton`` works without triton and the
 backend then reports "triton is not installed".
 
@@ -84,6 +85,11 @@ class TritonBackend(Backend):
         if op == "pamr" and len(tensors) > 1 and tensors[1].shape[1] > MAX_PAMR_CHANNELS:
             reasons.append(f"pamr holds at most {MAX_PAMR_CHANNELS} image channels per program, "
                            f"got K = {tensors[1].shape[1]}")
+        if op == "pixel_propagation" and len(tensors) > 1:
+            r = int(params.get("radius", 6))
+            if 2 * r * (r + 1) * tensors[1].shape[-2] * tensors[1].shape[-1] >= 2**31:
+                reasons.append("pixel_propagation indexes an image's stencil (2 r (r + 1) H W weights) in int32, "
+                               f"too few for radius {r} at {tensors[1].shape[-2]} x {tensors[1].shape[-1]}")
         if op == "markov_scores" and params.get("readout", "integrated") not in ("integrated", "velocity"):
             reasons.append(f"unknown readout {params.get('readout')!r}")
         return reasons
@@ -168,6 +174,23 @@ class TritonBackend(Backend):
         from ovss_fast.kernels.triton import pamr as mod
 
         return mod.pamr(scores, image, iters=iters, dilations=dilations)
+
+    def label_propagation(self, scores: Tensor, feats: Tensor, positions: Tensor, *, k: int = 400,
+                          gamma: float = 3.0, sigma: float = 0.01, dist_pow: float = 1.0, alpha: float = 0.95,
+                          iters: int = 10, tol: float = 1e-6) -> Tensor:
+        """scores: [B, N, C]; feats: [B, N, D]; positions: [B, N, 2] -> [B, N, C] float32
+        (see reference.label_propagation)."""
+        from ovss_fast.kernels.triton import propagation as mod
+
+        return mod.label_propagation(scores, feats, positions, k=k, gamma=gamma, sigma=sigma, dist_pow=dist_pow,
+                                     alpha=alpha, iters=iters, tol=tol)
+
+    def pixel_propagation(self, scores: Tensor, image: Tensor, *, radius: int = 6, tau: float = 0.01,
+                          alpha: float = 0.95, iters: int = 10, tol: float = 1e-6) -> Tensor:
+        """scores: [B, C, H, W]; image: [B, 3, H, W] -> [B, C, H, W] float32 (see reference.pixel_propagation)."""
+        from ovss_fast.kernels.triton import propagation as mod
+
+        return mod.pixel_propagation(scores, image, radius=radius, tau=tau, alpha=alpha, iters=iters, tol=tol)
 
 
 TRITON_BACKEND = TritonBackend()

@@ -23,9 +23,12 @@ by more than ``MARGIN`` mIoU on average over the four columns; where it is silen
 steps, the JBU parameters), the ablation's best. The parameter sweeps run on the head the earlier decisions
 chose and are scored without JBU (nearest upsampling), except the JBU sweep.
 
-Refiner side table (issue 27): the default head (mode mv, ``HeadOptions()``'s values) by bilinear, JBU and
-PAMR (NACLIP's 10 iterations, dilations (8, 16), on the guide normalised with CLIP's mean / std), mIoU and
-Boundary IoU per image. It decides nothing.
+Heads and refiners side table: the default head (mode mv, ``HeadOptions()``'s values) by bilinear, JBU, PAMR
+(NACLIP's 10 iterations, dilations (8, 16), on the guide normalised with CLIP's mean / std) and LPOSS+ (the
+pixel stage, ``ops.pixel_propagation``); OP with JBU; LPOSS's patch stage (``ops.label_propagation`` at LPOSS's
+published settings, y0 the raw cosines, the kNN graph on the scene's ``dino_feats``, sigma scaled to 8 px patches)
+by bilinear, JBU and LPOSS+; and LPOSS's propagation from the default head's input N Q. mIoU and Boundary IoU per
+image. It decides nothing.
 
 Writes the "Synthetic ablation" section of ``OUT/RESULTS.md``, ``OUT/plots/ablation.png`` (matplotlib) and
 (not with --smoke) the defaults table between the markers of docs/defaults.md, which the README's table copies;
@@ -84,9 +87,22 @@ PAPER_ROWS = {
 #: compiled kernels, about twice as fast here, labels equal to the reference's); set by --backend
 BACKEND = "reference"
 MV_VARIANTS = tuple((r, t) for r in ("integrated", "velocity") for t in ("gibbs", "attention"))
-#: the refiner side table's rows: the step from the default head's patch scores to the guide's pixels
-REFINERS = ("bilinear", "jbu", "pamr")
-REFINER_LABEL = {"bilinear": "bilinear", "jbu": "JBU", "pamr": "PAMR"}
+#: the refiners of the heads side table: the step from a head's patch scores to the guide's pixels; the default
+#: head takes each of them
+REFINERS = ("bilinear", "jbu", "pamr", "lposs+")
+REFINER_LABEL = {"bilinear": "bilinear", "jbu": "JBU", "pamr": "PAMR", "lposs+": "LPOSS+"}
+#: the heads side table's other rows, (head, refiner): OP, and LPOSS's patch stage (from the raw cosines, as
+#: published, and from MV's start N Q, the same input as the default head)
+OTHER_HEADS = (("op", "jbu"), ("lposs", "bilinear"), ("lposs", "jbu"), ("lposs", "lposs+"), ("lposs_nq", "bilinear"))
+HEAD_LABEL = {"mv": "MV (default head)", "op": "OP", "lposs": "LPOSS", "lposs_nq": "LPOSS from N·Q"}
+#: LPOSS's published settings (configs/lposs.yaml, lposs_plus.yaml; docs/lposs.md): the patch stage, with
+#: sigma per pixel of LPOSS's images, where a patch is LPOSS_PATCH_PX pixels (ViT-B/16) ...
+LPOSS = {"k": 400, "gamma": 3.0, "sigma": 0.01, "dist_pow": 1.0, "alpha": 0.95, "iters": 10, "tol": 1e-6}
+LPOSS_PATCH_PX = 16
+#: ... and the pixel stage (LPOSS+), per pixel of the guide as published (a 13 x 13 window, Lab tau 0.01)
+LPOSS_PLUS = {"radius": 6, "tau": 0.01, "alpha": 0.95, "iters": 10, "tol": 1e-6}
+#: the backend of both LPOSS stages (the compiled CPU ops)
+LPOSS_BACKEND = "cpu"
 
 
 @dataclass(frozen=True)
@@ -177,6 +193,8 @@ class Case:
         mode = head.pop("mode")
         if mode == "raw":  # the logits (CLIP's scale does not move the argmax)
             return torch.einsum("bnd,cd->bnc", R.unit_vectors(self.scene.feats), R.unit_vectors(self.scene.text))
+        if mode == "lposs":
+            return self._lposs(head)
         if mode == "fused":
             return (standardise(self.scores(dict(head["op"]))) + standardise(self.scores(dict(head["mv"])))) / 2
         q = self.q(head.pop("nms", (0.0, "classes")))
@@ -190,6 +208,29 @@ class Case:
         if mode == "op":
             return R.sinkhorn_scores(q, self.transition("gibbs", eps), eps=eps, **head)
         return R.markov_scores(q, self.transition(head.pop("transition"), eps), **head)
+
+    def _lposs(self, head: dict) -> torch.Tensor:
+        """LPOSS's patch stage (``ops.label_propagation``, LPOSS's published settings) over the scene's patches, the
+        kNN graph on its ``dino_feats``. y0 (``head["y0"]``): "cosine", the raw patch-text cosines (LPOSS's input),
+        or "nq", N Q (MV's start f(0), with ``head["nms"]``). Positions: patch centres in guide pixels; sigma scaled
+        by LPOSS_PATCH_PX / the scene's pixels per patch, so the geometric term per patch is LPOSS's
+        (exp(-0.16) between neighbouring patches)."""
+        sc = self.scene
+        if sc.dino_feats is None:
+            raise ValueError("LPOSS rows need a scene with dino_feats (make_clip_like_scene)")
+        y0 = head.pop("y0")
+        if y0 == "cosine":
+            scores = self.scores({"mode": "raw"})
+        elif y0 == "nq":
+            scores = self.q(head.pop("nms", (0.0, "classes"))) * sc.feats.shape[1]
+        else:
+            raise ValueError(f"unknown LPOSS input y0={y0!r}")
+        h, w = sc.grid
+        px = sc.guide.shape[-1] / w
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        pos = (torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=1).float() + 0.5) * px  # [N, 2] (y, x) pixels
+        params = {**LPOSS, "sigma": LPOSS["sigma"] * LPOSS_PATCH_PX / px}
+        return ops.label_propagation(scores, sc.dino_feats, pos, backend=LPOSS_BACKEND, **params)
 
     def evaluate(self, head: dict, jbu: dict | None) -> float:
         """mIoU at the guide's resolution of ``head``'s labels: JBU with ``jbu``'s parameters, or nearest."""
@@ -207,9 +248,10 @@ class Case:
 
     def refined(self, head: dict, refiner: str, jbu: dict, pamr: dict) -> tuple[float, float]:
         """(mIoU, mBIoU) at the guide's resolution of ``head``'s labels after ``refiner``: "bilinear"
-        (``ops.refine_scores``, align_corners=False), "jbu" (``ops.jbu_argmax`` with ``jbu``) or "pamr"
+        (``ops.refine_scores``, align_corners=False), "jbu" (``ops.jbu_argmax`` with ``jbu``), "pamr"
         (bilinear, then PAMR with ``pamr`` on the guide normalised with OpenAI CLIP's mean / std, as the
-        Segmenter does). mBIoU: Boundary IoU of this image over the scene's classes, the mean over the classes
+        Segmenter does) or "lposs+" (bilinear, then LPOSS+'s pixel stage ``ops.pixel_propagation`` on the guide
+        with LPOSS_PLUS). mBIoU: Boundary IoU of this image over the scene's classes, the mean over the classes
         with a non-zero boundary union."""
         key = ("refined", key_of(head), refiner)
         if key not in self.eval_cache:
@@ -221,6 +263,9 @@ class Case:
             elif refiner in ("bilinear", "pamr"):
                 image = normalise(sc.guide.float(), _OPENAI_MEAN, _OPENAI_STD) if refiner == "pamr" else None
                 lab = ops.refine_scores(maps, size, image=image, **pamr).argmax(dim=1)
+            elif refiner == "lposs+":
+                up = ops.refine_scores(maps, size)
+                lab = ops.pixel_propagation(up, sc.guide.float(), backend=LPOSS_BACKEND, **LPOSS_PLUS).argmax(dim=1)
             else:
                 raise ValueError(f"unknown refiner {refiner!r}")
             k = sc.text.shape[0]
@@ -354,13 +399,20 @@ def run(plan: Plan, *, log: Callable[[str], None] = print) -> dict:
                                 f"{head_name} with JBU"))
     log(f"JBU sweeps done ({time.perf_counter() - t_start:.0f} s)")
 
-    # the refiner side table: the default head (mode mv, HeadOptions()'s values) by bilinear, JBU and PAMR
+    # the heads side table: the default head (mode mv, HeadOptions()'s values) by each refiner, then OP and LPOSS
     mv_code = mv_of(d.readout, d.transition)
     pamr = d.pamr_params()
-    refiners = {r: {col: [cases[col, s].refined(mv_code, r, jbu0, pamr) for s in range(plan.seeds)]
-                    for col in COLUMNS} for r in REFINERS}
-    log(f"refiner side table done ({time.perf_counter() - t_start:.0f} s)")
-    return {"rows": rows, "refiners": refiners, "pamr": pamr, "refiner_head": f"mv_{d.readout}_{d.transition}",
+
+    def refined(head: dict, refiner: str) -> dict:
+        return {col: [cases[col, s].refined(head, refiner, jbu0, pamr) for s in range(plan.seeds)] for col in COLUMNS}
+    refiners = {r: refined(mv_code, r) for r in REFINERS}
+    log(f"refiners of the default head done ({time.perf_counter() - t_start:.0f} s)")
+    side_heads = {"op": op_head, "lposs": {"mode": "lposs", "y0": "cosine"},
+                  "lposs_nq": {"mode": "lposs", "y0": "nq", "nms": kl_head["nms"]}}
+    heads = {(h, r): refined(side_heads[h], r) for h, r in OTHER_HEADS}
+    log(f"heads side table done ({time.perf_counter() - t_start:.0f} s)")
+    return {"rows": rows, "refiners": refiners, "heads": heads, "pamr": pamr,
+            "refiner_head": f"mv_{d.readout}_{d.transition}",
             "labels": labels, "kl_sweep": kl_sweep, "best_ratio": best_ratio,
             "nms_tables": nms_tables, "nms_paper": nms_paper, "head_name": head_name,
             "decisions": decisions, "mv_default": mv_default, "seeds": plan.seeds,
@@ -469,10 +521,11 @@ def write_results(res: dict, out_dir: Path, *, smoke: bool) -> list[str]:
                 + [f"{average(t):.3f}"] for k, t in res["nms_tables"].items()]
     nms_rows += [["MV, the paper's", fmt_value(k)] + [cell(t[c]) for c in COLUMNS] + [f"{average(t):.3f}"]
                  for k, t in res["nms_paper"].items()]
-    ref_rows = [[REFINER_LABEL[r]] + [f"{cell([v[0] for v in t[c]])} / {cell([v[1] for v in t[c]])}"
-                                      for c in COLUMNS]
+    side = [(("mv", r), t) for r, t in res["refiners"].items()] + list(res["heads"].items())
+    ref_rows = [[HEAD_LABEL[h], REFINER_LABEL[r]] + [f"{cell([v[0] for v in t[c]])} / {cell([v[1] for v in t[c]])}"
+                                                     for c in COLUMNS]
                 + [f"{mean(mean(v[0] for v in t[c]) for c in COLUMNS):.3f} / "
-                   f"{mean(mean(v[1] for v in t[c]) for c in COLUMNS):.3f}"] for r, t in res["refiners"].items()]
+                   f"{mean(mean(v[1] for v in t[c]) for c in COLUMNS):.3f}"] for (h, r), t in side]
     dec_rows = [[d.param, "silent" if d.paper is None else fmt_value(d.paper),
                  ", ".join(f"{fmt_value(v)}: {s:.3f}" for v, s in d.candidates.items()), d.basis,
                  f"**{fmt_value(d.chosen)}**", d.source] for d in res["decisions"]]
@@ -528,21 +581,40 @@ def write_results(res: dict, out_dir: Path, *, smoke: bool) -> list[str]:
         "",
         markdown_table(["head", "nms"] + cols + ["mean"], nms_rows),
         "",
-        f"Refiners on the default head (`{res['refiner_head']}`: mode mv with every `HeadOptions()` value, NMS "
-        f"{nms_now}): its patch scores to the guide's pixels by bilinear (`ops.refine_scores`, align_corners=False), "
-        "JBU (`ops.jbu_argmax`, the main table's parameters) and PAMR (bilinear, then `ops.pamr` on the guide "
-        f"normalised with OpenAI CLIP's mean / std, as the Segmenter's refine pamr; NACLIP's {pamr['iters']} "
-        f"iterations, dilations {tuple(pamr['dilations'])}). Each cell: mIoU / mBIoU, mean ± standard deviation "
+        f"Heads and refiners. First the default head (`{res['refiner_head']}`: mode mv with every `HeadOptions()` "
+        f"value, NMS {nms_now}): its patch scores to the guide's pixels by bilinear (`ops.refine_scores`, "
+        "align_corners=False), JBU (`ops.jbu_argmax`, the main table's parameters), PAMR (bilinear, then `ops.pamr` "
+        f"on the guide normalised with OpenAI CLIP's mean / std, as the Segmenter's refine pamr; NACLIP's "
+        f"{pamr['iters']} iterations, dilations {tuple(pamr['dilations'])}) and LPOSS+ (bilinear, then "
+        f"`ops.pixel_propagation` on the guide, LPOSS+'s published radius {LPOSS_PLUS['radius']}, tau "
+        f"{LPOSS_PLUS['tau']:g}, alpha {LPOSS_PLUS['alpha']:g}, {LPOSS_PLUS['iters']} CG steps). Then OP with JBU "
+        "(the main table's '+ OP') and LPOSS's patch stage (`ops.label_propagation`, backend "
+        f"`{LPOSS_BACKEND}`, LPOSS's published k {LPOSS['k']} (clipped to N: N = "
+        f"{grid['voc'][0] * grid['voc'][1]} and {grid['stuff'][0] * grid['stuff'][1]} patches here, k / N "
+        f"{min(1.0, LPOSS['k'] / (grid['voc'][0] * grid['voc'][1])):.2f} and "
+        f"{min(1.0, LPOSS['k'] / (grid['stuff'][0] * grid['stuff'][1])):.2f}; LPOSS's VOC protocol: 6 windows of "
+        f"196, about 0.34), gamma {LPOSS['gamma']:g}, alpha {LPOSS['alpha']:g}, {LPOSS['iters']} CG steps, tol "
+        f"{LPOSS['tol']:g}): y0 = the raw patch-text cosines as LPOSS takes them, the kNN graph on the scene's "
+        "`dino_feats` (the region features its affinity is built from: regions, not classes, the same noise), "
+        "positions = the patch centres in guide pixels. LPOSS's sigma 0.01 is per pixel of its images, where a "
+        f"patch is {LPOSS_PATCH_PX} px; a patch here is {DATASETS['voc'].patch_px} px, so sigma is "
+        f"{LPOSS['sigma'] * LPOSS_PATCH_PX / DATASETS['voc'].patch_px:g} per guide pixel (LPOSS's exp(-0.16) "
+        "between neighbouring patches); LPOSS+'s radius and tau stay per guide pixel as published (its 13 x 13 "
+        f"window spans {(2 * LPOSS_PLUS['radius'] + 1) / DATASETS['voc'].patch_px:g} patches here, "
+        f"{(2 * LPOSS_PLUS['radius'] + 1) / LPOSS_PATCH_PX:g} in LPOSS). 'LPOSS from N·Q' is not LPOSS's "
+        "configuration: its propagation started from the default head's input f(0) = N Q (method.md section 3; "
+        "each class a distribution over patches, so a per-class offset of the cosines cancels), to compare the "
+        "two propagations on one input. Each cell: mIoU / mBIoU, mean ± standard deviation "
         "over the seeds; mBIoU is Boundary IoU (`ovss_fast.eval.boundary_intersection_union`, dilation ratio "
         "0.02) per image over the scene's classes, the mean over the classes with a non-zero boundary union, then "
         "the mean over the seeds (per image, not pooled over the seeds). The guides are "
         f"{guide_px['voc'][0]} x {guide_px['voc'][1]} px (VOC-like) and {guide_px['stuff'][0]} x "
-        f"{guide_px['stuff'][1]} px (Stuff-like), {DATASETS['voc'].patch_px} px per patch: dilation "
+        f"{guide_px['stuff'][1]} px (Stuff-like), {DATASETS['voc'].patch_px} px per patch: PAMR's dilation "
         f"{max(pamr['dilations'])} spans {max(pamr['dilations']) / DATASETS['voc'].patch_px:g} patches and "
         f"{max(pamr['dilations']) / min(min(g) for g in guide_px.values()):.0%} of the shorter guide side, large "
         "next to NACLIP's setting (16 px patches on images a few hundred px a side).",
         "",
-        markdown_table(["refiner"] + cols + ["mean (mIoU / mBIoU)"], ref_rows),
+        markdown_table(["head", "refiner"] + cols + ["mean (mIoU / mBIoU)"], ref_rows),
         "",
         f"Head defaults by the rule of issue 19: where the paper is explicit, its value unless the best candidate "
         f"beats it by more than {MARGIN} mIoU (mean of the four columns); where it is silent, the best candidate. "

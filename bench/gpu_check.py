@@ -18,6 +18,9 @@ package there with ``pip install --no-build-isolation --no-deps -e .``. It
    (B=1 N=1024, N=4096; B=15 N=196): reference, triton, triton[gibbs fused]; and jbu_argmax at
    2048 x 2048, C=171 (scores 64 x 64): reference, cuda, triton, with peak memory
    (torch.cuda.max_memory_allocated), timed with triton.testing.do_bench;
+3a. checks and times LPOSS / LPOSS+ (label_propagation, pixel_propagation; issue 28) on cuda and triton:
+   correctness cases in part 1 (float64 reference; the protocol sizes N = 2940, k = 400, D = 768 and
+   448 x 597 at C = 21, and C = 171 outside ``--quick``), timings at both C = 21 and 171 before part 3b;
 3b. times the dslo protocol's head (class_distributions + discrepancy mv + jbu_argmax) on the Triton
    backend over 50 whole-image sizes drawn like VOC's and ADE20K's (bench/_sizes.py): total and
    first-call time, autotuner tunings (size buckets) and CUDA-graph captures (issue 26); with
@@ -209,6 +212,51 @@ def build_cases(device: str, quick: bool) -> list[Case]:
         image = torch.randn(B, K, H, W, generator=g, dtype=torch.float64)
         cases.append(Case("pamr", f"B={B} C={C} K={K} {h}x{w}->{H}x{W} iters={iters} d={list(dil)}", (s, image),
                           {"iters": iters, "dilations": dil}, _pamr_backends()))
+    cases += lposs_cases(cpu, quick)
+    return cases
+
+
+#: issue 28, LPOSS / LPOSS+: the backends with both propagation ops
+LPOSS_BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+
+def lposs_patch_inputs(windows: int, C: int, D: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """LPOSS's patch stage inputs for one image of ``windows`` 224-pixel windows at stride 112 (14 x 14 patches of
+    16 pixels each): scores [1, N, C] (cosine-like), clustered features [1, N, D], patch centres [1, N, 2]."""
+    n = windows * 196
+    centres = torch.randn(8, D, generator=g, dtype=torch.float64)
+    feats = centres[torch.randint(0, 8, (n,), generator=g)] + 0.7 * torch.randn(n, D, generator=g,
+                                                                                dtype=torch.float64)
+    iy, ix = torch.meshgrid(torch.arange(14), torch.arange(14), indexing="ij")
+    pos = torch.cat([torch.stack([8 + 16 * iy.reshape(-1) + 112 * (w // 3), 8 + 16 * ix.reshape(-1) + 112 * (w % 3)],
+                                 1) for w in range(windows)]).double()
+    return 0.1 * torch.randn(1, n, C, generator=g, dtype=torch.float64), feats[None], pos[None]
+
+
+def lposs_pixel_inputs(B: int, C: int, H: int, W: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """LPOSS+'s pixel stage inputs: scores [B, C, H, W] and an image in [0, 1] with a flat half and a noisy one."""
+    image = torch.rand(B, 3, H, W, generator=g, dtype=torch.float64)
+    image[:, :, : H // 2] = 0.6 + 0.1 * image[:, :, : H // 2]
+    return torch.randn(B, C, H, W, generator=g, dtype=torch.float64), image
+
+
+def lposs_cases(cpu: bool, quick: bool) -> list[Case]:
+    """Issue 28: label_propagation (LPOSS) and pixel_propagation (LPOSS+) against float64, awkward sizes then
+    LPOSS's protocol sizes (N = 15 windows x 196 patches, k = 400, D = 768; a VOC image at short side 448)."""
+    cases = []
+    # (windows, C, D, k): N < k, C = 1; the protocol's
+    patch = [(2, 3, 16, 30), (1, 1, 8, 400)] + ([] if cpu else [(15, 21, 768, 400), (15, 171, 768, 400)])
+    for windows, C, D, k in patch:
+        inputs = lposs_patch_inputs(windows, C, D, _gen("lposs", windows, C, D, k))
+        cases.append(Case("label_propagation", f"N={windows * 196} C={C} D={D} k={k}", inputs, {"k": k},
+                          LPOSS_BACKENDS))
+    # (B, C, H, W, radius): H, W odd, B = 2, C = 1, radius 1; the protocol's (C = 171 outside --quick)
+    pixel = [(1, 3, 17, 23, 3), (2, 1, 9, 14, 6), (1, 4, 30, 7, 1)]
+    if not cpu:
+        pixel += [(1, 21, 448, 597, 6)] + ([] if quick else [(1, 171, 448, 597, 6)])
+    for B, C, H, W, r in pixel:
+        inputs = lposs_pixel_inputs(B, C, H, W, _gen("lposs+", B, C, H, W, r))
+        cases.append(Case("pixel_propagation", f"B={B} C={C} {H}x{W} r={r}", inputs, {"radius": r}, LPOSS_BACKENDS))
     return cases
 
 
@@ -440,6 +488,12 @@ def sanitizer_payload() -> int:
         b.pamr(low, image, iters=3, dilations=(1, 8, 16))
         b.pamr(low.double(), image.double(), iters=2, dilations=(2,))
         b.pamr(torch.randn(2, 4, 13, 11, generator=g).to(dev), image, iters=1, dilations=(3,))
+        sc, im = lposs_pixel_inputs(2, 3, 13, 11, g)
+        b.pixel_propagation(sc.float().to(dev), im.float().to(dev), radius=6, iters=4)
+        b.pixel_propagation(sc.to(dev)[:1, :1], im.to(dev)[:1], radius=1, iters=3)
+        sc, feats, pos = lposs_patch_inputs(3, 9, 16, g)
+        b.label_propagation(sc.float().to(dev), feats.float().to(dev), pos.float().to(dev), k=50, iters=4)
+        b.label_propagation(sc.to(dev), feats.to(dev), pos.to(dev), k=400, iters=2)
     torch.cuda.synchronize()
     print("sanitizer payload done")
     return 0
@@ -602,6 +656,30 @@ def run_timing(quick: bool) -> list[list[str]]:
     return rows
 
 
+def run_lposs_timing(quick: bool) -> list[list[str]]:
+    """Issue 28: both LPOSS stages at the protocol's sizes (VOC-like: 375 x 500 -> 448 x 597, 15 windows of
+    196 patches, k = 400, D = 768), C = 21 and 171: the PyTorch reference in float32 on the GPU, cuda, triton."""
+    rows: list[list[str]] = []
+    rep = 50 if quick else 200
+    for C in (21, 171):
+        g = _gen("lposs timing", C)
+        patch = tuple(t.float().cuda() for t in lposs_patch_inputs(15, C, 768, g))
+        pixel = tuple(t.float().cuda() for t in lposs_pixel_inputs(1, C, 448, 597, g))
+        for op, inputs, shape in (("label_propagation", patch, f"N=2940 C={C} D=768 k=400"),
+                                  ("pixel_propagation", pixel, f"B=1 C={C} 448x597 r=6")):
+            cands: dict[str, Any] = {"reference eager": lambda op=op, inputs=inputs: getattr(R, op)(*inputs)}
+            for name in ("cuda", "triton"):
+                b = get_backend(name)
+                reasons = [b.reason] if isinstance(b, UnavailableBackend) else b.unsupported_reasons(op, inputs, {})
+                cands[name] = "; ".join(reasons) if reasons else (lambda b=b, op=op, inputs=inputs:
+                                                                   getattr(b, op)(*inputs))
+            for label, fn in cands.items():
+                rows.append(_timed_row(op, shape, label, fn, rep, first_call=True))
+                print("  " + " | ".join(rows[-1]), flush=True)
+                torch.cuda.empty_cache()
+    return rows
+
+
 # --------------------------------------------------------------------------- whole images (issue 26)
 WHOLE_IMAGES = 50
 
@@ -703,6 +781,15 @@ def run_pipeline(quick: bool, results_dir: str | None, write: bool) -> bool:
 
 
 # --------------------------------------------------------------------------- main
+def _rows_or_failure(what: str, run: Callable[[], list[list[str]]]) -> list[list[str]]:
+    """run()'s TIME_COLUMNS rows, or one row saying it failed (the traceback printed to the log)."""
+    try:
+        return run()
+    except Exception:
+        traceback.print_exc()
+        return [[what, "-", "-", "-", "-", "-", "failed: see the log"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="ovss_fast GPU check: correctness, compute-sanitizer, timings")
     p.add_argument("--quick", action="store_true", help="no N=4096 cases, short timings, no torch.compile")
@@ -742,6 +829,10 @@ def main(argv: list[str] | None = None) -> int:
     corr_rows, corr_ok = run_correctness(device, backends, args.quick)
     if device == "cpu":
         print("  triton: not run (--device cpu: Triton needs CUDA)")
+    lposs_rows: list[list[str]] = []
+    if device == "cuda" and not args.skip_timing:
+        print("== LPOSS / LPOSS+ timing (protocol sizes)")
+        lposs_rows = _rows_or_failure("lposs timing", lambda: run_lposs_timing(args.quick))
     whole_rows: list[list[str]] = []
     if not args.skip_whole_images:
         # on a GPU before the regime table (inside the budget); on the CPU the interpreter's smoke run
@@ -773,13 +864,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== timing: skipped (past --budget-s {args.budget_s:.0f})")
     elif device == "cuda" and not args.skip_timing:
         print("== timing (triton.testing.do_bench, median)")
-        try:
-            time_rows = run_timing(args.quick)
-        except Exception:
-            traceback.print_exc()
-            time_rows = [["timing", "-", "-", "-", "-", "-", "failed: see the log"]]
+        time_rows = _rows_or_failure("timing", lambda: run_timing(args.quick))
 
-    time_rows = whole_rows + time_rows
+    time_rows = lposs_rows + whole_rows + time_rows
     n_fail = sum(r[3] == "FAIL" for r in corr_rows)
     corr_table = markdown_table(["backend", "op", "case", "result", "detail"], corr_rows)
     print("\n== summary")

@@ -10,12 +10,15 @@
 #    the sizes up to N = 4096; then the regime table (the pipeline's window batches and
 #    B = 1 at N = 784..4096; reference eager, torch.compile, cuda, each Triton schedule), started
 #    rows only while the budget lasts;
+#    LPOSS / LPOSS+ (issue 28): their cases are in the correctness table, their timings at the protocol's sizes
+#    (448 x 597, N = 2940, k = 400, C = 21 and 171) come right after it;
 #    Before the regime table, the dslo head over 50 whole-image sizes on Triton (issue 26: total and
 #    first-call time, autotuner tunings, CUDA-graph captures; at most half the budget left, <= 180 s);
 # 3. leaves everything under $OUT (the device tool brings it back): gpu_check.log, build.log,
 #    nvidia_smi.txt, and RESULTS.md / results.csv / results_gpu.json, which are bench/'s files with
 #    this run's sections and rows added (copy them over bench/ to keep them); full mode adds
-#    pytest_gpu.log (the GPU-marked tests of the Triton and CUDA op/mv kernels).
+#    pytest_gpu.log (the GPU-marked tests of the Triton and CUDA op/mv kernels and of LPOSS / LPOSS+; the latter
+#    skip themselves where scipy, their oracle, is missing).
 #
 # quick (default): gpu_check --quick (no N = 4096 cases except the tf32x3 precision ones, the
 # quick regime set: coco_stuff and cityscapes windows, N = 1024 C = 171, N = 4096 C = 21), no
@@ -76,8 +79,9 @@ rc=${PIPESTATUS[0]}
 # the device's copy of bench/ too (its tree is thrown away, but the command may be followed by more)
 cp "$OUT/results_gpu.json" bench/results_gpu.json 2>/dev/null
 if [ "$mode" = "full" ]; then
-  echo "== GPU-marked pytest (tests/test_triton.py, tests/test_ext_discrepancy.py)"
-  timeout 150 "$py" -m pytest tests/test_triton.py tests/test_ext_discrepancy.py -m cuda -q -p no:cacheprovider \
+  echo "== GPU-marked pytest (tests/test_triton.py, tests/test_ext_discrepancy.py, tests/test_cuda_lposs.py)"
+  timeout 150 "$py" -m pytest tests/test_triton.py tests/test_ext_discrepancy.py tests/test_cuda_lposs.py -m cuda -q \
+    -p no:cacheprovider \
     >"$OUT/pytest_gpu.log" 2>&1
   prc=$?
   tail -5 "$OUT/pytest_gpu.log"

@@ -49,6 +49,10 @@ class Scene:
     labels_full: Tensor  # [B, H, W] int64, ground truth at image resolution
     grid: tuple[int, int]
     class_names: list[str]
+    #: [B, N, 16] unit region features, a DINO-like source for LPOSS's kNN graph (make_clip_like_scene only, else
+    #: None): the very embeddings (region embedding plus the affinity's noise) the affinity is built from, so they
+    #: know regions, not classes, with the same noise knobs; drawn before the affinity, no extra random numbers
+    dino_feats: Tensor | None = None
 
 
 def _voronoi(centres: Tensor, size: tuple[int, int]) -> Tensor:
@@ -61,9 +65,10 @@ def _voronoi(centres: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def _region_affinity(gen: torch.Generator, region_low: Tensor, num_regions: int, grid: tuple[int, int],
-                     aff_noise: float, sharp: float) -> Tensor:
-    """Affinity [N, N] that knows regions, not classes: attention-like weights (rows sum to 1) from a random
-    embedding per region plus noise, and a spatial falloff. region_low: [N] region index per patch."""
+                     aff_noise: float, sharp: float) -> tuple[Tensor, Tensor]:
+    """(affinity [N, N], region features [N, 16]): the affinity knows regions, not classes: attention-like weights
+    (rows sum to 1) from a random embedding per region plus noise (the unit region features, a scene's
+    ``dino_feats``), and a spatial falloff. region_low: [N] region index per patch."""
     h, w = grid
     n = h * w
     emb = torch.randn(num_regions, 16, generator=gen, dtype=torch.float64)
@@ -74,7 +79,7 @@ def _region_affinity(gen: torch.Generator, region_low: Tensor, num_regions: int,
     pos = torch.stack([yy.reshape(-1) / h, xx.reshape(-1) / w], dim=1)
     dist2 = torch.cdist(pos, pos) ** 2
     logits = sharp * (z @ z.T) - dist2 / 0.5
-    return torch.softmax(logits, dim=1)
+    return torch.softmax(logits, dim=1), z
 
 
 def _image(gen: torch.Generator, text: Tensor, shared: Tensor, centres: Tensor, region_class: Tensor,
@@ -102,7 +107,7 @@ def _image(gen: torch.Generator, text: Tensor, shared: Tensor, centres: Tensor, 
     iso = torch.randn(n, dim, generator=gen, dtype=torch.float64) / dim**0.5
     x = shared[None] + evidence * (w_cls * text[cls] + w_noise_cls * noise_cls) + w_iso * iso
 
-    aff = _region_affinity(gen, region_low, num_regions, grid, aff_noise, sharp)
+    aff, _ = _region_affinity(gen, region_low, num_regions, grid, aff_noise, sharp)
 
     # guide: a colour per region plus noise, in [0, 1]
     colours = 0.15 + 0.7 * torch.rand(num_regions, 3, generator=gen, dtype=torch.float64)
@@ -152,7 +157,8 @@ def make_scene(
 
 
 def _stack(feats: list[Tensor], text: Tensor, affs: list[Tensor], guides: list[Tensor], labs: list[Tensor],
-           labs_full: list[Tensor], grid: tuple[int, int], dtype: torch.dtype) -> Scene:
+           labs_full: list[Tensor], grid: tuple[int, int], dtype: torch.dtype,
+           dino: list[Tensor] | None = None) -> Scene:
     return Scene(
         feats=torch.stack(feats).to(dtype),
         text=text.to(dtype),
@@ -162,6 +168,7 @@ def _stack(feats: list[Tensor], text: Tensor, affs: list[Tensor], guides: list[T
         labels_full=torch.stack(labs_full),
         grid=tuple(grid),
         class_names=[f"class{c}" for c in range(text.shape[0])],
+        dino_feats=None if dino is None else torch.stack(dino).to(dtype),
     )
 
 
@@ -552,7 +559,8 @@ def make_clip_like_scene(seed: int, kind: str = "voc", difficulty: str = "easy",
     and the family's per-class text bias (both times ``bias``), spatially correlated noise. The features have
     exactly the cosines BASE_COSINE + logit / 100 with the family's fixed text embeddings
     (:data:`VOCABULARY_SEED`). Affinity: regions, not classes (as :func:`make_dataset_scene`, the same noise
-    knobs ``DIFFICULTY``). Guide: textured, its edges only partly on class boundaries (:func:`boundary_auc`
+    knobs ``DIFFICULTY``); ``dino_feats``: the region features that affinity is built from (a DINO-like source
+    for LPOSS's kNN graph). Guide: textured, its edges only partly on class boundaries (:func:`boundary_auc`
     about 0.8-0.9). ``difficulty`` "hard" multiplies the logit noise by ``CLIP_LIKE_DIFFICULTY`` and takes
     the hard affinity and colour noise. ``params`` default ``CLIP_LIKE[kind]`` (calibrated);
     ``grid`` / ``patch_px`` replace the family's (smaller scenes for tests and the demo).
@@ -566,9 +574,9 @@ def make_clip_like_scene(seed: int, kind: str = "voc", difficulty: str = "easy",
     lay = _layout(gen, kind, difficulty, grid, px, p.noise_corr)
     x = _features_with_logits(gen, basis, lay.logits(p))
     _, _, _, aff_noise, sharp, colour_noise = DIFFICULTY[difficulty]
-    aff = _region_affinity(gen, lay.region_low, lay.region_class.numel(), grid, aff_noise, sharp)
+    aff, dino = _region_affinity(gen, lay.region_low, lay.region_class.numel(), grid, aff_noise, sharp)
     img = _textured_guide(gen, lay.region_full, lay.is_object, p, colour_noise)
-    return _stack([x], text, [aff], [img], [lay.labels.reshape(grid)], [lay.labels_full], grid, dtype)
+    return _stack([x], text, [aff], [img], [lay.labels.reshape(grid)], [lay.labels_full], grid, dtype, [dino])
 
 
 def boundary_auc(guide: Tensor, labels: Tensor) -> float:

@@ -95,12 +95,20 @@ def test_ablation_smoke_writes_section_and_decides(tmp_path, one_thread):
         if d.source == "ours" and d.paper is not None:  # the paper's value lost by more than the margin
             assert d.candidates[d.chosen] - d.candidates[d.paper] > B.MARGIN
 
-    # the refiner side table: the default head by bilinear, JBU and PAMR, (mIoU, mBIoU) per (column, seed)
-    refiners = res["refiners"]
-    assert list(refiners) == list(B.REFINERS)
-    for r, t in refiners.items():
+    # the heads side table: the default head by bilinear, JBU, PAMR and LPOSS+, then OP and LPOSS, (mIoU, mBIoU)
+    # per (column, seed)
+    refiners, heads = res["refiners"], res["heads"]
+    assert list(refiners) == list(B.REFINERS) and "lposs+" in refiners
+    assert list(heads) == list(B.OTHER_HEADS)
+    for r, t in [*refiners.items(), *heads.items()]:
         for col in B.COLUMNS:
             assert len(t[col]) == B.SMOKE.seeds and all(0.0 <= v <= 1.0 for pair in t[col] for v in pair), (r, t)
+    # its OP row is the main table's '+ OP' (one scoring, one JBU)
+    for col in B.COLUMNS:
+        assert [v[0] for v in heads["op", "jbu"][col]] == pytest.approx(rows["op"][col])
+    # LPOSS+ moves the labels of both heads it refines
+    assert any(refiners["lposs+"][c] != refiners["bilinear"][c] for c in B.COLUMNS)
+    assert any(heads["lposs", "lposs+"][c] != heads["lposs", "bilinear"][c] for c in B.COLUMNS)
     # its JBU row is the main table's row of that head (one scoring, one JBU)
     assert res["refiner_head"] in rows
     for col in B.COLUMNS:
@@ -117,9 +125,11 @@ def test_ablation_smoke_writes_section_and_decides(tmp_path, one_thread):
     assert all(r > 0 for r in res["best_ratio"].values())
     for label in res["labels"].values():
         assert f"| {label} |" in text
-    assert "Refiners on the default head" in text
-    for label in B.REFINER_LABEL.values():
-        assert re.search(rf"\n\| {label} \| (\d\.\d{{3}} ± \d\.\d{{3}} / \d\.\d{{3}} ± \d\.\d{{3}} \| ){{4}}"
+    assert "Heads and refiners" in text and "sigma is 0.02 per guide pixel" in text
+    side = [("mv", r) for r in B.REFINERS] + list(B.OTHER_HEADS)
+    for h, r in side:
+        label = f"{B.HEAD_LABEL[h]} | {B.REFINER_LABEL[r]}"
+        assert re.search(rf"\n\| {re.escape(label)} \| (\d\.\d{{3}} ± \d\.\d{{3}} / \d\.\d{{3}} ± \d\.\d{{3}} \| ){{4}}"
                          rf"\d\.\d{{3}} / \d\.\d{{3}} \|", text), label
     assert re.search(r"\| \+ OP \| (\d\.\d{3} ± \d\.\d{3} \| ){4}\d\.\d{3} \| 66\.9 \| 28\.6 \| 40\.0 \|", text)
     if plots == ["ablation.png"]:
@@ -149,6 +159,48 @@ def test_case_class_distributions_are_the_reference():
     for nms in ((0.0, "classes"), (0.2, "classes"), (0.1, "patches"), (0.5, "patches")):
         want = R.class_distributions(sc.feats, sc.text, nms=nms[0], nms_axis=nms[1])
         torch.testing.assert_close(case.q(nms), want, rtol=1e-6, atol=1e-9)
+
+
+def test_clip_like_scene_dino_feats_are_the_affinitys_region_features():
+    """dino_feats: unit vectors the affinity is built from (softmax(sharp z z^T - dist^2 / 0.5)), knowing regions."""
+    from ovss_fast.synthetic import DIFFICULTY, make_clip_like_scene
+
+    for kind, difficulty in (("voc", "easy"), ("stuff", "hard")):
+        sc = make_clip_like_scene(5, kind, difficulty, grid=(7, 9), dtype=torch.float64)
+        z = sc.dino_feats[0]
+        assert z.shape == (63, 16)
+        torch.testing.assert_close(z.norm(dim=1), torch.ones(63, dtype=torch.float64))
+        yy, xx = torch.meshgrid(torch.arange(7.0, dtype=torch.float64), torch.arange(9.0, dtype=torch.float64),
+                                indexing="ij")
+        pos = torch.stack([yy.reshape(-1) / 7, xx.reshape(-1) / 9], dim=1)
+        sharp = DIFFICULTY[difficulty][4]
+        want = torch.softmax(sharp * z @ z.T - torch.cdist(pos, pos) ** 2 / 0.5, dim=1)
+        torch.testing.assert_close(sc.affinity[0], want)
+    assert make_dataset_scene(1, "voc", grid=(6, 7)).dino_feats is None
+
+
+def test_case_lposs_scales_sigma_to_lposs_patches():
+    """The bench's LPOSS: positions in guide pixels (8 px patches) with sigma 0.02 is LPOSS's sigma 0.01 on 16 px
+    patches; y0 "cosine" is the raw cosines, "nq" N Q."""
+    from bench import bench_ablation as B
+    from ovss_fast import label_propagation
+    from ovss_fast.synthetic import make_clip_like_scene
+
+    sc = make_clip_like_scene(2, "voc", "easy", grid=(6, 8), dtype=torch.float64)
+    case = B.Case(sc)
+    yy, xx = torch.meshgrid(torch.arange(6.0, dtype=torch.float64), torch.arange(8.0, dtype=torch.float64),
+                            indexing="ij")
+    pos16 = torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=1) * 16 + 8  # LPOSS: 8 + 16 * index
+    cos = case.scores({"mode": "raw"})
+    want = label_propagation(cos, sc.dino_feats, pos16, backend="reference")
+    got = case.scores({"mode": "lposs", "y0": "cosine"})
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    nq = case.q((0.0, "classes")) * 48
+    got_nq = case.scores({"mode": "lposs", "y0": "nq", "nms": (0.0, "classes")})
+    torch.testing.assert_close(got_nq, label_propagation(nq, sc.dino_feats, pos16, backend="reference"),
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="dino_feats"):
+        B.Case(make_dataset_scene(1, "voc", grid=(6, 7))).scores({"mode": "lposs", "y0": "cosine"})
 
 
 def test_case_refined_rejects_an_unknown_refiner():

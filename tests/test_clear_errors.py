@@ -63,9 +63,10 @@ def test_non_finite_scores_name_the_affinity(monkeypatch):
 # --------------------------------------------------------------------------- integral numbers
 def test_numpy_integers_and_floats_are_accepted_as_numbers():
     feats, text, aff, guide = inputs()
-    want = ops.segment_features(feats, text, aff, guide=guide, mode="op", iters=3, radius=1, backend=BACKEND)
-    got = ops.segment_features(feats, text, aff, guide=guide, mode="op", iters=np.int64(3), radius=np.int32(1),
-                               grid=(np.int64(4), np.int64(4)), eps=np.float32(0.2), sigma_range=np.float64(0.1),
+    want = ops.segment_features(feats, text, aff, guide=guide, mode="op", iters=3, radius=2, eps=0.25,
+                                sigma_range=0.125, backend=BACKEND)
+    got = ops.segment_features(feats, text, aff, guide=guide, mode="op", iters=np.int64(3), radius=np.int32(2),
+                               grid=(np.int64(4), np.int64(4)), eps=np.float32(0.25), sigma_range=np.float64(0.125),
                                backend=BACKEND)
     assert torch.equal(got, want)
     q = ops.class_distributions(feats, text, backend=BACKEND)

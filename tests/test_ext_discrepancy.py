@@ -116,7 +116,7 @@ def test_discrepancy_mv_cpu_backend(shape, dtype, readout):
     g = _gen("mv-api", shape, dtype, readout)
     q, aff = make_q(B, N, C, gen=g), make_affinity(B, N, gen=g)
     out = ops.discrepancy(q.to(dtype), aff.to(dtype), mode="mv", readout=readout, backend="cpu",
-                          transition="gibbs", eps=0.1, tau=0.3)
+                          transition="gibbs", eps=0.1, tau=0.3, steps=50)
     assert out.dtype == dtype and out.shape == (B, N, C)
     _, kernel = R.gibbs_kernel(aff, eps=0.1)
     markov_check(out, q, kernel, readout=readout, tol=1e-10 if dtype == torch.float64 else TOL32)

@@ -9,6 +9,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+#: The head's defaults, one place for every layer (reference, cpu, cuda, triton, the public ops and
+#: :class:`~ovss_fast.ops.options.HeadOptions`). The paper's value where it states one (eps, iters, sk_iters);
+#: elsewhere the synthetic ablation's choice (docs/defaults.md, bench/RESULTS.md "Synthetic ablation":
+#: steps 25, tau 0.1, JBU sigma_spatial 0.5 patches, sigma_range 0.2, radius 1 patch).
+EPS = 0.1
+ITERS = 50
+SK_ITERS = 15
+STEPS = 25
+TAU = 0.1
+SIGMA_SPATIAL = 0.5
+SIGMA_RANGE = 0.2
+RADIUS = 1
+
 #: mode "mv"'s matrix before Sinkhorn-Knopp: the symmetrised attention Sym / M (the paper) or the Gibbs
 #: kernel K (ours); method.md section 3. The default (the paper's) first.
 TRANSITIONS = ("attention", "gibbs")

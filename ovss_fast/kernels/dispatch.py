@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ovss_fast.errors import InputError, InputTypeError
 from ovss_fast.kernels import reference
+from ovss_fast.kernels.common import EPS
 
 OPS = (
     "class_distributions",
@@ -45,7 +46,7 @@ AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
 #: Triton, CUDA tensors take the reference; backend="cuda" still runs the extension. Put "cuda" back
 #: only in a commit that records a GPU check where it beats the reference at every shape of the
 #: regime table (bench/gpu_check.py).
-#: The refiners' CUDA and Triton paths (pamr's kernels, label_propagation's torch-sparse CUDA path) compile and pass
+#: The refiners' CUDA and Triton paths (pamr's kernels, label_propagation's and pixel_propagation's) compile and pass
 #: the interpreter / CPU tests but have never run on a GPU: until a GPU check (bench/gpu_check.py) shows them
 #: correct, auto gives CUDA tensors to the reference (forced backend="cuda" / "triton" still runs them).
 AUTO_ORDER_BY_OP = {
@@ -71,12 +72,12 @@ class Backend:
         """Why this backend cannot run ``op`` on these (validated) inputs; empty when it can."""
         return []
 
-    def gibbs_kernel_only(self, affinity: Tensor, *, eps: float = 0.2) -> Tensor:
+    def gibbs_kernel_only(self, affinity: Tensor, *, eps: float = EPS) -> Tensor:
         """affinity: [B, N, N] -> the kernel K of ``gibbs_kernel`` (what ops.discrepancy needs); a backend
         that can skip the cost overrides this. Not an op of :data:`OPS`: it calls this backend's gibbs_kernel."""
         return self.gibbs_kernel(affinity, eps=eps)[1]
 
-    def markov_transition(self, affinity: Tensor, *, transition: str = "attention", eps: float = 0.2,
+    def markov_transition(self, affinity: Tensor, *, transition: str = "attention", eps: float = EPS,
                           **options: Any) -> Tensor:
         """affinity: [B, N, N] -> the matrix mode "mv" makes doubly stochastic (method.md section 3): this
         backend's Gibbs kernel ("gibbs") or W = Sym / M ("attention"), the latter one elementwise PyTorch pass

@@ -22,14 +22,15 @@ from ovss_fast.kernels import (
     fake,  # noqa: F401  (register_fake for torch.compile)
     propagation,
 )
+from ovss_fast.kernels.common import EPS, ITERS, RADIUS, SIGMA_RANGE, SIGMA_SPATIAL, SK_ITERS, STEPS, TAU
 from ovss_fast.kernels.dispatch import OPS, Backend
 
 #: dtypes the kernels take (half and bfloat16 are computed in float32 by the C++ wrappers)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: (op, device type) -> the compiled kernel the op needs there; None: PyTorch ops only. label_propagation's
-#: kNN is a blocked matmul + top-k in PyTorch on every device; on the CPU the graph and CG are the compiled
-#: knn_propagation, on CUDA PyTorch sparse ops (kernels/propagation.py; no CUDA kernel of ours)
-KERNEL_FOR = {("label_propagation", "cpu"): "knn_propagation", ("label_propagation", "cuda"): None}
+#: kNN is a blocked matmul + top-k in PyTorch on every device; the graph and CG are the compiled knn_propagation
+#: (csrc/cpu/knn_propagation.cpp, csrc/cuda/knn_propagation*; kernels/propagation.py)
+KERNEL_FOR = {("label_propagation", "cpu"): "knn_propagation", ("label_propagation", "cuda"): "knn_propagation"}
 #: the JBU kernels take at most this radius ((2r+1)^2 taps per pixel; csrc/common/jbu_prepare.h)
 MAX_JBU_RADIUS = 64
 
@@ -82,7 +83,7 @@ class ExtensionBackend(Backend):
         return torch.ops.ovss_fast.class_distributions(feats, text, float(scale), float(nms), str(nms_axis))
 
     # section 2
-    def gibbs_kernel(self, affinity: Tensor, *, eps: float = 0.2) -> tuple[Tensor, Tensor]:
+    def gibbs_kernel(self, affinity: Tensor, *, eps: float = EPS) -> tuple[Tensor, Tensor]:
         """affinity [B, N, N] -> (cost [B, N, N], kernel [B, N, N])."""
         cost, kernel = torch.ops.ovss_fast.gibbs_kernel(affinity, float(eps))
         return cost, kernel
@@ -92,7 +93,7 @@ class ExtensionBackend(Backend):
         """q [B, N, C] -> scores [B, N, C]."""
         return torch.ops.ovss_fast.kl_scores(q)
 
-    def sinkhorn_scores(self, q: Tensor, kernel: Tensor, *, eps: float = 0.2, iters: int = 50) -> Tensor:
+    def sinkhorn_scores(self, q: Tensor, kernel: Tensor, *, eps: float = EPS, iters: int = ITERS) -> Tensor:
         """q [B, N, C], kernel [B, N, N] -> scores [B, N, C]."""
         return torch.ops.ovss_fast.sinkhorn_scores(q, kernel, float(eps), int(iters))
 
@@ -101,23 +102,25 @@ class ExtensionBackend(Backend):
         q: Tensor,
         kernel: Tensor,
         *,
-        sk_iters: int = 15,
-        steps: int = 50,
+        sk_iters: int = SK_ITERS,
+        steps: int = STEPS,
         readout: str = "integrated",
-        tau: float = 0.1,
+        tau: float = TAU,
     ) -> Tensor:
         """q [B, N, C], kernel [B, N, N] -> scores [B, N, C]."""
         return torch.ops.ovss_fast.markov_scores(q, kernel, int(sk_iters), int(steps), str(readout), float(tau))
 
     # section 4
     def jbu_upsample(
-        self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1, radius: int = 2
+        self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = SIGMA_SPATIAL, sigma_range: float = SIGMA_RANGE,
+        radius: int = RADIUS,
     ) -> Tensor:
         """scores [B, C, h, w], guide [B, 3, H, W] -> [B, C, H, W]."""
         return torch.ops.ovss_fast.jbu_upsample(scores, guide, float(sigma_spatial), float(sigma_range), int(radius))
 
     def jbu_argmax(
-        self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1, radius: int = 2
+        self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = SIGMA_SPATIAL, sigma_range: float = SIGMA_RANGE,
+        radius: int = RADIUS,
     ) -> Tensor:
         """scores [B, C, h, w], guide [B, 3, H, W] -> labels [B, H, W] int64."""
         return torch.ops.ovss_fast.jbu_argmax(scores, guide, float(sigma_spatial), float(sigma_range), int(radius))
@@ -132,7 +135,7 @@ class ExtensionBackend(Backend):
 
     def pixel_propagation(self, scores: Tensor, image: Tensor, *, radius: int = 6, tau: float = 0.01,
                           alpha: float = 0.95, iters: int = 10, tol: float = 1e-6) -> Tensor:
-        """scores [B, C, H, W], image [B, 3, H, W] -> [B, C, H, W] (the stencil CG in C++)."""
+        """scores [B, C, H, W], image [B, 3, H, W] -> [B, C, H, W] (the stencil CG in C++ / CUDA)."""
         return torch.ops.ovss_fast.pixel_propagation(scores, image, int(radius), float(tau), float(alpha),
                                                      int(iters), float(tol))
 

@@ -94,7 +94,7 @@ def label_propagation(scores: Tensor, feats: Tensor, positions: Tensor, *, k: in
     for i in range(scores.shape[0]):
         index, w = edge_weights(feats[i].to(dt), positions[i].to(dt), k=k, gamma=gamma, sigma=sigma,
                                 dist_pow=dist_pow)
-        if scores.device.type == "cpu":
+        if scores.device.type in ("cpu", "cuda"):  # csrc/cpu/knn_propagation.cpp, csrc/cuda/knn_propagation*
             out[i] = torch.ops.ovss_fast.knn_propagation(index, w, scores[i].to(dt), float(alpha), int(iters),
                                                          float(tol))
         else:

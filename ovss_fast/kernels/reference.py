@@ -18,7 +18,21 @@ import torch
 from torch import Tensor
 
 from ovss_fast.errors import InputError
-from ovss_fast.kernels.common import NMS_AXES, TRANSITIONS, lowres_guide, symmetric_knn_graph, tap_geometry
+from ovss_fast.kernels.common import (
+    EPS,
+    ITERS,
+    NMS_AXES,
+    RADIUS,
+    SIGMA_RANGE,
+    SIGMA_SPATIAL,
+    SK_ITERS,
+    STEPS,
+    TAU,
+    TRANSITIONS,
+    lowres_guide,
+    symmetric_knn_graph,
+    tap_geometry,
+)
 
 #: Divisions floor their denominators here (method.md section 3; a normal float32).
 DENOM_FLOOR = 1e-30
@@ -103,7 +117,7 @@ def scaled_affinity(affinity: Tensor) -> Tensor:
     return sym / torch.where(m > 0, m, torch.ones_like(m))
 
 
-def gibbs_kernel(affinity: Tensor, *, eps: float = 0.2) -> tuple[Tensor, Tensor]:
+def gibbs_kernel(affinity: Tensor, *, eps: float = EPS) -> tuple[Tensor, Tensor]:
     """Cost C in [0, 1] and Gibbs kernel K = exp(-C / eps) (method.md section 2).
 
     affinity: [B, N, N] (non-negative) -> (cost [B, N, N], kernel [B, N, N]). The cost is
@@ -131,7 +145,7 @@ def attention_transition(affinity: Tensor) -> Tensor:
     return scaled_affinity(affinity)
 
 
-def markov_transition(affinity: Tensor, *, transition: str = "attention", eps: float = 0.2) -> Tensor:
+def markov_transition(affinity: Tensor, *, transition: str = "attention", eps: float = EPS) -> Tensor:
     """The matrix mode "mv" makes doubly stochastic: K of :func:`gibbs_kernel` ("gibbs", ours) or
     W of :func:`attention_transition` ("attention", paper). [B, N, N] -> [B, N, N]."""
     if transition == "gibbs":
@@ -175,7 +189,7 @@ def _sinkhorn_iterate(q: Tensor, kernel: Tensor, iters: int) -> tuple[Tensor, Te
     return q, k, v, a
 
 
-def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.2, iters: int = 50) -> Tensor:
+def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = EPS, iters: int = ITERS) -> Tensor:
     """Optimal-path scores: entropic OT from 1/N to each class (method.md section 3, op).
 
     q: [B, N, C] (targets b = Q[:, c]); kernel: [B, N, N] -> S: [B, N, C] with
@@ -188,7 +202,7 @@ def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.2, iters: int =
     return _mask_dead(s, q)
 
 
-def sinkhorn_plan(q: Tensor, kernel: Tensor, *, iters: int = 50) -> Tensor:
+def sinkhorn_plan(q: Tensor, kernel: Tensor, *, iters: int = ITERS) -> Tensor:
     """The analytic solution pi = diag(u) K diag(v) for every class (tests only).
 
     q: [B, N, C]; kernel: [B, N, N] -> plan: [B, C, N, N]. Uses the same iteration
@@ -200,7 +214,7 @@ def sinkhorn_plan(q: Tensor, kernel: Tensor, *, iters: int = 50) -> Tensor:
     return u.transpose(1, 2)[:, :, :, None] * k[:, None] * v.transpose(1, 2)[:, :, None, :]
 
 
-def doubly_stochastic(kernel: Tensor, *, sk_iters: int = 15) -> Tensor:
+def doubly_stochastic(kernel: Tensor, *, sk_iters: int = SK_ITERS) -> Tensor:
     """Sinkhorn-Knopp / IPF: normalise rows then columns, sk_iters times.  [B, N, N] -> [B, N, N]."""
     t = kernel.to(compute_dtype(kernel))
     for _ in range(sk_iters):
@@ -209,8 +223,9 @@ def doubly_stochastic(kernel: Tensor, *, sk_iters: int = 15) -> Tensor:
     return t
 
 
-def markov_scores(q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int = 50, readout: str = "integrated",
-                  tau: float = 0.1) -> Tensor:
+def markov_scores(q: Tensor, kernel: Tensor, *, sk_iters: int = SK_ITERS, steps: int = STEPS,
+                  readout: str = "integrated",
+                  tau: float = TAU) -> Tensor:
     """Maximum-velocity scores from the chain f(l) = f(l-1) T (method.md section 3, mv).
 
     q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C].
@@ -318,8 +333,9 @@ def _jbu_relative_exponents(scores: Tensor, guide: Tensor, sigma_spatial: float,
         yield r, valid, qyc, qxc
 
 
-def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
-                 radius: int = 2) -> Tensor:
+def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = SIGMA_SPATIAL,
+                 sigma_range: float = SIGMA_RANGE,
+                 radius: int = RADIUS) -> Tensor:
     """Joint bilateral upsampling (Kopf et al. 2007; method.md section 4).
 
     scores: [B, C, h, w]; guide: [B, 3, H, W] in [0, 1] -> [B, C, H, W].
@@ -348,8 +364,8 @@ def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, s
     return num / den[:, None]
 
 
-def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
-               radius: int = 2) -> Tensor:
+def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = SIGMA_SPATIAL, sigma_range: float = SIGMA_RANGE,
+               radius: int = RADIUS) -> Tensor:
     """Labels of the upsampled scores: argmax over classes, ties to the lowest index.
 
     scores: [B, C, h, w]; guide: [B, 3, H, W] -> labels [B, H, W] int64.

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ovss_fast.errors import InputError
 from ovss_fast.kernels import reference
+from ovss_fast.kernels.common import EPS, ITERS, RADIUS, SIGMA_RANGE, SIGMA_SPATIAL, SK_ITERS, STEPS, TAU
 from ovss_fast.kernels.dispatch import select
 from ovss_fast.ops import validate as check
 from ovss_fast.ops.options import HeadOptions
@@ -46,7 +47,7 @@ def class_distributions(feats: Tensor, text: Tensor, *, scale: float = 100.0, nm
         return reference.suppress_patches(impl.class_distributions(feats, text, scale=params["scale"], nms=0.0), nms)
 
 
-def gibbs_kernel(affinity: Tensor, *, eps: float = 0.2, backend: str = "auto") -> tuple[Tensor, Tensor]:
+def gibbs_kernel(affinity: Tensor, *, eps: float = EPS, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Cost and Gibbs kernel from a patch affinity (method.md section 2).
 
     affinity: [B, N, N], non-negative -> (cost [B, N, N] in [0, 1], kernel = exp(-cost / eps)).
@@ -63,12 +64,12 @@ def discrepancy(
     affinity: Tensor | None,
     *,
     mode: str = "mv",
-    eps: float = 0.2,
-    iters: int = 50,
-    sk_iters: int = 15,
-    steps: int = 50,
+    eps: float = EPS,
+    iters: int = ITERS,
+    sk_iters: int = SK_ITERS,
+    steps: int = STEPS,
     readout: str = "integrated",
-    tau: float = 0.1,
+    tau: float = TAU,
     transition: str = "attention",
     backend: str = "auto",
     backend_options: Mapping[str, Any] | None = None,
@@ -159,8 +160,9 @@ def _jbu_params(sigma_spatial: float, sigma_range: float, radius: int) -> dict[s
     }
 
 
-def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
-                 radius: int = 2, backend: str = "auto") -> Tensor:
+def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = SIGMA_SPATIAL,
+                 sigma_range: float = SIGMA_RANGE,
+                 radius: int = RADIUS, backend: str = "auto") -> Tensor:
     """Joint bilateral upsampling of scores to the guide's size (method.md section 4).
 
     scores: [B, C, h, w]; guide: [B, 3, H, W] with values in [0, 1] -> [B, C, H, W].
@@ -172,8 +174,8 @@ def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, s
         return impl.jbu_upsample(scores, guide, **params)
 
 
-def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
-               radius: int = 2, backend: str = "auto") -> Tensor:
+def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = SIGMA_SPATIAL, sigma_range: float = SIGMA_RANGE,
+               radius: int = RADIUS, backend: str = "auto") -> Tensor:
     """Labels of the joint-bilaterally upsampled scores, ties to the lowest class.
 
     scores: [B, C, h, w]; guide: [B, 3, H, W] -> labels [B, H, W] int64. Fused

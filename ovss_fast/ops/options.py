@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ovss_fast.errors import InputTypeError
+from ovss_fast.kernels.common import EPS, ITERS, RADIUS, SIGMA_RANGE, SIGMA_SPATIAL, SK_ITERS, STEPS, TAU
 from ovss_fast.ops import validate as check
 
 #: the ops a head option can belong to (``jbu``: both jbu_upsample and jbu_argmax; ``refine``: the step from
@@ -93,20 +94,23 @@ class HeadOptions:
     nms: float = option(0.0, "class_distributions", _nms, "class-distribution NMS ratio in [0, 1] (default 0)")
     nms_axis: str = option("classes", "class_distributions", one_of(check.NMS_AXES),
                            "class-distribution NMS over classes (default) or patches", choices=check.NMS_AXES)
-    eps: float = option(0.2, "discrepancy", check.positive, "entropic regularisation of the Gibbs kernel (default 0.2)")
-    iters: int = option(50, "discrepancy", at_least(1), "Sinkhorn iterations for mode op (default 50)")
-    sk_iters: int = option(15, "discrepancy", at_least(1, check.SK_ITERS_WHY),
-                           "Sinkhorn iterations making the mv kernel doubly stochastic (default 15)")
-    steps: int = option(50, "discrepancy", at_least(1), "Markov-chain steps for mode mv (default 50)")
+    eps: float = option(EPS, "discrepancy", check.positive,
+                        f"entropic regularisation of the Gibbs kernel (default {EPS}, the paper's)")
+    iters: int = option(ITERS, "discrepancy", at_least(1), f"Sinkhorn iterations for mode op (default {ITERS})")
+    sk_iters: int = option(SK_ITERS, "discrepancy", at_least(1, check.SK_ITERS_WHY),
+                           f"Sinkhorn iterations making the mv kernel doubly stochastic (default {SK_ITERS})")
+    steps: int = option(STEPS, "discrepancy", at_least(1), f"Markov-chain steps for mode mv (default {STEPS})")
     readout: str = option("integrated", "discrepancy", one_of(check.READOUTS),
                           f"mv readout: {', '.join(check.READOUTS)} (default integrated)", choices=check.READOUTS)
-    tau: float = option(0.1, "discrepancy", check.positive, "mv velocity threshold (default 0.1)")
+    tau: float = option(TAU, "discrepancy", check.positive, f"mv velocity threshold (default {TAU})")
     transition: str = option("attention", "discrepancy", one_of(check.TRANSITIONS),
                              "mv transition made doubly stochastic: attention (default) or gibbs",
                              choices=check.TRANSITIONS)
-    sigma_spatial: float = option(2.0, "jbu", check.positive, "JBU spatial sigma in patches (default 2.0)")
-    sigma_range: float = option(0.1, "jbu", check.positive, "JBU range sigma on [0, 1] colours (default 0.1)")
-    radius: int = option(2, "jbu", _radius, "JBU radius in patches (default 2)")
+    sigma_spatial: float = option(SIGMA_SPATIAL, "jbu", check.positive,
+                                  f"JBU spatial sigma in patches (default {SIGMA_SPATIAL})")
+    sigma_range: float = option(SIGMA_RANGE, "jbu", check.positive,
+                                f"JBU range sigma on [0, 1] colours (default {SIGMA_RANGE})")
+    radius: int = option(RADIUS, "jbu", _radius, f"JBU radius in patches (default {RADIUS})")
     refine: str = option("jbu", "refine", one_of(check.REFINERS),
                          "scores to the output size: jbu (joint bilateral upsampling of the patch grid, default), "
                          "bilinear (the peers' resize), pamr (bilinear, then PAMR on the normalised image: "

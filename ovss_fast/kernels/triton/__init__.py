@@ -2,7 +2,8 @@
 
 ``TRITON_BACKEND`` runs the eight ops of :mod:`ovss_fast.kernels.reference` as Triton kernels, one
 module per op (``class_distributions``, ``gibbs_kernel``, ``kl_scores``, ``sinkhorn_scores``,
-``markov_scores``, ``jbu``) and PAMR (``pamr``). Importing this package never imports triton; the kernel modules
+``markov_scores``, ``jbu``), PAMR (``pamr``) and LPOSS / LPOSS+ (``propagation``: ``label_propagation``,
+``pixel_propagation``). Importing this package never imports triton; the kernel modules
 are imported on the first call, so ``import ovss_fast.kernels.triton`` works without triton and the
 backend then reports "triton is not installed".
 
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ovss_fast.kernels.common import EPS, ITERS, RADIUS, SIGMA_RANGE, SIGMA_SPATIAL, SK_ITERS, STEPS, TAU
 from ovss_fast.kernels.dispatch import Backend
 from ovss_fast.kernels.triton._runtime import (
     GRAPHS,
@@ -83,6 +85,11 @@ class TritonBackend(Backend):
         if op == "pamr" and len(tensors) > 1 and tensors[1].shape[1] > MAX_PAMR_CHANNELS:
             reasons.append(f"pamr holds at most {MAX_PAMR_CHANNELS} image channels per program, "
                            f"got K = {tensors[1].shape[1]}")
+        if op == "pixel_propagation" and len(tensors) > 1:
+            r = int(params.get("radius", 6))
+            if 2 * r * (r + 1) * tensors[1].shape[-2] * tensors[1].shape[-1] >= 2**31:
+                reasons.append("pixel_propagation indexes an image's stencil (2 r (r + 1) H W weights) in int32, "
+                               f"too few for radius {r} at {tensors[1].shape[-2]} x {tensors[1].shape[-1]}")
         if op == "markov_scores" and params.get("readout", "integrated") not in ("integrated", "velocity"):
             reasons.append(f"unknown readout {params.get('readout')!r}")
         return reasons
@@ -94,13 +101,13 @@ class TritonBackend(Backend):
 
         return mod.class_distributions(feats, text, scale=scale, nms=nms)
 
-    def gibbs_kernel(self, affinity: Tensor, *, eps: float = 0.2) -> tuple[Tensor, Tensor]:
+    def gibbs_kernel(self, affinity: Tensor, *, eps: float = EPS) -> tuple[Tensor, Tensor]:
         """affinity: [B, N, N] -> (cost [B, N, N], kernel [B, N, N]) float32."""
         from ovss_fast.kernels.triton import gibbs_kernel as mod
 
         return mod.gibbs_kernel(affinity, eps=eps)
 
-    def gibbs_kernel_only(self, affinity: Tensor, *, eps: float = 0.2, gibbs: str | None = None) -> Tensor:
+    def gibbs_kernel_only(self, affinity: Tensor, *, eps: float = EPS, gibbs: str | None = None) -> Tensor:
         """affinity: [B, N, N] -> kernel [B, N, N] float32. ``gibbs="fused"``: symmetric tiles, no cost
         written (gibbs_kernel.gibbs_kernel_only); "separate" (the default): gibbs_kernel's K. None: the
         default option (TritonOptions, from OVSS_FAST_TRITON_GIBBS read at import)."""
@@ -116,7 +123,7 @@ class TritonBackend(Backend):
 
         return mod.kl_scores(q)
 
-    def sinkhorn_scores(self, q: Tensor, kernel: Tensor, *, eps: float = 0.2, iters: int = 50,
+    def sinkhorn_scores(self, q: Tensor, kernel: Tensor, *, eps: float = EPS, iters: int = ITERS,
                         symmetric: bool = False, schedule: str | None = None, precision: str | None = None,
                         graphs: bool | None = None) -> Tensor:
         """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32. ``symmetric=True`` promises K = K^T.
@@ -130,8 +137,8 @@ class TritonBackend(Backend):
                                                            symmetric=params[2], options=opts),
                           "sinkhorn_scores", params, q, kernel, graphs=opts.graphs)
 
-    def markov_scores(self, q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int = 50,
-                      readout: str = "integrated", tau: float = 0.1, symmetric: bool = False,
+    def markov_scores(self, q: Tensor, kernel: Tensor, *, sk_iters: int = SK_ITERS, steps: int = STEPS,
+                      readout: str = "integrated", tau: float = TAU, symmetric: bool = False,
                       schedule: str | None = None, precision: str | None = None,
                       graphs: bool | None = None) -> Tensor:
         """q: [B, N, C]; kernel: [B, N, N] -> [B, N, C] float32. ``symmetric=True`` promises K = K^T.
@@ -146,15 +153,17 @@ class TritonBackend(Backend):
                                                          options=opts),
                           "markov_scores", params, q, kernel, graphs=opts.graphs)
 
-    def jbu_upsample(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
-                     radius: int = 2) -> Tensor:
+    def jbu_upsample(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = SIGMA_SPATIAL,
+                     sigma_range: float = SIGMA_RANGE,
+                     radius: int = RADIUS) -> Tensor:
         """scores: [B, C, h, w]; guide: [B, 3, H, W] -> [B, C, H, W] float32."""
         from ovss_fast.kernels.triton import jbu as mod
 
         return mod.jbu_upsample(scores, guide, sigma_spatial=sigma_spatial, sigma_range=sigma_range, radius=radius)
 
-    def jbu_argmax(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
-                   radius: int = 2) -> Tensor:
+    def jbu_argmax(self, scores: Tensor, guide: Tensor, *, sigma_spatial: float = SIGMA_SPATIAL,
+                   sigma_range: float = SIGMA_RANGE,
+                   radius: int = RADIUS) -> Tensor:
         """scores: [B, C, h, w]; guide: [B, 3, H, W] -> labels [B, H, W] int64."""
         from ovss_fast.kernels.triton import jbu as mod
 
@@ -165,6 +174,23 @@ class TritonBackend(Backend):
         from ovss_fast.kernels.triton import pamr as mod
 
         return mod.pamr(scores, image, iters=iters, dilations=dilations)
+
+    def label_propagation(self, scores: Tensor, feats: Tensor, positions: Tensor, *, k: int = 400,
+                          gamma: float = 3.0, sigma: float = 0.01, dist_pow: float = 1.0, alpha: float = 0.95,
+                          iters: int = 10, tol: float = 1e-6) -> Tensor:
+        """scores: [B, N, C]; feats: [B, N, D]; positions: [B, N, 2] -> [B, N, C] float32
+        (see reference.label_propagation)."""
+        from ovss_fast.kernels.triton import propagation as mod
+
+        return mod.label_propagation(scores, feats, positions, k=k, gamma=gamma, sigma=sigma, dist_pow=dist_pow,
+                                     alpha=alpha, iters=iters, tol=tol)
+
+    def pixel_propagation(self, scores: Tensor, image: Tensor, *, radius: int = 6, tau: float = 0.01,
+                          alpha: float = 0.95, iters: int = 10, tol: float = 1e-6) -> Tensor:
+        """scores: [B, C, H, W]; image: [B, 3, H, W] -> [B, C, H, W] float32 (see reference.pixel_propagation)."""
+        from ovss_fast.kernels.triton import propagation as mod
+
+        return mod.pixel_propagation(scores, image, radius=radius, tau=tau, alpha=alpha, iters=iters, tol=tol)
 
 
 TRITON_BACKEND = TritonBackend()

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ovss_fast.kernels.common import EPS
 from ovss_fast.kernels.triton import _runtime
 from ovss_fast.kernels.triton._runtime import LOG_FLOOR as _LOG_FLOOR
 from ovss_fast.kernels.triton._runtime import autotune, configs, device_guard, interpreting, next_pow2
@@ -244,7 +245,7 @@ _sym_range_tuned = autotune(configs=SYM_CONFIGS, key=["N"])(_sym_range_kernel)
 _sym_tile_tuned = autotune(configs=SYM_CONFIGS, key=["N"])(_sym_gibbs_kernel)
 
 
-def gibbs_kernel(affinity: Tensor, *, eps: float = 0.2) -> tuple[Tensor, Tensor]:
+def gibbs_kernel(affinity: Tensor, *, eps: float = EPS) -> tuple[Tensor, Tensor]:
     """affinity: [B, N, N] -> (cost [B, N, N], kernel [B, N, N]) float32 (see reference.gibbs_kernel)."""
     B, N, _ = affinity.shape
     cost = torch.empty((B, N, N), dtype=torch.float32, device=affinity.device)
@@ -276,7 +277,7 @@ def tile_pairs(N: int, block: int) -> int:
     return t * (t + 1) // 2
 
 
-def gibbs_kernel_only(affinity: Tensor, *, eps: float = 0.2) -> Tensor:
+def gibbs_kernel_only(affinity: Tensor, *, eps: float = EPS) -> Tensor:
     """affinity: [B, N, N] -> kernel [B, N, N] float32, the K of :func:`gibbs_kernel` (same bits), no cost.
 
     Symmetric tiles: A is read once per pass, K written once. The range pass's program count per

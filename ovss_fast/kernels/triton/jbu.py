@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ovss_fast.kernels.common import lowres_guide, tap_geometry
+from ovss_fast.kernels.common import RADIUS, SIGMA_RANGE, SIGMA_SPATIAL, lowres_guide, tap_geometry
 from ovss_fast.kernels.triton._runtime import autotune, configs, device_guard, interpreting, size_bucket
 
 
@@ -250,8 +250,9 @@ def _prepare(scores: Tensor, guide: Tensor, sigma_spatial: float, sigma_range: f
         C, h, w, H, W, int(radius), *scores.stride(), *guide.stride(), inv_s, inv_r)
 
 
-def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
-                 radius: int = 2) -> Tensor:
+def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = SIGMA_SPATIAL,
+                 sigma_range: float = SIGMA_RANGE,
+                 radius: int = RADIUS) -> Tensor:
     """scores: [B, C, h, w]; guide: [B, 3, H, W] -> [B, C, H, W] float32 (see reference.jbu_upsample)."""
     B, C, h, w = scores.shape
     H, W = guide.shape[-2:]
@@ -269,8 +270,8 @@ def jbu_upsample(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, s
     return out
 
 
-def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = 2.0, sigma_range: float = 0.1,
-               radius: int = 2) -> Tensor:
+def jbu_argmax(scores: Tensor, guide: Tensor, *, sigma_spatial: float = SIGMA_SPATIAL, sigma_range: float = SIGMA_RANGE,
+               radius: int = RADIUS) -> Tensor:
     """scores: [B, C, h, w]; guide: [B, 3, H, W] -> labels [B, H, W] int64 (see reference.jbu_argmax)."""
     B, C, h, w = scores.shape
     H, W = guide.shape[-2:]

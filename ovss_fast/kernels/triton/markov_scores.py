@@ -50,6 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ovss_fast.errors import InputError
+from ovss_fast.kernels.common import SK_ITERS, STEPS, TAU
 from ovss_fast.kernels.triton import _schedules as sched
 from ovss_fast.kernels.triton._runtime import TritonOptions, autotune, configs, device_guard, interpreting, resolve
 from ovss_fast.kernels.triton._schedules import SCRATCH_PAD, WINDOW_MAX_N
@@ -546,7 +547,7 @@ _persistent_tuned_tf32x3 = autotune(configs=sched.PERSISTENT_CONFIGS_TF32X3,
                                     key=_PERSISTENT_KEY)(_markov_persistent_kernel)
 
 
-def doubly_stochastic_scales(kernel: Tensor, *, sk_iters: int = 15) -> tuple[Tensor, Tensor]:
+def doubly_stochastic_scales(kernel: Tensor, *, sk_iters: int = SK_ITERS) -> tuple[Tensor, Tensor]:
     """kernel: [B, N, N] -> (r [B, N], c [B, N]) float64 with diag(r) K diag(c) = reference.doubly_stochastic(K)."""
     B, N, _ = kernel.shape
     r = torch.ones((B, N), dtype=torch.float64, device=kernel.device)
@@ -574,7 +575,8 @@ def column_drift(kernel: Tensor, r: Tensor, c: Tensor) -> Tensor:
     return e
 
 
-def window_scales(kernel: Tensor, *, sk_iters: int = 15, symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def window_scales(kernel: Tensor, *, sk_iters: int = SK_ITERS, symmetric: bool = False) -> tuple[Tensor, Tensor,
+                  Tensor]:
     """kernel [B, N, N] -> (r, c [B, N] float64, e [B, N] float32) in ONE launch (a program per window):
     the same numbers as doubly_stochastic_scales and column_drift up to float64 summation order."""
     B, N, _ = kernel.shape
@@ -588,8 +590,9 @@ def window_scales(kernel: Tensor, *, sk_iters: int = 15, symmetric: bool = False
     return r, c, e
 
 
-def markov_scores(q: Tensor, kernel: Tensor, *, sk_iters: int = 15, steps: int = 50, readout: str = "integrated",
-                  tau: float = 0.1, schedule: str = "auto", symmetric: bool = False,
+def markov_scores(q: Tensor, kernel: Tensor, *, sk_iters: int = SK_ITERS, steps: int = STEPS,
+                  readout: str = "integrated",
+                  tau: float = TAU, schedule: str = "auto", symmetric: bool = False,
                   options: TritonOptions | None = None) -> Tensor:
     """q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C] float32 (see reference.markov_scores).
 

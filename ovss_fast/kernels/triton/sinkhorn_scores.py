@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ovss_fast.kernels.common import EPS, ITERS
 from ovss_fast.kernels.triton._runtime import TritonOptions, autotune, configs, device_guard, interpreting, resolve
 from ovss_fast.kernels.triton._schedules import (
     _INTERPRET_PERSISTENT,
@@ -357,7 +358,7 @@ _persistent_tuned = autotune(configs=PERSISTENT_CONFIGS, key=_PERSISTENT_KEY)(_s
 _persistent_tuned_tf32x3 = autotune(configs=PERSISTENT_CONFIGS_TF32X3,
                                     key=_PERSISTENT_KEY)(_sinkhorn_persistent_kernel)
 
-def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = 0.2, iters: int = 50,
+def sinkhorn_scores(q: Tensor, kernel: Tensor, *, eps: float = EPS, iters: int = ITERS,
                     schedule: str = "auto", symmetric: bool = False, options: TritonOptions | None = None) -> Tensor:
     """q: [B, N, C]; kernel: [B, N, N] -> S: [B, N, C] float32 (see reference.sinkhorn_scores).
 

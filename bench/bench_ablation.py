@@ -20,7 +20,8 @@ kernel where the extension is built; it matches the reference).
 Then the defaults (the rule of issue 19): where the paper is explicit (mode mv, transition attention,
 readout velocity, eps 0.1, iters 50, sk_iters 15, tau 0.3), its choice unless the ablation shows it worse
 by more than ``MARGIN`` mIoU on average over the four columns; where it is silent (NMS ratio and axis,
-steps, the JBU parameters), the ablation's best. The parameter sweeps run on the head the earlier decisions
+steps, the JBU parameters), the ablation's best (for radius and steps, the cheapest within ``TIE`` of the
+best). The parameter sweeps run on the head the earlier decisions
 chose and are scored without JBU (nearest upsampling), except the JBU sweep.
 
 Heads and refiners side table: the default head (mode mv, ``HeadOptions()``'s values) by bilinear, JBU, PAMR
@@ -67,6 +68,11 @@ NMS_RATIOS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 NMS_AXES = ("classes", "patches")
 #: a paper-explicit default stays unless the ablation shows it worse by more than this (mIoU, mean of the columns)
 MARGIN = 0.02
+#: where the paper is silent, candidates within TIE mIoU of the best count as tied (a difference far below the
+#: seeds' spread) and the cheapest of them wins, for the parameters with a cost order (COST); else the best
+TIE = 0.005
+#: what a larger value costs: JBU taps grow as (2 radius + 1)^2, the chain's work with its steps
+COST = {"radius": lambda v: v, "steps": lambda v: v}
 #: the head's parameters as the paper states them (method.md, "What the full paper reports")
 PAPER = {"mode": "mv", "transition": "attention", "readout": "velocity", "eps": 0.1, "iters": 50, "sk_iters": 15,
          "tau": 0.3}
@@ -298,6 +304,9 @@ def decide(param: str, candidates: dict, basis: str, paper: object = None) -> De
     best = max(candidates, key=lambda v: candidates[v])
     if paper is not None and paper in candidates and candidates[best] - candidates[paper] <= MARGIN:
         return Decision(param, paper, candidates, paper, "paper", basis)
+    if paper is None and param in COST:
+        tied = [v for v in candidates if candidates[best] - candidates[v] <= TIE]
+        best = min(tied, key=COST[param])
     return Decision(param, paper, candidates, best, "paper" if best == paper else "ours", basis)
 
 
@@ -480,8 +489,9 @@ def defaults_table(res: dict, commit: str) -> str:
                      else f"code has `{fmt_value(now_)}`"])
     head = (f"Decided by `python -m bench.bench_ablation --seeds {res['seeds']}` at {commit} ({res['seeds']} seeds per "
             "column, CLIP-like scenes; mean mIoU over the four columns). Rule: the paper's value unless the best "
-            f"candidate beats it by more than {MARGIN}; where the paper is silent, the best. The last column flags "
-            "a decided default the code does not have yet.")
+            f"candidate beats it by more than {MARGIN}; where the paper is silent, the best (for radius and steps, "
+            f"the cheapest of those within {TIE} of the best). The last column flags a decided default the code does "
+            "not have yet.")
     return "\n".join([DEFAULTS_BEGIN, "", head, "",
                       markdown_table(["parameter", "default", "from", "the ablation's numbers", "code"], rows),
                       "", DEFAULTS_END])
@@ -617,7 +627,9 @@ def write_results(res: dict, out_dir: Path, *, smoke: bool) -> list[str]:
         markdown_table(["head", "refiner"] + cols + ["mean (mIoU / mBIoU)"], ref_rows),
         "",
         f"Head defaults by the rule of issue 19: where the paper is explicit, its value unless the best candidate "
-        f"beats it by more than {MARGIN} mIoU (mean of the four columns); where it is silent, the best candidate. "
+        f"beats it by more than {MARGIN} mIoU (mean of the four columns); where it is silent, the best candidate "
+        f"(for radius and steps, whose larger values cost more, the cheapest candidate within {TIE} mIoU of the "
+        "best: a difference far below the seeds' spread). "
         "Candidates are scored on the head named in 'basis' with every other parameter at its decided default; "
         "the eps, iters, sk_iters, steps and tau sweeps without JBU (nearest upsampling), the NMS and JBU ones "
         "with it. Decided in this order: readout, transition, mode from the main table, then the rest. The "

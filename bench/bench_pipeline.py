@@ -496,8 +496,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default torch's)")
     p.add_argument("--whole-image", default=True, action=argparse.BooleanOptionalAction,
                    help="also time the dslo protocol's whole image (default on)")
-    p.add_argument("--out", type=Path, default=BENCH_DIR, help="folder for RESULTS.md, results.csv, plots/")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for RESULTS.md, results.csv, plots/ (default bench/; with --smoke a new temporary "
+                        "folder, so a smoke run never overwrites the real rows in bench/RESULTS.md)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="bench_pipeline_smoke_")) if args.smoke else BENCH_DIR
+        if args.smoke:
+            print(f"--smoke without --out: writing into {args.out}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2

@@ -2,8 +2,8 @@
 or PyTorch sparse ops (CUDA: no kernel of ours).
 
 Equal to :func:`ovss_fast.kernels.reference.label_propagation` (the spec); faster by what the spec
-spells out plainly: the kNN takes ``topk`` per row block and sorts only the rows whose k-th and
-(k+1)-th similarities tie (the tie-break by index needs it there and nowhere else). On the CPU the
+spells out plainly: the kNN takes an unsorted ``topk`` of k + 1 per row block and sorts only the rows whose
+k-th and (k+1)-th similarities tie (the tie-break by index needs it there and nowhere else). On the CPU the
 symmetric graph and the CG are the compiled ``knn_propagation``; elsewhere the graph is a sparse
 matrix (COO) and the CG updates its [N, C] vectors in place, all classes per sparse-dense product.
 """
@@ -34,8 +34,13 @@ def knn(feats: Tensor, k: int) -> tuple[Tensor, Tensor]:
         if k >= N:
             v, i = torch.sort(s, dim=1, descending=True, stable=True)
         else:
-            v, i = torch.topk(s, k + 1, dim=1)
-            tied = (v[:, k - 1] == v[:, k]).nonzero().flatten()
+            # the k + 1 largest, unsorted (cheaper); m = the (k+1)-th largest, which a tie at the k-th place
+            # repeats. Rows without a tie drop it (the last column moves into its place).
+            v, i = torch.topk(s, k + 1, dim=1, sorted=False)
+            m, at = v.min(dim=1)
+            tied = ((v == m.unsqueeze(1)).sum(1) >= 2).nonzero().flatten()
+            rows = torch.arange(v.shape[0])
+            v[rows, at], i[rows, at] = v[:, k].clone(), i[:, k].clone()
             if tied.numel():
                 tv, ti = torch.sort(s[tied], dim=1, descending=True, stable=True)
                 v[tied], i[tied] = tv[:, : k + 1], ti[:, : k + 1]

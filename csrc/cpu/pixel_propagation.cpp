@@ -234,26 +234,25 @@ at::Tensor pixel_propagation_cpu(const at::Tensor& scores, const at::Tensor& ima
   const auto dt = compute_dtype(scores, image);
   if (scores.numel() == 0) return at::empty(scores.sizes(), scores.options().dtype(dt));
   const at::Tensor y0 = prepare(scores, dt), img = prepare(image, dt);
-  at::Tensor out = at::empty(y0.sizes(), y0.options());
   const int64_t Cp = padded_classes(C), HW = H * W;
   const Grid g{H, W, Cp, radius};
   at::Tensor s = at::empty({HW, g.K()}, y0.options());
-  at::Tensor vecs = at::empty({4, HW, Cp}, y0.options());  // the CG's r, x, p, q
-  for (int64_t b = 0; b < B; ++b) {
-    if (dt == at::kDouble) {
-      double* vp = vecs.mutable_data_ptr<double>();
-      pixel_propagation_image<double>(img.const_data_ptr<double>() + b * 3 * HW, y0.const_data_ptr<double>() + b * C * HW,
-                                      out.mutable_data_ptr<double>() + b * C * HW, s.mutable_data_ptr<double>(),
-                                      {vp, vp + HW * Cp, vp + 2 * HW * Cp, vp + 3 * HW * Cp}, C, g, tau, alpha, iters,
-                                      tol);
-    } else {
-      float* vp = vecs.mutable_data_ptr<float>();
-      pixel_propagation_image<float>(img.const_data_ptr<float>() + b * 3 * HW, y0.const_data_ptr<float>() + b * C * HW,
-                                     out.mutable_data_ptr<float>() + b * C * HW, s.mutable_data_ptr<float>(),
-                                     {vp, vp + HW * Cp, vp + 2 * HW * Cp, vp + 3 * HW * Cp}, C, g,
-                                     static_cast<float>(tau), static_cast<float>(alpha), iters,
-                                     static_cast<float>(tol));
-    }
+  // the CG's r, then x, p, q; r is free once the CG is done, and one image's output [C, H, W] fits in it
+  at::Tensor r = at::empty({HW * Cp}, y0.options()), xpq = at::empty({3, HW, Cp}, y0.options());
+  at::Tensor out = B == 1 ? r.narrow(0, 0, C * HW).view(scores.sizes()) : at::empty(y0.sizes(), y0.options());
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    T* v = xpq.mutable_data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b)
+      pixel_propagation_image<T>(img.const_data_ptr<T>() + b * 3 * HW, y0.const_data_ptr<T>() + b * C * HW,
+                                 out.mutable_data_ptr<T>() + b * C * HW, s.mutable_data_ptr<T>(),
+                                 {r.mutable_data_ptr<T>(), v, v + HW * Cp, v + 2 * HW * Cp}, C, g, static_cast<T>(tau),
+                                 static_cast<T>(alpha), iters, static_cast<T>(tol));
+  };
+  if (dt == at::kDouble) {
+    run(0.0);
+  } else {
+    run(0.0f);
   }
   return out;
 }

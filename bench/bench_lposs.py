@@ -194,6 +194,7 @@ def split(C: int, repeats: int) -> list[list]:
     matmul + top-k), edge weights, then the compiled graph + CG (with 0 and 10 CG steps); the pixel stage with
     0 CG steps (Lab, stencil weights, layout changes) and 10."""
     import ovss_fast
+    import ovss_fast.kernels.extension  # noqa: F401  (loads the compiled ops into torch.ops.ovss_fast)
     from ovss_fast.kernels import propagation as P
 
     x = inputs(C)

@@ -1,7 +1,7 @@
 // LPOSS's patch stage after the kNN (Stojnic et al., CVPR 2025; docs/lposs.md; the spec:
 // reference.lposs_graph and label_propagation): from each node's neighbours index [N, k] and edge weights
 // [N, k] (ovss_fast/kernels/propagation.py computes both), S = D^-1/2 (W + W^T, diagonal removed) D^-1/2
-// as CSR in O(N k) (counting sort, then each row sorted by column), then x solves (I - alpha S) x = b per class by conjugate
+// as CSR in O(N k) (counting sort, no coalescing), then x solves (I - alpha S) x = b per class by conjugate
 // gradient from 0, b [N, C]. The sparse-dense product serves all C classes per stored entry (a node's classes
 // contiguous); the CG is cpu/propagation_cg.h, blocks of 64 rows.
 
@@ -50,10 +50,9 @@ inline void csr_rows_any(const int64_t* crow, const int64_t* col, const double* 
   csr_rows<double>(crow, col, v, p, q, pq, i0, i1, C, alpha);
 }
 
-// The normalised graph S of W + W^T as CSR (crow [N + 1], col, v), the diagonal removed: row i gathers its
-// kNN entries (j != i) and then the entries (i in kNN(j)) of W^T, in order of j; then the row is sorted by
-// column and an edge found from both ends becomes one entry W_ij + W_ji. s_ij = w_ij / sqrt(d_i d_j), d the
-// row sums (0 -> 1).
+// The normalised graph S of W + W^T as CSR (crow [N + 1], col, v), the diagonal removed: row i lists its
+// kNN entries (j != i) and then the entries (i in kNN(j)) of W^T, in order of j; an edge found from both
+// ends stays two entries (their sum is W_ij + W_ji). s_ij = w_ij / sqrt(d_i d_j), d the row sums (0 -> 1).
 template <typename T>
 void symmetric_graph(const int64_t* index, const T* w, int64_t N, int64_t k, std::vector<int64_t>& crow,
                      std::vector<int64_t>& col, std::vector<T>& v) {
@@ -87,38 +86,6 @@ void symmetric_graph(const int64_t* index, const T* w, int64_t N, int64_t k, std
         v[fill[j]++] = w[i * k + e];
       }
     }
-  // Each row sorted by column (stable: W's entry before W^T's) and the two entries of an edge found from both
-  // ends summed into one, w_ij + w_ji in that order: fewer entries for the CG to walk, in memory order.
-  std::vector<int64_t> len(N);
-  at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
-    std::vector<std::pair<int64_t, T>> row;
-    for (int64_t i = i0; i < i1; ++i) {
-      row.clear();
-      for (int64_t e = crow[i]; e < crow[i + 1]; ++e) row.emplace_back(col[e], v[e]);
-      std::stable_sort(row.begin(), row.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-      int64_t n = 0;
-      for (size_t e = 0; e < row.size(); ++e) {
-        if (n > 0 && col[crow[i] + n - 1] == row[e].first) {
-          v[crow[i] + n - 1] += row[e].second;
-        } else {
-          col[crow[i] + n] = row[e].first;
-          v[crow[i] + n] = row[e].second;
-          ++n;
-        }
-      }
-      len[i] = n;
-    }
-  });
-  int64_t nnz = 0;
-  for (int64_t i = 0; i < N; ++i) {  // compact: a row moves down to its new start (never up)
-    std::copy(col.begin() + crow[i], col.begin() + crow[i] + len[i], col.begin() + nnz);
-    std::copy(v.begin() + crow[i], v.begin() + crow[i] + len[i], v.begin() + nnz);
-    crow[i] = nnz;
-    nnz += len[i];
-  }
-  crow[N] = nnz;
-  col.resize(nnz);
-  v.resize(nnz);
   std::vector<T> inv(N);
   at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {

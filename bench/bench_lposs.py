@@ -16,6 +16,7 @@ peak RSS during the call (ru_maxrss after minus before).
 
     python -m bench.bench_lposs                  # all rows, writes bench/RESULTS.md "Refiners" / "LPOSS"
     python -m bench.bench_lposs --classes 21 --stages pixel --no-write
+    python -m bench.bench_lposs --split          # ours only: the time of each part of each stage
 """
 
 from __future__ import annotations
@@ -188,6 +189,47 @@ def run_one(impl: str, stage: str, C: int, repeats: int) -> dict:
     return {"seconds": statistics.median(times), "times": times, "peak_mb": peak / 1024, "out": out}
 
 
+def split(C: int, repeats: int) -> list[list]:
+    """Where ours spends its time (this process, median of ``repeats``): the patch stage's kNN (similarity
+    matmul + top-k), edge weights, then the compiled graph + CG (with 0 and 10 CG steps); the pixel stage with
+    0 CG steps (Lab, stencil weights, layout changes) and 10."""
+    import ovss_fast
+    import ovss_fast.kernels.extension  # noqa: F401  (loads the compiled ops into torch.ops.ovss_fast)
+    from ovss_fast.kernels import propagation as P
+
+    x = inputs(C)
+
+    def med(fn):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    f = torch.nn.functional.normalize(x["feats"], dim=1)
+    idx, w = P.edge_weights(x["feats"], x["positions"], k=K, gamma=GAMMA, sigma=SIGMA, dist_pow=DIST_POW)
+    ops = torch.ops.ovss_fast
+    parts = [
+        ("patch", "kNN (matmul + top-k)", lambda: P.knn(f, K)),
+        ("patch", "kNN + edge weights", lambda: P.edge_weights(x["feats"], x["positions"], k=K, gamma=GAMMA,
+                                                               sigma=SIGMA, dist_pow=DIST_POW)),
+        ("patch", "graph (0 CG steps)", lambda: ops.knn_propagation(idx, w, x["scores"], ALPHA, 0, 1e-6)),
+        ("patch", "graph + 10 CG steps", lambda: ops.knn_propagation(idx, w, x["scores"], ALPHA, 10, 1e-6)),
+        ("patch", "all (label_propagation)", lambda: ours_patch_stage(x["scores"], x["feats"], x["positions"])),
+        ("pixel", "Lab + weights + layout (0 CG steps)",
+         lambda: ops.pixel_propagation(x["pix_scores"], x["image"], RADIUS, TAU, ALPHA, 0, 1e-6)),
+        ("pixel", "all (10 CG steps)", lambda: ovss_fast.pixel_propagation(x["pix_scores"], x["image"],
+                                                                          radius=RADIUS, tau=TAU, alpha=ALPHA)),
+    ]
+    rows = []
+    for stage, what, fn in parts:
+        fn()
+        rows.append([stage, C, what, f"{med(fn):.3f}"])
+        print(*rows[-1], flush=True)
+    return rows
+
+
 def _child(impl: str, stage: str, C: int, repeats: int, out_path: str) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     res = run_one(impl, stage, C, repeats)
@@ -235,7 +277,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--impls", nargs="+", default=["port", "cpu"], help="port and/or our backends (cpu, reference)")
     ap.add_argument("--repeats", type=int, default=3, help="calls per measurement of ours (the port: 1)")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
+    ap.add_argument("--split", action="store_true", help="ours only: time the parts of each stage (no table)")
     args = ap.parse_args(argv)
+    if args.split:
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+        sys.path.insert(0, str(ROOT))
+        from bench._results_io import markdown_table
+
+        rows = [r for C in args.classes for r in split(C, args.repeats)]
+        print(markdown_table(["stage", "C", "part", "median s"], rows))
+        print(f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+        return
     if args.child:
         impl, stage, C, repeats, out_path = args.child
         _child(impl, stage, int(C), int(repeats), out_path)

@@ -296,16 +296,47 @@ def test_compiled_ops_do_not_depend_on_the_thread_count():
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
+# --------------------------------------------------------------------------- class blocks of the compiled products
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_pytorch_sparse_path_of_the_cuda_backend(dtype):
-    """The CUDA backend's label_propagation (kernels/propagation.py: CSR graph + torch.sparse.mm CG) has no GPU
-    here; its arithmetic is device-independent PyTorch, so it is checked on CPU tensors."""
-    from ovss_fast.kernels import propagation
+@pytest.mark.parametrize("C,H,W,radius", [(70, 9, 11, 6), (171, 4, 6, 1), (33, 3, 2, 6), (64, 14, 3, 2)])
+def test_pixel_propagation_class_blocks(dtype, C, H, W, radius):
+    """C over the register blocks of the stencil product (blocks of 64 float / 32 double classes, then the rest;
+    C not a multiple of 8), images smaller than the stencil, radius 1 and 6: the cpu backend against scipy."""
+    gen = torch.Generator().manual_seed(C + H)
+    image = torch.rand(1, 3, H, W, generator=gen, dtype=torch.float64)
+    scores = torch.randn(1, C, H, W, generator=gen, dtype=torch.float64)
+    _need("cpu", "pixel_propagation", scores, image)
+    out = ovss_fast.pixel_propagation(scores.to(dtype), image.to(dtype), radius=radius, tau=0.1, backend="cpu")
+    want = oracle_pixel(scores[0], image[0], radius=radius, tau=0.1)[None]
+    assert rel_err(out, want) < TOL[dtype]
+    assert rel_err(scores, want) > 1e-2
 
-    gen = torch.Generator().manual_seed(9)
-    scores, feats, pos = _windows_inputs(3, 6, 7, 16, gen, dtype)
-    scores[:, 3] = 0
-    index, w = propagation.edge_weights(feats, pos, k=50, gamma=3.0, sigma=0.01, dist_pow=1.0)
-    out = propagation.batched_cg(propagation.normalised_graph(index, w), scores, alpha=0.95, iters=10, tol=1e-6)
-    assert rel_err(out, oracle_patch(scores, feats, pos, k=50)) < TOL[dtype]
-    assert bool((out[:, 3] == 0).all())
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("C", [70, 171])
+def test_label_propagation_class_blocks(dtype, C):
+    gen = torch.Generator().manual_seed(C)
+    scores, feats, pos = _windows_inputs(2, 6, C, 16, gen, dtype)
+    _need("cpu", "label_propagation", scores, feats, pos)
+    out = ovss_fast.label_propagation(scores, feats, pos, k=30, backend="cpu")
+    assert rel_err(out, oracle_patch(scores, feats, pos, k=30)) < TOL[dtype]
+
+
+def test_compiled_products_do_not_depend_on_the_thread_count_over_class_blocks():
+    """C = 77: two register blocks per node (64 + 16 classes); 1 and 2 threads give the same bits."""
+    if get_backend("cpu").unsupported_reasons("pixel_propagation", (torch.zeros(1),), {}):
+        pytest.skip("the compiled extension has no pixel_propagation")
+    gen = torch.Generator().manual_seed(12)
+    scores, image = torch.randn(1, 77, 23, 17, generator=gen), torch.rand(1, 3, 23, 17, generator=gen)
+    index = torch.randint(0, 200, (200, 30), generator=gen)
+    w, b = torch.rand(200, 30, generator=gen), torch.randn(200, 77, generator=gen)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append((ovss_fast.pixel_propagation(scores, image, radius=6, backend="cpu"),
+                         torch.ops.ovss_fast.knn_propagation(index, w, b, 0.95, 10, 1e-6)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

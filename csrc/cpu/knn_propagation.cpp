@@ -8,14 +8,17 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/propagation_checks.h"
 #include "cpu/cpu_simd.h"
 #include "cpu/propagation_cg.h"
+#include "cpu/propagation_matvec.h"
 
 namespace ovss_fast {
 namespace {
@@ -23,23 +26,15 @@ namespace {
 constexpr int64_t kRowsPerBlock = 64;
 
 // q_i = p_i - alpha sum_e v_e p_{col_e} for the rows of one block; pq[c] = sum_i p_ic q_ic
+// (cpu/propagation_matvec.h: the classes in register blocks, the row's entries walked once per block)
 template <typename T>
 OVSS_INLINE void csr_rows(const int64_t* crow, const int64_t* col, const T* v, const T* p, T* q, double* pq,
                           int64_t i0, int64_t i1, int64_t C, T alpha) {
   for (int64_t c = 0; c < C; ++c) pq[c] = 0;
   for (int64_t i = i0; i < i1; ++i) {
-    T* qi = q + i * C;
-    for (int64_t c = 0; c < C; ++c) qi[c] = 0;
-    for (int64_t e = crow[i]; e < crow[i + 1]; ++e) {
-      const T w = v[e];
-      const T* pj = p + col[e] * C;
-      for (int64_t c = 0; c < C; ++c) qi[c] += w * pj[c];
-    }
-    const T* pi = p + i * C;
-    for (int64_t c = 0; c < C; ++c) {
-      qi[c] = pi[c] - alpha * qi[c];
-      pq[c] += static_cast<double>(pi[c]) * static_cast<double>(qi[c]);
-    }
+    for_class_blocks<T>(C, [&]<int NV>(int64_t c0) OVSS_LAMBDA_INLINE {
+      csr_node<T, NV>(col, v, p, q, pq, i, crow[i], crow[i + 1], c0, C, alpha);
+    });
   }
 }
 
@@ -117,25 +112,15 @@ void solve(const at::Tensor& index, const at::Tensor& weights, const at::Tensor&
     csr_rows_any(crow.data(), col.data(), v.data(), p, q, pq, blk * kRowsPerBlock,
                  std::min(N, (blk + 1) * kRowsPerBlock), C, alpha);
   };
-  batched_cg_cpu<T>(matvec, b.const_data_ptr<T>(), x.mutable_data_ptr<T>(), N, C, kRowsPerBlock, iters, tol);
+  at::Tensor r = b.clone(), p = at::empty_like(b), q = at::empty_like(b);
+  batched_cg_cpu<T>(matvec, {r.mutable_data_ptr<T>(), x.mutable_data_ptr<T>(), p.mutable_data_ptr<T>(),
+                             q.mutable_data_ptr<T>()},
+                    N, C, kRowsPerBlock, iters, tol);
 }
 
 at::Tensor knn_propagation_cpu(const at::Tensor& index, const at::Tensor& weights, const at::Tensor& b,
                                double alpha, int64_t iters, double tol) {
-  check_cpu_floating(b, "b", 2, "[N, C]");
-  check_cpu_floating(weights, "weights", 2, "[N, k]");
-  check_rank(index, "index", 2, "[N, k]");
-  check_same_device(b, "b", index, "index");
-  check_same_device(b, "b", weights, "weights");
-  const int64_t N = b.size(0);
-  TORCH_CHECK(index.scalar_type() == at::kLong, "index should be int64, got ", index.scalar_type());
-  TORCH_CHECK(index.size(0) == N && weights.sizes() == index.sizes(), "index and weights should be [N, k] with N = ",
-              N, ", got ", shape_str(index), " and ", shape_str(weights));
-  check_cg_arguments(alpha, iters, tol);
-  if (index.numel() > 0) {
-    TORCH_CHECK(index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < N, "index should lie in [0, ", N,
-                ")");
-  }
+  check_knn_propagation_args(index, weights, b, alpha, iters, tol, c10::DeviceType::CPU);
   const auto dt = compute_dtype(b, weights);
   if (b.numel() == 0) return at::empty(b.sizes(), b.options().dtype(dt));
   const at::Tensor bc = pad_classes(prepare(b, dt)), wc = prepare(weights, dt), ic = index.contiguous();

@@ -10,13 +10,18 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <string.h>
+
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/propagation_checks.h"
 #include "common/propagation_math.h"
 #include "cpu/cpu_simd.h"
 #include "cpu/propagation_cg.h"
+#include "cpu/propagation_matvec.h"
 
 namespace ovss_fast {
 namespace {
@@ -27,34 +32,22 @@ struct Grid {
 };
 
 // q_i = p_i - alpha sum_j s_ij p_j for the pixels of row y; pq[c] = sum_i p_ic q_ic over the row
+// (cpu/propagation_matvec.h: the classes in register blocks, the stencil walked once per block)
 template <typename T>
 OVSS_INLINE void stencil_row(const T* s,  // [H * W, K]
                              const T* p,  // [H * W, C]
                              T* q,        // [H * W, C]
                              double* pq,  // [C]
                              int64_t y, Grid g, T alpha) {
-  const int64_t C = g.C, W = g.W, r = g.r, side = 2 * r + 1;
+  const int64_t C = g.C, W = g.W, r = g.r, K = g.K();
   const int64_t dy0 = std::max(-r, -y), dy1 = std::min(r, g.H - 1 - y);
   for (int64_t c = 0; c < C; ++c) pq[c] = 0;
   for (int64_t x = 0; x < W; ++x) {
     const int64_t i = y * W + x;
-    T* qi = q + i * C;
-    for (int64_t c = 0; c < C; ++c) qi[c] = 0;
     const int64_t dx0 = std::max(-r, -x), dx1 = std::min(r, W - 1 - x);
-    for (int64_t dy = dy0; dy <= dy1; ++dy) {
-      const T* srow = s + i * g.K() + (dy + r) * side + r;
-      const T* prow = p + (i + dy * W) * C;
-      for (int64_t dx = dx0; dx <= dx1; ++dx) {
-        const T w = srow[dx];
-        const T* pn = prow + dx * C;
-        for (int64_t c = 0; c < C; ++c) qi[c] += w * pn[c];
-      }
-    }
-    const T* pi = p + i * C;
-    for (int64_t c = 0; c < C; ++c) {
-      qi[c] = pi[c] - alpha * qi[c];
-      pq[c] += static_cast<double>(pi[c]) * static_cast<double>(qi[c]);
-    }
+    for_class_blocks<T>(C, [&]<int NV>(int64_t c0) OVSS_LAMBDA_INLINE {
+      stencil_node<T, NV>(s + i * K, p, q, pq, i, c0, C, W, r, dy0, dy1, dx0, dx1, alpha);
+    });
   }
 }
 
@@ -70,46 +63,102 @@ inline void stencil_row_any(const double* s, const double* p, double* q, double*
   stencil_row<double>(s, p, q, pq, y, g, alpha);
 }
 
-// The edge weights of row y towards the forward half of the square (dy > 0, or dy = 0 and dx > 0), each offset
-// a loop over x (contiguous Lab planes, so it vectorises); slots off the image stay as they are (0).
+// tmp[x] = w(lab_i[x], lab_j[x]) for x in [x0, x1), common/propagation_math.h's pixel_edge_weight written so that
+// it vectorises: float takes the exponent -sqrt(.) / tau in one loop, then exp 8 lanes at a time (cpu_simd.h:
+// the same bits as math_exp for x <= 0; the scalar tail calls math_exp)
 template <typename T>
-OVSS_INLINE void forward_weights_row(const T* lab,  // [3, H * W], scaled Lab planes
-                                     T* s,          // [H * W, K]
-                                     T* tmp,        // [W]
-                                     int64_t y, Grid g, T inv_tau) {
+OVSS_INLINE void edge_weights_run(const T* li, const T* lj, int64_t HW, T* tmp, int64_t x0, int64_t x1, T inv_tau) {
+  if constexpr (std::is_same_v<T, float>) {
+    typedef Vec32<float>::type F;
+    for (int64_t x = x0; x < x1; ++x) {
+      const T d0 = li[x] - lj[x], d1 = li[HW + x] - lj[HW + x], d2 = li[2 * HW + x] - lj[2 * HW + x];
+      tmp[x] = -__builtin_sqrtf(d0 * d0 + d1 * d1 + d2 * d2) * inv_tau;
+    }
+    int64_t x = x0;
+    for (; x + 8 <= x1; x += 8) {
+      F e;
+      memcpy(&e, tmp + x, sizeof(F));
+      e = math_exp_nonpositive_x8(e);
+      memcpy(tmp + x, &e, sizeof(F));
+    }
+    for (; x < x1; ++x) tmp[x] = math_exp(tmp[x]);
+  } else {
+    for (int64_t x = x0; x < x1; ++x) {
+      const T d0 = li[x] - lj[x], d1 = li[HW + x] - lj[HW + x], d2 = li[2 * HW + x] - lj[2 * HW + x];
+      tmp[x] = pixel_edge_weight(d0, d1, d2, inv_tau);
+    }
+  }
+}
+
+// Row y's raw edge weights w_ij (all (2r+1)^2 slots of each pixel: 0 for the centre and off the image) and
+// degrees. Each offset is a loop over x (contiguous Lab planes, so it vectorises) into tmp, then stored into
+// the pixels' slots (the row's slots stay in L2); the degree is summed in slot order as the offsets go, so
+// d_i = sum_o w_io in the same order as a loop over a pixel's slots. w_ij = w_ji bit for bit (the same squares).
+template <typename T>
+OVSS_INLINE void raw_weights_row(const T* lab,  // [3, H * W], scaled Lab planes
+                                 T* s,          // [H * W, K]
+                                 T* degree,     // [H * W]
+                                 T* tmp,        // [W]
+                                 int64_t y, Grid g, T inv_tau) {
   const int64_t H = g.H, W = g.W, HW = H * W, r = g.r, side = 2 * r + 1, K = g.K();
-  for (int64_t dy = 0; dy <= r && y + dy < H; ++dy) {
-    for (int64_t dx = dy == 0 ? 1 : -r; dx <= r; ++dx) {
+  const int64_t i0 = y * W;
+  std::fill(s + i0 * K, s + (i0 + W) * K, T(0));
+  std::fill(degree + i0, degree + i0 + W, T(0));
+  for (int64_t dy = std::max(-r, -y); dy <= std::min(r, H - 1 - y); ++dy) {
+    for (int64_t dx = -r; dx <= r; ++dx) {
+      if (dy == 0 && dx == 0) continue;
       const int64_t x0 = std::max<int64_t>(0, -dx), x1 = std::min<int64_t>(W, W - dx);
-      const int64_t i0 = y * W, j0 = (y + dy) * W + dx;
-      for (int64_t x = x0; x < x1; ++x) {
-        const T d0 = lab[i0 + x] - lab[j0 + x], d1 = lab[HW + i0 + x] - lab[HW + j0 + x];
-        const T d2 = lab[2 * HW + i0 + x] - lab[2 * HW + j0 + x];
-        tmp[x] = pixel_edge_weight(d0, d1, d2, inv_tau);
-      }
+      const int64_t j0 = (y + dy) * W + dx;
+      edge_weights_run(lab + i0, lab + j0, HW, tmp, x0, x1, inv_tau);
+      for (int64_t x = x0; x < x1; ++x) degree[i0 + x] += tmp[x];
       const int64_t o = (dy + r) * side + dx + r;
       for (int64_t x = x0; x < x1; ++x) s[(i0 + x) * K + o] = tmp[x];
     }
   }
 }
 
-// sqrt of a sum of squares never sets errno: without it the compiler may vectorise sqrtf
-__attribute__((optimize("no-math-errno"))) OVSS_CPU_CLONES void forward_weights_row_f32(
-    const float* lab, float* s, float* tmp, int64_t y, Grid g, float inv_tau) {
-  forward_weights_row<float>(lab, s, tmp, y, g, inv_tau);
+// sqrt of a sum of squares never sets errno: without it the compiler may vectorise sqrtf; flatten inlines
+// the exp's helpers into each clone (out of line, a vector argument would cross an ABI boundary)
+__attribute__((optimize("no-math-errno"), flatten)) OVSS_CPU_CLONES void raw_weights_row_f32(
+    const float* lab, float* s, float* degree, float* tmp, int64_t y, Grid g, float inv_tau) {
+  raw_weights_row<float>(lab, s, degree, tmp, y, g, inv_tau);
 }
-inline void forward_weights_row_any(const float* lab, float* s, float* tmp, int64_t y, Grid g, float inv_tau) {
-  forward_weights_row_f32(lab, s, tmp, y, g, inv_tau);
+inline void raw_weights_row_any(const float* lab, float* s, float* degree, float* tmp, int64_t y, Grid g,
+                                float inv_tau) {
+  raw_weights_row_f32(lab, s, degree, tmp, y, g, inv_tau);
 }
-inline void forward_weights_row_any(const double* lab, double* s, double* tmp, int64_t y, Grid g, double inv_tau) {
-  forward_weights_row<double>(lab, s, tmp, y, g, inv_tau);
+inline void raw_weights_row_any(const double* lab, double* s, double* degree, double* tmp, int64_t y, Grid g,
+                                double inv_tau) {
+  raw_weights_row<double>(lab, s, degree, tmp, y, g, inv_tau);
 }
 
-// the stencil weights s [H * W, K] of one image [3, H, W]: the forward half computed, the backward half copied
-// (w_ij = w_ji: pixel i's slot -o is pixel i - o's slot o), then d^-1/2 on both sides
+// s_ij = w_ij inv_i inv_j on the slots of row y's pixels inside the image (inv = d^-1/2, contiguous in x)
+template <typename T>
+OVSS_INLINE void normalise_row(T* s, const T* inv, int64_t y, Grid g) {
+  const int64_t H = g.H, W = g.W, r = g.r, side = 2 * r + 1, K = g.K();
+  for (int64_t x = 0; x < W; ++x) {
+    const int64_t i = y * W + x;
+    T* si = s + i * K;
+    const int64_t dx0 = std::max(-r, -x), dx1 = std::min(r, W - 1 - x);
+    for (int64_t dy = std::max(-r, -y); dy <= std::min(r, H - 1 - y); ++dy) {
+      T* so = si + (dy + r) * side + r;
+      const T* ij = inv + i + dy * W;
+      for (int64_t dx = dx0; dx <= dx1; ++dx) so[dx] *= inv[i] * ij[dx];
+    }
+  }
+}
+
+OVSS_CPU_CLONES void normalise_row_f32(float* s, const float* inv, int64_t y, Grid g) {
+  normalise_row<float>(s, inv, y, g);
+}
+inline void normalise_row_any(float* s, const float* inv, int64_t y, Grid g) { normalise_row_f32(s, inv, y, g); }
+inline void normalise_row_any(double* s, const double* inv, int64_t y, Grid g) { normalise_row<double>(s, inv, y, g); }
+
+// the stencil weights s [H * W, K] of one image [3, H, W]: raw weights and degrees row by row, then d^-1/2 on
+// both sides
 template <typename T>
 void pixel_graph(const T* image, T* s, Grid g, T tau) {
-  const int64_t H = g.H, W = g.W, HW = H * W, r = g.r, side = 2 * r + 1, K = g.K();
+  const int64_t H = g.H, W = g.W, HW = H * W;
   std::vector<T> lab(HW * 3), inv(HW);
   at::parallel_for(0, HW, 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -124,86 +173,82 @@ void pixel_graph(const T* image, T* s, Grid g, T tau) {
   at::parallel_for(0, H, 1, [&](int64_t y0, int64_t y1) {
     std::vector<T> tmp(W);
     for (int64_t y = y0; y < y1; ++y) {
-      std::fill(s + y * W * K, s + (y + 1) * W * K, T(0));
-      forward_weights_row_any(lab.data(), s, tmp.data(), y, g, inv_tau);
+      raw_weights_row_any(lab.data(), s, inv.data(), tmp.data(), y, g, inv_tau);
+      for (int64_t x = 0; x < W; ++x) inv[y * W + x] = inverse_sqrt_degree(inv[y * W + x]);
     }
   });
   at::parallel_for(0, H, 1, [&](int64_t y0, int64_t y1) {
-    for (int64_t y = y0; y < y1; ++y) {
-      for (int64_t x = 0; x < W; ++x) {
-        const int64_t i = y * W + x;
-        T* si = s + i * K;
-        // backward half: slots before the centre, read from the neighbour's forward slot
-        for (int64_t dy = std::max(-r, -y); dy <= 0; ++dy)
-          for (int64_t dx = std::max(-r, -x); dx <= (dy == 0 ? -1 : std::min(r, W - 1 - x)); ++dx) {
-            const int64_t o = (dy + r) * side + dx + r;
-            si[o] = s[(i + dy * W + dx) * K + (K - 1 - o)];
-          }
-        T degree = 0;
-        for (int64_t o = 0; o < K; ++o) degree += si[o];
-        inv[i] = inverse_sqrt_degree(degree);
-      }
+    for (int64_t y = y0; y < y1; ++y) normalise_row_any(s, inv.data(), y, g);
+  });
+}
+
+// [C, H * W] planes <-> [H * W, Cp] rows (classes C..Cp-1 zero), in tiles of 64 pixels x 8 classes
+template <typename T>
+void planes_to_rows(const T* src, T* dst, int64_t C, int64_t Cp, int64_t HW) {
+  at::parallel_for(0, (HW + 63) / 64, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t i0 = t0 * 64; i0 < std::min(HW, t1 * 64); i0 += 64) {
+      const int64_t i1 = std::min(HW, i0 + 64);
+      for (int64_t c0 = 0; c0 < Cp; c0 += 8)
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t c = c0; c < c0 + 8; ++c) dst[i * Cp + c] = c < C ? src[c * HW + i] : T(0);
     }
   });
-  at::parallel_for(0, H, 1, [&](int64_t y0, int64_t y1) {
-    for (int64_t y = y0; y < y1; ++y) {
-      for (int64_t x = 0; x < W; ++x) {
-        const int64_t i = y * W + x;
-        T* si = s + i * K;
-        for (int64_t dy = std::max(-r, -y); dy <= std::min(r, H - 1 - y); ++dy)
-          for (int64_t dx = std::max(-r, -x); dx <= std::min(r, W - 1 - x); ++dx)
-            si[(dy + r) * side + dx + r] *= inv[i] * inv[(y + dy) * W + x + dx];
-      }
+}
+template <typename T>
+void rows_to_planes(const T* src, T* dst, int64_t C, int64_t Cp, int64_t HW) {
+  at::parallel_for(0, (HW + 63) / 64, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t i0 = t0 * 64; i0 < std::min(HW, t1 * 64); i0 += 64) {
+      const int64_t i1 = std::min(HW, i0 + 64);
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = i0; i < i1; ++i) dst[c * HW + i] = src[i * Cp + c];
     }
   });
 }
 
 template <typename T>
 void pixel_propagation_image(const T* image,  // [3, H, W]
-                             const T* b,      // [H * W, C]
-                             T* x,            // [H * W, C]
+                             const T* b,      // [C, H, W]
+                             T* out,          // [C, H, W]
                              T* s,            // [H * W, K] scratch
-                             Grid g, T tau, T alpha, int64_t iters, T tol) {
+                             CgVectors<T> v,  // [H * W, Cp] scratch each
+                             int64_t C, Grid g, T tau, T alpha, int64_t iters, T tol) {
+  const int64_t HW = g.H * g.W;
   pixel_graph(image, s, g, tau);
+  planes_to_rows(b, v.r, C, g.C, HW);
   // one block per image row
   const auto matvec = [&](int64_t y, const T* p, T* q, double* pq) { stencil_row_any(s, p, q, pq, y, g, alpha); };
-  batched_cg_cpu<T>(matvec, b, x, g.H * g.W, g.C, g.W, iters, tol);
+  batched_cg_cpu<T>(matvec, v, HW, g.C, g.W, iters, tol);
+  rows_to_planes(v.x, out, C, g.C, HW);
 }
 
 at::Tensor pixel_propagation_cpu(const at::Tensor& scores, const at::Tensor& image, int64_t radius, double tau,
                                  double alpha, int64_t iters, double tol) {
-  check_cpu_floating(scores, "scores", 4, "[B, C, H, W]");
-  check_cpu_floating(image, "image", 4, "[B, 3, H, W]");
-  check_same_device(scores, "scores", image, "image");
+  check_pixel_propagation_args(scores, image, radius, tau, alpha, iters, tol, c10::DeviceType::CPU);
   const int64_t B = scores.size(0), C = scores.size(1), H = scores.size(2), W = scores.size(3);
-  TORCH_CHECK(image.size(0) == B && image.size(1) == 3 && image.size(2) == H && image.size(3) == W,
-              "image should be [B, 3, H, W] = [", B, ", 3, ", H, ", ", W, "] to match scores, got ", shape_str(image));
-  TORCH_CHECK(radius >= 1 && radius <= 64, "radius should be in [1, 64], got ", radius);
-  TORCH_CHECK(tau > 0, "tau should be > 0, got ", tau);
-  check_cg_arguments(alpha, iters, tol);
   const auto dt = compute_dtype(scores, image);
   if (scores.numel() == 0) return at::empty(scores.sizes(), scores.options().dtype(dt));
-  const at::Tensor y0 = pad_classes(scores.to(dt).permute({0, 2, 3, 1}).contiguous());  // [B, H, W, Cp]
-  const at::Tensor img = prepare(image, dt);
-  at::Tensor out = at::empty(y0.sizes(), y0.options());
-  const int64_t Cp = y0.size(3);
+  const at::Tensor y0 = prepare(scores, dt), img = prepare(image, dt);
+  const int64_t Cp = padded_classes(C), HW = H * W;
   const Grid g{H, W, Cp, radius};
-  at::Tensor s = at::empty({H * W, g.K()}, y0.options());
-  for (int64_t b = 0; b < B; ++b) {
-    if (dt == at::kDouble) {
-      pixel_propagation_image<double>(img.const_data_ptr<double>() + b * 3 * H * W,
-                                      y0.const_data_ptr<double>() + b * H * W * Cp,
-                                      out.mutable_data_ptr<double>() + b * H * W * Cp, s.mutable_data_ptr<double>(),
-                                      g, tau, alpha, iters, tol);
-    } else {
-      pixel_propagation_image<float>(img.const_data_ptr<float>() + b * 3 * H * W,
-                                     y0.const_data_ptr<float>() + b * H * W * Cp,
-                                     out.mutable_data_ptr<float>() + b * H * W * Cp, s.mutable_data_ptr<float>(), g,
-                                     static_cast<float>(tau), static_cast<float>(alpha), iters,
-                                     static_cast<float>(tol));
-    }
+  at::Tensor s = at::empty({HW, g.K()}, y0.options());
+  // the CG's r, then x, p, q; r is free once the CG is done, and one image's output [C, H, W] fits in it
+  at::Tensor r = at::empty({HW * Cp}, y0.options()), xpq = at::empty({3, HW, Cp}, y0.options());
+  at::Tensor out = B == 1 ? r.narrow(0, 0, C * HW).view(scores.sizes()) : at::empty(y0.sizes(), y0.options());
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    T* v = xpq.mutable_data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b)
+      pixel_propagation_image<T>(img.const_data_ptr<T>() + b * 3 * HW, y0.const_data_ptr<T>() + b * C * HW,
+                                 out.mutable_data_ptr<T>() + b * C * HW, s.mutable_data_ptr<T>(),
+                                 {r.mutable_data_ptr<T>(), v, v + HW * Cp, v + 2 * HW * Cp}, C, g, static_cast<T>(tau),
+                                 static_cast<T>(alpha), iters, static_cast<T>(tol));
+  };
+  if (dt == at::kDouble) {
+    run(0.0);
+  } else {
+    run(0.0f);
   }
-  return out.narrow(3, 0, C).permute({0, 3, 1, 2}).contiguous();
+  return out;
 }
 
 }  // namespace

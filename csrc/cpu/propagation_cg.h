@@ -27,28 +27,24 @@ inline at::Tensor pad_classes(const at::Tensor& t) {
   return Cp == C ? t : at::constant_pad_nd(t, {0, Cp - C}, 0).contiguous();
 }
 
-// a floating CPU tensor of the given rank (the wrappers' first checks)
-inline void check_cpu_floating(const at::Tensor& t, const char* name, int64_t rank, const char* layout) {
-  check_rank(t, name, rank, layout);
-  check_floating(t, name);
-  check_device(t, name, c10::DeviceType::CPU);
-}
-
-// the CG's arguments: alpha in [0, 1) keeps I - alpha S positive definite
-inline void check_cg_arguments(double alpha, int64_t iters, double tol) {
-  TORCH_CHECK(alpha >= 0 && alpha < 1, "alpha should be in [0, 1), got ", alpha);
-  TORCH_CHECK(iters >= 0, "iters should be >= 0, got ", iters);
-  TORCH_CHECK(tol >= 0, "tol should be >= 0, got ", tol);
-}
+// The CG's four [n, C] vectors, the caller's buffers (uninitialised memory is fine): r holds b on entry and the
+// last residual on return, x the solution; p and q are scratch. First touched here, by the threads that use them.
+template <typename T>
+struct CgVectors {
+  T* r;
+  T* x;
+  T* p;
+  T* q;
+};
 
 template <typename T, typename Matvec>
-void batched_cg_cpu(const Matvec& matvec,
-                    const T* b,  // [n, C]
-                    T* x,        // [n, C]
-                    int64_t n, int64_t C, int64_t block, int64_t iters, T tol) {
-  const int64_t blocks = (n + block - 1) / block, len = n * C;
-  std::vector<T> r(b, b + len), p(b, b + len), q(len);
-  std::fill(x, x + len, T(0));
+void batched_cg_cpu(const Matvec& matvec, CgVectors<T> v, int64_t n, int64_t C, int64_t block, int64_t iters,
+                    T tol) {
+  const int64_t blocks = (n + block - 1) / block;
+  T* const x = v.x;
+  T* const r = v.r;
+  T* const p = v.p;
+  T* const q = v.q;
   std::vector<double> part(blocks * C), sum(C);
   auto reduce = [&]() {
     std::fill(sum.begin(), sum.end(), 0.0);
@@ -56,13 +52,16 @@ void batched_cg_cpu(const Matvec& matvec,
       for (int64_t c = 0; c < C; ++c) sum[c] += part[k * C + c];
   };
   auto rows = [&](int64_t k) { return std::make_pair(k * block, std::min(n, (k + 1) * block)); };
+  // p = r = b, x = 0, ||b||^2
   at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       double* pk = part.data() + k * C;
       std::fill(pk, pk + C, 0.0);
       const auto [i0, i1] = rows(k);
+      std::fill(x + i0 * C, x + i1 * C, T(0));
+      std::copy(r + i0 * C, r + i1 * C, p + i0 * C);
       for (int64_t i = i0; i < i1; ++i)
-        for (int64_t c = 0; c < C; ++c) pk[c] += static_cast<double>(b[i * C + c]) * static_cast<double>(b[i * C + c]);
+        for (int64_t c = 0; c < C; ++c) pk[c] += static_cast<double>(r[i * C + c]) * static_cast<double>(r[i * C + c]);
     }
   });
   reduce();
@@ -77,7 +76,7 @@ void batched_cg_cpu(const Matvec& matvec,
   }
   for (int64_t it = 0; it < iters && any; ++it) {
     at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) matvec(k, p.data(), q.data(), part.data() + k * C);
+      for (int64_t k = k0; k < k1; ++k) matvec(k, p, q, part.data() + k * C);
     });
     reduce();
     for (int64_t c = 0; c < C; ++c) step[c] = cg_step<T>(active[c], rho[c], static_cast<T>(sum[c]));
@@ -88,9 +87,9 @@ void batched_cg_cpu(const Matvec& matvec,
         const auto [i0, i1] = rows(k);
         for (int64_t i = i0; i < i1; ++i) {
           T* xi = x + i * C;
-          T* ri = r.data() + i * C;
-          const T* pi = p.data() + i * C;
-          const T* qi = q.data() + i * C;
+          T* ri = r + i * C;
+          const T* pi = p + i * C;
+          const T* qi = q + i * C;
           for (int64_t c = 0; c < C; ++c) {
             xi[c] += step[c] * pi[c];
             ri[c] -= step[c] * qi[c];
@@ -109,10 +108,11 @@ void batched_cg_cpu(const Matvec& matvec,
       any = any || active[c];
     }
     if (!any) break;
-    at::parallel_for(0, n, 1024, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+      const auto i0 = rows(k0).first, i1 = rows(k1 - 1).second;
       for (int64_t i = i0; i < i1; ++i) {
-        T* pi = p.data() + i * C;
-        const T* ri = r.data() + i * C;
+        T* pi = p + i * C;
+        const T* ri = r + i * C;
         for (int64_t c = 0; c < C; ++c) pi[c] = active[c] ? ri[c] + beta[c] * pi[c] : T(0);
       }
     });

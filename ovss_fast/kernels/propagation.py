@@ -1,19 +1,16 @@
-"""LPOSS's patch stage for the "cpu" and "cuda" backends: the kNN in PyTorch ops, then the compiled solve (CPU)
-or PyTorch sparse ops (CUDA: no kernel of ours).
+"""LPOSS's patch stage for the "cpu" and "cuda" backends: the kNN in PyTorch ops, then the compiled solve.
 
 Equal to :func:`ovss_fast.kernels.reference.label_propagation` (the spec); faster by what the spec
-spells out plainly: the kNN takes ``topk`` per row block and sorts only the rows whose k-th and
-(k+1)-th similarities tie (the tie-break by index needs it there and nowhere else). On the CPU the
-symmetric graph and the CG are the compiled ``knn_propagation``; elsewhere the graph is a sparse
-matrix (COO) and the CG updates its [N, C] vectors in place, all classes per sparse-dense product.
+spells out plainly: the kNN takes an unsorted ``topk`` of k + 1 per row block and sorts only the rows whose
+k-th and (k+1)-th similarities tie (the tie-break by index needs it there and nowhere else). The
+symmetric graph and the CG are the compiled ``knn_propagation`` (csrc/cpu/knn_propagation.cpp;
+csrc/cuda/knn_propagation*, compiled and never run on a GPU), all classes in one batched CG.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-from ovss_fast.kernels.common import symmetric_knn_graph
 
 #: rows of the similarity matrix held at once by the kNN ([KNN_BLOCK, N])
 KNN_BLOCK = 512
@@ -34,8 +31,13 @@ def knn(feats: Tensor, k: int) -> tuple[Tensor, Tensor]:
         if k >= N:
             v, i = torch.sort(s, dim=1, descending=True, stable=True)
         else:
-            v, i = torch.topk(s, k + 1, dim=1)
-            tied = (v[:, k - 1] == v[:, k]).nonzero().flatten()
+            # the k + 1 largest, unsorted (cheaper); m = the (k+1)-th largest, which a tie at the k-th place
+            # repeats. Rows without a tie drop it (the last column moves into its place).
+            v, i = torch.topk(s, k + 1, dim=1, sorted=False)
+            m, at = v.min(dim=1)
+            tied = ((v == m.unsqueeze(1)).sum(1) >= 2).nonzero().flatten()
+            rows = torch.arange(v.shape[0])
+            v[rows, at], i[rows, at] = v[:, k].clone(), i[:, k].clone()
             if tied.numel():
                 tv, ti = torch.sort(s[tied], dim=1, descending=True, stable=True)
                 v[tied], i[tied] = tv[:, : k + 1], ti[:, : k + 1]
@@ -53,50 +55,17 @@ def edge_weights(feats: Tensor, positions: Tensor, *, k: int, gamma: float, sigm
     return index, sims.clamp_(min=0).pow_(gamma).mul_(torch.exp(dist.pow_(dist_pow).mul_(-sigma)))
 
 
-def normalised_graph(index: Tensor, w: Tensor) -> Tensor:
-    """S = D^-1/2 (W + W^T, diagonal removed) D^-1/2 as a coalesced sparse COO matrix [N, N] (torch.sparse.mm
-    takes it on CPU and CUDA; a CSR tensor would warn that its support is in beta)."""
-    return symmetric_knn_graph(index, w)
-
-
-def batched_cg(s: Tensor, b: Tensor, *, alpha: float, iters: int, tol: float) -> Tensor:
-    """(I - alpha s) x = b for b [N, C], every class with its own CG scalars and stop (reference.propagation_cg)."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = b.clone()
-    rho = torch.linalg.vecdot(r, r, dim=0)
-    atol = rho.sqrt() * tol
-    active = rho > 0
-    zero = torch.zeros_like(rho)
-    for _ in range(iters):
-        if not bool(active.any()):
-            break
-        q = torch.sparse.mm(s, p).mul_(-alpha).add_(p)
-        step = torch.where(active, rho / torch.linalg.vecdot(p, q, dim=0), zero)
-        x.addcmul_(p, step)
-        r.addcmul_(q, step, value=-1)
-        rho_new = torch.linalg.vecdot(r, r, dim=0)
-        active &= ~(rho_new.sqrt() <= atol)
-        p.mul_(torch.where(active, rho_new / rho, zero)).add_(r).mul_(active)
-        rho = rho_new
-    return x
-
-
 def label_propagation(scores: Tensor, feats: Tensor, positions: Tensor, *, k: int = 400, gamma: float = 3.0,
                       sigma: float = 0.01, dist_pow: float = 1.0, alpha: float = 0.95, iters: int = 10,
                       tol: float = 1e-6) -> Tensor:
     """scores [B, N, C], feats [B, N, D], positions [B, N, 2] -> [B, N, C]; as reference.label_propagation.
 
-    CPU tensors: the graph and the CG run in the compiled ``knn_propagation`` (csrc/cpu/knn_propagation.cpp)
-    after the kNN here; other devices: :func:`normalised_graph` and :func:`batched_cg` in PyTorch ops."""
+    The kNN and the edge weights here, then the graph and the CG in the compiled ``knn_propagation`` (the
+    CPU or CUDA kernel, by the tensors' device)."""
     dt = compute_dtype(scores, feats, positions)
     out = torch.empty(scores.shape, dtype=dt, device=scores.device)
     for i in range(scores.shape[0]):
         index, w = edge_weights(feats[i].to(dt), positions[i].to(dt), k=k, gamma=gamma, sigma=sigma,
                                 dist_pow=dist_pow)
-        if scores.device.type in ("cpu", "cuda"):  # csrc/cpu/knn_propagation.cpp, csrc/cuda/knn_propagation*
-            out[i] = torch.ops.ovss_fast.knn_propagation(index, w, scores[i].to(dt), float(alpha), int(iters),
-                                                         float(tol))
-        else:
-            out[i] = batched_cg(normalised_graph(index, w), scores[i].to(dt), alpha=alpha, iters=iters, tol=tol)
+        out[i] = torch.ops.ovss_fast.knn_propagation(index, w, scores[i].to(dt), float(alpha), int(iters), float(tol))
     return out

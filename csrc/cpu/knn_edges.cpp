@@ -58,13 +58,40 @@ struct RowBuffers {
   RowBuffers(int64_t N, int64_t k_) : k(k_), cap(2 * k_ + kChunk), buf(N * cap), size(N, 0),
                                       thr_s(N, -std::numeric_limits<T>::infinity()) {}
 
-  // keep the row's k best, in its first k places
+  // keep the row's k best, in its first k places. A histogram of the similarities over kBins bins of [-1, 1]
+  // (the bin is a non-decreasing function of s; values outside fall in the end bins) finds the bin that holds
+  // the k-th best: the candidates of the bins above it are kept, and of that bin's candidates the best by
+  // the strict order (similarity, then lower index). No branch per candidate but the rare bin match.
   void cut(int64_t i) {
+    constexpr int kBins = 2048;
+    thread_local std::vector<int32_t> hist;
+    thread_local std::vector<Cand<T>> ties;
+    const auto bin = [](T s) -> int {
+      const T x = (s + T(1)) * T(kBins / 2);
+      return x >= T(kBins - 1) ? kBins - 1 : x > T(0) ? static_cast<int>(x) : 0;
+    };
     Cand<T>* b = buf.data() + i * cap;
-    std::nth_element(b, b + k - 1, b + size[i],
-                     [](const Cand<T>& x, const Cand<T>& y) { return better(x.s, x.j, y.s, y.j); });
+    const int64_t n = size[i];
+    hist.assign(kBins, 0);
+    for (int64_t u = 0; u < n; ++u) hist[bin(b[u].s)] += 1;
+    int64_t above = 0;
+    int top = kBins - 1;
+    for (; top > 0 && above + hist[top] < k; --top) above += hist[top];
+    ties.clear();
+    int64_t m = 0;
+    for (int64_t u = 0; u < n; ++u) {
+      const Cand<T> c = b[u];
+      const int bc = bin(c.s);
+      if (bc == top) ties.push_back(c);
+      b[m] = c;
+      m += bc > top;
+    }
+    const int64_t need = k - m;  // 1 <= need <= ties.size()
+    const auto order = [](const Cand<T>& x, const Cand<T>& y) { return better(x.s, x.j, y.s, y.j); };
+    std::nth_element(ties.begin(), ties.begin() + (need - 1), ties.end(), order);
+    std::copy(ties.begin(), ties.begin() + need, b + m);
     size[i] = k;
-    thr_s[i] = b[k - 1].s;
+    thr_s[i] = ties[need - 1].s;
   }
   // row i sees s[u * stride] for u < n, the similarity with node j0 + u * jstep
   OVSS_INLINE void append(int64_t i, const T* s, int64_t stride, int64_t n, int32_t j0, int32_t jstep) {

@@ -101,3 +101,16 @@ def test_knn_edges_opcheck_and_checks():
         ops.knn_edges(feats, pos, 4, 3.0, 0.01, 0.0)
     with pytest.raises(RuntimeError, match="feats should be"):
         ops.knn_edges(feats[0], pos, 4, 3.0, 0.01, 1.0)
+
+
+def test_knn_edges_similarities_outside_the_unit_range():
+    """Unnormalised features: similarities far outside [-1, 1] fall into the histogram's end bins of the cut,
+    where the strict selection decides alone."""
+    gen = torch.Generator().manual_seed(6)
+    feats = torch.randn(520, 8, generator=gen, dtype=torch.float64) * 5
+    pos = torch.rand(520, 2, generator=gen, dtype=torch.float64) * 100
+    index, w = torch.ops.ovss_fast.knn_edges(feats, pos, 60, 1.0, 0.01, 1.0)
+    want_i, want_w = by_index(*oracle(feats, pos, 60, gamma=1.0))
+    got_i, got_w = by_index(index, w)
+    assert torch.equal(got_i, want_i)
+    assert torch.allclose(got_w, want_w, rtol=1e-12, atol=0)

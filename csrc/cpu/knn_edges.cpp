@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -51,11 +52,11 @@ constexpr int64_t kChunk = 16;
 template <typename T>
 struct RowBuffers {
   int64_t k, cap;
-  std::vector<Cand<T>> buf;  // [N, cap]
+  std::unique_ptr<Cand<T>[]> buf;  // [N, cap], uninitialised (each row is written before it is read)
   std::vector<int64_t> size;
   std::vector<T> thr_s;  // the k-th best similarity after the last cut (-inf before)
 
-  RowBuffers(int64_t N, int64_t k_) : k(k_), cap(2 * k_ + kChunk), buf(N * cap), size(N, 0),
+  RowBuffers(int64_t N, int64_t k_) : k(k_), cap(2 * k_ + kChunk), buf(new Cand<T>[N * cap]), size(N, 0),
                                       thr_s(N, -std::numeric_limits<T>::infinity()) {}
 
   // keep the row's k best, in its first k places. A histogram of the similarities over kBins bins of [-1, 1]
@@ -70,7 +71,7 @@ struct RowBuffers {
       const T x = (s + T(1)) * T(kBins / 2);
       return x >= T(kBins - 1) ? kBins - 1 : x > T(0) ? static_cast<int>(x) : 0;
     };
-    Cand<T>* b = buf.data() + i * cap;
+    Cand<T>* b = buf.get() + i * cap;
     const int64_t n = size[i];
     hist.assign(kBins, 0);
     for (int64_t u = 0; u < n; ++u) hist[bin(b[u].s)] += 1;
@@ -95,7 +96,7 @@ struct RowBuffers {
   }
   // row i sees s[u * stride] for u < n, the similarity with node j0 + u * jstep
   OVSS_INLINE void append(int64_t i, const T* s, int64_t stride, int64_t n, int32_t j0, int32_t jstep) {
-    Cand<T>* b = buf.data() + i * cap;
+    Cand<T>* b = buf.get() + i * cap;
     for (int64_t u0 = 0; u0 < n; u0 += kChunk) {
       if (size[i] + kChunk > cap) cut(i);
       const T t = thr_s[i];
@@ -165,7 +166,7 @@ void knn_edges_impl(const at::Tensor& feats, const at::Tensor& positions, int64_
   at::parallel_for(0, N, 64, [&](int64_t a0, int64_t a1) {
     for (int64_t i = a0; i < a1; ++i) {
       if (rb.size[i] > k) rb.cut(i);
-      const Cand<T>* b = rb.buf.data() + i * rb.cap;
+      const Cand<T>* b = rb.buf.get() + i * rb.cap;
       for (int64_t e = 0; e < k; ++e) {
         const int64_t j = b[e].j;
         const T dy = pos[2 * i] - pos[2 * j], dx = pos[2 * i + 1] - pos[2 * j + 1];

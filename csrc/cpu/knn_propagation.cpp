@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "common/checks.h"
@@ -28,7 +29,7 @@ constexpr int64_t kRowsPerBlock = 64;
 // q_i = p_i - alpha sum_e v_e p_{col_e} for the rows of one block; pq[c] = sum_i p_ic q_ic
 // (cpu/propagation_matvec.h: the classes in register blocks, the rows walked once per block)
 template <typename T>
-OVSS_INLINE void csr_rows(const int64_t* crow, const int64_t* col, const T* v, const T* p, T* q, double* pq,
+OVSS_INLINE void csr_rows(const int64_t* crow, const int32_t* col, const T* v, const T* p, T* q, double* pq,
                           int64_t i0, int64_t i1, int64_t C, T alpha) {
   for (int64_t c = 0; c < C; ++c) pq[c] = 0;
   // one class block over all the rows, then the next: the neighbours' rows of one block of classes
@@ -38,15 +39,15 @@ OVSS_INLINE void csr_rows(const int64_t* crow, const int64_t* col, const T* v, c
   });
 }
 
-OVSS_CPU_CLONES void csr_rows_f32(const int64_t* crow, const int64_t* col, const float* v, const float* p, float* q,
+OVSS_CPU_CLONES void csr_rows_f32(const int64_t* crow, const int32_t* col, const float* v, const float* p, float* q,
                                   double* pq, int64_t i0, int64_t i1, int64_t C, float alpha) {
   csr_rows<float>(crow, col, v, p, q, pq, i0, i1, C, alpha);
 }
-inline void csr_rows_any(const int64_t* crow, const int64_t* col, const float* v, const float* p, float* q,
+inline void csr_rows_any(const int64_t* crow, const int32_t* col, const float* v, const float* p, float* q,
                          double* pq, int64_t i0, int64_t i1, int64_t C, float alpha) {
   csr_rows_f32(crow, col, v, p, q, pq, i0, i1, C, alpha);
 }
-inline void csr_rows_any(const int64_t* crow, const int64_t* col, const double* v, const double* p, double* q,
+inline void csr_rows_any(const int64_t* crow, const int32_t* col, const double* v, const double* p, double* q,
                          double* pq, int64_t i0, int64_t i1, int64_t C, double alpha) {
   csr_rows<double>(crow, col, v, p, q, pq, i0, i1, C, alpha);
 }
@@ -57,7 +58,7 @@ inline void csr_rows_any(const int64_t* crow, const int64_t* col, const double* 
 // (0 -> 1). The sums are taken in that order whatever the thread count.
 template <typename T>
 void symmetric_graph(const int64_t* index, const T* w, int64_t N, int64_t k, std::vector<int64_t>& crow,
-                     std::vector<int64_t>& col, std::vector<T>& v) {
+                     std::vector<int32_t>& col, std::vector<T>& v) {
   // W^T by counting sort: tcol[tstart[j] ..] = the i with j in kNN(i), in order of i, tw their w_ij
   std::vector<int64_t> tstart(N + 1, 0), own(N + 1, 0);
   for (int64_t i = 0; i < N; ++i)
@@ -103,7 +104,7 @@ void symmetric_graph(const int64_t* index, const T* w, int64_t N, int64_t k, std
         const int64_t j = index[i * k + e];
         if (j != i) {
           slot[j] = n;
-          col[n] = j;
+          col[n] = static_cast<int32_t>(j);
           v[n++] = w[i * k + e];
         }
       }
@@ -112,7 +113,7 @@ void symmetric_graph(const int64_t* index, const T* w, int64_t N, int64_t k, std
         if (slot[j] >= 0) {
           v[slot[j]] += tw[e];
         } else {
-          col[n] = j;
+          col[n] = static_cast<int32_t>(j);
           v[n++] = tw[e];
         }
       }
@@ -132,7 +133,8 @@ template <typename T>
 void solve(const at::Tensor& index, const at::Tensor& weights, const at::Tensor& b, at::Tensor& x, T alpha,
            int64_t iters, T tol) {
   const int64_t N = b.size(0), C = b.size(1), k = index.size(1);
-  std::vector<int64_t> crow, col;
+  std::vector<int64_t> crow;
+  std::vector<int32_t> col;
   std::vector<T> v;
   symmetric_graph<T>(index.const_data_ptr<int64_t>(), weights.const_data_ptr<T>(), N, k, crow, col, v);
   const auto matvec = [&](int64_t blk, const T* p, T* q, double* pq) {
@@ -148,6 +150,8 @@ void solve(const at::Tensor& index, const at::Tensor& weights, const at::Tensor&
 at::Tensor knn_propagation_cpu(const at::Tensor& index, const at::Tensor& weights, const at::Tensor& b,
                                double alpha, int64_t iters, double tol) {
   check_knn_propagation_args(index, weights, b, alpha, iters, tol, c10::DeviceType::CPU);
+  TORCH_CHECK(b.size(0) < std::numeric_limits<int32_t>::max(), "b should have fewer than 2^31 - 1 rows, got ",
+              b.size(0));
   const auto dt = compute_dtype(b, weights);
   if (b.numel() == 0) return at::empty(b.sizes(), b.options().dtype(dt));
   const at::Tensor bc = pad_classes(prepare(b, dt)), wc = prepare(weights, dt), ic = index.contiguous();

@@ -190,8 +190,9 @@ def run_one(impl: str, stage: str, C: int, repeats: int) -> dict:
 
 
 def split(C: int, repeats: int) -> list[list]:
-    """Where ours spends its time (this process, median of ``repeats``): the patch stage's kNN (similarity
-    matmul + top-k), edge weights, then the compiled graph + CG (with 0 and 10 CG steps); the pixel stage with
+    """Where ours spends its time (this process, median of ``repeats``): the patch stage's kNN in PyTorch ops
+    (matmul + top-k, the path off the CPU), the kNN with edge weights (the compiled knn_edges on the CPU),
+    then the compiled graph + CG (with 0 and 10 CG steps); the pixel stage with
     0 CG steps (Lab, stencil weights, layout changes) and 10."""
     import ovss_fast
     import ovss_fast.kernels.extension  # noqa: F401  (loads the compiled ops into torch.ops.ovss_fast)
@@ -211,9 +212,9 @@ def split(C: int, repeats: int) -> list[list]:
     idx, w = P.edge_weights(x["feats"], x["positions"], k=K, gamma=GAMMA, sigma=SIGMA, dist_pow=DIST_POW)
     ops = torch.ops.ovss_fast
     parts = [
-        ("patch", "kNN (matmul + top-k)", lambda: P.knn(f, K)),
-        ("patch", "kNN + edge weights", lambda: P.edge_weights(x["feats"], x["positions"], k=K, gamma=GAMMA,
-                                                               sigma=SIGMA, dist_pow=DIST_POW)),
+        ("patch", "kNN in PyTorch ops (the non-CPU path)", lambda: P.knn(f, K)),
+        ("patch", "kNN + edge weights (knn_edges on the CPU)",
+         lambda: P.edge_weights(x["feats"], x["positions"], k=K, gamma=GAMMA, sigma=SIGMA, dist_pow=DIST_POW)),
         ("patch", "graph (0 CG steps)", lambda: ops.knn_propagation(idx, w, x["scores"], ALPHA, 0, 1e-6)),
         ("patch", "graph + 10 CG steps", lambda: ops.knn_propagation(idx, w, x["scores"], ALPHA, 10, 1e-6)),
         ("patch", "all (label_propagation)", lambda: ours_patch_stage(x["scores"], x["feats"], x["positions"])),

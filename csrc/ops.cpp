@@ -55,6 +55,10 @@ TORCH_LIBRARY(ovss_fast, m) {
         "-> Tensor");
   // LPOSS patch stage after the kNN: index [N, k], weights [N, k], b [N, C] -> x [N, C]
   m.def("knn_propagation(Tensor index, Tensor weights, Tensor b, float alpha, int iters, float tol) -> Tensor");
+  // LPOSS patch-stage kNN + edge weights (CPU): feats [N, D] L2-normalised, positions [N, 2]
+  // -> (index [N, min(k, N)] int64, weights [N, min(k, N)])
+  m.def("knn_edges(Tensor feats, Tensor positions, int k, float gamma, float sigma, float dist_pow) "
+        "-> (Tensor, Tensor)");
 
   // refiners, PAMR (Araslanov and Roth 2020; common/pamr_math.h): scores [B, C, h, w], image [B, K, H, W]
   // -> [B, C, H, W], the scores resized to H x W (bilinear, align_corners) then refined `iters` times

@@ -107,7 +107,7 @@ void batched_cg_cpu(const Matvec& matvec, CgVectors<T> v, int64_t n, int64_t C, 
       rho[c] = rho_new;
       any = any || active[c];
     }
-    if (!any) break;
+    if (!any || it + 1 == iters) break;  // no next step: p is not needed
     at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
       const auto i0 = rows(k0).first, i1 = rows(k1 - 1).second;
       for (int64_t i = i0; i < i1; ++i) {

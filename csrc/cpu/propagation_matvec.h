@@ -108,8 +108,8 @@ OVSS_INLINE void stencil_node(const T* si, const T* p, T* q, double* pq, int64_t
 }
 
 // CSR row i: q_i = p_i - alpha sum_e v_e p_{col_e} over e in [e0, e1), for classes [c0, c0 + NV L)
-template <typename T, int NV>
-OVSS_INLINE void csr_node(const int64_t* col, const T* v, const T* p, T* q, double* pq, int64_t i, int64_t e0,
+template <typename T, int NV, typename Index>
+OVSS_INLINE void csr_node(const Index* col, const T* v, const T* p, T* q, double* pq, int64_t i, int64_t e0,
                           int64_t e1, int64_t c0, int64_t C, T alpha) {
   ClassBlock<T, NV> a0, a1;
   a0.zero();

@@ -28,9 +28,10 @@ from ovss_fast.kernels.dispatch import OPS, Backend
 #: dtypes the kernels take (half and bfloat16 are computed in float32 by the C++ wrappers)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: (op, device type) -> the compiled kernel the op needs there; None: PyTorch ops only. label_propagation's
-#: kNN is a blocked matmul + top-k in PyTorch on every device; the graph and CG are the compiled knn_propagation
+#: kNN is the compiled knn_edges on the CPU (csrc/cpu/knn_edges.cpp, built with knn_propagation), a blocked
+#: matmul + top-k in PyTorch elsewhere; the graph and CG are the compiled knn_propagation
 #: (csrc/cpu/knn_propagation.cpp, csrc/cuda/knn_propagation*; kernels/propagation.py)
-KERNEL_FOR = {("label_propagation", "cpu"): "knn_propagation", ("label_propagation", "cuda"): "knn_propagation"}
+KERNEL_FOR = {("label_propagation", "cpu"): "knn_edges", ("label_propagation", "cuda"): "knn_propagation"}
 #: the JBU kernels take at most this radius ((2r+1)^2 taps per pixel; csrc/common/jbu_prepare.h)
 MAX_JBU_RADIUS = 64
 

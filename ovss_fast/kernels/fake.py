@@ -66,6 +66,13 @@ def _knn_propagation(index: Tensor, weights: Tensor, b: Tensor, alpha: float, it
     return b.new_empty(b.shape, dtype=_dtype(b, weights))
 
 
+@torch.library.register_fake("ovss_fast::knn_edges")
+def _knn_edges(feats: Tensor, positions: Tensor, k: int, gamma: float, sigma: float,
+               dist_pow: float) -> tuple[Tensor, Tensor]:
+    shape = (feats.shape[0], min(k, feats.shape[0]))
+    return feats.new_empty(shape, dtype=torch.int64), feats.new_empty(shape, dtype=_dtype(feats, positions))
+
+
 @torch.library.register_fake("ovss_fast::pamr")
 def _pamr(scores: Tensor, image: Tensor, iters: int, dilations: list[int]) -> Tensor:
     B, C = scores.shape[:2]

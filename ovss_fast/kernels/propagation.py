@@ -46,10 +46,24 @@ def knn(feats: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.cat(sims), torch.cat(index)
 
 
+def _has_cpu_knn_edges() -> bool:
+    """Whether the compiled extension is loaded with its CPU knn_edges (the Triton interpreter may run without)."""
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("ovss_fast::knn_edges", "CPU"))
+    except RuntimeError:  # schema not registered
+        return False
+
+
 def edge_weights(feats: Tensor, positions: Tensor, *, k: int, gamma: float, sigma: float,
                  dist_pow: float) -> tuple[Tensor, Tensor]:
     """feats [N, D] (L2-normalised here), positions [N, 2] -> (index [N, k'], w [N, k']), k' = min(k, N): each
-    node's neighbours (itself among them) and w = max(0, sim)^gamma exp(-sigma dist^dist_pow)."""
+    node's neighbours (itself among them) and w = max(0, sim)^gamma exp(-sigma dist^dist_pow).
+
+    On the CPU both are the compiled ``knn_edges`` when loaded (csrc/cpu/knn_edges.cpp: the symmetric similarity
+    tiles computed once, a running selection per row); elsewhere :func:`knn` and PyTorch ops."""
+    if feats.device.type == "cpu" and _has_cpu_knn_edges():
+        return torch.ops.ovss_fast.knn_edges(torch.nn.functional.normalize(feats, dim=1), positions, int(k),
+                                             float(gamma), float(sigma), float(dist_pow))
     sims, index = knn(torch.nn.functional.normalize(feats, dim=1), min(k, feats.shape[0]))
     dist = (positions.unsqueeze(1) - positions[index]).square_().sum(-1).sqrt_()
     return index, sims.clamp_(min=0).pow_(gamma).mul_(torch.exp(dist.pow_(dist_pow).mul_(-sigma)))

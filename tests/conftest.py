@@ -29,6 +29,27 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((a[fin] - e[fin]).abs().max() / scale)
 
 
+def compile_for_sm90(kernel, constexprs: dict, num_warps: int, pointers: dict | None = None,
+                     floats: set | frozenset = frozenset()):
+    """Lower a Triton kernel to sm_90 code (ptxas included; no GPU needed): ``*_ptr`` arguments are ``*fp32``
+    unless ``pointers`` names their type, arguments in ``floats`` fp32, the rest i32. Returns the compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = pointers or {}
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, "*fp32")
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    return triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": 3})
+
+
 #: |f(l) - f(l-1)| this close to tau may settle a step apart in float32 (velocity readout)
 TAU_BAND = 1e-4
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rel_err, velocity_lstar
+from conftest import compile_for_sm90, rel_err, velocity_lstar
 from triton_child import HAS_TRITON, InterpreterChild
 
 from ovss_fast.kernels import reference as R
@@ -900,10 +900,6 @@ def _largest_step(configs):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles for the GPU")
 def test_kernels_compile_for_h100():
     """Every kernel lowers to sm_90 code (ptxas included) within H100 shared memory; no GPU needed."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from ovss_fast.kernels.triton import class_distributions as cd
     from ovss_fast.kernels.triton import gibbs_kernel as gk
     from ovss_fast.kernels.triton import jbu
@@ -964,16 +960,7 @@ def test_kernels_compile_for_h100():
         (jbu._jbu_argmax_kernel, {"BLOCK_P": 128, "BLOCK_C": 16}, 4, ints),
     ]
     for kernel, constexprs, warps, pointers in cases:
-        sig = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = pointers.get(name, "*fp32")
-            else:
-                sig[name] = "fp32" if name in floats else "i32"
-        compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps, "num_stages": 3})
+        compiled = compile_for_sm90(kernel, constexprs, warps, pointers, floats)
         assert compiled.metadata.shared <= 227 * 1024, kernel.__name__
         if constexprs.get("GRID_SYNC"):
             # the grid barrier: one thread per program adds (release) and polls (acquire) at GPU scope

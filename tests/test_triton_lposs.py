@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import compile_for_sm90, rel_err
 from triton_child import HAS_TRITON, InterpreterChild
 
 import ovss_fast
@@ -157,10 +157,6 @@ def test_backend_reasons():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles for the GPU")
 def test_kernels_compile_for_h100():
     """The four kernels lower to sm_90 code (ptxas included) for every autotune config; no GPU needed."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from ovss_fast.kernels.triton import propagation as T
 
     ints = {"crow_ptr": "*i64", "col_ptr": "*i64"}
@@ -169,14 +165,5 @@ def test_kernels_compile_for_h100():
     cases += [(T._stencil_matvec_kernel, dict(c.kwargs), c.num_warps) for c in T._MATVEC_CONFIGS]
     cases += [(T._csr_matvec_kernel, dict(c.kwargs), c.num_warps) for c in T._CSR_CONFIGS]
     for kernel, constexprs, warps in cases:
-        sig = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = ints.get(name, "*fp32")
-            else:
-                sig[name] = "fp32" if name in ("alpha", "inv_tau") else "i32"
-        compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps, "num_stages": 3})
+        compiled = compile_for_sm90(kernel, constexprs, warps, ints, {"alpha", "inv_tau"})
         assert compiled.metadata.shared <= 227 * 1024, kernel.__name__

@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from conftest import compile_for_sm90, rel_err
 from triton_child import HAS_TRITON, InterpreterChild
 
 import ovss_fast
@@ -122,23 +122,10 @@ def test_backend_reasons():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles for the GPU")
 def test_kernels_compile_for_h100():
     """Both kernels lower to sm_90 code (ptxas included) for every autotune config; no GPU needed."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from ovss_fast.kernels.triton import pamr as T
 
     cases = [(T._pamr_affinity_kernel, {**cfg.kwargs, "BLOCK_K": 4}, cfg.num_warps) for cfg in T._AFF_CONFIGS]
     cases += [(T._pamr_step_kernel, dict(cfg.kwargs), cfg.num_warps) for cfg in T._STEP_CONFIGS]
     for kernel, constexprs, warps in cases:
-        sig = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = {"dil_ptr": "*i32", "x_ptr": "*fp16"}.get(name, "*fp32")
-            else:
-                sig[name] = "i32"
-        compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps, "num_stages": 3})
+        compiled = compile_for_sm90(kernel, constexprs, warps, {"dil_ptr": "*i32", "x_ptr": "*fp16"})
         assert compiled.metadata.shared <= 227 * 1024, kernel.__name__

@@ -76,8 +76,6 @@ COST = {"radius": lambda v: v, "steps": lambda v: v}
 #: the head's parameters as the paper states them (method.md, "What the full paper reports")
 PAPER = {"mode": "mv", "transition": "attention", "readout": "velocity", "eps": 0.1, "iters": 50, "sk_iters": 15,
          "tau": 0.3}
-#: the head's parameters where the paper is silent, before this ablation (ovss_fast.ops defaults)
-OURS = {"steps": 50, "sigma_spatial": 1.0, "sigma_range": 0.1, "radius": 2}
 #: the paper's ablation (CLIP ViT-B/16, mIoU %): VOC21, COCO-Stuff, and the mean of its four benchmarks
 #: (VOC21, Stuff, City, ADE). Typed once from method.md's "Ablation" table; nothing else here is typed by hand.
 PAPER_ROWS = {

@@ -30,6 +30,13 @@ TRANSITIONS = ("attention", "gibbs")
 NMS_AXES = ("classes", "patches")
 
 
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32 (every backend computes in this dtype)."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
 def tap_geometry(
     h: int, w: int, H: int, W: int, radius: int, device: torch.device, dt: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

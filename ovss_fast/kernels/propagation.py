@@ -12,13 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ovss_fast.kernels.common import compute_dtype
+
 #: rows of the similarity matrix held at once by the kNN ([KNN_BLOCK, N])
 KNN_BLOCK = 512
-
-
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 when any input is float64, else float32 (as the reference)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def knn(feats: Tensor, k: int) -> tuple[Tensor, Tensor]:

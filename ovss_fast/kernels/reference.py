@@ -29,6 +29,7 @@ from ovss_fast.kernels.common import (
     STEPS,
     TAU,
     TRANSITIONS,
+    compute_dtype,
     lowres_guide,
     symmetric_knn_graph,
     tap_geometry,
@@ -38,13 +39,6 @@ from ovss_fast.kernels.common import (
 DENOM_FLOOR = 1e-30
 #: Added to Sym / M, the symmetrised affinity over its per-image max, before the log (method.md section 2).
 LOG_FLOOR = 1e-12
-
-
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 when any input is float64, else float32."""
-    if any(t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
 
 
 # --------------------------------------------------------------------------- section 1

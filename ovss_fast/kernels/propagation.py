@@ -1,10 +1,11 @@
-"""LPOSS's patch stage for the "cpu" and "cuda" backends: the kNN in PyTorch ops, then the compiled solve.
+"""LPOSS's patch stage for the "cpu" and "cuda" backends: the kNN and edge weights, then the compiled solve.
 
-Equal to :func:`ovss_fast.kernels.reference.label_propagation` (the spec); faster by what the spec
-spells out plainly: the kNN takes an unsorted ``topk`` of k + 1 per row block and sorts only the rows whose
-k-th and (k+1)-th similarities tie (the tie-break by index needs it there and nowhere else). The
-symmetric graph and the CG are the compiled ``knn_propagation`` (csrc/cpu/knn_propagation.cpp;
-csrc/cuda/knn_propagation*, compiled and never run on a GPU), all classes in one batched CG.
+Equal to :func:`ovss_fast.kernels.reference.label_propagation` (the spec). On the CPU the kNN and the edge
+weights are the compiled ``knn_edges`` (csrc/cpu/knn_edges.cpp); elsewhere :func:`knn` in PyTorch ops takes
+an unsorted ``topk`` of k + 1 per row block and sorts only the rows whose k-th and (k+1)-th similarities
+tie (the tie-break by index needs it there and nowhere else). The symmetric graph and the CG are the
+compiled ``knn_propagation`` (csrc/cpu/knn_propagation.cpp; csrc/cuda/knn_propagation*, compiled and never
+run on a GPU), all classes in one batched CG.
 """
 
 from __future__ import annotations

@@ -219,7 +219,7 @@ class Windows:
         return cells[0] * self.patch[0], cells[1] * self.patch[1]
 
     def px(self, cells: Cells) -> str:
-        h, w = cells[0] * self.patch[0], cells[1] * self.patch[1]
+        h, w = self.px_pair(cells)
         return str(h) if h == w else f"({h}, {w})"
 
     def describe(self) -> str:
